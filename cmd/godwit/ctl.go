@@ -1,0 +1,162 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/godwit-vm/godwit/internal/control"
+	"github.com/godwit-vm/godwit/internal/vmm"
+)
+
+// ControlFlag names a VM by its control socket.
+type ControlFlag struct {
+	Control string `required:"" placeholder:"PATH" help:"The VM's control socket (as given to 'godwit run --control')."`
+}
+
+func (c ControlFlag) client() *control.Client { return control.Dial(c.Control) }
+
+// StatsCmd is 'godwit stats'.
+type StatsCmd struct {
+	ControlFlag
+}
+
+func (c *StatsCmd) Run(g *Globals, ctx context.Context) error {
+	var s vmm.Stats
+	if err := c.client().Call(ctx, http.MethodGet, "/v1/stats", nil, &s); err != nil {
+		return err
+	}
+	if g.JSON {
+		return printJSON(s)
+	}
+	printStats(s)
+	return nil
+}
+
+func printStats(s vmm.Stats) {
+	fmt.Printf("name          %s\n", s.Name)
+	fmt.Printf("state         %s", s.State)
+	if s.Error != "" {
+		fmt.Printf(" (%s)", s.Error)
+	}
+	fmt.Println()
+	fmt.Printf("vcpus         %d\n", s.VCPUs)
+	fmt.Printf("memory        %s (resident %s)\n", formatBytes(s.MemBytes), formatBytes(s.ResidentBytes))
+	if len(s.Workload) > 0 {
+		var parts []string
+		for _, k := range []string{"workload", "wss", "rate", "pattern", "content", "seed"} {
+			if v, ok := s.Workload[k]; ok {
+				parts = append(parts, fmt.Sprintf("%s=%v", k, v))
+			}
+		}
+		fmt.Printf("workload      %s\n", strings.Join(parts, " "))
+	}
+	fmt.Printf("uptime        %s\n", (time.Duration(s.UptimeMS) * time.Millisecond).String())
+	if s.FirstHeartbeatMS != nil {
+		fmt.Printf("first beat    %.2f ms after start\n", *s.FirstHeartbeatMS)
+	}
+	fmt.Printf("heartbeats    %d (%.0f/s), largest gap %.2f ms\n", s.Heartbeats, s.HeartbeatsPerSec, s.MaxHeartbeatGapMS)
+	fmt.Printf("pages written %d\n", s.PagesWritten)
+	if s.ThrottlePct > 0 {
+		fmt.Printf("throttle      %d%%\n", s.ThrottlePct)
+	}
+	if s.LastVerify != nil {
+		fmt.Printf("last verify   %d pages checked, %d mismatches\n", s.LastVerify.PagesChecked, s.LastVerify.Mismatches)
+	}
+}
+
+// VerifyCmd is 'godwit verify'.
+type VerifyCmd struct {
+	ControlFlag
+	Timeout time.Duration `default:"2m" help:"How long to wait for the guest's report."`
+}
+
+func (c *VerifyCmd) Run(g *Globals, ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
+	defer cancel()
+	var r vmm.VerifyReport
+	if err := c.client().Call(ctx, http.MethodPost, "/v1/verify", nil, &r); err != nil {
+		return err
+	}
+	return reportVerify(g, r)
+}
+
+func reportVerify(g *Globals, r vmm.VerifyReport) error {
+	if g.JSON {
+		printJSON(r)
+	} else {
+		printVerify(os.Stdout, r)
+	}
+	if r.Mismatches > 0 {
+		return exitError{1}
+	}
+	return nil
+}
+
+func printVerify(w *os.File, r vmm.VerifyReport) {
+	fmt.Fprintf(w, "verified %d pages (%d written by the guest) on %d vCPUs in %.1f ms: %d mismatches\n",
+		r.PagesChecked, r.PagesVersioned, r.VCPUs, r.DurationMS, r.Mismatches)
+	if r.FirstBadGPA != nil {
+		fmt.Fprintf(w, "first bad page at guest address 0x%x, offset %d: expected 0x%016x, found 0x%016x\n",
+			*r.FirstBadGPA, r.FirstBadOffset, r.Expected, r.Found)
+	}
+}
+
+// PauseCmd is 'godwit pause'.
+type PauseCmd struct{ ControlFlag }
+
+func (c *PauseCmd) Run(g *Globals, ctx context.Context) error {
+	return simpleCall(g, ctx, c.client(), "/v1/pause", "paused")
+}
+
+// ResumeCmd is 'godwit resume'.
+type ResumeCmd struct{ ControlFlag }
+
+func (c *ResumeCmd) Run(g *Globals, ctx context.Context) error {
+	return simpleCall(g, ctx, c.client(), "/v1/resume", "running")
+}
+
+func simpleCall(g *Globals, ctx context.Context, cl *control.Client, path, done string) error {
+	var out json.RawMessage
+	if err := cl.Call(ctx, http.MethodPost, path, nil, &out); err != nil {
+		return err
+	}
+	if g.JSON {
+		os.Stdout.Write(out)
+		return nil
+	}
+	fmt.Println(done)
+	return nil
+}
+
+// QuitCmd is 'godwit quit'.
+type QuitCmd struct {
+	ControlFlag
+	Timeout time.Duration `default:"2m" help:"How long to wait for the guest to verify and exit."`
+}
+
+func (c *QuitCmd) Run(g *Globals, ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
+	defer cancel()
+	var r vmm.VerifyReport
+	if err := c.client().Call(ctx, http.MethodPost, "/v1/quit", nil, &r); err != nil {
+		return err
+	}
+	return reportVerify(g, r)
+}
+
+func formatBytes(n uint64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/godwit-vm/godwit/internal/guest"
+)
+
+// guestConfig turns the workload flags into the guest's configuration for a VM of memBytes and
+// vcpus. Errors name the flag at fault.
+func (w *WorkloadFlags) guestConfig(memBytes uint64, vcpus int) (guest.Config, error) {
+	c := guest.DefaultConfig()
+	var err error
+	if c.Workload, err = guest.ParseWorkload(w.Workload); err != nil {
+		return c, fmt.Errorf("--workload: %w", err)
+	}
+	if c.Content, err = guest.ParseContent(w.Content); err != nil {
+		return c, fmt.Errorf("--content: %w", err)
+	}
+	if c.Pattern, err = guest.ParsePattern(w.Pattern); err != nil {
+		return c, fmt.Errorf("--pattern: %w", err)
+	}
+	c.Seed = w.Seed
+	if w.Batch < 1 {
+		return c, fmt.Errorf("--batch %d: want at least 1 page", w.Batch)
+	}
+	c.BatchPages = uint64(w.Batch)
+	if vcpus < 1 {
+		return c, fmt.Errorf("--vcpus %d: want at least 1", vcpus)
+	}
+	if w.Rate > 0 {
+		c.Rate = uint64(math.Ceil(float64(w.Rate) / float64(vcpus)))
+	}
+	if w.Workload == "dirty" {
+		if w.WSS < guest.PageSize*Size(vcpus) {
+			return c, fmt.Errorf("--wss %d bytes: want at least one page per vCPU", w.WSS)
+		}
+		if uint64(w.WSS) > memBytes {
+			return c, fmt.Errorf("--wss %s is larger than --mem %s", formatBytes(uint64(w.WSS)), formatBytes(memBytes))
+		}
+		c.WSSPages = uint64(w.WSS) / guest.PageSize / uint64(vcpus)
+	}
+	for _, f := range []struct {
+		flag string
+		v    float64
+		dst  *uint64
+	}{{"--touch", w.Touch, &c.TouchPermille}, {"--hot-size", w.HotSize, &c.HotPermille}, {"--hot-prob", w.HotProb, &c.HotProbPermille}} {
+		if f.v < 0 || f.v > 1 {
+			return c, fmt.Errorf("%s %g: want a fraction between 0 and 1", f.flag, f.v)
+		}
+		*f.dst = uint64(math.Round(f.v * 1000))
+	}
+	if w.Interval <= 0 {
+		return c, fmt.Errorf("--idle-interval %v: want a positive duration", w.Interval)
+	}
+	c.IdleIntervalUS = uint64(w.Interval.Microseconds())
+	return c, c.Validate()
+}
+
+// paramsBuilder checks the flags now and returns the function the VMM calls once it knows the
+// guest's TSC frequency.
+func (c *RunCmd) paramsBuilder() (func(uint32) ([]byte, error), error) {
+	cfg, err := c.guestConfig(uint64(c.Mem), c.VCPUs)
+	if err != nil {
+		return nil, err
+	}
+	// Lay the VM out once here so that size errors show before KVM is touched.
+	if _, err := guest.NewParams(cfg, uint64(c.Mem), c.VCPUs, 1); err != nil {
+		return nil, fmt.Errorf("--mem %s with --vcpus %d: %w", formatBytes(uint64(c.Mem)), c.VCPUs, err)
+	}
+	return func(tscKHz uint32) ([]byte, error) {
+		p, err := guest.NewParams(cfg, uint64(c.Mem), c.VCPUs, uint64(tscKHz))
+		if err != nil {
+			return nil, err
+		}
+		return guest.EncodeParams(p)
+	}, nil
+}

@@ -1,0 +1,161 @@
+// Package guest holds godwit's built-in workload guests: the freestanding C sources under src/,
+// the flat binary built from them by `go generate` (committed, embedded), and the ABI between
+// the guest and the VMM.
+//
+// # Execution model
+//
+// The guest starts directly in 64-bit mode at CPL3 (set up entirely by the VMM: identity page
+// tables with the user bit at every level, a GDT with DPL3 descriptors, IOPL 3 so that in/out
+// reach the VMM as port I/O exits). It never enables interrupts and uses no privileged
+// instruction. CR4.OSFXSR is set so that compiled code may use SSE.
+//
+// Each vCPU enters [EntryGPA] with RDI = vCPU index, RSI = [ParamsGPA] and RSP = its stack top
+// minus 8 (so the C entry function sees the ABI's call alignment). Each vCPU works only on its
+// own slice of memory, so verification needs no locking.
+//
+// # Guest physical layout
+//
+//	0x000000  unused (never written)
+//	0x001000  GDT (VMM-written)
+//	0x002000  Params, 8 KiB: header at 0, per-vCPU records at ParamsVCPUOffset
+//	0x010000  PML4; 0x011000 PDPT; 0x012000.. up to MaxPDs page directories (2 MiB pages)
+//	0x060000  per-vCPU mailbox pages, one page each, MaxVCPUs of them
+//	0x100000  guest image (code, data, bss), at most ImageMax bytes; EntryGPA is its start
+//	0x200000  stacks, StackSize per vCPU
+//	0x800000  data area (DataGPA): split evenly between vCPUs; each slice starts with its
+//	          version table (one uint32 per data page of the slice, page aligned) followed by
+//	          its data pages.
+//
+// # Ports (all 32-bit accesses: `in eax, dx` / `out dx, eax`)
+//
+//	PortConsole   out  mailbox console text is ready; eax = length in bytes
+//	PortHeartbeat in   one unit of work is done; the VMM timestamps it and returns a Command
+//	PortSleep     out  sleep eax microseconds (the VMM blocks the vCPU thread, interruptibly)
+//	PortVerified  out  the mailbox verify report is filled in
+//	PortExit      out  the vCPU has finished; eax = status (0 ok)
+//	PortPanic     out  the guest found an internal error; mailbox console text says what
+//
+// # Page content and verification
+//
+// Every data page has a version in the slice's table: 0 means never written, and the page must
+// be all zero. A write to page p with new version v regenerates the whole page from
+// (seed, content kind, page frame number p, v) and only then stores v in the table. Verify
+// re-derives every page of the slice from its table and compares; the report counts pages
+// checked and mismatches, and names the first bad page. Kinds: ContentZero (page stays zero),
+// ContentText (words from a small dictionary: compresses well), ContentRandom
+// (incompressible), ContentImage (drawn from a pool of ImagePoolPages distinct pages that
+// depend only on the seed, so pages repeat within a VM and across VMs with the same seed).
+package guest
+
+// Guest physical addresses and sizes of the fixed layout.
+const (
+	PageSize = 4096
+
+	GDTGPA       = 0x1000
+	ParamsGPA    = 0x2000
+	ParamsSize   = 0x2000
+	PML4GPA      = 0x10000
+	PDPTGPA      = 0x11000
+	PDBaseGPA    = 0x12000
+	MaxPDs       = 64 // page directories of 2 MiB pages: 64 GiB of guest memory at most
+	MailboxGPA   = 0x60000
+	EntryGPA     = 0x100000
+	ImageMax     = 0x100000
+	StackGPA     = 0x200000
+	StackSize    = 0x10000
+	MaxVCPUs     = 64
+	DataGPA      = 0x800000
+	MinMemory    = 16 << 20
+	MaxMemory    = MaxPDs << 30
+	CodeSelector = 0x1b // GDT entry 3, RPL 3
+	DataSelector = 0x23 // GDT entry 4, RPL 3
+)
+
+// Ports of the paravirtual interface.
+const (
+	PortConsole   = 0x500
+	PortHeartbeat = 0x501
+	PortSleep     = 0x502
+	PortVerified  = 0x503
+	PortExit      = 0x504
+	PortPanic     = 0x505
+)
+
+// Command is what the VMM answers to a heartbeat.
+type Command uint32
+
+const (
+	CmdContinue Command = 0 // keep working
+	CmdVerify   Command = 1 // verify the slice, report through PortVerified, keep working
+	CmdExit     Command = 2 // verify the slice, report through PortVerified, then PortExit
+)
+
+// Workload kinds.
+const (
+	WorkloadIdle  = 0 // touch a fraction of the slice once, then only sleep and heartbeat
+	WorkloadDirty = 1 // rewrite pages of the working set at a rate, with a pattern
+)
+
+// Page content kinds.
+const (
+	ContentZero   = 0
+	ContentText   = 1
+	ContentRandom = 2
+	ContentImage  = 3
+)
+
+// Write patterns of the dirty workload.
+const (
+	PatternSequential = 0
+	PatternRandom     = 1
+	PatternHotCold    = 2
+)
+
+// ParamsMagic identifies the params page ("GODWITP1" little endian).
+const ParamsMagic = 0x3150544957444f47
+
+// ABIVersion is bumped whenever this layout changes.
+const ABIVersion = 1
+
+// Byte offsets of the params header fields (all uint64, little endian).
+const (
+	ParMagic            = 0x00
+	ParABIVersion       = 0x08
+	ParNrVCPUs          = 0x10
+	ParTSCKHz           = 0x18
+	ParWorkload         = 0x20
+	ParContent          = 0x28
+	ParPattern          = 0x30
+	ParSeed             = 0x38
+	ParRate             = 0x40 // pages per second per vCPU; 0 = as fast as it can
+	ParBatchPages       = 0x48 // pages per unit of work (one heartbeat each)
+	ParTouchPermille    = 0x50 // idle: per mille of the slice's data pages touched once
+	ParIdleIntervalUS   = 0x58 // idle: microseconds slept per unit of work
+	ParHotPermille      = 0x60 // hot/cold: hot part, per mille of the working set
+	ParHotProbPermille  = 0x68 // hot/cold: per mille of writes that go to the hot part
+	ParImagePoolPages   = 0x70 // image content: distinct pages in the pool
+	ParamsVCPUOffset    = 0x400
+	ParamsVCPURecord    = 0x40
+	VCPUVersionTableGPA = 0x00 // offsets within a per-vCPU record
+	VCPUDataGPA         = 0x08
+	VCPUDataPages       = 0x10
+	VCPUWSSPages        = 0x18 // dirty: pages of the working set, from the start of the data
+	VCPUMailboxGPA      = 0x20
+	VCPUStackTop        = 0x28
+)
+
+// Byte offsets within a vCPU's mailbox page.
+const (
+	MbWorkUnits      = 0x000 // uint64, units of work done (guest-maintained)
+	MbPagesWritten   = 0x008 // uint64, page writes done (guest-maintained)
+	MbVerifySeq      = 0x010 // uint64, number of verify passes completed
+	MbPagesChecked   = 0x018 // uint64
+	MbMismatches     = 0x020 // uint64
+	MbFirstBadPage   = 0x028 // uint64 guest page frame number of the first mismatch, or ^0
+	MbFirstBadOffset = 0x030 // uint64 byte offset in that page
+	MbExpected       = 0x038 // uint64 expected word at that offset
+	MbFound          = 0x040 // uint64 word found there
+	MbPagesVersioned = 0x048 // uint64 pages with a version other than 0
+	MbConsole        = 0x800 // console text, up to MbConsoleMax bytes
+	MbConsoleMax     = 0x800
+)

@@ -1,0 +1,122 @@
+package vmm
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"github.com/godwit-vm/godwit/internal/guest"
+)
+
+// Stats is a snapshot of the machine's figures, as `godwit stats` prints them.
+type Stats struct {
+	Name     string         `json:"name"`
+	State    State          `json:"state"`
+	Error    string         `json:"error,omitempty"`
+	VCPUs    int            `json:"vcpus"`
+	MemBytes uint64         `json:"mem_bytes"`
+	Workload map[string]any `json:"workload,omitempty"`
+	// ResidentBytes is the guest memory the host really holds (memfd pages that are not holes).
+	ResidentBytes uint64 `json:"resident_bytes"`
+	UptimeMS      int64  `json:"uptime_ms"`
+	// FirstHeartbeatMS is the time from the machine's creation to the guest's first heartbeat.
+	FirstHeartbeatMS *float64 `json:"first_heartbeat_ms,omitempty"`
+	Heartbeats       uint64   `json:"heartbeats"`
+	HeartbeatsPerSec float64  `json:"heartbeats_per_sec"`
+	// LastHeartbeatAgoMS is how long ago the last heartbeat arrived.
+	LastHeartbeatAgoMS *float64 `json:"last_heartbeat_ago_ms,omitempty"`
+	// MaxHeartbeatGapMS is the largest gap between consecutive heartbeats on this host,
+	// including the gap across the migration that brought the machine here.
+	MaxHeartbeatGapMS float64 `json:"max_heartbeat_gap_ms"`
+	// MigrationGapMS is the heartbeat gap across the incoming migration (0 if none).
+	MigrationGapMS float64       `json:"migration_gap_ms,omitempty"`
+	PagesWritten   uint64        `json:"pages_written"`
+	WorkUnits      uint64        `json:"work_units"`
+	ThrottlePct    int           `json:"throttle_pct"`
+	DirtyLogging   bool          `json:"dirty_logging"`
+	LastVerify     *VerifyReport `json:"last_verify,omitempty"`
+	Console        []string      `json:"console,omitempty"`
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// Stats reads the machine's current figures. Guest counters come from the mailboxes by pread.
+func (m *Machine) Stats() Stats {
+	now := time.Now()
+	st, failure := m.State()
+	s := Stats{
+		Name: m.cfg.Name, State: st, VCPUs: len(m.vcpus), MemBytes: m.cfg.MemBytes,
+		Workload: m.cfg.Workload, UptimeMS: now.Sub(m.created).Milliseconds(), ThrottlePct: m.Throttle(),
+	}
+	if failure != nil {
+		s.Error = failure.Error()
+	}
+	if m.mem != nil {
+		s.ResidentBytes, _ = m.mem.ResidentBytes()
+	}
+	for id := range m.vcpus {
+		if b, err := m.pv.readMailbox(id, guest.MbWorkUnits, 16); err == nil {
+			s.WorkUnits += binary.LittleEndian.Uint64(b)
+			s.PagesWritten += binary.LittleEndian.Uint64(b[8:])
+		}
+	}
+	p := m.pv
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.firstHB.IsZero() {
+		v := ms(p.firstHB.Sub(m.created))
+		s.FirstHeartbeatMS = &v
+	}
+	if !p.lastHB.IsZero() {
+		v := ms(now.Sub(p.lastHB))
+		s.LastHeartbeatAgoMS = &v
+	}
+	s.Heartbeats = p.heartbeats
+	s.HeartbeatsPerSec = p.rate.perSecond(now)
+	s.MaxHeartbeatGapMS = ms(p.maxGap)
+	s.MigrationGapMS = ms(p.gapAtResume)
+	s.LastVerify = p.lastVerify
+	s.Console = append([]string(nil), p.console...)
+	m.mu.Lock()
+	s.DirtyLogging = m.logDirty
+	m.mu.Unlock()
+	return s
+}
+
+// ResetHeartbeatGap forgets the largest heartbeat gap seen so far, so that a measurement
+// (a migration, say) starts clean.
+func (m *Machine) ResetHeartbeatGap() {
+	m.pv.mu.Lock()
+	m.pv.maxGap = 0
+	m.pv.mu.Unlock()
+}
+
+// LastHeartbeat is the host time of the guest's last heartbeat (zero if none yet).
+func (m *Machine) LastHeartbeat() time.Time {
+	m.pv.mu.Lock()
+	defer m.pv.mu.Unlock()
+	return m.pv.lastHB
+}
+
+// WaitFirstHeartbeat waits for the guest's first heartbeat on this machine (after boot, or after
+// the migration that brought it here) and returns its host time.
+func (m *Machine) WaitFirstHeartbeat(ctx context.Context) (time.Time, error) {
+	tick := time.NewTicker(200 * time.Microsecond)
+	defer tick.Stop()
+	for {
+		m.pv.mu.Lock()
+		first := m.pv.firstHB
+		m.pv.mu.Unlock()
+		if !first.IsZero() {
+			return first, nil
+		}
+		select {
+		case <-ctx.Done():
+			return time.Time{}, fmt.Errorf("vmm: no heartbeat yet: %w", ctx.Err())
+		case <-m.done:
+			return time.Time{}, m.pv.failedErr("wait for heartbeat")
+		case <-tick.C:
+		}
+	}
+}
