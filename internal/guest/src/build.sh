@@ -1,0 +1,56 @@
+#!/bin/sh
+# Builds godwit's flat guest image from the sources beside this script.
+#
+#   sh build.sh OUT          the image (flat binary, loaded at EntryGPA)
+#   sh build.sh -native OUT  the native harness: the same workload code as a host program
+#
+# Both builds compile workload.c with the same CFLAGS; only platform.h's few port and address
+# helpers differ (GODWIT_NATIVE). The image build is deterministic: no debug information, no
+# build id, no paths in what objcopy keeps.
+set -eu
+
+src=$(cd "$(dirname "$0")" && pwd)
+native=0
+if [ "${1:-}" = "-native" ]; then
+	native=1
+	shift
+fi
+if [ $# -ne 1 ]; then
+	echo "usage: $0 [-native] OUT" >&2
+	exit 2
+fi
+out=$1
+
+CC=${CC:-gcc}
+OBJCOPY=${OBJCOPY:-objcopy}
+CFLAGS="-std=gnu11 -O2 -march=x86-64 -mtune=generic -ffreestanding -fno-builtin -fno-pic -fno-pie \
+-fno-stack-protector -fno-asynchronous-unwind-tables -fno-unwind-tables -fcf-protection=none \
+-fno-tree-loop-distribute-patterns -mno-red-zone -Wall -Wextra -Werror"
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+if [ $native -eq 1 ]; then
+	$CC $CFLAGS -DGODWIT_NATIVE -c "$src/workload.c" -o "$tmp/workload.o"
+	$CC -std=gnu11 -O2 -Wall -Wextra -Werror -fno-pie -c "$src/harness.c" -o "$tmp/harness.o"
+	$CC -no-pie -pthread -o "$out" "$tmp/harness.o" "$tmp/workload.o"
+	exit 0
+fi
+
+$CC $CFLAGS -c "$src/entry.S" -o "$tmp/entry.o"
+$CC $CFLAGS -c "$src/workload.c" -o "$tmp/workload.o"
+$CC $CFLAGS -c "$src/rt.c" -o "$tmp/rt.o"
+$CC -nostdlib -static -no-pie -Wl,--build-id=none -Wl,-T,"$src/guest.ld" \
+	-o "$tmp/guest.elf" "$tmp/entry.o" "$tmp/workload.o" "$tmp/rt.o"
+$OBJCOPY -O binary "$tmp/guest.elf" "$tmp/image.bin"
+# Tests disassemble the ELF (its .text alone) to check for instructions a CPL3 guest must not use.
+if [ -n "${GODWIT_GUEST_ELF:-}" ]; then
+	cat "$tmp/guest.elf" >"$GODWIT_GUEST_ELF"
+fi
+
+size=$(wc -c <"$tmp/image.bin")
+if [ "$size" -gt 1048576 ]; then
+	echo "$0: image is $size bytes, more than ImageMax (1 MiB)" >&2
+	exit 1
+fi
+cat "$tmp/image.bin" >"$out"

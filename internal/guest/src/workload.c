@@ -1,0 +1,735 @@
+/*
+ * godwit's built-in workload guest: page content generators, the idle and dirty workloads,
+ * verification, and the entry function guest_main.
+ *
+ * Every vCPU runs guest_main on its own stack and touches only its own slice of the data area
+ * and its own mailbox page, so there is no shared mutable state and no locking: all state lives
+ * on the stack. The image has no .data or .bss that it writes.
+ *
+ * Page content is a pure function of (seed, content kind, page frame number, version), so a
+ * page can be regenerated at any time to check it, and a page that migration left stale (an
+ * older version, or a page from another address) does not match. Two kinds are weaker by
+ * design: zero pages all look alike, and image pages repeat, so a stale image page goes unseen
+ * when its old and new version happen to draw the same pool page (1 in ImagePoolPages).
+ */
+#include <stdint.h>
+
+#include "abi.h"
+#include "platform.h"
+
+typedef uint64_t v2u64 __attribute__((vector_size(16)));
+typedef uint64_t u64_unaligned __attribute__((aligned(1), may_alias));
+
+#define PAGE_WORDS (PAGE_SIZE / 8)
+#define PAGE_VECS (PAGE_SIZE / 16)
+#define GOLDEN 0x9e3779b97f4a7c15ULL
+
+/* Domain separation: each use of the seed gets its own derived key. */
+#define DOMAIN_RANDOM 0x72616e646f6d3031ULL
+#define DOMAIN_TEXT 0x7465787474657874ULL
+#define DOMAIN_IMAGE_POOL 0x696d616765706f6fULL
+#define DOMAIN_IMAGE_PICK 0x696d6167657069ccULL
+#define DOMAIN_PATTERN 0x7061747465726e31ULL
+
+/* Longest single sleep request; longer waits are split so that eax never overflows. */
+#define MAX_SLEEP_US 1000000u
+
+/* Bounds that keep the pacing arithmetic within 64 bits (batch * tsc_khz * 1000 < 2^58). */
+#define MAX_RATE (1ULL << 32)
+#define MAX_TSC_KHZ (1ULL << 24)
+
+/* The splitmix64 finalizer: a bijection on 64-bit words with good avalanche. */
+static inline uint64_t mix64(uint64_t z)
+{
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+/*
+ * The identity of one version of one page. Page frame numbers stay below 2^24 (64 GiB of guest
+ * memory) and versions are 32 bits, so distinct (pfn, version) pairs give distinct keys, and
+ * mixing a key with a seed-derived word through a bijection keeps them distinct.
+ */
+static inline uint64_t page_key(uint64_t pfn, uint32_t version)
+{
+	return (pfn << 32) | version;
+}
+
+/*
+ * Fills a 4 KiB page with the xorshift64 stream of eight independent lanes seeded from key.
+ * Eight lanes in four SSE2 registers hide the shift/xor latency: this runs faster than the
+ * memory it writes. The result is incompressible.
+ */
+static void fill_stream(uint64_t *page, uint64_t key)
+{
+	v2u64 a = {mix64(key + 1 * GOLDEN) | 1, mix64(key + 2 * GOLDEN) | 1};
+	v2u64 b = {mix64(key + 3 * GOLDEN) | 1, mix64(key + 4 * GOLDEN) | 1};
+	v2u64 c = {mix64(key + 5 * GOLDEN) | 1, mix64(key + 6 * GOLDEN) | 1};
+	v2u64 d = {mix64(key + 7 * GOLDEN) | 1, mix64(key + 8 * GOLDEN) | 1};
+	v2u64 *out = (v2u64 *)page;
+
+#define XORSHIFT(x) \
+	do { \
+		x ^= x << 13; \
+		x ^= x >> 7; \
+		x ^= x << 17; \
+	} while (0)
+
+	for (int i = 0; i < PAGE_VECS; i += 4) {
+		XORSHIFT(a);
+		XORSHIFT(b);
+		XORSHIFT(c);
+		XORSHIFT(d);
+		out[i] = a;
+		out[i + 1] = b;
+		out[i + 2] = c;
+		out[i + 3] = d;
+	}
+#undef XORSHIFT
+}
+
+static void fill_zero(uint64_t *page)
+{
+	v2u64 zero = {0, 0};
+	v2u64 *out = (v2u64 *)page;
+
+	for (int i = 0; i < PAGE_VECS; i++)
+		out[i] = zero;
+}
+
+static void fill_random(uint64_t *page, uint64_t seed, uint64_t pfn, uint32_t version)
+{
+	fill_stream(page, mix64(page_key(pfn, version) ^ mix64(seed ^ DOMAIN_RANDOM)));
+}
+
+/*
+ * Image pages are copies of pool page k. The pool page depends only on (seed, k), so the same
+ * page shows up at many addresses of a VM and in every VM started with the same seed: what
+ * deduplication can find. Pool pages are incompressible, so that any saving on this content
+ * comes from deduplication alone.
+ */
+static inline uint64_t image_pick(uint64_t pool_pages, uint64_t pfn, uint32_t version)
+{
+	uint64_t h = mix64(page_key(pfn, version) ^ DOMAIN_IMAGE_PICK);
+
+	/* Multiply-shift maps the high 32 bits uniformly onto [0, pool_pages) without a divide. */
+	return ((h >> 32) * pool_pages) >> 32;
+}
+
+static void fill_image(uint64_t *page, uint64_t seed, uint64_t pool_pages, uint64_t pfn,
+		       uint32_t version)
+{
+	uint64_t k = image_pick(pool_pages, pfn, version);
+
+	fill_stream(page, mix64(k ^ mix64(seed ^ DOMAIN_IMAGE_POOL)));
+}
+
+/*
+ * The text dictionary. Each entry is a word with its separator, at most 8 bytes, zero padded;
+ * the writer stores all 8 bytes and advances by the entry's length, so the padding is
+ * overwritten by the next word. The 82 distinct words and phrases have as many entries as their
+ * weight, a skewed distribution like real text's: a page compresses about 3x on its own with
+ * gzip, a run of pages about 4x.
+ */
+static const char text_words[256][8] __attribute__((aligned(8))) = {
+	"the ", "the ", "the ", "the ", "the ", "the ", "the ", "the ",
+	"the ", "the ", "the ", "the ", "the ", "the ", "the ", "the ",
+	"the ", "of the ", "of the ", "of the ", "of the ", "of the ", "of the ", "of the ",
+	"of the ", "of the ", "of the ", "and ", "and ", "and ", "and ", "and ",
+	"and ", "and ", "and ", "and ", "and ", "to the ", "to the ", "to the ",
+	"to the ", "to the ", "to the ", "to the ", "to the ", "in the ", "in the ", "in the ",
+	"in the ", "in the ", "in the ", "in the ", "in the ", "of ", "of ", "of ",
+	"of ", "of ", "of ", "of ", "of ", "a ", "a ", "a ",
+	"a ", "a ", "a ", "a ", "a ", "to ", "to ", "to ",
+	"to ", "to ", "to ", "to ", "to ", "is ", "is ", "is ",
+	"is ", "is ", "is ", "in ", "in ", "in ", "in ", "in ",
+	"it is ", "it is ", "it is ", "it is ", "it is ", "that ", "that ", "that ",
+	"that ", "that ", "for the ", "for the ", "for the ", "for the ", "on the ", "on the ",
+	"on the ", "on the ", "with ", "with ", "with ", "with ", "as ", "as ",
+	"as ", "as ", "was ", "was ", "was ", "was ", "by the ", "by the ",
+	"by the ", "can be ", "can be ", "can be ", "this ", "this ", "this ", "are ",
+	"are ", "are ", "from ", "from ", "from ", "or ", "or ", "or ",
+	"at the ", "at the ", "at the ", "which ", "which ", "which ", "not ", "not ",
+	"not ", "but ", "but ", "we ", "we ", "has ", "has ", "will ",
+	"will ", "page ", "page ", "page ", "page ", "page ", "page ", "pages ",
+	"pages ", "pages ", "pages ", "memory ", "memory ", "memory ", "memory ", "memory ",
+	"memory ", "guest ", "guest ", "guest ", "guest ", "host ", "host ", "host ",
+	"host ", "dirty ", "dirty ", "dirty ", "dirty ", "copy ", "copy ", "copy ",
+	"data ", "data ", "data ", "data ", "state ", "state ", "state ", "time ",
+	"time ", "time ", "rate ", "round ", "send ", "link ", "vcpu ", "when ",
+	"then ", "each ", "source ", "target ", "fault ", "network ", "buffer ", "kernel ",
+	"table ", "bytes ", "can ", "must ", "should ", "after ", "before ", "only ",
+	"new ", "old ", "page, ", "page, ", "time, ", "time, ", "data, ", "data, ",
+	"host, ", "host, ", "page. ", "page. ", "page. ", "time. ", "time. ", "data. ",
+	"data. ", "host. ", "host. ", "guest. ", "guest. ", "done. ", "done. ", "page.\n",
+	"page.\n", "page.\n", "time.\n", "time.\n", "data.\n", "data.\n", "host.\n", "host.\n",
+	"guest.\n", "guest.\n", "done.\n", "done.\n", "memory.\n", "memory.\n", "pages.\n", "pages.\n",
+};
+
+static const char hex_digits[16] = "0123456789abcdef";
+
+static uint64_t put_hex(uint8_t *dst, uint64_t pos, uint64_t val, int digits)
+{
+	for (int i = digits - 1; i >= 0; i--)
+		dst[pos++] = (uint8_t)hex_digits[(val >> (4 * i)) & 15];
+	return pos;
+}
+
+static uint64_t put_str(uint8_t *dst, uint64_t pos, const char *s)
+{
+	while (*s)
+		dst[pos++] = (uint8_t)*s++;
+	return pos;
+}
+
+/*
+ * A text page: a header line naming the page frame and version (so a stale or misplaced page is
+ * visible to a person reading a dump), then words drawn eight at a time from one random word,
+ * then spaces up to a final newline.
+ */
+static void fill_text(uint8_t *page, uint64_t seed, uint64_t pfn, uint32_t version)
+{
+	uint64_t state = mix64(page_key(pfn, version) ^ mix64(seed ^ DOMAIN_TEXT));
+	uint64_t pos = 0;
+
+	pos = put_str(page, pos, "[godwit page 0x");
+	pos = put_hex(page, pos, pfn, 10);
+	pos = put_str(page, pos, " version 0x");
+	pos = put_hex(page, pos, version, 8);
+	pos = put_str(page, pos, "]\n");
+
+	/* Eight words take at most 64 bytes, the last store included. */
+	while (pos <= PAGE_SIZE - 64) {
+		uint64_t r = mix64(state += GOLDEN);
+
+		for (int j = 0; j < 8; j++) {
+			uint64_t w = *(const u64_unaligned *)text_words[r & 255];
+
+			*(u64_unaligned *)(page + pos) = w;
+			pos += 8 - ((uint64_t)__builtin_clzll(w) >> 3);
+			r >>= 8;
+		}
+	}
+	uint64_t r = mix64(state += GOLDEN);
+	while (pos <= PAGE_SIZE - 8) {
+		uint64_t w = *(const u64_unaligned *)text_words[r & 255];
+
+		*(u64_unaligned *)(page + pos) = w;
+		pos += 8 - ((uint64_t)__builtin_clzll(w) >> 3);
+		r >>= 8;
+	}
+	while (pos < PAGE_SIZE - 1)
+		page[pos++] = ' ';
+	page[PAGE_SIZE - 1] = '\n';
+}
+
+/* Parameters shared by all vCPUs, copied out of the params page. */
+struct config {
+	uint64_t nr_vcpus;
+	uint64_t tsc_khz;
+	uint64_t workload;
+	uint64_t content;
+	uint64_t pattern;
+	uint64_t seed;
+	uint64_t rate;
+	uint64_t batch_pages;
+	uint64_t touch_permille;
+	uint64_t idle_interval_us;
+	uint64_t hot_permille;
+	uint64_t hot_prob_permille;
+	uint64_t image_pool_pages;
+};
+
+/* One vCPU's view: its configuration, slice and mailbox. Lives on that vCPU's stack. */
+struct vcpu {
+	uint64_t index;
+	struct config cfg;
+	uint32_t *versions;
+	uint8_t *data;
+	uint64_t data_pfn;
+	uint64_t data_pages;
+	uint64_t wss_pages;
+	volatile uint64_t *mailbox;
+	char *console;
+};
+
+/* Generates the content of (pfn, version) into page; content kind zero writes zeros. */
+static void fill_page(const struct config *cfg, uint64_t *page, uint64_t pfn, uint32_t version)
+{
+	switch (cfg->content) {
+	case CONTENT_TEXT:
+		fill_text((uint8_t *)page, cfg->seed, pfn, version);
+		break;
+	case CONTENT_RANDOM:
+		fill_random(page, cfg->seed, pfn, version);
+		break;
+	case CONTENT_IMAGE:
+		fill_image(page, cfg->seed, cfg->image_pool_pages, pfn, version);
+		break;
+	default:
+		fill_zero(page);
+		break;
+	}
+}
+
+/*
+ * Writes the next version of data page idx. Zero content still rewrites the page (with zeros)
+ * so that the write dirties it like any other. The version is stored only after the page is
+ * complete; the compiler barrier keeps the stores in that order (x86 keeps them so for other
+ * observers).
+ */
+static inline void write_page(struct vcpu *c, uint64_t idx)
+{
+	uint32_t version = c->versions[idx] + 1;
+
+	if (version == 0)
+		version = 1;
+	fill_page(&c->cfg, (uint64_t *)(c->data + idx * PAGE_SIZE), c->data_pfn + idx, version);
+	__asm__ volatile("" ::: "memory");
+	c->versions[idx] = version;
+}
+
+static inline uint64_t mb_get(const struct vcpu *c, uint64_t off)
+{
+	return c->mailbox[off / 8];
+}
+
+static inline void mb_set(struct vcpu *c, uint64_t off, uint64_t val)
+{
+	c->mailbox[off / 8] = val;
+}
+
+/* Console output: text is built in the mailbox console area, then announced by length. */
+struct text {
+	char *buf;
+	uint32_t len;
+};
+
+static void text_str(struct text *t, const char *s)
+{
+	while (*s && t->len < MB_CONSOLE_MAX)
+		t->buf[t->len++] = *s++;
+}
+
+static void text_u64(struct text *t, uint64_t v)
+{
+	char digits[20];
+	int n = 0;
+
+	do {
+		digits[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (n > 0 && t->len < MB_CONSOLE_MAX)
+		t->buf[t->len++] = digits[--n];
+}
+
+static void text_hex(struct text *t, uint64_t v)
+{
+	int digits = 1;
+
+	while (digits < 16 && (v >> (4 * digits)))
+		digits++;
+	text_str(t, "0x");
+	while (digits > 0 && t->len < MB_CONSOLE_MAX)
+		t->buf[t->len++] = hex_digits[(v >> (4 * --digits)) & 15];
+}
+
+static const char *workload_name(uint64_t w)
+{
+	switch (w) {
+	case WORKLOAD_IDLE:
+		return "idle";
+	case WORKLOAD_DIRTY:
+		return "dirty";
+	}
+	return "?";
+}
+
+static const char *content_name(uint64_t k)
+{
+	switch (k) {
+	case CONTENT_ZERO:
+		return "zero";
+	case CONTENT_TEXT:
+		return "text";
+	case CONTENT_RANDOM:
+		return "random";
+	case CONTENT_IMAGE:
+		return "image";
+	}
+	return "?";
+}
+
+static const char *pattern_name(uint64_t p)
+{
+	switch (p) {
+	case PATTERN_SEQUENTIAL:
+		return "sequential";
+	case PATTERN_RANDOM:
+		return "random";
+	case PATTERN_HOTCOLD:
+		return "hotcold";
+	}
+	return "?";
+}
+
+/* Reports an internal error and never comes back, even if the VMM resumes the vCPU. */
+static void __attribute__((noreturn)) guest_panic(struct text *t)
+{
+	for (;;)
+		port_out32(PORT_PANIC, t->len);
+}
+
+static void __attribute__((noreturn)) panic_value(struct vcpu *c, const char *what, uint64_t val)
+{
+	struct text t = {c->console, 0};
+
+	text_str(&t, "godwit guest: vcpu ");
+	text_u64(&t, c->index);
+	text_str(&t, ": ");
+	text_str(&t, what);
+	text_str(&t, " ");
+	text_hex(&t, val);
+	guest_panic(&t);
+}
+
+static void sleep_us(uint64_t us)
+{
+	while (us > MAX_SLEEP_US) {
+		port_out32(PORT_SLEEP, MAX_SLEEP_US);
+		us -= MAX_SLEEP_US;
+	}
+	port_out32(PORT_SLEEP, (uint32_t)us);
+}
+
+/* Returns the word index of the first difference, or -1 when the pages are equal. */
+static int compare_page(const uint64_t *have, const uint64_t *want)
+{
+	const v2u64 *h = (const v2u64 *)have;
+	const v2u64 *w = (const v2u64 *)want;
+	v2u64 diff = {0, 0};
+
+	for (int i = 0; i < PAGE_VECS; i++)
+		diff |= h[i] ^ w[i];
+	if ((diff[0] | diff[1]) == 0)
+		return -1;
+	for (int i = 0; i < PAGE_WORDS; i++)
+		if (have[i] != want[i])
+			return i;
+	return -1;
+}
+
+static int find_nonzero(const uint64_t *have)
+{
+	const v2u64 *h = (const v2u64 *)have;
+	v2u64 acc = {0, 0};
+
+	for (int i = 0; i < PAGE_VECS; i++)
+		acc |= h[i];
+	if ((acc[0] | acc[1]) == 0)
+		return -1;
+	for (int i = 0; i < PAGE_WORDS; i++)
+		if (have[i] != 0)
+			return i;
+	return -1;
+}
+
+/*
+ * Checks every data page of the slice against its version and fills in the mailbox report.
+ * A page with version 0, and every page of zero content, must be all zero.
+ */
+static void verify_and_report(struct vcpu *c)
+{
+	uint64_t scratch[PAGE_WORDS] __attribute__((aligned(16)));
+	uint64_t mismatches = 0, versioned = 0;
+	uint64_t bad_pfn = ~0ULL, bad_off = 0, expected = 0, found = 0;
+
+	for (uint64_t idx = 0; idx < c->data_pages; idx++) {
+		const uint64_t *have = (const uint64_t *)(c->data + idx * PAGE_SIZE);
+		uint32_t version = c->versions[idx];
+		int zero = version == 0 || c->cfg.content == CONTENT_ZERO;
+		int word;
+
+		if (version != 0)
+			versioned++;
+		if (zero) {
+			word = find_nonzero(have);
+		} else {
+			fill_page(&c->cfg, scratch, c->data_pfn + idx, version);
+			word = compare_page(have, scratch);
+		}
+		if (word < 0)
+			continue;
+		if (mismatches == 0) {
+			bad_pfn = c->data_pfn + idx;
+			bad_off = (uint64_t)word * 8;
+			expected = zero ? 0 : scratch[word];
+			found = have[word];
+		}
+		mismatches++;
+	}
+
+	mb_set(c, MB_PAGES_CHECKED, c->data_pages);
+	mb_set(c, MB_MISMATCHES, mismatches);
+	mb_set(c, MB_FIRST_BAD_PAGE, bad_pfn);
+	mb_set(c, MB_FIRST_BAD_OFFSET, bad_off);
+	mb_set(c, MB_EXPECTED, expected);
+	mb_set(c, MB_FOUND, found);
+	mb_set(c, MB_PAGES_VERSIONED, versioned);
+	mb_set(c, MB_VERIFY_SEQ, mb_get(c, MB_VERIFY_SEQ) + 1);
+	port_out32(PORT_VERIFIED, 0);
+}
+
+/* Ends one unit of work: tells the VMM and does what it answers. */
+static void heartbeat(struct vcpu *c)
+{
+	uint32_t cmd = port_in32(PORT_HEARTBEAT);
+
+	switch (cmd) {
+	case CMD_CONTINUE:
+		return;
+	case CMD_VERIFY:
+		verify_and_report(c);
+		return;
+	case CMD_EXIT:
+		verify_and_report(c);
+		for (;;)
+			port_out32(PORT_EXIT, 0);
+	}
+	panic_value(c, "unknown heartbeat command", cmd);
+}
+
+/*
+ * Idle: the first touch_permille/1000 of the slice's data pages (the lowest addresses, so the
+ * touched part is one contiguous range) get version 1 once; then the vCPU only sleeps and
+ * heartbeats.
+ */
+static void __attribute__((noreturn)) run_idle(struct vcpu *c)
+{
+	uint64_t touched = c->data_pages * c->cfg.touch_permille / 1000;
+
+	for (uint64_t idx = 0; idx < touched; idx++)
+		write_page(c, idx);
+	mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + touched);
+	for (;;) {
+		sleep_us(c->cfg.idle_interval_us);
+		mb_set(c, MB_WORK_UNITS, mb_get(c, MB_WORK_UNITS) + 1);
+		heartbeat(c);
+	}
+}
+
+static inline uint64_t xorshift64(uint64_t *s)
+{
+	uint64_t x = *s;
+
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	*s = x;
+	return x;
+}
+
+/* Maps 32 random bits uniformly onto [0, n) for n < 2^32. */
+static inline uint64_t below(uint64_t r32, uint64_t n)
+{
+	return (r32 * n) >> 32;
+}
+
+/*
+ * Dirty: units of batch_pages page writes at pattern-chosen pages of the working set, each unit
+ * ended by a heartbeat. With a rate, the vCPU sleeps off whatever time it is ahead of the
+ * schedule rate pages per second sets; when it falls far behind (a pause, a long verify, a rate
+ * it cannot reach) the schedule restarts from now instead of catching up in a burst.
+ */
+static void __attribute__((noreturn)) run_dirty(struct vcpu *c)
+{
+	const uint64_t wss = c->wss_pages;
+	const uint64_t batch = c->cfg.batch_pages;
+	uint64_t hot = wss * c->cfg.hot_permille / 1000;
+	uint64_t rng = mix64(c->cfg.seed ^ DOMAIN_PATTERN ^ (c->index * GOLDEN)) | 1;
+	uint64_t cursor = 0;
+	uint64_t tsc_hz = c->cfg.tsc_khz * 1000;
+	uint64_t due = cpu_tsc(), due_rem = 0;
+
+	if (hot == 0 && c->cfg.hot_permille != 0)
+		hot = 1;
+	const uint64_t cold = wss - hot;
+
+	for (;;) {
+		switch (c->cfg.pattern) {
+		case PATTERN_SEQUENTIAL:
+			for (uint64_t j = 0; j < batch; j++) {
+				write_page(c, cursor);
+				if (++cursor == wss)
+					cursor = 0;
+			}
+			break;
+		case PATTERN_RANDOM:
+			for (uint64_t j = 0; j < batch; j++)
+				write_page(c, below(xorshift64(&rng) >> 32, wss));
+			break;
+		default: /* PATTERN_HOTCOLD */
+			for (uint64_t j = 0; j < batch; j++) {
+				uint64_t r = xorshift64(&rng);
+				int to_hot = below(r & 0xffffffff, 1000) < c->cfg.hot_prob_permille;
+
+				if (cold == 0 || (to_hot && hot != 0))
+					write_page(c, below(r >> 32, hot));
+				else
+					write_page(c, hot + below(r >> 32, cold));
+			}
+			break;
+		}
+		mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + batch);
+		mb_set(c, MB_WORK_UNITS, mb_get(c, MB_WORK_UNITS) + 1);
+
+		if (c->cfg.rate != 0) {
+			/* due advances by batch/rate seconds in TSC ticks, the remainder carried. */
+			uint64_t num = batch * tsc_hz + due_rem;
+			uint64_t step = num / c->cfg.rate;
+			uint64_t now = cpu_tsc();
+
+			due += step;
+			due_rem = num % c->cfg.rate;
+			/*
+			 * Ahead by more than two batches can only mean the TSC went back (a
+			 * migration to a host whose TSC is not kept in step): wait one batch, not
+			 * the jump.
+			 */
+			if (now < due && due - now > 2 * step)
+				due = now + step;
+			if (now < due) {
+				uint64_t ahead = due - now, khz = c->cfg.tsc_khz;
+
+				sleep_us(ahead / khz * 1000 + ahead % khz * 1000 / khz);
+			} else if (now - due > tsc_hz / 10) {
+				due = now;
+			}
+		}
+		heartbeat(c);
+	}
+}
+
+static inline uint64_t par_u64(const uint8_t *base, uint64_t off)
+{
+	return *(const volatile uint64_t *)(base + off);
+}
+
+static void start_message(struct vcpu *c)
+{
+	struct text t = {c->console, 0};
+
+	text_str(&t, "godwit guest: ");
+	text_u64(&t, c->cfg.nr_vcpus);
+	text_str(&t, c->cfg.nr_vcpus == 1 ? " vcpu, workload " : " vcpus, workload ");
+	text_str(&t, workload_name(c->cfg.workload));
+	text_str(&t, ", content ");
+	text_str(&t, content_name(c->cfg.content));
+	if (c->cfg.workload == WORKLOAD_DIRTY) {
+		text_str(&t, ", pattern ");
+		text_str(&t, pattern_name(c->cfg.pattern));
+		text_str(&t, ", wss ");
+		text_u64(&t, c->wss_pages);
+		text_str(&t, " of ");
+	} else {
+		text_str(&t, ", ");
+	}
+	text_u64(&t, c->data_pages);
+	text_str(&t, " data pages per vcpu");
+	port_out32(PORT_CONSOLE, t.len);
+}
+
+/*
+ * Entry of every vCPU (entry.S jumps here): index is the vCPU number, params_gpa the params
+ * page. Validates what it is given and runs the workload; it never returns.
+ */
+void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
+{
+	const uint8_t *par = gpa_ptr(params_gpa);
+	struct vcpu c = {0};
+
+	/* Until the record is checked, panic through the mailbox the fixed layout gives. */
+	c.index = index;
+	c.mailbox = gpa_ptr(MAILBOX_GPA + (index % MAX_VCPUS) * PAGE_SIZE);
+	c.console = (char *)c.mailbox + MB_CONSOLE;
+
+	if (par_u64(par, PAR_MAGIC) != PARAMS_MAGIC)
+		panic_value(&c, "bad params magic", par_u64(par, PAR_MAGIC));
+	if (par_u64(par, PAR_ABI_VERSION) != ABI_VERSION)
+		panic_value(&c, "params ABI version is not 1:", par_u64(par, PAR_ABI_VERSION));
+
+	c.cfg.nr_vcpus = par_u64(par, PAR_NR_VCPUS);
+	c.cfg.tsc_khz = par_u64(par, PAR_TSC_KHZ);
+	c.cfg.workload = par_u64(par, PAR_WORKLOAD);
+	c.cfg.content = par_u64(par, PAR_CONTENT);
+	c.cfg.pattern = par_u64(par, PAR_PATTERN);
+	c.cfg.seed = par_u64(par, PAR_SEED);
+	c.cfg.rate = par_u64(par, PAR_RATE);
+	c.cfg.batch_pages = par_u64(par, PAR_BATCH_PAGES);
+	c.cfg.touch_permille = par_u64(par, PAR_TOUCH_PERMILLE);
+	c.cfg.idle_interval_us = par_u64(par, PAR_IDLE_INTERVAL_US);
+	c.cfg.hot_permille = par_u64(par, PAR_HOT_PERMILLE);
+	c.cfg.hot_prob_permille = par_u64(par, PAR_HOT_PROB_PERMILLE);
+	c.cfg.image_pool_pages = par_u64(par, PAR_IMAGE_POOL_PAGES);
+
+	if (c.cfg.nr_vcpus == 0 || c.cfg.nr_vcpus > MAX_VCPUS)
+		panic_value(&c, "bad vcpu count", c.cfg.nr_vcpus);
+	if (index >= c.cfg.nr_vcpus)
+		panic_value(&c, "vcpu index beyond the vcpu count", c.cfg.nr_vcpus);
+
+	const uint8_t *rec = par + PARAMS_VCPU_OFFSET + index * PARAMS_VCPU_RECORD;
+	uint64_t vt_gpa = par_u64(rec, VCPU_VERSION_TABLE_GPA);
+	uint64_t data_gpa = par_u64(rec, VCPU_DATA_GPA);
+	uint64_t mailbox_gpa = par_u64(rec, VCPU_MAILBOX_GPA);
+
+	if (mailbox_gpa % PAGE_SIZE != 0 || mailbox_gpa < MAILBOX_GPA ||
+	    mailbox_gpa >= MAILBOX_GPA + MAX_VCPUS * PAGE_SIZE)
+		panic_value(&c, "bad mailbox address", mailbox_gpa);
+	c.mailbox = gpa_ptr(mailbox_gpa);
+	c.console = (char *)c.mailbox + MB_CONSOLE;
+	c.data_pages = par_u64(rec, VCPU_DATA_PAGES);
+	c.wss_pages = par_u64(rec, VCPU_WSS_PAGES);
+	c.data_pfn = data_gpa / PAGE_SIZE;
+
+	if (c.cfg.workload > WORKLOAD_DIRTY)
+		panic_value(&c, "unknown workload", c.cfg.workload);
+	if (c.cfg.content > CONTENT_IMAGE)
+		panic_value(&c, "unknown content kind", c.cfg.content);
+	if (c.cfg.pattern > PATTERN_HOTCOLD)
+		panic_value(&c, "unknown write pattern", c.cfg.pattern);
+	if (c.cfg.touch_permille > 1000)
+		panic_value(&c, "touch per mille above 1000:", c.cfg.touch_permille);
+	if (c.cfg.hot_permille > 1000)
+		panic_value(&c, "hot per mille above 1000:", c.cfg.hot_permille);
+	if (c.cfg.hot_prob_permille > 1000)
+		panic_value(&c, "hot probability per mille above 1000:", c.cfg.hot_prob_permille);
+	if (c.cfg.content == CONTENT_IMAGE &&
+	    (c.cfg.image_pool_pages == 0 || c.cfg.image_pool_pages > 0xffffffffULL))
+		panic_value(&c, "bad image pool size", c.cfg.image_pool_pages);
+	if (data_gpa % PAGE_SIZE != 0 || data_gpa < DATA_GPA)
+		panic_value(&c, "bad data address", data_gpa);
+	if (vt_gpa % 4 != 0 || vt_gpa < DATA_GPA)
+		panic_value(&c, "bad version table address", vt_gpa);
+	if (c.data_pages == 0 || c.data_pages > (1ULL << 24))
+		panic_value(&c, "bad data page count", c.data_pages);
+	if (c.cfg.workload == WORKLOAD_DIRTY) {
+		if (c.wss_pages == 0 || c.wss_pages > c.data_pages)
+			panic_value(&c, "bad working set size (pages)", c.wss_pages);
+		if (c.cfg.batch_pages == 0 || c.cfg.batch_pages > (1ULL << 24))
+			panic_value(&c, "bad batch size (pages)", c.cfg.batch_pages);
+		if (c.cfg.rate > MAX_RATE)
+			panic_value(&c, "rate above 2^32 pages/s:", c.cfg.rate);
+		if (c.cfg.rate != 0 && (c.cfg.tsc_khz == 0 || c.cfg.tsc_khz > MAX_TSC_KHZ))
+			panic_value(&c, "a rate needs the TSC frequency; tsc_khz is", c.cfg.tsc_khz);
+	}
+	c.versions = gpa_ptr(vt_gpa);
+	c.data = gpa_ptr(data_gpa);
+
+	if (index == 0)
+		start_message(&c);
+	if (c.cfg.workload == WORKLOAD_IDLE)
+		run_idle(&c);
+	run_dirty(&c);
+}
