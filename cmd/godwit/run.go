@@ -128,6 +128,14 @@ func serveMachine(g *Globals, ctx context.Context, m *vmm.Machine, path string) 
 		final = &r
 	case <-m.Done():
 		_, runErr = m.State()
+		if runErr == nil {
+			// The vCPUs end when a quit request made the guest exit; its report follows.
+			select {
+			case r := <-quit:
+				final = &r
+			case <-time.After(5 * time.Second):
+			}
+		}
 	case <-ctx.Done():
 		qctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		r, err := m.Quit(qctx)

@@ -1,0 +1,175 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/godwit-vm/godwit/internal/control"
+	"github.com/godwit-vm/godwit/internal/guest"
+	"github.com/godwit-vm/godwit/internal/kvm"
+	"github.com/godwit-vm/godwit/internal/vmm"
+)
+
+// The test binary doubles as the godwit binary: with GODWIT_AS_MAIN set it runs main().
+func TestMain(m *testing.M) {
+	if os.Getenv("GODWIT_AS_MAIN") == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func godwit(args ...string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], args...)
+	cmd.Env = append(os.Environ(), "GODWIT_AS_MAIN=1")
+	return cmd
+}
+
+func requireKVM(t *testing.T) {
+	t.Helper()
+	if err := kvm.Available(""); err != nil {
+		t.Fatalf("this test needs KVM: %v", err)
+	}
+}
+
+func runJSON(t *testing.T, out any, args ...string) {
+	t.Helper()
+	b, err := godwit(args...).Output()
+	if err != nil {
+		t.Fatalf("godwit %s: %v\n%s", strings.Join(args, " "), err, b)
+	}
+	if err := json.Unmarshal(b, out); err != nil {
+		t.Fatalf("godwit %s printed %q: %v", strings.Join(args, " "), b, err)
+	}
+}
+
+// startRun starts 'godwit run' with args and waits for its control socket.
+func startRun(t *testing.T, sock string, args ...string) (cmd *exec.Cmd, exited <-chan error, stdout, stderr *bytes.Buffer) {
+	t.Helper()
+	stdout, stderr = new(bytes.Buffer), new(bytes.Buffer)
+	cmd = godwit(append([]string{"run", "--control", sock}, args...)...)
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := os.Stat(sock); err == nil {
+			return cmd, done, stdout, stderr
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("godwit run exited (%v): %s", err, stderr)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	t.Fatalf("no control socket at %s after 60 s: %s", sock, stderr)
+	return
+}
+
+// A VM run from the command line serves stats, verify, pause, resume, quit; a page corrupted
+// through the VMM makes verify fail, and the run ends reporting it.
+func TestRunStatsVerifyPauseResumeQuit(t *testing.T) {
+	requireKVM(t)
+	sock := filepath.Join(t.TempDir(), "vm.sock")
+	_, exited, stdout, _ := startRun(t, sock, "--json", "--name", "cli", "--mem", "64M", "--vcpus", "2", "--workload", "dirty",
+		"--wss", "16M", "--rate", "50k", "--pattern", "hotcold", "--content", "text")
+
+	var s vmm.Stats
+	deadline := time.Now().Add(30 * time.Second)
+	for s.Heartbeats < 20 && time.Now().Before(deadline) {
+		runJSON(t, &s, "stats", "--json", "--control", sock)
+		time.Sleep(20 * time.Millisecond)
+	}
+	if s.Heartbeats < 20 || s.State != vmm.StateRunning || s.Workload["pattern"] != "hotcold" {
+		t.Fatalf("stats: %+v", s)
+	}
+	var r vmm.VerifyReport
+	runJSON(t, &r, "verify", "--json", "--control", sock)
+	if r.Mismatches != 0 || r.PagesChecked == 0 {
+		t.Fatalf("verify: %+v", r)
+	}
+	if out, err := godwit("pause", "--control", sock).CombinedOutput(); err != nil {
+		t.Fatalf("pause: %v %s", err, out)
+	}
+	runJSON(t, &s, "stats", "--json", "--control", sock)
+	if s.State != vmm.StatePaused {
+		t.Fatalf("after pause: state %s", s.State)
+	}
+	if out, err := godwit("verify", "--control", sock).CombinedOutput(); err == nil || !strings.Contains(string(out), "paused") {
+		t.Fatalf("verify while paused: %v %s", err, out)
+	}
+	if out, err := godwit("resume", "--control", sock).CombinedOutput(); err != nil {
+		t.Fatalf("resume: %v %s", err, out)
+	}
+
+	// Corrupt a page outside the working set (never written, so it must read as zero).
+	gpa := uint64(64<<20 - 3*guest.PageSize)
+	cl := control.Dial(sock)
+	err := cl.Call(context.Background(), http.MethodPost, "/v1/debug/write", map[string]any{"gpa": gpa, "data": base64.StdEncoding.EncodeToString([]byte{1})}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := godwit("verify", "--json", "--control", sock)
+	out, err := cmd.Output()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
+		t.Fatalf("verify after corruption: %v, want exit status 1; %s", err, out)
+	}
+	json.Unmarshal(out, &r)
+	if r.Mismatches != 1 || r.FirstBadGPA == nil || *r.FirstBadGPA != gpa {
+		t.Fatalf("verify after corruption: %+v", r)
+	}
+
+	if out, err := godwit("quit", "--control", sock).CombinedOutput(); err == nil {
+		t.Fatalf("quit of a corrupt VM exited 0: %s", out)
+	}
+	if err := <-exited; err == nil {
+		t.Fatalf("godwit run of a corrupt VM exited 0")
+	}
+	var sum runSummary
+	if err := json.Unmarshal(stdout.Bytes(), &sum); err != nil {
+		t.Fatalf("run summary %q: %v", stdout.String(), err)
+	}
+	if sum.Result != "corrupt" || sum.Verify == nil || sum.Verify.Mismatches != 1 {
+		t.Fatalf("run summary: %+v", sum)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("control socket left behind: %v", err)
+	}
+}
+
+// Bad flags and a missing KVM device give one clear line and a non-zero status, before any VM
+// is built.
+func TestBadInputIsAClearError(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"run", "--vcpus", "0"}, "--vcpus 0"},
+		{[]string{"run", "--mem", "lots"}, "size"},
+		{[]string{"run", "--workload", "busy"}, "idle"},
+		{[]string{"run", "--workload", "dirty", "--wss", "2G", "--mem", "1G"}, "larger than --mem"},
+		{[]string{"run", "--touch", "2"}, "--touch"},
+		{[]string{"run", "--rate", "fast"}, "rate"},
+		{[]string{"run", "--kvm-device", "/nonexistent/kvm", "--mem", "64M"}, "/nonexistent/kvm"},
+		{[]string{"stats", "--control", "/nonexistent/vm.sock"}, "no VM at /nonexistent/vm.sock"},
+		{[]string{"frobnicate"}, "unexpected argument"},
+	} {
+		out, err := godwit(c.args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), c.want) {
+			t.Errorf("godwit %s: %v, output %q; want failure mentioning %q", strings.Join(c.args, " "), err, out, c.want)
+		}
+	}
+}
