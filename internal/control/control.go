@@ -33,10 +33,11 @@ type Handler func(ctx context.Context, body []byte) (any, error)
 
 // Server serves the control API on a Unix socket.
 type Server struct {
-	path   string
-	ln     net.Listener
-	srv    *http.Server
-	routes map[string]Handler // "METHOD /path"
+	path    string
+	ln      net.Listener
+	srv     *http.Server
+	routes  map[string]Handler // "METHOD /path"
+	streams map[string]StreamHandler
 }
 
 // StatusError lets a handler choose the HTTP status of its error.
@@ -62,7 +63,7 @@ func Listen(path string) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control: listen on %s: %w", path, err)
 	}
-	return &Server{path: path, ln: ln, routes: map[string]Handler{}}, nil
+	return &Server{path: path, ln: ln, routes: map[string]Handler{}, streams: map[string]StreamHandler{}}, nil
 }
 
 // Path is the socket's path.
@@ -99,13 +100,18 @@ const maxBody = 1 << 20
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	h, ok := s.routes[r.Method+" "+r.URL.Path]
-	if !ok {
+	sh, streaming := s.streams[r.Method+" "+r.URL.Path]
+	if !ok && !streaming {
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("control: no endpoint %s %s", r.Method, r.URL.Path)})
 		return
 	}
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
 	if err != nil || len(body) > maxBody {
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "control: request body unreadable or over 1 MiB"})
+		return
+	}
+	if streaming {
+		s.serveStream(w, r, sh, body)
 		return
 	}
 	out, err := h(r.Context(), body)
@@ -165,10 +171,7 @@ func (c *Client) Call(ctx context.Context, method, path string, in, out any) err
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		if _, serr := os.Stat(c.path); serr != nil {
-			return fmt.Errorf("control: no VM at %s: %w", c.path, serr)
-		}
-		return fmt.Errorf("control: %s %s on %s: %w", method, path, c.path, err)
+		return c.dialErr(method, path, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
@@ -176,13 +179,7 @@ func (c *Client) Call(ctx context.Context, method, path string, in, out any) err
 		return fmt.Errorf("control: %s %s: reading answer: %w", method, path, err)
 	}
 	if resp.StatusCode/100 != 2 {
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
-		}
-		return fmt.Errorf("control: %s %s: HTTP %d: %s", method, path, resp.StatusCode, bytes.TrimSpace(data))
+		return answerErr(method, path, resp.StatusCode, data)
 	}
 	if out == nil {
 		return nil
@@ -195,4 +192,21 @@ func (c *Client) Call(ctx context.Context, method, path string, in, out any) err
 		return fmt.Errorf("control: %s %s: decoding answer: %w", method, path, err)
 	}
 	return nil
+}
+
+func (c *Client) dialErr(method, path string, err error) error {
+	if _, serr := os.Stat(c.path); serr != nil {
+		return fmt.Errorf("control: no VM at %s: %w", c.path, serr)
+	}
+	return fmt.Errorf("control: %s %s on %s: %w", method, path, c.path, err)
+}
+
+func answerErr(method, path string, status int, data []byte) error {
+	var e struct {
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(data, &e) == nil && e.Error != "" {
+		return errors.New(e.Error)
+	}
+	return fmt.Errorf("control: %s %s: HTTP %d: %s", method, path, status, bytes.TrimSpace(data))
 }

@@ -1,0 +1,230 @@
+package vmm
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/godwit-vm/godwit/internal/guest"
+	"github.com/godwit-vm/godwit/internal/guestmem"
+	"github.com/godwit-vm/godwit/internal/kvm"
+	"github.com/godwit-vm/godwit/migration"
+)
+
+// The machine's side of the migration engine: MigrationSource and MigrationDestination
+// implement the engine's interfaces over a Machine. The engine knows nothing of KVM; this is
+// the only place where the two meet.
+
+const ramSlot = 0
+
+func (m *Machine) layout() migration.Layout {
+	return migration.Layout{PageSize: guest.PageSize, Regions: []migration.Region{{Name: "ram", GPA: 0, Size: m.cfg.MemBytes}}}
+}
+
+// deviceIDs lists the state sections SaveState writes, in order.
+func (m *Machine) deviceIDs() []string {
+	ids := []string{sectionMachine}
+	for i := range m.vcpus {
+		ids = append(ids, sectionVCPUPrefix+strconv.Itoa(i))
+	}
+	if m.sys.CheckExtension(kvm.CapAdjustClock) > 0 {
+		ids = append(ids, sectionClock)
+	}
+	return append(ids, sectionPV)
+}
+
+// MigrationSource lets the engine migrate m away.
+type MigrationSource struct{ M *Machine }
+
+var (
+	_ migration.Source        = MigrationSource{}
+	_ migration.Throttler     = MigrationSource{}
+	_ migration.ProgressClock = MigrationSource{}
+)
+
+func (s MigrationSource) Describe() migration.Description {
+	return migration.Description{Layout: s.M.layout(), VCPUs: len(s.M.vcpus), Devices: s.M.deviceIDs()}
+}
+
+func (s MigrationSource) Populated() ([]migration.Bitmap, error) {
+	b, err := s.M.mem.Populated()
+	if err != nil {
+		return nil, err
+	}
+	return []migration.Bitmap{migration.Bitmap(b)}, nil
+}
+
+// StartDirtyLog turns on KVM's dirty log for guest RAM. With manual protection, pages are
+// write-protected again only when FetchDirty clears them, right before they are read.
+func (s MigrationSource) StartDirtyLog() error {
+	m := s.M
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.vm.SetMemorySlot(kvm.MemorySlot{Slot: ramSlot, Mem: m.mem.Mem, LogDirty: true}); err != nil {
+		return err
+	}
+	m.mem.TakeVMMDirty(guestmem.NewBitmap(m.mem.Pages())) // writes before now are in Populated
+	m.logDirty = true
+	return nil
+}
+
+// FetchDirty returns the pages the guest or the VMM wrote since the last call and re-arms
+// tracking for them (KVM_CLEAR_DIRTY_LOG) before the caller reads them, so a write that races
+// with the read is caught in the next round.
+func (s MigrationSource) FetchDirty() ([]migration.Bitmap, error) {
+	m := s.M
+	pages := m.mem.Pages()
+	b := guestmem.NewBitmap(pages)
+	if err := m.vm.GetDirtyLog(ramSlot, b); err != nil {
+		return nil, err
+	}
+	if err := m.vm.ClearDirtyLog(ramSlot, 0, uint32(pages), b); err != nil {
+		return nil, err
+	}
+	m.mem.TakeVMMDirty(b)
+	return []migration.Bitmap{migration.Bitmap(b)}, nil
+}
+
+func (s MigrationSource) StopDirtyLog() error {
+	m := s.M
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if !m.logDirty {
+		return nil
+	}
+	if err := m.vm.SetMemorySlot(kvm.MemorySlot{Slot: ramSlot, Mem: m.mem.Mem}); err != nil {
+		return err
+	}
+	m.logDirty = false
+	return nil
+}
+
+// ReadPages reads through the memfd (pread): it never faults pages in through the mapping, so
+// reading a page that was punched meanwhile costs no memory.
+func (s MigrationSource) ReadPages(r int, first uint64, dst []byte) error {
+	if r != 0 {
+		return fmt.Errorf("vmm: read pages: no region %d", r)
+	}
+	n, err := s.M.mem.ReadAt(dst, int64(first*guest.PageSize))
+	if err != nil {
+		return err
+	}
+	if n != len(dst) {
+		return fmt.Errorf("vmm: read pages %d+%d: short read of %d bytes", first, len(dst)/guest.PageSize, n)
+	}
+	return nil
+}
+
+func (s MigrationSource) Pause() error  { return s.M.Pause() }
+func (s MigrationSource) Resume() error { return s.M.Resume() }
+
+func (s MigrationSource) SaveState() ([]migration.Section, error) {
+	secs, err := s.M.SaveState()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]migration.Section, len(secs))
+	for i, x := range secs {
+		out[i] = migration.Section{ID: x.ID, Version: x.Version, Data: x.Data}
+	}
+	return out, nil
+}
+
+func (s MigrationSource) SetThrottle(percent int) error { return s.M.SetThrottle(percent) }
+func (s MigrationSource) LastProgress() time.Time      { return s.M.LastHeartbeat() }
+
+// MigrationDestination builds a machine from an incoming migration. Template holds the
+// settings the stream does not carry (name, KVM device, console); memory size and vCPU count
+// come from the source's description.
+type MigrationDestination struct {
+	Template Config
+	// M is the machine once Prepare has built it.
+	M *Machine
+}
+
+var (
+	_ migration.Destination   = (*MigrationDestination)(nil)
+	_ migration.FirstProgress = (*MigrationDestination)(nil)
+)
+
+func (d *MigrationDestination) Prepare(desc migration.Description) error {
+	l := desc.Layout
+	if l.PageSize != guest.PageSize || len(l.Regions) != 1 || l.Regions[0].GPA != 0 {
+		return fmt.Errorf("vmm: incoming VM has a memory layout this VMM cannot build (page size %d, %d regions)", l.PageSize, len(l.Regions))
+	}
+	cfg := d.Template
+	cfg.MemBytes, cfg.VCPUs = l.Regions[0].Size, desc.VCPUs
+	cfg.Image, cfg.Params = nil, nil
+	m, err := New(cfg)
+	if err != nil {
+		return err
+	}
+	known := map[string]bool{}
+	for _, id := range m.deviceIDs() {
+		known[id] = true
+	}
+	for _, id := range desc.Devices {
+		if !known[id] {
+			m.Close()
+			return fmt.Errorf("vmm: incoming VM has a component %q this VMM does not have", id)
+		}
+	}
+	d.M = m
+	return nil
+}
+
+func (d *MigrationDestination) region(r int, first, n uint64) (*guestmem.Region, error) {
+	if d.M == nil {
+		return nil, fmt.Errorf("vmm: pages arrived before the machine was prepared")
+	}
+	mem := d.M.mem
+	if r != 0 || first+n > mem.Pages() || first+n < first {
+		return nil, fmt.Errorf("vmm: pages %d+%d of region %d are outside guest memory (%d pages)", first, n, r, mem.Pages())
+	}
+	return mem, nil
+}
+
+// WritePages copies into the mapping: before Start no vCPU runs and, in pre-copy, no page is
+// missing, so this is safe and avoids a syscall per run.
+func (d *MigrationDestination) WritePages(r int, first uint64, src []byte) error {
+	mem, err := d.region(r, first, uint64(len(src))/guest.PageSize)
+	if err != nil {
+		return err
+	}
+	copy(mem.Mem[first*guest.PageSize:], src)
+	return nil
+}
+
+// ZeroPages punches the pages: a hole reads as zero and holds no memory.
+func (d *MigrationDestination) ZeroPages(r int, first, n uint64) error {
+	mem, err := d.region(r, first, n)
+	if err != nil {
+		return err
+	}
+	return mem.PunchPages(first, n)
+}
+
+func (d *MigrationDestination) RestoreState(secs []migration.Section) error {
+	if d.M == nil {
+		return fmt.Errorf("vmm: state arrived before the machine was prepared")
+	}
+	in := make([]Section, len(secs))
+	for i, x := range secs {
+		in[i] = Section{ID: x.ID, Version: x.Version, Data: x.Data}
+	}
+	return d.M.RestoreState(in)
+}
+
+func (d *MigrationDestination) Start() error { return d.M.Start() }
+
+func (d *MigrationDestination) Abort() {
+	if d.M != nil {
+		d.M.Close()
+		d.M = nil
+	}
+}
+
+func (d *MigrationDestination) WaitFirstProgress(ctx context.Context) (time.Time, error) {
+	return d.M.WaitFirstHeartbeat(ctx)
+}

@@ -1,0 +1,79 @@
+package vmm
+
+import (
+	"context"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/godwit-vm/godwit/migration"
+)
+
+// migrateLocal migrates src to a new machine over loopback TCP and returns the destination
+// and both reports.
+func migrateLocal(t *testing.T, src *Machine, opts migration.SendOptions) (*Machine, *migration.Report, *migration.Report) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	dst := &MigrationDestination{Template: Config{Name: "dst"}}
+	type result struct {
+		rep *migration.Report
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer c.Close()
+		rep, err := migration.Receive(ctx, dst, c, migration.ReceiveOptions{})
+		done <- result{rep, err}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srep, serr := migration.Send(ctx, MigrationSource{M: src}, c, opts)
+	c.Close()
+	r := <-done
+	if serr != nil || r.err != nil {
+		t.Fatalf("migration failed: send %v, receive %v", serr, r.err)
+	}
+	t.Cleanup(func() { dst.M.Close() })
+	return dst.M, srep, r.rep
+}
+
+func TestPrecopyMigrationOnRealKVM(t *testing.T) {
+	for _, w := range []workload{
+		{kind: "idle", content: "text", touch: 0.3},
+		{kind: "dirty", content: "random", pattern: "random", wssMiB: 16, rate: 20000},
+	} {
+		t.Run(w.kind, func(t *testing.T) {
+			src := newMachine(t, 128, 2, w)
+			if err := src.Start(); err != nil {
+				t.Fatal(err)
+			}
+			waitHeartbeats(t, src, 50)
+			before := src.Stats()
+			dst, srep, _ := migrateLocal(t, src, migration.SendOptions{DowntimeLimit: 300 * time.Millisecond, AutoConverge: true})
+			if st, _ := src.State(); st != StatePaused {
+				t.Fatalf("source after a migration: %s, want paused (the destination owns the guest)", st)
+			}
+			waitHeartbeats(t, dst, before.Heartbeats+20)
+			r := verifyClean(t, dst)
+			if srep.BlackoutMS == nil {
+				t.Fatal("no blackout measured although both sides report heartbeats")
+			}
+			t.Logf("%s: %d rounds, %d bytes, downtime %.1f ms, blackout %.1f ms, pages %+v; destination verified %d pages",
+				w.kind, srep.Rounds, srep.BytesWire, srep.DowntimeMS, *srep.BlackoutMS, srep.Pages, r.PagesChecked)
+			t.Logf("downtime parts %+v; rounds %+v", srep.Downtime, srep.RoundDetails)
+		})
+	}
+}
