@@ -132,7 +132,7 @@ func (s MigrationSource) SaveState() ([]migration.Section, error) {
 }
 
 func (s MigrationSource) SetThrottle(percent int) error { return s.M.SetThrottle(percent) }
-func (s MigrationSource) LastProgress() time.Time      { return s.M.LastHeartbeat() }
+func (s MigrationSource) LastProgress() time.Time       { return s.M.LastHeartbeat() }
 
 // MigrationDestination builds a machine from an incoming migration. Template holds the
 // settings the stream does not carry (name, KVM device, console); memory size and vCPU count
