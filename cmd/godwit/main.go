@@ -4,6 +4,7 @@
 //	godwit stats    a running VM's figures
 //	godwit verify   make the guest re-check its memory
 //	godwit pause | resume | quit
+//	godwit migrate  live-migrate a VM to another host
 //
 // Every command takes --json for scripts.
 package main
@@ -29,12 +30,13 @@ type Globals struct {
 type CLI struct {
 	Globals
 
-	Run    RunCmd    `cmd:"" help:"Run a VM in the foreground, serving a control socket."`
-	Stats  StatsCmd  `cmd:"" help:"Show a running VM's figures."`
-	Verify VerifyCmd `cmd:"" help:"Make the guest re-check every page it owns; exits 1 on any mismatch."`
-	Pause  PauseCmd  `cmd:"" help:"Stop a VM's vCPUs."`
-	Resume ResumeCmd `cmd:"" help:"Run a paused VM's vCPUs again."`
-	Quit   QuitCmd   `cmd:"" help:"Make the guest verify its memory and exit, ending the VM process."`
+	Run     RunCmd     `cmd:"" help:"Run a VM in the foreground, serving a control socket."`
+	Stats   StatsCmd   `cmd:"" help:"Show a running VM's figures."`
+	Verify  VerifyCmd  `cmd:"" help:"Make the guest re-check every page it owns; exits 1 on any mismatch."`
+	Pause   PauseCmd   `cmd:"" help:"Stop a VM's vCPUs."`
+	Resume  ResumeCmd  `cmd:"" help:"Run a paused VM's vCPUs again."`
+	Quit    QuitCmd    `cmd:"" help:"Make the guest verify its memory and exit, ending the VM process."`
+	Migrate MigrateCmd `cmd:"" help:"Live-migrate a running VM to a 'godwit run --incoming' on another host (pre-copy)."`
 }
 
 // exitError carries a process exit status with an already printed message.

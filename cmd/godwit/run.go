@@ -2,17 +2,16 @@ package main
 
 import (
 	"context"
-	"encoding/base64"
-	"encoding/json"
+	"errors"
 	"fmt"
-	"net/http"
+	"net"
 	"os"
 	"path/filepath"
 	"time"
 
-	"github.com/godwit-vm/godwit/internal/control"
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/vmm"
+	"github.com/godwit-vm/godwit/migration"
 )
 
 // WorkloadFlags choose what the built-in guest does.
@@ -37,6 +36,7 @@ type RunCmd struct {
 	VCPUs     int    `name:"vcpus" default:"1" help:"Number of vCPUs; each runs the workload on its own slice of memory."`
 	Control   string `placeholder:"PATH" help:"Control socket to serve (default /run/godwit/NAME.sock)."`
 	KVMDevice string `name:"kvm-device" default:"/dev/kvm" help:"The KVM device."`
+	Incoming  string `placeholder:"tcp:HOST:PORT" help:"Wait for a VM migrated to this address instead of booting one; its size and workload come from the source."`
 	WorkloadFlags
 }
 
@@ -60,15 +60,10 @@ func (c *RunCmd) workloadDescription() map[string]any {
 	return w
 }
 
-// runSummary is what 'godwit run --json' prints when the VM ends.
-type runSummary struct {
-	Result string            `json:"result"`
-	Error  string            `json:"error,omitempty"`
-	Verify *vmm.VerifyReport `json:"verify,omitempty"`
-	Stats  vmm.Stats         `json:"stats"`
-}
-
 func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
+	if c.Incoming != "" {
+		return c.runIncoming(g, ctx)
+	}
 	params, err := c.paramsBuilder()
 	if err != nil {
 		return err
@@ -82,7 +77,84 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 		return err
 	}
 	defer m.Close()
-	return serveMachine(g, ctx, m, c.controlPath())
+	p, err := newVMProcess(g, c.Name, c.controlPath())
+	if err != nil {
+		return err
+	}
+	defer p.close()
+	p.setMachine(m)
+	if err := m.Start(); err != nil {
+		return err
+	}
+	return p.run(ctx, m)
+}
+
+// runIncoming waits for one incoming migration, then runs the machine it brought.
+func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
+	addr, err := parseTCPAddr(c.Incoming)
+	if err != nil {
+		return fmt.Errorf("--incoming: %w", err)
+	}
+	p, err := newVMProcess(g, c.Name, c.controlPath())
+	if err != nil {
+		return err
+	}
+	defer p.close()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--incoming: %w", err)
+	}
+	p.mu.Lock()
+	p.incoming = ln.Addr().String()
+	p.mu.Unlock()
+	if !g.JSON {
+		fmt.Printf("godwit: VM %q waiting for an incoming migration on %s; control socket %s\n", c.Name, ln.Addr(), c.controlPath())
+	}
+	conn, err := acceptOne(ctx, ln)
+	ln.Close()
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	dst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g)}}
+	rep, err := migration.Receive(ctx, dst, conn, migration.ReceiveOptions{})
+	if err != nil {
+		if g.JSON {
+			printJSON(runSummary{Result: "failed", Error: err.Error(), Incoming: rep})
+			return exitError{1}
+		}
+		return fmt.Errorf("incoming migration failed: %w", err)
+	}
+	conn.Close()
+	m := dst.M
+	defer m.Close()
+	p.mu.Lock()
+	p.inReport = rep
+	p.mu.Unlock()
+	p.setMachine(m)
+	return p.run(ctx, m)
+}
+
+func acceptOne(ctx context.Context, ln net.Listener) (net.Conn, error) {
+	type res struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		c, err := ln.Accept()
+		ch <- res{c, err}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, fmt.Errorf("--incoming: accept: %w", r.err)
+		}
+		return r.c, nil
+	case <-ctx.Done():
+		ln.Close()
+		return nil, errors.New("interrupted while waiting for an incoming migration")
+	}
 }
 
 // consolePrinter shows guest console text: on stdout normally, on stderr with --json so that
@@ -102,126 +174,4 @@ func trimNL(s string) string {
 		s = s[:len(s)-1]
 	}
 	return s
-}
-
-// serveMachine starts m, serves its control socket, and waits until the guest exits, fails, is
-// told to quit, or the process is interrupted (then the guest verifies and exits).
-func serveMachine(g *Globals, ctx context.Context, m *vmm.Machine, path string) error {
-	srv, err := control.Listen(path)
-	if err != nil {
-		return err
-	}
-	quit := make(chan vmm.VerifyReport, 1)
-	registerMachine(srv, m, quit)
-	go srv.Serve()
-	defer srv.Close()
-	if err := m.Start(); err != nil {
-		return err
-	}
-	if !g.JSON {
-		fmt.Printf("godwit: VM %q running (%s, %d vCPUs); control socket %s\n", m.Name(), formatBytes(m.Config().MemBytes), m.VCPUs(), path)
-	}
-	var final *vmm.VerifyReport
-	var runErr error
-	select {
-	case r := <-quit:
-		final = &r
-	case <-m.Done():
-		_, runErr = m.State()
-		if runErr == nil {
-			// The vCPUs end when a quit request made the guest exit; its report follows.
-			select {
-			case r := <-quit:
-				final = &r
-			case <-time.After(5 * time.Second):
-			}
-		}
-	case <-ctx.Done():
-		qctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		r, err := m.Quit(qctx)
-		cancel()
-		if err != nil {
-			runErr = err
-		} else {
-			final = &r
-		}
-	}
-	return finish(g, m, final, runErr)
-}
-
-func finish(g *Globals, m *vmm.Machine, final *vmm.VerifyReport, runErr error) error {
-	sum := runSummary{Result: "ok", Verify: final, Stats: m.Stats()}
-	sum.Stats.Console = nil
-	if runErr != nil {
-		sum.Result, sum.Error = "failed", runErr.Error()
-	} else if final != nil && final.Mismatches > 0 {
-		sum.Result = "corrupt"
-	}
-	if g.JSON {
-		printJSON(sum)
-	} else {
-		if final != nil {
-			printVerify(os.Stdout, *final)
-		}
-		if runErr != nil {
-			fmt.Fprintf(os.Stderr, "godwit: VM %q failed: %v\n", m.Name(), runErr)
-		} else {
-			fmt.Printf("godwit: VM %q ended: %d heartbeats, %d pages written\n", m.Name(), sum.Stats.Heartbeats, sum.Stats.PagesWritten)
-		}
-	}
-	if sum.Result != "ok" {
-		return exitError{1}
-	}
-	return nil
-}
-
-// registerMachine wires the machine's control endpoints.
-func registerMachine(srv *control.Server, m *vmm.Machine, quit chan<- vmm.VerifyReport) {
-	srv.Handle(http.MethodGet, "/v1/stats", func(context.Context, []byte) (any, error) {
-		return m.Stats(), nil
-	})
-	srv.Handle(http.MethodPost, "/v1/verify", func(ctx context.Context, _ []byte) (any, error) {
-		return m.Verify(ctx)
-	})
-	srv.Handle(http.MethodPost, "/v1/pause", func(context.Context, []byte) (any, error) {
-		return nil, conflict(m.Pause())
-	})
-	srv.Handle(http.MethodPost, "/v1/resume", func(context.Context, []byte) (any, error) {
-		return nil, conflict(m.Resume())
-	})
-	srv.Handle(http.MethodPost, "/v1/quit", func(ctx context.Context, _ []byte) (any, error) {
-		r, err := m.Quit(ctx)
-		if err != nil {
-			return nil, err
-		}
-		select {
-		case quit <- r:
-		default:
-		}
-		return r, nil
-	})
-	srv.Handle(http.MethodPost, "/v1/debug/write", func(_ context.Context, body []byte) (any, error) {
-		var req struct {
-			GPA  uint64 `json:"gpa"`
-			Data string `json:"data"` // base64
-		}
-		if err := json.Unmarshal(body, &req); err != nil {
-			return nil, &control.StatusError{Status: http.StatusBadRequest, Err: fmt.Errorf("debug write: %w", err)}
-		}
-		data, err := base64.StdEncoding.DecodeString(req.Data)
-		if err != nil {
-			return nil, &control.StatusError{Status: http.StatusBadRequest, Err: fmt.Errorf("debug write: data: %w", err)}
-		}
-		if err := m.WriteGuest(req.GPA, data); err != nil {
-			return nil, &control.StatusError{Status: http.StatusBadRequest, Err: err}
-		}
-		return map[string]any{"written": len(data)}, nil
-	})
-}
-
-func conflict(err error) error {
-	if err == nil {
-		return nil
-	}
-	return &control.StatusError{Status: http.StatusConflict, Err: err}
 }

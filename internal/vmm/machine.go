@@ -52,6 +52,8 @@ const (
 	StatePaused  State = "paused"
 	StateExited  State = "exited"
 	StateFailed  State = "failed"
+	// StateReleased: the machine was closed; after a migration its guest lives elsewhere.
+	StateReleased State = "released"
 )
 
 // Machine is one VM.
@@ -63,6 +65,10 @@ type Machine struct {
 	vcpus   []*vcpu
 	pv      *pvDevice
 	created time.Time
+
+	// life guards the KVM objects and memory against release while readers use them.
+	life     sync.RWMutex
+	released bool
 
 	mu       sync.Mutex
 	state    State
@@ -192,7 +198,7 @@ func (m *Machine) Name() string { return m.cfg.Name }
 func (m *Machine) Memory() *guestmem.Region { return m.mem }
 
 // VCPUs is the number of vCPUs.
-func (m *Machine) VCPUs() int { return len(m.vcpus) }
+func (m *Machine) VCPUs() int { return m.cfg.VCPUs }
 
 // Config returns the configuration the machine was built with.
 func (m *Machine) Config() Config { return m.cfg }
@@ -340,7 +346,12 @@ func (m *Machine) Close() error {
 		}
 		<-m.done
 	}
-	m.release()
+	m.life.Lock()
+	defer m.life.Unlock()
+	if !m.released {
+		m.release()
+		m.released = true
+	}
 	return nil
 }
 

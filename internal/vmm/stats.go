@@ -46,21 +46,25 @@ func (m *Machine) Stats() Stats {
 	now := time.Now()
 	st, failure := m.State()
 	s := Stats{
-		Name: m.cfg.Name, State: st, VCPUs: len(m.vcpus), MemBytes: m.cfg.MemBytes,
+		Name: m.cfg.Name, State: st, VCPUs: m.cfg.VCPUs, MemBytes: m.cfg.MemBytes,
 		Workload: m.cfg.Workload, UptimeMS: now.Sub(m.created).Milliseconds(), ThrottlePct: m.Throttle(),
 	}
 	if failure != nil {
 		s.Error = failure.Error()
 	}
-	if m.mem != nil {
+	m.life.RLock()
+	if !m.released {
 		s.ResidentBytes, _ = m.mem.ResidentBytes()
-	}
-	for id := range m.vcpus {
-		if b, err := m.pv.readMailbox(id, guest.MbWorkUnits, 16); err == nil {
-			s.WorkUnits += binary.LittleEndian.Uint64(b)
-			s.PagesWritten += binary.LittleEndian.Uint64(b[8:])
+		for id := 0; id < s.VCPUs; id++ {
+			if b, err := m.pv.readMailbox(id, guest.MbWorkUnits, 16); err == nil {
+				s.WorkUnits += binary.LittleEndian.Uint64(b)
+				s.PagesWritten += binary.LittleEndian.Uint64(b[8:])
+			}
 		}
+	} else {
+		s.State = StateReleased
 	}
+	m.life.RUnlock()
 	p := m.pv
 	p.mu.Lock()
 	defer p.mu.Unlock()
