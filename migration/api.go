@@ -1,0 +1,122 @@
+package migration
+
+import (
+	"context"
+	"time"
+)
+
+// Region is one range of guest physical memory. Pages of a region are numbered from 0.
+type Region struct {
+	Name string
+	GPA  uint64
+	Size uint64 // a multiple of Layout.PageSize
+}
+
+// Layout is the guest's memory.
+type Layout struct {
+	PageSize uint64 // a power of two, 512 B .. 2 MiB; dirty tracking granularity
+	Regions  []Region
+}
+
+// Description is what the destination needs to build an empty VM of the same shape.
+type Description struct {
+	Layout  Layout
+	VCPUs   int
+	Devices []string // component ids: exactly the ids SaveState may return
+}
+
+// Section is one component's saved state. Version belongs to the component: a destination
+// restores the versions it knows and refuses others with an error.
+type Section struct {
+	ID      string
+	Version uint32
+	Data    []byte
+}
+
+// Source is a running VM that can be migrated away. The engine calls it from one goroutine.
+// Bitmaps and sections it returns belong to the engine: the VMM must not reuse or change them.
+//
+// Ordering: StartDirtyLog happens before Populated and before the first ReadPages, so every
+// write after the engine first looks at a page is seen in a later FetchDirty. Pause happens
+// before the last FetchDirty and before SaveState. If the migration fails before the
+// destination acknowledges, the engine calls Resume (when it had paused), SetThrottle(0) (when it
+// had throttled) and StopDirtyLog (when logging is still on): the VM keeps running as before.
+type Source interface {
+	Describe() Description
+	// Populated returns, per region, the pages that may hold data. Pages not set (holes:
+	// never touched or punched) are not sent; the destination's fresh memory reads as zero there.
+	Populated() ([]Bitmap, error)
+	StartDirtyLog() error
+	// FetchDirty returns, per region, the pages written since StartDirtyLog or the previous
+	// FetchDirty, and re-arms tracking for them. The VMM ORs KVM's log with the pages it
+	// wrote itself (device DMA, its own stores).
+	FetchDirty() ([]Bitmap, error)
+	StopDirtyLog() error
+	// ReadPages copies len(dst)/PageSize pages of region r starting at page first into dst.
+	// The engine reuses dst; it never holds on to guest memory.
+	ReadPages(r int, first uint64, dst []byte) error
+	Pause() error // vCPUs stopped; memory and state no longer change
+	// Resume restarts the vCPUs when the migration fails or is cancelled after Pause. It may
+	// also follow a Pause that returned an error.
+	Resume() error
+	// SaveState returns the state of the components listed in Describe().Devices. Only
+	// called while paused. The engine sends the sections without keeping them.
+	SaveState() ([]Section, error)
+}
+
+// Throttler is an optional Source capability for auto-converge: it slows the vCPUs down to
+// (100-percent)% of their speed. 0 restores full speed.
+type Throttler interface {
+	SetThrottle(percent int) error
+}
+
+// ProgressClock is an optional Source capability: the host wall-clock time of the guest's
+// last heartbeat. With the destination's FirstProgress it yields the blackout.
+type ProgressClock interface {
+	LastProgress() time.Time
+}
+
+// Destination is an empty VM being filled. The engine calls it from one goroutine.
+type Destination interface {
+	Prepare(d Description) error // create memory with the layout (all zero)
+	// WritePages copies len(src)/PageSize pages into region r starting at page first.
+	WritePages(r int, first uint64, src []byte) error
+	// ZeroPages makes n pages from first zero: their newest copy on the source is zero. They
+	// may be holes already, in which case this costs nothing.
+	ZeroPages(r int, first, n uint64) error
+	RestoreState(s []Section) error
+	Start() error // vCPUs running
+	Abort()       // discard everything; safe to call in any state, also after Prepare failed
+}
+
+// FirstProgress is an optional Destination capability: it waits for the guest's first
+// heartbeat after Start and returns its host wall-clock time.
+type FirstProgress interface {
+	WaitFirstProgress(ctx context.Context) (time.Time, error)
+}
+
+// Clock is the engine's source of time: timestamps for pause and resume (wall clock: downtime
+// is measured across hosts that share a synchronised clock) and pacing sleeps for the
+// bandwidth cap. Timeouts use the time package directly, so tests that need fake time run the
+// engine inside testing/synctest, where both agree.
+type Clock interface {
+	Now() time.Time
+	// Sleep waits for d or until ctx is done, returning ctx's error in that case.
+	Sleep(ctx context.Context, d time.Duration) error
+}
+
+// SystemClock is the real clock.
+type SystemClock struct{}
+
+func (SystemClock) Now() time.Time { return time.Now() }
+
+func (SystemClock) Sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}

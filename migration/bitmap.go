@@ -1,0 +1,105 @@
+package migration
+
+import (
+	"fmt"
+	"math/bits"
+)
+
+// Bitmap is a set of pages of one region: bit i (bit i%64 of word i/64) is page i. It is the
+// layout of KVM's dirty log, so a VMM can hand its words over unchanged. Bits past the end of
+// the region are ignored.
+type Bitmap []uint64
+
+// NewBitmap returns an empty bitmap for n pages.
+func NewBitmap(n uint64) Bitmap { return make(Bitmap, (n+63)/64) }
+
+// Set adds page i.
+func (b Bitmap) Set(i uint64) { b[i/64] |= 1 << (i % 64) }
+
+// Clear removes page i.
+func (b Bitmap) Clear(i uint64) { b[i/64] &^= 1 << (i % 64) }
+
+// Has reports whether page i is in the set.
+func (b Bitmap) Has(i uint64) bool { return i/64 < uint64(len(b)) && b[i/64]&(1<<(i%64)) != 0 }
+
+// SetRange adds pages [first, first+n).
+func (b Bitmap) SetRange(first, n uint64) {
+	for i := first; i < first+n; i++ {
+		b.Set(i)
+	}
+}
+
+// Count is the number of pages in the set among the first n.
+func (b Bitmap) Count(n uint64) uint64 {
+	var c uint64
+	full := n / 64
+	for _, w := range b[:min(full, uint64(len(b)))] {
+		c += uint64(bits.OnesCount64(w))
+	}
+	if rem := n % 64; rem != 0 && full < uint64(len(b)) {
+		c += uint64(bits.OnesCount64(b[full] & (1<<rem - 1)))
+	}
+	return c
+}
+
+// Or adds every page of o.
+func (b Bitmap) Or(o Bitmap) {
+	for i := range min(len(b), len(o)) {
+		b[i] |= o[i]
+	}
+}
+
+// Runs yields the maximal runs of consecutive pages in the set among the first n, in order.
+func (b Bitmap) Runs(n uint64, yield func(first, count uint64) bool) {
+	i := uint64(0)
+	for {
+		start, ok := b.next(i, n, true)
+		if !ok {
+			return
+		}
+		end, _ := b.next(start, n, false)
+		if !yield(start, end-start) {
+			return
+		}
+		i = end
+	}
+}
+
+// next returns the first page >= i and < n whose bit equals set; if there is none it returns
+// n, false.
+func (b Bitmap) next(i, n uint64, set bool) (uint64, bool) {
+	for i < n {
+		wi := i / 64
+		var w uint64
+		if wi < uint64(len(b)) {
+			w = b[wi]
+		}
+		if !set {
+			w = ^w
+		}
+		w &= ^uint64(0) << (i % 64) // ignore bits before i
+		if w != 0 {
+			j := wi*64 + uint64(bits.TrailingZeros64(w))
+			if j >= n {
+				return n, false
+			}
+			return j, true
+		}
+		i = (wi + 1) * 64
+	}
+	return n, false
+}
+
+// checkBitmaps verifies that a Source returned one bitmap per region, each long enough.
+func checkBitmaps(what string, bms []Bitmap, l *Layout) error {
+	if len(bms) != len(l.Regions) {
+		return fmt.Errorf("migration: %s returned %d bitmaps for %d regions", what, len(bms), len(l.Regions))
+	}
+	for r, bm := range bms {
+		n := l.Regions[r].Size / l.PageSize
+		if uint64(len(bm)) < (n+63)/64 {
+			return fmt.Errorf("migration: %s: region %d %q: bitmap of %d words, the region's %d pages need %d", what, r, l.Regions[r].Name, len(bm), n, (n+63)/64)
+		}
+	}
+	return nil
+}

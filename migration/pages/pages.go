@@ -1,0 +1,114 @@
+// Package pages decides how each guest page travels: not at all (a hole), as a zero marker, as
+// raw bytes, or (later) compressed, as a dedup reference or as a delta to a version sent
+// before. It knows nothing of the stream format: the migration engine maps a [Kind] to the wire
+// encoding with the same number.
+//
+// Zero detection runs on every page of every round, so it reads memory a word at a time and
+// returns at the first non-zero word (most non-zero pages are rejected within the first cache
+// line).
+package pages
+
+import "fmt"
+
+// Kind is how a page was sent. The first five values equal the wire encodings.
+type Kind uint8
+
+const (
+	Zero       Kind = 0 // all zero: sent as a marker without data
+	Raw        Kind = 1 // sent as is
+	Compressed Kind = 2 // sent compressed (reserved)
+	Dedup      Kind = 3 // sent as a 128-bit hash of an identical page sent before (reserved)
+	Delta      Kind = 4 // sent as a delta to the version sent before (reserved)
+	Hole       Kind = 5 // never populated: not sent at all
+	NumKinds        = 6
+)
+
+func (k Kind) String() string {
+	switch k {
+	case Zero:
+		return "zero"
+	case Raw:
+		return "raw"
+	case Compressed:
+		return "compressed"
+	case Dedup:
+		return "dedup"
+	case Delta:
+		return "delta"
+	case Hole:
+		return "hole"
+	}
+	return fmt.Sprintf("kind %d", uint8(k))
+}
+
+// Ref names a page: its region and index within the region. Encoders that keep history
+// (delta, dedup) key it by Ref.
+type Ref struct {
+	Region int
+	Index  uint64
+}
+
+// Encoder is an optional page encoding (compression, dedup, delta). Encoders are tried in
+// order after zero detection; the first that accepts a page wins, and a page no encoder
+// accepts is sent raw.
+type Encoder interface {
+	Kind() Kind
+	// Encode appends the encoded form of page to dst and returns it with ok = true, or
+	// returns dst unchanged with ok = false to decline (for example when compression would
+	// not save enough). The encoded form is at most len(page) bytes.
+	Encode(dst []byte, ref Ref, page []byte) (out []byte, ok bool)
+}
+
+// Decoder is the receiving half of an Encoder.
+type Decoder interface {
+	Kind() Kind
+	// Decode reconstructs the page named ref into page (one page long) from data.
+	Decode(page []byte, ref Ref, data []byte) error
+}
+
+// Counters counts pages by kind. The zero value is ready.
+type Counters [NumKinds]uint64
+
+// Add counts n pages of kind k.
+func (c *Counters) Add(k Kind, n uint64) { c[k] += n }
+
+// Get is the count for kind k.
+func (c *Counters) Get(k Kind) uint64 { return c[k] }
+
+// Total is the count over all kinds but holes (the pages that were sent).
+func (c *Counters) Total() uint64 {
+	var t uint64
+	for k, n := range c {
+		if Kind(k) != Hole {
+			t += n
+		}
+	}
+	return t
+}
+
+// Classifier picks each page's kind and counts them.
+type Classifier struct {
+	Encoders []Encoder
+	Counters Counters
+}
+
+// Classify decides how page travels and returns its kind and data: nil for Zero, page itself
+// for Raw, the encoded form appended to *scratch otherwise. Returned data aliases page or
+// *scratch and stays valid until they are reused.
+func (c *Classifier) Classify(ref Ref, page []byte, scratch *[]byte) (Kind, []byte) {
+	if IsZero(page) {
+		c.Counters[Zero]++
+		return Zero, nil
+	}
+	for _, e := range c.Encoders {
+		start := len(*scratch)
+		out, ok := e.Encode(*scratch, ref, page)
+		if ok && len(out)-start > 0 && len(out)-start <= len(page) {
+			*scratch = out
+			c.Counters[e.Kind()]++
+			return e.Kind(), out[start:]
+		}
+	}
+	c.Counters[Raw]++
+	return Raw, page
+}

@@ -1,0 +1,163 @@
+package migration_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/godwit-vm/godwit/migration"
+)
+
+// link simulates pre-copy against the policy alone: a link of linkPages pages/s, a guest of
+// memory pages that dirties dirtyRate distinct pages/s (scaled by the throttle), capped by its
+// memory. Round 1 sends all of it.
+func link(p *migration.PrecopyPolicy, memory, linkPages, dirtyRate float64) (decisions []migration.Decision) {
+	pages := memory
+	for round := 1; round <= 100; round++ {
+		elapsed := pages / linkPages
+		dirty := min(memory, dirtyRate*float64(100-p.Throttle())/100*elapsed)
+		d := p.Step(migration.Observation{
+			Round: round, Pages: uint64(pages), Bytes: uint64(pages * 4096),
+			Elapsed: time.Duration(elapsed * float64(time.Second)), Dirty: uint64(dirty),
+		})
+		decisions = append(decisions, d)
+		if d.Action != migration.SendRound {
+			return decisions
+		}
+		pages = dirty
+	}
+	return decisions
+}
+
+func TestPolicyIdleGuestStopsAfterRoundOne(t *testing.T) {
+	p := migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096})
+	ds := link(p, 262144, 30000, 0)
+	if len(ds) != 1 || ds[0].Action != migration.StopAndCopy || !ds[0].Converged || ds[0].ExpectedDowntime != 0 {
+		t.Fatalf("decisions %+v", ds)
+	}
+}
+
+func TestPolicyModerateWriterConverges(t *testing.T) {
+	// Dirtying at a third of the link rate: the set shrinks threefold per round.
+	p := migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096})
+	ds := link(p, 262144, 30000, 10000)
+	last := ds[len(ds)-1]
+	if last.Action != migration.StopAndCopy || !last.Converged || last.ExpectedDowntime > 300*time.Millisecond || len(ds) > 8 {
+		t.Fatalf("%d decisions, last %+v", len(ds), last)
+	}
+	for _, d := range ds {
+		if d.Throttle != 0 {
+			t.Fatalf("throttled without auto-converge: %+v", d)
+		}
+	}
+}
+
+func TestPolicyAutoConvergeSteps(t *testing.T) {
+	p := migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096, AutoConverge: true})
+	ds := link(p, 262144, 30000, 300000)
+	var steps []int
+	for _, d := range ds {
+		steps = append(steps, d.Throttle)
+	}
+	want := []int{20, 30, 40, 50, 60, 70, 80, 90, 99}
+	if len(steps) < len(want) {
+		t.Fatalf("throttle steps %v", steps)
+	}
+	for i, w := range want {
+		if steps[i] != w {
+			t.Fatalf("throttle steps %v, want %v...", steps, want)
+		}
+	}
+	last := ds[len(ds)-1]
+	if last.Action != migration.StopAndCopy || !last.Converged {
+		t.Fatalf("last decision %+v", last)
+	}
+}
+
+func TestPolicyGivesUpWithReason(t *testing.T) {
+	// A guest that throttling does not slow down (say, a device writing by DMA), dirtying ten
+	// times more pages per second than the link carries.
+	p := migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096, AutoConverge: true})
+	var ds []migration.Decision
+	for round := 1; round <= 30; round++ {
+		d := p.Step(migration.Observation{Round: round, Pages: 30000, Bytes: 30000 * 4096, Elapsed: time.Second, Dirty: 300000})
+		ds = append(ds, d)
+		if d.Action != migration.SendRound {
+			break
+		}
+	}
+	last := ds[len(ds)-1]
+	if last.Action != migration.GiveUp || last.Converged {
+		t.Fatalf("last decision %+v", last)
+	}
+	if last.Reason != "dirty rate 300000 pages/s exceeds link 30000 pages/s; throttle reached 99%" {
+		t.Fatalf("reason %q", last.Reason)
+	}
+	if len(ds) != 9+3 {
+		t.Fatalf("%d rounds, want 9 to reach 99%% and 3 stalled ones", len(ds))
+	}
+}
+
+func TestPolicySaturatedWorkingSet(t *testing.T) {
+	// A guest rewriting all its memory faster than the link: the distinct dirty rate can
+	// only equal the link rate, and the reason says the set is stuck.
+	p := migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096})
+	ds := link(p, 262144, 30000, 300000)
+	last := ds[len(ds)-1]
+	if last.Action != migration.GiveUp || len(ds) != 1+3 || !strings.Contains(last.Reason, "keeps up with link 30000 pages/s (dirty set stuck at 262144 pages") {
+		t.Fatalf("%d decisions, last %+v", len(ds), last)
+	}
+}
+
+func TestPolicyForceAndMaxRounds(t *testing.T) {
+	p := migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096, Force: true})
+	ds := link(p, 262144, 30000, 300000)
+	last := ds[len(ds)-1]
+	if last.Action != migration.StopAndCopy || last.Converged || !strings.Contains(last.Reason, "auto-converge off") {
+		t.Fatalf("last decision %+v", last)
+	}
+
+	// The dirty set shrinks by just over a tenth per round: never stalled, but too slow.
+	p = migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096, MaxRounds: 5})
+	ds = link(p, 262144, 30000, 30000*0.85)
+	last = ds[len(ds)-1]
+	if len(ds) != 5 || last.Action != migration.GiveUp || !strings.HasPrefix(last.Reason, "after 5 rounds ") {
+		t.Fatalf("%d decisions, last %+v", len(ds), last)
+	}
+}
+
+func TestPolicyIsDeterministic(t *testing.T) {
+	a := link(migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096, AutoConverge: true}), 100000, 25000, 70000)
+	b := link(migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096, AutoConverge: true}), 100000, 25000, 70000)
+	if len(a) != len(b) {
+		t.Fatalf("%d vs %d decisions", len(a), len(b))
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			t.Fatalf("decision %d: %+v vs %+v", i, a[i], b[i])
+		}
+	}
+}
+
+func TestBitmapRuns(t *testing.T) {
+	b := migration.NewBitmap(200)
+	b.SetRange(0, 3)
+	b.SetRange(63, 2)
+	b.SetRange(128, 64)
+	b.Set(199)
+	b.Set(250) // in the last word, beyond the region's 200 pages: ignored
+	var got [][2]uint64
+	b.Runs(200, func(f, n uint64) bool { got = append(got, [2]uint64{f, n}); return true })
+	want := [][2]uint64{{0, 3}, {63, 2}, {128, 64}, {199, 1}}
+	if len(got) != len(want) {
+		t.Fatalf("runs %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("runs %v, want %v", got, want)
+		}
+	}
+	if c := b.Count(200); c != 3+2+64+1 {
+		t.Fatalf("count %d", c)
+	}
+}

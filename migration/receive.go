@@ -1,0 +1,331 @@
+package migration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/godwit-vm/godwit/migration/pages"
+	"github.com/godwit-vm/godwit/migration/wire"
+)
+
+// ReceiveOptions configures the destination side. The zero value is usable.
+type ReceiveOptions struct {
+	Timeout time.Duration // the whole migration; 0 = none
+	// FirstProgressWait bounds the wait for the guest's first heartbeat after Start (for the
+	// blackout). Default 2s.
+	FirstProgressWait time.Duration
+	// DoneAckWait bounds the wait for the source's DoneAck after Done. Default 5s.
+	DoneAckWait time.Duration
+	Clock       Clock // default SystemClock
+}
+
+// Receive fills dst from a pre-copy stream on conn and starts it. It returns a report, also on
+// failure; then dst has been aborted, unless it was already running and acknowledged (see
+// below), and the source was told why with an Error frame where possible (on a TCP
+// connection, Receive then shuts down its sending side and drains the source's data for up to a
+// second, so that the Error frame is not lost to a reset).
+//
+// After Start, Receive acknowledges with Resumed. If that write fails, the source cannot know
+// the destination runs and will resume itself, so dst is aborted. If the source answers the
+// acknowledgement with an Error frame instead of DoneAck, it has resumed: dst is aborted too.
+// If the connection just ends, dst keeps running and the report carries a warning: which side
+// owns the VM then is for the layer above to settle (see the package documentation).
+func Receive(ctx context.Context, dst Destination, conn io.ReadWriter, opts ReceiveOptions) (*Report, error) {
+	if opts.FirstProgressWait <= 0 {
+		opts.FirstProgressWait = DefaultFirstProgressWait
+	}
+	if opts.DoneAckWait <= 0 {
+		opts.DoneAckWait = DefaultDoneAckWait
+	}
+	if opts.Clock == nil {
+		opts.Clock = SystemClock{}
+	}
+	rc := &receiver{
+		dst:   dst,
+		conn:  conn,
+		opts:  opts,
+		clock: opts.Clock,
+		w:     wire.NewWriter(conn),
+		r:     wire.NewReader(conn, wire.AtDestination),
+		rep:   &Report{Side: "destination", Mode: "precopy"},
+	}
+	return rc.run(ctx)
+}
+
+type receiver struct {
+	dst   Destination
+	conn  io.ReadWriter
+	opts  ReceiveOptions
+	clock Clock
+	w     *wire.Writer
+	r     *wire.Reader
+	rep   *Report
+
+	ctx      context.Context
+	cancel   context.CancelCauseFunc
+	intr     *interrupter
+	phase    string
+	prepared bool
+	resumed  bool // Resumed was written: the source may consider the migration done
+	counts   pages.Counters
+	round    *RoundReport
+	roundAt  time.Time
+	roundB0  int64
+}
+
+func (rc *receiver) run(parent context.Context) (*Report, error) {
+	start := rc.clock.Now()
+	ctx := parent
+	if rc.opts.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(parent, rc.opts.Timeout, fmt.Errorf("%w after %v", ErrTimeout, rc.opts.Timeout))
+		defer cancel()
+	}
+	rc.ctx, rc.cancel = context.WithCancelCause(ctx)
+	rc.intr = interruptOnDone(rc.ctx, rc.conn)
+
+	err := rc.migrate()
+	var pe *wire.PeerError
+	switch {
+	case err == nil:
+		rc.rep.Result = ResultOK
+	case rc.resumed && !errors.As(err, &pe):
+		// Running and acknowledged; the source may have released its copy.
+		rc.rep.Result = ResultOK
+		rc.rep.Warnings = append(rc.rep.Warnings, err.Error())
+		err = nil
+	default:
+		err = rc.fail(parent, err)
+	}
+	rc.intr.hold()
+	setDeadline(rc.conn, time.Time{})
+	rc.cancel(nil)
+
+	rc.rep.TotalMS = ms(rc.clock.Now().Sub(start))
+	rc.rep.BytesWire = rc.w.Written()
+	rc.rep.BytesRead = rc.r.BytesRead()
+	rc.rep.Pages = pageCounts(&rc.counts)
+	return rc.rep, err
+}
+
+func (rc *receiver) fail(parent context.Context, err error) error {
+	interrupted := rc.ctx.Err() != nil
+	if interrupted {
+		if cause := context.Cause(rc.ctx); cause != nil {
+			err = cause
+		}
+	}
+	result := ResultFailed
+	if parent.Err() != nil {
+		result = ResultCancelled
+		err = context.Cause(parent)
+	}
+	err = &phaseError{phase: rc.phase, err: err}
+	rc.cancel(err)
+	if rc.prepared {
+		rc.dst.Abort()
+	}
+	rc.intr.hold()
+	// After a version or magic mismatch the peer cannot parse our frames: say nothing.
+	if !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && rc.w.Err() == nil {
+		if setDeadline(rc.conn, time.Now().Add(time.Second)) || !interrupted {
+			if rc.w.WriteError(errorCode(err, "destination"), err.Error()) == nil {
+				rc.linger()
+			}
+		}
+	}
+	rc.rep.Result = result
+	rc.rep.Error = err.Error()
+	return err
+}
+
+// linger makes sure the source can read the Error frame just written. The source is probably
+// still sending; if the caller closed conn now with unread data in it, TCP would answer with a
+// reset, and a reset discards the Error frame at the source before it is read. So: send FIN,
+// then read and discard until the source closes or a second passes.
+func (rc *receiver) linger() {
+	cw, ok := rc.conn.(interface{ CloseWrite() error })
+	if !ok || !setDeadline(rc.conn, time.Now().Add(time.Second)) {
+		return
+	}
+	cw.CloseWrite()
+	io.Copy(io.Discard, rc.conn)
+}
+
+func (rc *receiver) vmm(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return &vmmError{side: "destination", op: op, err: err}
+}
+
+func (rc *receiver) migrate() error {
+	rc.phase = "handshake"
+	// Read the source's preamble first, then answer with ours even if the versions do not
+	// match, so that the source reports the mismatch as well.
+	v, err := rc.r.ReadPreamble()
+	if werr := rc.w.WritePreamble(); err == nil && werr != nil {
+		return werr
+	}
+	if err != nil {
+		return err
+	}
+	rc.rep.ProtocolVersion = v
+	m, err := rc.r.Next()
+	if err != nil {
+		return err
+	}
+	hello, ok := m.(*wire.Hello)
+	if !ok {
+		return unexpected(m, "hello")
+	}
+	desc := fromWire(&hello.Desc)
+	var supported wire.Caps
+	fp, heartbeats := rc.dst.(FirstProgress)
+	if heartbeats {
+		supported |= wire.CapBlackout
+	}
+	accepted := hello.Caps & supported
+
+	rc.phase = "prepare"
+	rc.prepared = true
+	if err := rc.vmm("Prepare", rc.dst.Prepare(desc)); err != nil {
+		return err
+	}
+	rc.r.SetCaps(accepted)
+	if err := rc.w.WriteWelcome(&wire.Welcome{Caps: accepted}); err != nil {
+		return err
+	}
+
+	rc.phase = "rounds"
+	var secs []Section
+	var complete *wire.Complete
+	for complete == nil {
+		m, err := rc.r.Next()
+		if err != nil {
+			return err
+		}
+		switch m := m.(type) {
+		case *wire.Round:
+			rc.endRound()
+			rc.phase = fmt.Sprintf("round %d", m.N)
+			if m.Final {
+				rc.phase = "stop-and-copy"
+			}
+			rc.rep.RoundDetails = append(rc.rep.RoundDetails, RoundReport{Round: int(m.N), Final: m.Final})
+			rc.rep.Rounds = int(m.N)
+			rc.round = &rc.rep.RoundDetails[len(rc.rep.RoundDetails)-1]
+			rc.roundAt, rc.roundB0 = rc.clock.Now(), rc.r.BytesRead()
+		case *wire.PageBatch:
+			if err := rc.place(m); err != nil {
+				return err
+			}
+			rc.round.Pages += m.Pages
+		case *wire.Section:
+			rc.endRound()
+			rc.phase = "state"
+			secs = append(secs, Section{ID: m.ID, Version: m.Version, Data: m.Data})
+		case *wire.Complete:
+			rc.endRound()
+			complete = m
+		default:
+			return unexpected(m, "round, page batch, state or complete")
+		}
+	}
+
+	rc.phase = "restore"
+	t0 := rc.clock.Now()
+	if err := rc.vmm("RestoreState", rc.dst.RestoreState(secs)); err != nil {
+		return err
+	}
+	rc.phase = "start"
+	t1 := rc.clock.Now()
+	if err := rc.vmm("Start", rc.dst.Start()); err != nil {
+		return err
+	}
+	resumeAt := rc.clock.Now()
+	rc.rep.DowntimeMS = ms(time.Duration(resumeAt.UnixNano() - complete.PauseUnixNano))
+	rc.rep.Downtime.RestoreMS = ms(t1.Sub(t0))
+	rc.rep.Downtime.StartMS = ms(resumeAt.Sub(t1))
+	rc.phase = "resumed"
+	err = rc.w.WriteResumed(&wire.Resumed{
+		ResumeUnixNano: resumeAt.UnixNano(),
+		RestoreNanos:   uint64(t1.Sub(t0)),
+		StartNanos:     uint64(resumeAt.Sub(t1)),
+	})
+	if err != nil {
+		return err
+	}
+	rc.resumed = true
+
+	rc.phase = "first progress"
+	var first int64
+	if accepted&wire.CapBlackout != 0 {
+		ctx, cancel := context.WithTimeout(rc.ctx, rc.opts.FirstProgressWait)
+		t, err := fp.WaitFirstProgress(ctx)
+		cancel()
+		if err != nil {
+			rc.rep.Warnings = append(rc.rep.Warnings, fmt.Sprintf("migration: no guest heartbeat within %v of start: %v", rc.opts.FirstProgressWait, err))
+		} else {
+			first = t.UnixNano()
+		}
+	}
+	rc.phase = "done"
+	if err := rc.w.WriteDone(&wire.Done{FirstProgressUnixNano: first}); err != nil {
+		return err
+	}
+
+	rc.phase = "waiting for done ack"
+	ctx, cancel := context.WithTimeoutCause(rc.ctx, rc.opts.DoneAckWait,
+		fmt.Errorf("%w: no done ack from the source within %v", ErrTimeout, rc.opts.DoneAckWait))
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { setDeadline(rc.conn, longAgo) })
+	m, err = rc.r.Next()
+	stop()
+	if err != nil {
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
+		return err
+	}
+	if _, ok := m.(*wire.DoneAck); !ok {
+		return unexpected(m, "done ack")
+	}
+	return nil
+}
+
+// endRound closes the statistics of the current round.
+func (rc *receiver) endRound() {
+	if rc.round != nil {
+		rc.round.Bytes = uint64(rc.r.BytesRead() - rc.roundB0)
+		rc.round.DurationMS = ms(rc.clock.Now().Sub(rc.roundAt))
+		rc.round = nil
+	}
+}
+
+// place writes a batch's pages into the destination.
+func (rc *receiver) place(b *wire.PageBatch) error {
+	r := int(b.Region)
+	var err error
+	for sp := range b.Spans {
+		switch sp.Enc {
+		case wire.EncRaw:
+			err = rc.vmm(fmt.Sprintf("WritePages(region %d, page %d, %d pages)", r, sp.First, sp.Count), rc.dst.WritePages(r, sp.First, sp.Data))
+			rc.counts.Add(pages.Raw, sp.Count)
+		case wire.EncZero:
+			err = rc.vmm(fmt.Sprintf("ZeroPages(region %d, page %d, %d pages)", r, sp.First, sp.Count), rc.dst.ZeroPages(r, sp.First, sp.Count))
+			rc.counts.Add(pages.Zero, sp.Count)
+		default:
+			// The Reader refuses encodings that were not negotiated, and this version
+			// negotiates none beyond zero and raw.
+			err = fmt.Errorf("%w: %s page %d in region %d has no decoder", ErrProtocol, sp.Enc, sp.First, r)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}

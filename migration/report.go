@@ -1,0 +1,93 @@
+package migration
+
+import (
+	"errors"
+	"time"
+
+	"github.com/godwit-vm/godwit/migration/pages"
+)
+
+// Results of a migration.
+const (
+	ResultOK        = "ok"
+	ResultCancelled = "cancelled" // the caller's context was cancelled
+	ResultFailed    = "failed"    // anything else: peer, stream, VMM, timeout, no convergence
+)
+
+// Engine errors. Errors from the stream match the sentinels of package wire as well.
+var (
+	ErrNotConverged = errors.New("migration: pre-copy did not converge")
+	ErrTimeout      = errors.New("migration: timed out")
+	ErrProtocol     = errors.New("migration: protocol violation")
+)
+
+// PageCounts counts pages by how they travelled, over all rounds.
+type PageCounts struct {
+	Raw        uint64 `json:"raw"`
+	Zero       uint64 `json:"zero"`
+	Hole       uint64 `json:"hole"` // skipped: not populated in round 1
+	Compressed uint64 `json:"compressed"`
+	Dedup      uint64 `json:"dedup"`
+	Delta      uint64 `json:"delta"`
+}
+
+func pageCounts(c *pages.Counters) PageCounts {
+	return PageCounts{
+		Raw: c.Get(pages.Raw), Zero: c.Get(pages.Zero), Hole: c.Get(pages.Hole),
+		Compressed: c.Get(pages.Compressed), Dedup: c.Get(pages.Dedup), Delta: c.Get(pages.Delta),
+	}
+}
+
+// RoundReport describes one round.
+type RoundReport struct {
+	Round      int     `json:"round"`
+	Final      bool    `json:"final"` // the stop-and-copy round
+	Pages      uint64  `json:"pages"`
+	Bytes      uint64  `json:"bytes"`
+	DurationMS float64 `json:"duration_ms"`
+	DirtyPages uint64  `json:"dirty_pages"` // pages dirtied during the round (the next round's set)
+	Throttle   int     `json:"throttle"`    // throttle in force during the round
+}
+
+// DowntimeParts splits the downtime the way the source sees it, plus the destination's share.
+type DowntimeParts struct {
+	FinalRoundMS float64 `json:"final_round_ms"` // pause -> last page written (fetch, read, send)
+	StateMS      float64 `json:"state_ms"`       // save and send state, send Complete
+	AckMS        float64 `json:"ack_ms"`         // Complete sent -> Resumed received
+	RestoreMS    float64 `json:"restore_ms"`     // destination: RestoreState
+	StartMS      float64 `json:"start_ms"`       // destination: Start
+}
+
+// Report describes a migration, from either side.
+//
+// Metrics (see DESIGN.md): total time runs from the call to the end (on the source: the
+// destination's acknowledgement, after which the source may release its memory). Downtime is
+// the destination's resume time minus the source's pause time, both read from wall clocks;
+// this is only meaningful when the two hosts share a synchronised clock (our testbeds do), so
+// the source also records its local pause -> acknowledgement time, which needs no shared clock
+// and bounds the downtime from above by one network trip. Blackout is the guest's first
+// heartbeat after resume minus its last before pause, when both VMMs can report heartbeats.
+// Converged, Reason and the throttle are the source's to know; a destination leaves them zero.
+type Report struct {
+	Side            string        `json:"side"` // "source" or "destination"
+	Result          string        `json:"result"`
+	Error           string        `json:"error,omitempty"`
+	Mode            string        `json:"mode"`
+	TotalMS         float64       `json:"total_ms"`
+	DowntimeMS      float64       `json:"downtime_ms"`
+	PauseToAckMS    float64       `json:"pause_to_ack_ms"` // source-local: pause -> Resumed received
+	Downtime        DowntimeParts `json:"downtime_parts"`
+	BlackoutMS      *float64      `json:"blackout_ms"` // null when not measured
+	BytesWire       int64         `json:"bytes_wire"`  // bytes this side wrote to the connection
+	BytesRead       int64         `json:"bytes_read"`  // bytes this side read from it
+	Pages           PageCounts    `json:"pages"`
+	Rounds          int           `json:"rounds"`
+	RoundDetails    []RoundReport `json:"round_details"`
+	ThrottleMax     int           `json:"throttle_max"`
+	Converged       bool          `json:"converged"`
+	Reason          string        `json:"reason,omitempty"` // why pre-copy did not converge
+	ProtocolVersion uint32        `json:"protocol_version"`
+	Warnings        []string      `json:"warnings,omitempty"` // problems after the point of no return
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -1,0 +1,661 @@
+package migration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/godwit-vm/godwit/migration/pages"
+	"github.com/godwit-vm/godwit/migration/wire"
+)
+
+// Defaults for SendOptions and ReceiveOptions.
+const (
+	DefaultDowntimeLimit     = 300 * time.Millisecond
+	DefaultMaxRounds         = 30
+	DefaultBatchBytes        = 1 << 20
+	DefaultAckTimeout        = 30 * time.Second
+	DefaultDoneWait          = 5 * time.Second
+	DefaultFirstProgressWait = 2 * time.Second
+	DefaultDoneAckWait       = 5 * time.Second
+	progressInterval         = 250 * time.Millisecond
+)
+
+// SendOptions configures the source side of a migration. The zero value is usable.
+type SendOptions struct {
+	DowntimeLimit time.Duration // expected downtime at which to stop and copy; default 300ms
+	MaxBandwidth  int64         // bytes/s written to the connection; 0 = unlimited
+	AutoConverge  bool          // throttle the guest (needs a Throttler) when it outruns the link
+	Force         bool          // when pre-copy does not converge, stop and copy anyway (longer downtime) instead of failing
+	Timeout       time.Duration // the whole migration; 0 = none
+	MaxRounds     int           // live rounds before non-convergence; default 30
+	// AckTimeout bounds how long the paused source waits for the destination's Resumed after
+	// Complete; past it the source resumes. Default 30s.
+	AckTimeout time.Duration
+	// DoneWait bounds the wait for the destination's Done (which carries the blackout) after
+	// Resumed. Default 5s; the migration has succeeded either way.
+	DoneWait   time.Duration
+	BatchBytes int // page data per batch frame (rounded to pages); default 1 MiB
+	Progress   func(Progress)
+	Clock      Clock // default SystemClock
+}
+
+// Progress is a snapshot for a progress display, delivered after every round and at most
+// every 250ms during one.
+type Progress struct {
+	Phase            string        `json:"phase"`
+	Round            int           `json:"round"`
+	BytesWire        int64         `json:"bytes_wire"`
+	DirtyRate        float64       `json:"dirty_rate"` // pages/s during the last finished round
+	PagesRemaining   uint64        `json:"pages_remaining"`
+	ExpectedDowntime time.Duration `json:"expected_downtime"`
+	Throttle         int           `json:"throttle"`
+	Elapsed          time.Duration `json:"elapsed"`
+}
+
+// Send migrates src over conn with pre-copy and returns a report, also on failure (then with
+// a non-nil error, result "failed" or "cancelled", and the source running as before).
+//
+// conn should be a net.Conn: ctx cancellation, Timeout and the peer's Error frame interrupt
+// blocked I/O through its deadline (which Send resets to none before returning). Send reads and
+// writes conn but never closes it, unless conn has Close and no SetDeadline and must be
+// interrupted.
+//
+// Once the destination acknowledges Complete with Resumed, the migration has succeeded: the
+// source VM must not run again, and its memory may be released after Send returns.
+func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions) (*Report, error) {
+	if opts.DowntimeLimit <= 0 {
+		opts.DowntimeLimit = DefaultDowntimeLimit
+	}
+	if opts.MaxRounds <= 0 {
+		opts.MaxRounds = DefaultMaxRounds
+	}
+	if opts.AckTimeout <= 0 {
+		opts.AckTimeout = DefaultAckTimeout
+	}
+	if opts.DoneWait <= 0 {
+		opts.DoneWait = DefaultDoneWait
+	}
+	if opts.BatchBytes <= 0 {
+		opts.BatchBytes = DefaultBatchBytes
+	}
+	if opts.Clock == nil {
+		opts.Clock = SystemClock{}
+	}
+	s := &sender{
+		src:   src,
+		conn:  conn,
+		opts:  opts,
+		clock: opts.Clock,
+		w:     wire.NewWriter(conn),
+		r:     wire.NewReader(conn, wire.AtSource),
+		rep:   &Report{Side: "source", Mode: "precopy"},
+	}
+	return s.run(ctx)
+}
+
+type inbound struct {
+	msg wire.Msg
+	err error
+}
+
+type sender struct {
+	src   Source
+	conn  io.ReadWriter
+	opts  SendOptions
+	clock Clock
+	w     *wire.Writer
+	r     *wire.Reader
+	rep   *Report
+
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	intr   *interrupter
+	phase  string
+	start  time.Time
+
+	desc     Description
+	ps       int
+	bufPages int
+	buf      []byte
+	scratch  []byte
+	batch    wire.OutBatch
+	region   uint32
+	used     int // pages of buf holding data of the current batch
+	cls      pages.Classifier
+	limit    limiter
+	policy   *PrecopyPolicy
+	sent     uint64 // pages in all batches
+	round    int
+	lastProg time.Time
+	last     Decision // the policy's latest estimates, for progress
+
+	logging  bool
+	paused   bool
+	throttle int
+	acked    bool
+
+	inbox        chan inbound
+	readerDone   chan struct{}
+	completeSent atomic.Bool
+}
+
+func (s *sender) run(parent context.Context) (*Report, error) {
+	s.start = s.clock.Now()
+	ctx := parent
+	if s.opts.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(parent, s.opts.Timeout, fmt.Errorf("%w after %v", ErrTimeout, s.opts.Timeout))
+		defer cancel()
+	}
+	s.ctx, s.cancel = context.WithCancelCause(ctx)
+	s.intr = interruptOnDone(s.ctx, s.conn)
+
+	err := s.migrate()
+	if err != nil && !s.acked {
+		err = s.fail(parent, err)
+	} else if err != nil {
+		s.rep.Warnings = append(s.rep.Warnings, err.Error())
+		err = nil
+	}
+	if err == nil {
+		s.rep.Result = ResultOK
+	}
+
+	// Leave conn as we found it: no interruption pending, reader goroutine gone, no deadline.
+	s.intr.hold()
+	if s.readerDone != nil {
+		select {
+		case <-s.readerDone:
+		default:
+			if setDeadline(s.conn, longAgo) {
+				<-s.readerDone
+			}
+		}
+	}
+	setDeadline(s.conn, time.Time{})
+	s.cancel(nil)
+
+	s.rep.TotalMS = ms(s.clock.Now().Sub(s.start))
+	s.rep.BytesWire = s.w.Written()
+	s.rep.BytesRead = s.r.BytesRead()
+	s.rep.Pages = pageCounts(&s.cls.Counters)
+	s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
+	return s.rep, err
+}
+
+// fail turns err into the report's outcome and leaves the source running.
+func (s *sender) fail(parent context.Context, err error) error {
+	interrupted := s.ctx.Err() != nil
+	var we *wire.WriteError
+	if !interrupted && s.readerDone != nil && errors.As(err, &we) {
+		// A write failed without a known cause. If the destination aborted, its Error frame
+		// may be arriving right now: give the reader goroutine a moment to deliver the reason.
+		t := time.NewTimer(200 * time.Millisecond)
+		select {
+		case <-s.readerDone:
+		case <-t.C:
+		}
+		t.Stop()
+		interrupted = s.ctx.Err() != nil
+	}
+	// A cancelled context makes blocked I/O fail with a timeout; its cause is the real reason.
+	if interrupted {
+		if cause := context.Cause(s.ctx); cause != nil {
+			err = cause
+		}
+	}
+	result := ResultFailed
+	if parent.Err() != nil {
+		result = ResultCancelled
+		err = context.Cause(parent)
+	}
+	err = &phaseError{phase: s.phase, err: err}
+	s.cancel(err)
+
+	// Restore the VM first: every millisecond here is downtime.
+	var restore []error
+	if s.paused {
+		if e := s.src.Resume(); e != nil {
+			restore = append(restore, fmt.Errorf("migration: resuming the source after failure: %w", e))
+		} else {
+			s.paused = false
+		}
+	}
+	if s.throttle != 0 {
+		if e := s.src.(Throttler).SetThrottle(0); e != nil {
+			restore = append(restore, fmt.Errorf("migration: removing the throttle after failure: %w", e))
+		}
+		s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
+		s.throttle = 0
+	}
+	if s.logging {
+		if e := s.src.StopDirtyLog(); e != nil {
+			restore = append(restore, fmt.Errorf("migration: stopping the dirty log after failure: %w", e))
+		}
+		s.logging = false
+	}
+
+	// Tell the destination why, unless it told us. Interruption set the deadline in the past;
+	// give the Error frame a moment. A conn without deadlines is written to only if it was
+	// not interrupted (it might block forever otherwise).
+	s.intr.hold()
+	// After a version or magic mismatch the peer cannot parse our frames: say nothing.
+	if !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && s.w.Err() == nil {
+		if setDeadline(s.conn, time.Now().Add(time.Second)) || !interrupted {
+			s.w.WriteError(errorCode(err, "source"), err.Error())
+		}
+	}
+	setDeadline(s.conn, longAgo) // unblock the reader goroutine
+
+	if len(restore) > 0 {
+		err = errors.Join(append([]error{err}, restore...)...)
+	}
+	s.rep.Result = result
+	s.rep.Error = err.Error()
+	return err
+}
+
+func (s *sender) vmm(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return &vmmError{side: "source", op: op, err: err}
+}
+
+// live returns the reason to stop if the migration was cancelled or the peer failed.
+func (s *sender) live() error {
+	if s.ctx.Err() != nil {
+		return context.Cause(s.ctx)
+	}
+	return nil
+}
+
+func (s *sender) migrate() error {
+	s.phase = "handshake"
+	s.desc = s.src.Describe()
+	wd := toWire(s.desc)
+	if err := wd.Validate(); err != nil {
+		return fmt.Errorf("migration: the source's description is invalid: %w", err)
+	}
+	s.ps = int(s.desc.Layout.PageSize)
+	s.bufPages = max(1, min(s.opts.BatchBytes, wire.MaxFramePayload/2)/s.ps)
+	s.buf = make([]byte, s.bufPages*s.ps)
+	s.limit = limiter{rate: float64(s.opts.MaxBandwidth), burst: 10 * time.Millisecond, clock: s.clock}
+	_, throttles := s.src.(Throttler)
+	s.policy = NewPrecopyPolicy(PolicyConfig{
+		PageSize:      uint64(s.ps),
+		DowntimeLimit: s.opts.DowntimeLimit,
+		MaxRounds:     s.opts.MaxRounds,
+		AutoConverge:  s.opts.AutoConverge && throttles,
+		Force:         s.opts.Force,
+	})
+	var offered wire.Caps
+	pc, heartbeats := s.src.(ProgressClock)
+	if heartbeats {
+		offered |= wire.CapBlackout
+	}
+
+	// The handshake strictly alternates (preamble, preamble, Hello, Welcome), so it works on
+	// unbuffered transports too, and a version mismatch stops both sides before the Hello.
+	if err := s.w.WritePreamble(); err != nil {
+		return err
+	}
+	v, err := s.r.ReadPreamble()
+	if err != nil {
+		return err
+	}
+	s.rep.ProtocolVersion = v
+	if err := s.w.WriteHello(&wire.Hello{Caps: offered, Desc: wd}); err != nil {
+		return err
+	}
+	s.r.SetOffered(offered)
+	s.r.SetDescription(&wd)
+	m, err := s.r.Next()
+	if err != nil {
+		return err
+	}
+	welcome, ok := m.(*wire.Welcome)
+	if !ok {
+		return unexpected(m, "welcome")
+	}
+	s.startReader()
+
+	s.phase = "round 1"
+	if err := s.vmm("StartDirtyLog", s.src.StartDirtyLog()); err != nil {
+		return err
+	}
+	s.logging = true
+	set, err := s.src.Populated()
+	if err := s.vmm("Populated", err); err != nil {
+		return err
+	}
+	if err := checkBitmaps("Populated", set, &s.desc.Layout); err != nil {
+		return err
+	}
+	for r, bm := range set {
+		n := s.regionPages(r)
+		s.cls.Counters.Add(pages.Hole, n-bm.Count(n))
+	}
+	if err := s.sendRound(1, set, false); err != nil {
+		return err
+	}
+
+	var d Decision
+	for {
+		dirty, err := s.src.FetchDirty()
+		if err := s.vmm("FetchDirty", err); err != nil {
+			return err
+		}
+		if err := checkBitmaps("FetchDirty", dirty, &s.desc.Layout); err != nil {
+			return err
+		}
+		rr := &s.rep.RoundDetails[len(s.rep.RoundDetails)-1]
+		rr.DirtyPages = s.count(dirty)
+		d = s.policy.Step(Observation{
+			Round: s.round, Pages: rr.Pages, Bytes: rr.Bytes,
+			Elapsed: time.Duration(rr.DurationMS * float64(time.Millisecond)), Dirty: rr.DirtyPages,
+		})
+		s.last = d
+		s.report(true)
+		if d.Action == GiveUp {
+			s.rep.Reason = d.Reason
+			return fmt.Errorf("%w: %s", ErrNotConverged, d.Reason)
+		}
+		if d.Action == StopAndCopy {
+			s.rep.Converged, s.rep.Reason = d.Converged, d.Reason
+			set = dirty
+			break
+		}
+		if d.Throttle != s.throttle {
+			if err := s.vmm(fmt.Sprintf("SetThrottle(%d)", d.Throttle), s.src.(Throttler).SetThrottle(d.Throttle)); err != nil {
+				return err
+			}
+			s.throttle = d.Throttle
+			s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
+		}
+		s.phase = fmt.Sprintf("round %d", s.round+1)
+		if err := s.sendRound(s.round+1, dirty, false); err != nil {
+			return err
+		}
+	}
+
+	// Stop and copy. The set the policy judged is still unsent; add what was dirtied since.
+	s.phase = "stop-and-copy"
+	if err := s.live(); err != nil {
+		return err
+	}
+	// Marked paused before the call: after a failed Pause the VM may be partly stopped, and
+	// Resume on a running VM is harmless.
+	s.paused = true
+	if err := s.vmm("Pause", s.src.Pause()); err != nil {
+		return err
+	}
+	pauseAt := s.clock.Now()
+	var lastBeat time.Time
+	if heartbeats {
+		lastBeat = pc.LastProgress()
+	}
+	last, err := s.src.FetchDirty()
+	if err := s.vmm("FetchDirty", err); err != nil {
+		return err
+	}
+	if err := checkBitmaps("FetchDirty", last, &s.desc.Layout); err != nil {
+		return err
+	}
+	// A fresh union: the policy's set and the last fetch may share storage if a VMM bent the
+	// ownership rule, and a union into shared storage would lose pages silently.
+	union := make([]Bitmap, len(set))
+	for r := range set {
+		union[r] = append(Bitmap(nil), set[r]...)
+		union[r].Or(last[r])
+	}
+	set = union
+	if err := s.vmm("StopDirtyLog", s.src.StopDirtyLog()); err != nil {
+		return err
+	}
+	s.logging = false
+	if err := s.sendRound(s.round+1, set, true); err != nil {
+		return err
+	}
+	finalAt := s.clock.Now()
+
+	s.phase = "state"
+	secs, err := s.src.SaveState()
+	if err := s.vmm("SaveState", err); err != nil {
+		return err
+	}
+	if err := checkSections(secs, s.desc.Devices); err != nil {
+		return err
+	}
+	for i := range secs {
+		ws := wire.Section{ID: secs[i].ID, Version: secs[i].Version, Data: secs[i].Data}
+		if err := s.w.WriteSection(&ws, 0); err != nil {
+			return err
+		}
+	}
+	if err := s.live(); err != nil {
+		return err
+	}
+	// Mark before writing: the destination may answer before WriteComplete returns.
+	s.completeSent.Store(true)
+	if err := s.w.WriteComplete(&wire.Complete{PauseUnixNano: pauseAt.UnixNano(), Pages: s.sent, Sections: uint32(len(secs))}); err != nil {
+		return err
+	}
+	completeAt := s.clock.Now()
+
+	s.phase = "waiting for resumed"
+	s.report(false)
+	m, err = s.await(s.opts.AckTimeout, "resumed")
+	if err != nil {
+		return err
+	}
+	res, ok := m.(*wire.Resumed)
+	if !ok {
+		return unexpected(m, "resumed")
+	}
+	// The point of no return: the destination runs. From here on nothing makes the source
+	// resume, and failures are only warnings.
+	s.acked = true
+	s.paused = false
+	ackAt := s.clock.Now()
+	s.rep.DowntimeMS = ms(time.Duration(res.ResumeUnixNano - pauseAt.UnixNano()))
+	s.rep.PauseToAckMS = ms(ackAt.Sub(pauseAt))
+	s.rep.Downtime = DowntimeParts{
+		FinalRoundMS: ms(finalAt.Sub(pauseAt)),
+		StateMS:      ms(completeAt.Sub(finalAt)),
+		AckMS:        ms(ackAt.Sub(completeAt)),
+		RestoreMS:    ms(time.Duration(res.RestoreNanos)),
+		StartMS:      ms(time.Duration(res.StartNanos)),
+	}
+
+	s.phase = "waiting for done"
+	m, err = s.await(s.opts.DoneWait, "done")
+	if err == nil {
+		if done, ok := m.(*wire.Done); !ok {
+			err = unexpected(m, "done")
+		} else if done.FirstProgressUnixNano != 0 && heartbeats && !lastBeat.IsZero() && welcome.Caps&wire.CapBlackout != 0 {
+			b := ms(time.Duration(done.FirstProgressUnixNano - lastBeat.UnixNano()))
+			s.rep.BlackoutMS = &b
+		}
+	}
+	// Acknowledge even without Done: the destination keeps running either way, and DoneAck
+	// tells it that the source will not run again.
+	s.phase = "done ack"
+	return errors.Join(err, s.w.WriteDoneAck())
+}
+
+// startReader reads the destination's frames in the background, so that an Error frame stops
+// the sender at once instead of after its next failed write.
+func (s *sender) startReader() {
+	s.inbox = make(chan inbound, 4)
+	s.readerDone = make(chan struct{})
+	go func() {
+		defer close(s.readerDone)
+		for {
+			m, err := s.r.Next()
+			if err == nil {
+				if _, ok := m.(*wire.Resumed); ok && !s.completeSent.Load() {
+					err = fmt.Errorf("%w: the destination sent resumed before complete", ErrProtocol)
+				}
+			}
+			if err != nil {
+				s.cancel(err)
+				s.inbox <- inbound{err: err}
+				return
+			}
+			s.inbox <- inbound{msg: m}
+			if _, ok := m.(*wire.Done); ok {
+				return // the destination's last frame
+			}
+		}
+	}()
+}
+
+// await waits for the next message from the destination.
+func (s *sender) await(timeout time.Duration, what string) (wire.Msg, error) {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case in := <-s.inbox:
+		return in.msg, in.err
+	case <-t.C:
+		return nil, fmt.Errorf("%w: no %s from the destination within %v", ErrTimeout, what, timeout)
+	case <-s.ctx.Done():
+		return nil, context.Cause(s.ctx)
+	}
+}
+
+func (s *sender) regionPages(r int) uint64 {
+	return s.desc.Layout.Regions[r].Size / s.desc.Layout.PageSize
+}
+
+func (s *sender) count(set []Bitmap) uint64 {
+	var n uint64
+	for r, bm := range set {
+		n += bm.Count(s.regionPages(r))
+	}
+	return n
+}
+
+// sendRound sends the pages in set as round n.
+func (s *sender) sendRound(n int, set []Bitmap, final bool) error {
+	s.round = n
+	planned := s.count(set)
+	if err := s.w.WriteRound(&wire.Round{N: uint32(n), Final: final, Pages: planned}); err != nil {
+		return err
+	}
+	t0, b0 := s.clock.Now(), s.w.Written()
+	for r, bm := range set {
+		s.region = uint32(r)
+		s.batch.Reset(s.region, s.ps)
+		var err error
+		bm.Runs(s.regionPages(r), func(first, count uint64) bool {
+			err = s.sendRun(r, first, count)
+			return err == nil
+		})
+		if err == nil {
+			err = s.flush()
+		}
+		if err != nil {
+			return err
+		}
+	}
+	s.rep.Rounds = n
+	s.rep.RoundDetails = append(s.rep.RoundDetails, RoundReport{
+		Round: n, Final: final, Pages: planned, Bytes: uint64(s.w.Written() - b0),
+		DurationMS: ms(s.clock.Now().Sub(t0)), Throttle: s.throttle,
+	})
+	return nil
+}
+
+// sendRun reads a run of pages into the batch buffer, classifies them and flushes full batches.
+func (s *sender) sendRun(r int, first, count uint64) error {
+	for count > 0 {
+		k := min(count, uint64(s.bufPages-s.used))
+		dst := s.buf[s.used*s.ps : (s.used+int(k))*s.ps]
+		if err := s.src.ReadPages(r, first, dst); err != nil {
+			return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", r, first, k), err)
+		}
+		for i := 0; i < int(k); i++ {
+			pg := dst[i*s.ps : (i+1)*s.ps]
+			kind, data := s.cls.Classify(pages.Ref{Region: r, Index: first + uint64(i)}, pg, &s.scratch)
+			s.batch.Add(first+uint64(i), wire.Encoding(kind), data)
+		}
+		s.used += int(k)
+		first += k
+		count -= k
+		if s.used == s.bufPages {
+			if err := s.flush(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// flush writes the current batch, paced by the bandwidth cap.
+func (s *sender) flush() error {
+	if s.batch.Pages() == 0 {
+		return nil
+	}
+	if err := s.live(); err != nil {
+		return err
+	}
+	if err := s.limit.wait(s.ctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
+		return err
+	}
+	if err := s.w.WritePages(&s.batch); err != nil {
+		return err
+	}
+	s.sent += uint64(s.batch.Pages())
+	s.batch.Reset(s.region, s.ps)
+	s.used = 0
+	s.scratch = s.scratch[:0]
+	s.report(false)
+	return nil
+}
+
+// report calls the progress callback: always when forced, else at most every progressInterval.
+func (s *sender) report(force bool) {
+	if s.opts.Progress == nil {
+		return
+	}
+	now := s.clock.Now()
+	if !force && now.Sub(s.lastProg) < progressInterval {
+		return
+	}
+	s.lastProg = now
+	var remaining uint64
+	if n := len(s.rep.RoundDetails); n > 0 {
+		remaining = s.rep.RoundDetails[n-1].DirtyPages
+	}
+	s.opts.Progress(Progress{
+		Phase: s.phase, Round: s.round, BytesWire: s.w.Written(),
+		DirtyRate: s.last.DirtyRate, PagesRemaining: remaining,
+		ExpectedDowntime: s.last.ExpectedDowntime, Throttle: s.throttle,
+		Elapsed: now.Sub(s.start),
+	})
+}
+
+// checkSections verifies that SaveState returned each listed component at most once.
+func checkSections(secs []Section, devices []string) error {
+	seen := make(map[string]bool, len(secs))
+	for i, s := range secs {
+		if !slices.Contains(devices, s.ID) {
+			return fmt.Errorf("migration: SaveState: section %d %q is not in the description's devices %q", i, s.ID, devices)
+		}
+		if seen[s.ID] {
+			return fmt.Errorf("migration: SaveState: section %q returned twice", s.ID)
+		}
+		seen[s.ID] = true
+		if len(s.Data) > wire.MaxSectionSize {
+			return fmt.Errorf("migration: SaveState: section %q has %d bytes, at most %d", s.ID, len(s.Data), wire.MaxSectionSize)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,409 @@
+package wire
+
+import (
+	"encoding/binary"
+	"fmt"
+	"unicode/utf8"
+)
+
+var le = binary.LittleEndian
+
+// cursor reads a payload front to back. The first failure sticks; later reads return zeros, so
+// decoders check c.err once at the end of each step instead of after every field.
+type cursor struct {
+	p   []byte
+	off int
+	t   Type
+	err error
+}
+
+func (c *cursor) fail(k error, format string, args ...any) {
+	if c.err == nil {
+		c.err = &FrameError{Type: c.t, Kind: k, Detail: fmt.Sprintf(format, args...)}
+	}
+}
+
+func (c *cursor) take(n int, what string) []byte {
+	if c.err != nil {
+		return nil
+	}
+	if n < 0 || len(c.p)-c.off < n {
+		c.fail(ErrMalformed, "%s: need %d bytes at offset %d, payload has %d", what, n, c.off, len(c.p))
+		return nil
+	}
+	b := c.p[c.off : c.off+n]
+	c.off += n
+	return b
+}
+
+func (c *cursor) u8(what string) uint8 {
+	if b := c.take(1, what); b != nil {
+		return b[0]
+	}
+	return 0
+}
+
+func (c *cursor) u16(what string) uint16 {
+	if b := c.take(2, what); b != nil {
+		return le.Uint16(b)
+	}
+	return 0
+}
+
+func (c *cursor) u32(what string) uint32 {
+	if b := c.take(4, what); b != nil {
+		return le.Uint32(b)
+	}
+	return 0
+}
+
+func (c *cursor) u64(what string) uint64 {
+	if b := c.take(8, what); b != nil {
+		return le.Uint64(b)
+	}
+	return 0
+}
+
+// name reads a u8-length string that must be non-empty UTF-8.
+func (c *cursor) name(what string) string {
+	n := int(c.u8(what + " length"))
+	b := c.take(n, what)
+	if c.err != nil {
+		return ""
+	}
+	if n == 0 || !utf8.Valid(b) {
+		c.fail(ErrMalformed, "%s: %q is empty or not UTF-8", what, b)
+		return ""
+	}
+	return string(b)
+}
+
+// end fails unless the whole payload was consumed: trailing bytes mean the sides disagree about
+// the layout, which must not pass silently.
+func (c *cursor) end() error {
+	if c.err == nil && c.off != len(c.p) {
+		c.fail(ErrMalformed, "%d trailing bytes after offset %d", len(c.p)-c.off, c.off)
+	}
+	return c.err
+}
+
+func appendName(b []byte, s string) []byte {
+	b = append(b, uint8(len(s)))
+	return append(b, s...)
+}
+
+// Validate checks a description against the protocol's rules and caps. The source calls it
+// before sending (so a VMM's mistake is reported at its origin), the destination's decoder
+// after receiving.
+func (d *Description) Validate() error {
+	bad := func(format string, args ...any) error {
+		return &FrameError{Type: TypeHello, Kind: ErrMalformed, Detail: fmt.Sprintf(format, args...)}
+	}
+	big := func(format string, args ...any) error {
+		return &FrameError{Type: TypeHello, Kind: ErrTooLarge, Detail: fmt.Sprintf(format, args...)}
+	}
+	ps := d.PageSize
+	if ps < MinPageSize || ps > MaxPageSize || ps&(ps-1) != 0 {
+		return bad("page size %d is not a power of two in [%d, %d]", ps, MinPageSize, MaxPageSize)
+	}
+	if d.VCPUs < 1 || d.VCPUs > MaxVCPUs {
+		return bad("vCPU count %d not in [1, %d]", d.VCPUs, MaxVCPUs)
+	}
+	if len(d.Regions) < 1 {
+		return bad("no memory regions")
+	}
+	if len(d.Regions) > MaxRegions {
+		return big("%d regions, at most %d", len(d.Regions), MaxRegions)
+	}
+	if len(d.Devices) > MaxDevices {
+		return big("%d devices, at most %d", len(d.Devices), MaxDevices)
+	}
+	var total uint64
+	names := make(map[string]bool, len(d.Regions))
+	for i, r := range d.Regions {
+		if r.Name == "" || len(r.Name) > MaxNameLen || !utf8.ValidString(r.Name) {
+			return bad("region %d: name %q is empty, longer than %d bytes or not UTF-8", i, r.Name, MaxNameLen)
+		}
+		if names[r.Name] {
+			return bad("region %d: duplicate name %q", i, r.Name)
+		}
+		names[r.Name] = true
+		if r.Size == 0 || r.Size%ps != 0 || r.GPA%ps != 0 {
+			return bad("region %d %q: gpa %#x size %#x not page-aligned or empty (page size %d)", i, r.Name, r.GPA, r.Size, ps)
+		}
+		if r.GPA+r.Size < r.GPA {
+			return bad("region %d %q: gpa %#x + size %#x overflows", i, r.Name, r.GPA, r.Size)
+		}
+		if r.Size > MaxMemory || total+r.Size > MaxMemory {
+			return big("region %d %q: memory exceeds %d bytes", i, r.Name, uint64(MaxMemory))
+		}
+		total += r.Size
+		for j, o := range d.Regions[:i] {
+			if r.GPA < o.GPA+o.Size && o.GPA < r.GPA+r.Size {
+				return bad("region %d %q [%#x, %#x) overlaps region %d %q [%#x, %#x)", i, r.Name, r.GPA, r.GPA+r.Size, j, o.Name, o.GPA, o.GPA+o.Size)
+			}
+		}
+	}
+	ids := make(map[string]bool, len(d.Devices))
+	for i, id := range d.Devices {
+		if id == "" || len(id) > MaxNameLen || !utf8.ValidString(id) {
+			return bad("device %d: id %q is empty, longer than %d bytes or not UTF-8", i, id, MaxNameLen)
+		}
+		if ids[id] {
+			return bad("device %d: duplicate id %q", i, id)
+		}
+		ids[id] = true
+	}
+	return nil
+}
+
+// AppendHello appends a Hello payload.
+func AppendHello(b []byte, h *Hello) []byte {
+	d := &h.Desc
+	b = le.AppendUint64(b, uint64(h.Caps))
+	b = le.AppendUint32(b, uint32(d.PageSize))
+	b = le.AppendUint32(b, uint32(d.VCPUs))
+	b = le.AppendUint16(b, uint16(len(d.Regions)))
+	b = le.AppendUint16(b, uint16(len(d.Devices)))
+	for _, r := range d.Regions {
+		b = appendName(b, r.Name)
+		b = le.AppendUint64(b, r.GPA)
+		b = le.AppendUint64(b, r.Size)
+	}
+	for _, id := range d.Devices {
+		b = appendName(b, id)
+	}
+	return b
+}
+
+// DecodeHello decodes and validates a Hello payload.
+func DecodeHello(p []byte) (*Hello, error) {
+	c := &cursor{p: p, t: TypeHello}
+	h := &Hello{Caps: Caps(c.u64("capabilities"))}
+	d := &h.Desc
+	d.PageSize = uint64(c.u32("page size"))
+	d.VCPUs = int(c.u32("vCPU count"))
+	nr := int(c.u16("region count"))
+	nd := int(c.u16("device count"))
+	if c.err != nil {
+		return nil, c.err
+	}
+	if nr > MaxRegions {
+		return nil, &FrameError{Type: TypeHello, Kind: ErrTooLarge, Detail: fmt.Sprintf("%d regions, at most %d", nr, MaxRegions)}
+	}
+	if nd > MaxDevices {
+		return nil, &FrameError{Type: TypeHello, Kind: ErrTooLarge, Detail: fmt.Sprintf("%d devices, at most %d", nd, MaxDevices)}
+	}
+	// Each region takes at least 18 bytes and each device 2, so a short payload cannot make us
+	// allocate much: bound the slices by what the payload could hold.
+	if nr*18+nd*2 > len(p) {
+		return nil, &FrameError{Type: TypeHello, Kind: ErrMalformed, Detail: fmt.Sprintf("%d regions and %d devices cannot fit in %d bytes", nr, nd, len(p))}
+	}
+	d.Regions = make([]Region, nr)
+	for i := range d.Regions {
+		r := &d.Regions[i]
+		r.Name = c.name(fmt.Sprintf("region %d name", i))
+		r.GPA = c.u64(fmt.Sprintf("region %d gpa", i))
+		r.Size = c.u64(fmt.Sprintf("region %d size", i))
+	}
+	d.Devices = make([]string, nd)
+	for i := range d.Devices {
+		d.Devices[i] = c.name(fmt.Sprintf("device %d id", i))
+	}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	if err := d.Validate(); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// AppendWelcome appends a Welcome payload.
+func AppendWelcome(b []byte, w *Welcome) []byte { return le.AppendUint64(b, uint64(w.Caps)) }
+
+// DecodeWelcome decodes a Welcome payload. Whether the caps are a subset of those offered is
+// checked by the Reader, which knows the offer.
+func DecodeWelcome(p []byte) (*Welcome, error) {
+	c := &cursor{p: p, t: TypeWelcome}
+	w := &Welcome{Caps: Caps(c.u64("capabilities"))}
+	return w, c.end()
+}
+
+// AppendRound appends a Round payload (the Final bit travels in the frame flags).
+func AppendRound(b []byte, r *Round) []byte {
+	b = le.AppendUint32(b, r.N)
+	b = le.AppendUint32(b, 0)
+	return le.AppendUint64(b, r.Pages)
+}
+
+// DecodeRound decodes a Round payload; final comes from the frame flags.
+func DecodeRound(p []byte, final bool) (*Round, error) {
+	c := &cursor{p: p, t: TypeRound}
+	r := &Round{N: c.u32("round number"), Final: final}
+	if res := c.u32("reserved"); res != 0 {
+		c.fail(ErrMalformed, "reserved field is %#x, want 0", res)
+	}
+	r.Pages = c.u64("planned pages")
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	if r.N == 0 {
+		return nil, &FrameError{Type: TypeRound, Kind: ErrMalformed, Detail: "round number 0"}
+	}
+	return r, nil
+}
+
+// appendStateHead appends a State payload's header: id and version; the data follows.
+func appendStateHead(b []byte, id string, version uint32) []byte {
+	b = appendName(b, id)
+	return le.AppendUint32(b, version)
+}
+
+// DecodeState decodes one State frame payload. data aliases p.
+func DecodeState(p []byte) (id string, version uint32, data []byte, err error) {
+	c := &cursor{p: p, t: TypeState}
+	id = c.name("component id")
+	version = c.u32("section version")
+	if c.err != nil {
+		return "", 0, nil, c.err
+	}
+	return id, version, p[c.off:], nil
+}
+
+// AppendComplete appends a Complete payload.
+func AppendComplete(b []byte, m *Complete) []byte {
+	b = le.AppendUint64(b, uint64(m.PauseUnixNano))
+	b = le.AppendUint64(b, m.Pages)
+	return le.AppendUint32(b, m.Sections)
+}
+
+// DecodeComplete decodes a Complete payload.
+func DecodeComplete(p []byte) (*Complete, error) {
+	c := &cursor{p: p, t: TypeComplete}
+	m := &Complete{PauseUnixNano: int64(c.u64("pause time")), Pages: c.u64("page count"), Sections: c.u32("section count")}
+	return m, c.end()
+}
+
+// AppendResumed appends a Resumed payload.
+func AppendResumed(b []byte, m *Resumed) []byte {
+	b = le.AppendUint64(b, uint64(m.ResumeUnixNano))
+	b = le.AppendUint64(b, m.RestoreNanos)
+	return le.AppendUint64(b, m.StartNanos)
+}
+
+// DecodeResumed decodes a Resumed payload.
+func DecodeResumed(p []byte) (*Resumed, error) {
+	c := &cursor{p: p, t: TypeResumed}
+	m := &Resumed{ResumeUnixNano: int64(c.u64("resume time")), RestoreNanos: c.u64("restore time"), StartNanos: c.u64("start time")}
+	return m, c.end()
+}
+
+// AppendDone appends a Done payload.
+func AppendDone(b []byte, m *Done) []byte { return le.AppendUint64(b, uint64(m.FirstProgressUnixNano)) }
+
+// DecodeDone decodes a Done payload.
+func DecodeDone(p []byte) (*Done, error) {
+	c := &cursor{p: p, t: TypeDone}
+	m := &Done{FirstProgressUnixNano: int64(c.u64("first progress time"))}
+	return m, c.end()
+}
+
+// DecodeDoneAck decodes a DoneAck payload (empty).
+func DecodeDoneAck(p []byte) (*DoneAck, error) {
+	c := &cursor{p: p, t: TypeDoneAck}
+	return &DoneAck{}, c.end()
+}
+
+// appendRuns appends run entries.
+func appendRuns(b []byte, runs []Run) []byte {
+	for _, r := range runs {
+		b = le.AppendUint64(b, r.First)
+		b = le.AppendUint32(b, r.Count)
+	}
+	return b
+}
+
+const runSize = 12
+
+// decodeRuns decodes n runs into dst (reused) and checks them against the region: each run is
+// non-empty, inside the region, and after the previous one. It returns the total page count.
+func decodeRuns(c *cursor, dst []Run, n int, regionPages uint64, maxPages uint64) ([]Run, uint64) {
+	raw := c.take(n*runSize, "runs")
+	if c.err != nil {
+		return dst[:0], 0
+	}
+	dst = dst[:0]
+	var total, next uint64
+	for i := 0; i < n; i++ {
+		e := raw[i*runSize:]
+		r := Run{First: le.Uint64(e), Count: le.Uint32(e[8:])}
+		end := r.First + uint64(r.Count)
+		switch {
+		case r.Count == 0:
+			c.fail(ErrMalformed, "run %d at page %d is empty", i, r.First)
+		case end < r.First || end > regionPages:
+			c.fail(ErrMalformed, "run %d [%d, +%d) exceeds the region's %d pages", i, r.First, r.Count, regionPages)
+		case i > 0 && r.First < next:
+			c.fail(ErrMalformed, "run %d [%d, +%d) starts before the end %d of run %d", i, r.First, r.Count, next, i-1)
+		}
+		total += uint64(r.Count)
+		if c.err == nil && total > maxPages {
+			c.fail(ErrTooLarge, "runs hold more than %d pages", maxPages)
+		}
+		if c.err != nil {
+			return dst, 0
+		}
+		next = end
+		dst = append(dst, r)
+	}
+	return dst, total
+}
+
+// AppendRequest appends a Request payload.
+func AppendRequest(b []byte, q *Request) []byte {
+	b = le.AppendUint32(b, q.Region)
+	b = le.AppendUint32(b, uint32(len(q.Runs)))
+	return appendRuns(b, q.Runs)
+}
+
+// DecodeRequest decodes a Request payload against the layout.
+func DecodeRequest(p []byte, d *Description) (*Request, error) {
+	c := &cursor{p: p, t: TypeRequest}
+	q := &Request{Region: c.u32("region")}
+	n := c.u32("run count")
+	if c.err != nil {
+		return nil, c.err
+	}
+	if int(q.Region) >= len(d.Regions) {
+		return nil, &FrameError{Type: TypeRequest, Kind: ErrMalformed, Detail: fmt.Sprintf("region %d, the layout has %d", q.Region, len(d.Regions))}
+	}
+	if uint64(n)*runSize > uint64(len(p)) {
+		return nil, &FrameError{Type: TypeRequest, Kind: ErrMalformed, Detail: fmt.Sprintf("%d runs cannot fit in %d bytes", n, len(p))}
+	}
+	q.Runs, _ = decodeRuns(c, make([]Run, 0, n), int(n), d.Pages(int(q.Region)), MaxBatchPages)
+	return q, c.end()
+}
+
+// AppendError appends an Error payload; the message is cut to MaxErrorMessage bytes.
+func AppendError(b []byte, code ErrCode, msg string) []byte {
+	if len(msg) > MaxErrorMessage {
+		msg = msg[:MaxErrorMessage]
+	}
+	b = le.AppendUint16(b, uint16(code))
+	b = le.AppendUint16(b, uint16(len(msg)))
+	return append(b, msg...)
+}
+
+// DecodeError decodes an Error payload.
+func DecodeError(p []byte) (*PeerError, error) {
+	c := &cursor{p: p, t: TypeError}
+	e := &PeerError{Code: ErrCode(c.u16("code"))}
+	n := int(c.u16("message length"))
+	if c.err == nil && n > MaxErrorMessage {
+		return nil, &FrameError{Type: TypeError, Kind: ErrTooLarge, Detail: fmt.Sprintf("message of %d bytes, at most %d", n, MaxErrorMessage)}
+	}
+	// Invalid UTF-8 is kept as is: the message is for humans, and %q quotes it when printed.
+	e.Message = string(c.take(n, "message"))
+	return e, c.end()
+}

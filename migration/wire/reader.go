@@ -1,0 +1,470 @@
+package wire
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"slices"
+)
+
+// Side says which direction of the stream a Reader decodes.
+type Side uint8
+
+const (
+	// AtDestination reads what a source writes: Hello, rounds, state, Complete, DoneAck.
+	AtDestination Side = 1
+	// AtSource reads what a destination writes: Welcome, requests, Resumed, Done.
+	AtSource Side = 2
+)
+
+// Receiver states. Each names what has been seen last; the transitions are in accept.
+type state uint8
+
+const (
+	stHello    state = iota // destination: nothing yet
+	stStream                // destination: after Hello, before the first Round
+	stRound                 // destination: inside a live round
+	stFinal                 // destination: inside the final round
+	stState                 // destination: after the first State section
+	stComplete              // destination: after Complete
+	stWelcome               // source: nothing yet
+	stRun                   // source: after Welcome
+	stResumed               // source: after Resumed
+	stEnd                   // either: the peer's last frame was read; only EOF may follow
+)
+
+// expecting describes the legal next frames in a state, for error messages.
+func (s state) expecting() string {
+	switch s {
+	case stHello:
+		return "hello"
+	case stStream:
+		return "round 1"
+	case stRound:
+		return "page batch or next round"
+	case stFinal:
+		return "page batch, state or complete"
+	case stState:
+		return "state or complete"
+	case stComplete:
+		return "done ack"
+	case stWelcome:
+		return "welcome"
+	case stRun:
+		return "request or resumed"
+	case stResumed:
+		return "done"
+	}
+	return "end of stream"
+}
+
+// Reader reads and checks one direction of a stream. It is not safe for concurrent use.
+//
+// Invariants: frames are numbered from 1 in the order read; once Next has returned an error,
+// it returns that error forever; a message returned by Next is valid until the next call
+// (page batches alias the Reader's buffer).
+type Reader struct {
+	br      *bufio.Reader
+	cr      countingReader
+	side    Side
+	version uint32
+	frame   uint64
+	st      state
+	err     error
+	hdr     [HeaderSize]byte
+	payload []byte
+
+	desc    *Description
+	offered Caps // source side: what our Hello offered
+	caps    Caps // negotiated
+
+	round    uint32
+	pages    uint64
+	sections uint32
+	seen     map[string]bool // section ids received
+	pending  *Section        // a section whose data continues in the next frame
+	batch    PageBatch
+}
+
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// readBufferSize is the bufio size. Payloads larger than it are read straight into the
+// payload buffer by bufio, so it only has to absorb headers and small frames.
+const readBufferSize = 64 << 10
+
+// NewReader returns a Reader for the given side on r.
+func NewReader(r io.Reader, side Side) *Reader {
+	rd := &Reader{side: side, seen: map[string]bool{}}
+	rd.cr.r = r
+	rd.br = bufio.NewReaderSize(&rd.cr, readBufferSize)
+	if side == AtSource {
+		rd.st = stWelcome
+	}
+	return rd
+}
+
+// BytesRead is the number of bytes read from the underlying reader.
+func (r *Reader) BytesRead() int64 { return r.cr.n }
+
+// Frames is the number of frames read.
+func (r *Reader) Frames() uint64 { return r.frame }
+
+// Version is the negotiated protocol version (0 before ReadPreamble).
+func (r *Reader) Version() uint32 { return r.version }
+
+// Description is the layout the Reader checks batches and requests against.
+func (r *Reader) Description() *Description { return r.desc }
+
+// SetDescription gives a source-side Reader the layout its Hello announced (for Request
+// frames). A destination-side Reader takes it from the Hello it reads.
+func (r *Reader) SetDescription(d *Description) { r.desc = d }
+
+// SetOffered tells a source-side Reader the capabilities its Hello offered, so that it can
+// refuse a Welcome that accepts more.
+func (r *Reader) SetOffered(c Caps) { r.offered = c }
+
+// SetCaps sets the negotiated capabilities on a destination-side Reader (what its Welcome
+// accepted). Frames and encodings that need a capability not set are rejected.
+func (r *Reader) SetCaps(c Caps) { r.caps = c }
+
+// Caps is the negotiated capability set.
+func (r *Reader) Caps() Caps { return r.caps }
+
+// ReadPreamble reads the peer's preamble and settles the protocol version.
+func (r *Reader) ReadPreamble() (uint32, error) {
+	var p [PreambleSize]byte
+	n, err := io.ReadFull(r.br, p[:])
+	if err != nil {
+		if n == 0 && errors.Is(err, io.EOF) {
+			return 0, r.fail(&FrameError{Kind: ErrClosed, Detail: "the peer closed the stream before its preamble"})
+		}
+		return 0, r.fail(&FrameError{Kind: ErrTruncated, Detail: fmt.Sprintf("got %d of %d bytes: %v", n, PreambleSize, err)})
+	}
+	if string(p[:8]) != Magic {
+		return 0, r.fail(&FrameError{Kind: ErrMagic, Detail: fmt.Sprintf("got %q, want %q", p[:8], Magic)})
+	}
+	hi, lo := le.Uint32(p[8:]), le.Uint32(p[12:])
+	v, err := Negotiate(hi, lo)
+	if err != nil {
+		return 0, r.fail(err)
+	}
+	r.version = v
+	return v, nil
+}
+
+// Negotiate returns the version spoken with a peer that speaks versions lo..hi.
+func Negotiate(hi, lo uint32) (uint32, error) {
+	v := min(hi, Version)
+	if lo > hi || v < max(lo, MinVersion) {
+		return 0, &FrameError{Kind: ErrVersion, Detail: fmt.Sprintf("the peer speaks versions %d..%d, this side %d..%d", lo, hi, MinVersion, Version)}
+	}
+	return v, nil
+}
+
+func (r *Reader) fail(err error) error {
+	if r.err == nil {
+		r.err = err
+	}
+	return r.err
+}
+
+// Next reads, checks and decodes the next frame. An Error frame from the peer is returned as a
+// *PeerError (errors.Is(err, ErrPeer)). After the peer's last frame, a clean end of stream
+// returns io.EOF; an end anywhere else is ErrClosed or ErrTruncated.
+func (r *Reader) Next() (Msg, error) {
+	if r.err != nil {
+		return nil, r.err
+	}
+	if r.version == 0 {
+		return nil, r.fail(&FrameError{Kind: ErrOrder, Detail: "Next called before ReadPreamble"})
+	}
+	for {
+		m, more, err := r.next()
+		if err != nil {
+			return nil, r.fail(err)
+		}
+		if !more {
+			return m, nil
+		}
+	}
+}
+
+// next reads one frame. more is true when it was a partial state section and another frame
+// must be read before there is a message to return.
+func (r *Reader) next() (m Msg, more bool, err error) {
+	idx := r.frame + 1
+	n, err := io.ReadFull(r.br, r.hdr[:])
+	if err != nil {
+		if n == 0 && errors.Is(err, io.EOF) {
+			if r.st == stEnd && r.pending == nil {
+				return nil, false, io.EOF
+			}
+			return nil, false, &FrameError{Frame: idx, Kind: ErrClosed, Detail: "the peer closed the stream while this side expected " + r.st.expecting()}
+		}
+		return nil, false, &FrameError{Frame: idx, Kind: ErrTruncated, Detail: fmt.Sprintf("header: got %d of %d bytes: %v", n, HeaderSize, err)}
+	}
+	r.frame = idx
+	h := r.hdr[:]
+	t, flags := Type(h[0]), h[1]
+	length, seq, want := le.Uint32(h[4:]), le.Uint32(h[8:]), le.Uint32(h[12:])
+	fe := func(k error, format string, args ...any) error {
+		return &FrameError{Frame: idx, Type: t, Kind: k, Detail: fmt.Sprintf(format, args...)}
+	}
+	if length > MaxFramePayload {
+		return nil, false, fe(ErrTooLarge, "payload length %d exceeds %d", length, MaxFramePayload)
+	}
+	p, err := r.readPayload(int(length))
+	if err != nil {
+		return nil, false, fe(ErrTruncated, "payload: got %d of %d bytes: %v", len(p), length, err)
+	}
+	got := crc32.Update(crc32.Update(0, castagnoli, h[:12]), castagnoli, p)
+	if got != want {
+		return nil, false, fe(ErrChecksum, "want 0x%08x, got 0x%08x", want, got)
+	}
+	if seq != uint32(idx) {
+		return nil, false, fe(ErrSequence, "sequence %d, want %d", seq, uint32(idx))
+	}
+	if h[2] != 0 || h[3] != 0 {
+		return nil, false, fe(ErrMalformed, "reserved header bytes 0x%02x%02x, want 0", h[2], h[3])
+	}
+	if !t.known() {
+		return nil, false, fe(ErrUnknownType, "")
+	}
+	if extra := flags &^ allowedFlags(t); extra != 0 {
+		return nil, false, fe(ErrMalformed, "flags 0x%02x not defined for this type", extra)
+	}
+	if t == TypeError {
+		pe, err := DecodeError(p)
+		if err != nil {
+			return nil, false, at(err, idx)
+		}
+		pe.Frame = idx
+		r.st = stEnd
+		return nil, false, pe
+	}
+	if err := r.accept(t); err != nil {
+		return nil, false, fe(ErrOrder, "%s", err)
+	}
+	m, more, err = r.decode(t, flags, p)
+	if err != nil {
+		return nil, false, at(err, idx)
+	}
+	return m, more, nil
+}
+
+// at sets the frame index on a decoding error.
+func at(err error, idx uint64) error {
+	var fe *FrameError
+	if errors.As(err, &fe) && fe.Frame == 0 {
+		fe.Frame = idx
+	}
+	return err
+}
+
+// readPayload reads n bytes into the reused payload buffer. The buffer grows with the data
+// actually received, so a header that announces a large payload and then stops costs nothing.
+func (r *Reader) readPayload(n int) ([]byte, error) {
+	if n <= cap(r.payload) {
+		p := r.payload[:n]
+		k, err := io.ReadFull(r.br, p)
+		return p[:k], err
+	}
+	p := r.payload[:0]
+	for len(p) < n {
+		step := min(n-len(p), max(len(p), 64<<10))
+		p = slices.Grow(p, step)
+		k, err := io.ReadFull(r.br, p[len(p):len(p)+step])
+		p = p[:len(p)+k]
+		if err != nil {
+			return p, err
+		}
+	}
+	r.payload = p
+	return p, nil
+}
+
+// accept checks that a frame of type t may come now. It does not change the state: the
+// transition happens in decode, once the payload is known to be valid.
+func (r *Reader) accept(t Type) error {
+	if r.pending != nil && t != TypeState {
+		return fmt.Errorf("%s while state section %q continues", t, r.pending.ID)
+	}
+	ok := false
+	switch r.side {
+	case AtDestination:
+		switch t {
+		case TypeHello:
+			ok = r.st == stHello
+		case TypeRound:
+			ok = r.st == stStream || r.st == stRound
+		case TypePageBatch:
+			ok = r.st == stRound || r.st == stFinal
+		case TypeState:
+			ok = r.st == stFinal || r.st == stState
+		case TypeComplete:
+			ok = r.st == stFinal || r.st == stState
+		case TypeDoneAck:
+			ok = r.st == stComplete
+		}
+	case AtSource:
+		switch t {
+		case TypeWelcome:
+			ok = r.st == stWelcome
+		case TypeRequest:
+			if r.st == stRun && r.caps&CapPostcopy == 0 {
+				return fmt.Errorf("request, but post-copy was not negotiated")
+			}
+			ok = r.st == stRun
+		case TypeResumed:
+			ok = r.st == stRun
+		case TypeDone:
+			ok = r.st == stResumed
+		}
+	}
+	if !ok {
+		return fmt.Errorf("expected %s", r.st.expecting())
+	}
+	return nil
+}
+
+func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
+	bad := func(k error, format string, args ...any) error {
+		return &FrameError{Type: t, Kind: k, Detail: fmt.Sprintf(format, args...)}
+	}
+	switch t {
+	case TypeHello:
+		h, err := DecodeHello(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.desc = &h.Desc
+		r.st = stStream
+		return h, false, nil
+	case TypeWelcome:
+		w, err := DecodeWelcome(p)
+		if err != nil {
+			return nil, false, err
+		}
+		if extra := w.Caps &^ r.offered; extra != 0 {
+			return nil, false, bad(ErrMalformed, "accepts capabilities %#x that were not offered (%#x)", uint64(extra), uint64(r.offered))
+		}
+		r.caps = w.Caps
+		r.st = stRun
+		return w, false, nil
+	case TypeRound:
+		rd, err := DecodeRound(p, flags&FlagFinal != 0)
+		if err != nil {
+			return nil, false, err
+		}
+		if rd.N != r.round+1 {
+			return nil, false, bad(ErrOrder, "round %d after round %d", rd.N, r.round)
+		}
+		r.round = rd.N
+		r.st = stRound
+		if rd.Final {
+			r.st = stFinal
+		}
+		return rd, false, nil
+	case TypePageBatch:
+		if err := decodePageBatch(p, r.desc, r.caps, &r.batch); err != nil {
+			return nil, false, err
+		}
+		r.pages += r.batch.Pages
+		return &r.batch, false, nil
+	case TypeState:
+		return r.decodeState(flags, p)
+	case TypeComplete:
+		c, err := DecodeComplete(p)
+		if err != nil {
+			return nil, false, err
+		}
+		if c.Pages != r.pages || c.Sections != r.sections {
+			return nil, false, bad(ErrMalformed, "source sent %d pages and %d state sections, this side received %d and %d", c.Pages, c.Sections, r.pages, r.sections)
+		}
+		r.st = stComplete
+		return c, false, nil
+	case TypeDoneAck:
+		a, err := DecodeDoneAck(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.st = stEnd
+		return a, false, nil
+	case TypeResumed:
+		m, err := DecodeResumed(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.st = stResumed
+		return m, false, nil
+	case TypeDone:
+		m, err := DecodeDone(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.st = stEnd
+		return m, false, nil
+	case TypeRequest:
+		if r.desc == nil {
+			return nil, false, bad(ErrOrder, "request before the layout is known")
+		}
+		q, err := DecodeRequest(p, r.desc)
+		return q, false, err
+	}
+	return nil, false, bad(ErrUnknownType, "")
+}
+
+// decodeState handles one State frame, reassembling sections split with FlagMore.
+func (r *Reader) decodeState(flags uint8, p []byte) (Msg, bool, error) {
+	bad := func(k error, format string, args ...any) error {
+		return &FrameError{Type: TypeState, Kind: k, Detail: fmt.Sprintf(format, args...)}
+	}
+	id, version, data, err := DecodeState(p)
+	if err != nil {
+		return nil, false, err
+	}
+	s := r.pending
+	if s != nil {
+		if id != s.ID || version != s.Version {
+			return nil, false, bad(ErrOrder, "section %q version %d continues as %q version %d", s.ID, s.Version, id, version)
+		}
+		if len(s.Data)+len(data) > MaxSectionSize {
+			return nil, false, bad(ErrTooLarge, "section %q exceeds %d bytes", id, MaxSectionSize)
+		}
+		s.Data = append(s.Data, data...)
+	} else {
+		if !slices.Contains(r.desc.Devices, id) {
+			return nil, false, bad(ErrMalformed, "section %q is not in the hello's device list", id)
+		}
+		if r.seen[id] {
+			return nil, false, bad(ErrMalformed, "section %q sent twice", id)
+		}
+		if r.sections >= MaxSections {
+			return nil, false, bad(ErrTooLarge, "more than %d sections", MaxSections)
+		}
+		s = &Section{ID: id, Version: version, Data: slices.Clone(data)}
+	}
+	if flags&FlagMore != 0 {
+		r.pending = s
+		return nil, true, nil
+	}
+	r.pending = nil
+	r.seen[id] = true
+	r.sections++
+	r.st = stState
+	if s.Data == nil {
+		s.Data = []byte{}
+	}
+	return s, false, nil
+}

@@ -1,0 +1,248 @@
+package wire
+
+import (
+	"fmt"
+	"hash/crc32"
+	"io"
+	"net"
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// Writer writes one direction of a stream. It is not safe for concurrent use. Small frames go
+// out with one Write each; a page batch goes out as one gathered write (writev on a
+// *net.TCPConn or *net.UnixConn) of its header and the caller's page buffers, so page data is
+// never copied in user space. After a frame was partly written, every later call returns the
+// same error; a frame of which nothing went out can be followed by others (an Error frame).
+type Writer struct {
+	w   io.Writer
+	n   int64
+	seq uint32
+	buf []byte   // header and small payloads, reused
+	iov [][]byte // backing store for the gathered write, reused
+	err error
+}
+
+// NewWriter returns a Writer on w.
+func NewWriter(w io.Writer) *Writer {
+	return &Writer{w: w, buf: make([]byte, 0, 4096)}
+}
+
+// Written is the number of bytes written to the underlying writer so far.
+func (w *Writer) Written() int64 { return w.n }
+
+// Frames is the number of frames written so far.
+func (w *Writer) Frames() uint32 { return w.seq }
+
+// Err is the error that broke the stream (a frame was partly written), if any.
+func (w *Writer) Err() error { return w.err }
+
+// WritePreamble writes the 16-byte preamble. It must be the first thing written.
+func (w *Writer) WritePreamble() error {
+	return w.WriteRawPreamble(Version, MinVersion)
+}
+
+// WriteRawPreamble writes a preamble with the given versions. Only tests and version
+// negotiation experiments need anything but WritePreamble.
+func (w *Writer) WriteRawPreamble(version, minVersion uint32) error {
+	b := append(w.buf[:0], Magic...)
+	b = le.AppendUint32(b, version)
+	b = le.AppendUint32(b, minVersion)
+	w.buf = b
+	return w.write(b)
+}
+
+func (w *Writer) write(b []byte) error {
+	if w.err != nil {
+		return w.err
+	}
+	n, err := w.w.Write(b)
+	w.n += int64(n)
+	if err == nil && n < len(b) {
+		err = io.ErrShortWrite
+	}
+	return w.failed(int64(n), err, "")
+}
+
+// WriteError is a failure to write a frame to the underlying writer.
+type WriteError struct {
+	Frame uint32 // sequence number of the frame
+	what  string
+	Err   error
+}
+
+func (e *WriteError) Error() string {
+	return fmt.Sprintf("wire: write frame %d%s: %v", e.Frame, e.what, e.Err)
+}
+func (e *WriteError) Unwrap() error { return e.Err }
+
+// failed records the outcome of writing a frame of which n bytes went out. If none did, the
+// stream is still intact: the frame's sequence number is given back and the error is not
+// sticky, so the caller may still send an Error frame. A partly written frame corrupts the
+// stream for good.
+func (w *Writer) failed(n int64, err error, what string) error {
+	if err == nil {
+		return nil
+	}
+	err = &WriteError{Frame: w.seq, what: what, Err: err}
+	if n == 0 {
+		w.seq--
+		return err
+	}
+	w.err = err
+	return err
+}
+
+// putHeader fills the 16-byte header at h[0:16] for a payload of length n whose CRC32C,
+// continuing from the header's first 12 bytes, is computed by crc.
+func (w *Writer) putHeader(h []byte, t Type, flags uint8, n int, payloadCRC func(uint32) uint32) {
+	w.seq++
+	h[0], h[1], h[2], h[3] = byte(t), flags, 0, 0
+	le.PutUint32(h[4:], uint32(n))
+	le.PutUint32(h[8:], w.seq)
+	crc := crc32.Update(0, castagnoli, h[:12])
+	le.PutUint32(h[12:], payloadCRC(crc))
+}
+
+// frame writes a frame whose payload is produced by build appending to a buffer.
+func (w *Writer) frame(t Type, flags uint8, build func([]byte) []byte) error {
+	if w.err != nil {
+		return w.err
+	}
+	b := append(w.buf[:0], make([]byte, HeaderSize)...)
+	b = build(b)
+	w.buf = b
+	n := len(b) - HeaderSize
+	if n > MaxFramePayload {
+		return fmt.Errorf("wire: write %s: payload of %d bytes exceeds %d", t, n, MaxFramePayload)
+	}
+	w.putHeader(b, t, flags, n, func(c uint32) uint32 { return crc32.Update(c, castagnoli, b[HeaderSize:]) })
+	return w.write(b)
+}
+
+// WriteHello writes the source's Hello, after validating the description.
+func (w *Writer) WriteHello(h *Hello) error {
+	if err := h.Desc.Validate(); err != nil {
+		return err
+	}
+	return w.frame(TypeHello, 0, func(b []byte) []byte { return AppendHello(b, h) })
+}
+
+// WriteWelcome writes the destination's Welcome.
+func (w *Writer) WriteWelcome(m *Welcome) error {
+	return w.frame(TypeWelcome, 0, func(b []byte) []byte { return AppendWelcome(b, m) })
+}
+
+// WriteRound opens a round.
+func (w *Writer) WriteRound(r *Round) error {
+	var f uint8
+	if r.Final {
+		f = FlagFinal
+	}
+	return w.frame(TypeRound, f, func(b []byte) []byte { return AppendRound(b, r) })
+}
+
+// WritePages writes a page batch with one gathered write. The batch's data is read, never
+// copied; it may be reused as soon as WritePages returns.
+func (w *Writer) WritePages(b *OutBatch) error {
+	if w.err != nil {
+		return w.err
+	}
+	if len(b.encs) == 0 {
+		return nil
+	}
+	n := b.PayloadLen()
+	if n > MaxFramePayload || len(b.encs) > MaxBatchPages {
+		return fmt.Errorf("wire: write page batch: %d pages in %d bytes exceed the caps (%d pages, %d bytes)", len(b.encs), n, MaxBatchPages, MaxFramePayload)
+	}
+	h := append(w.buf[:0], make([]byte, HeaderSize)...)
+	h = b.appendHead(h)
+	w.buf = h
+	w.putHeader(h, TypePageBatch, 0, n, func(c uint32) uint32 {
+		c = crc32.Update(c, castagnoli, h[HeaderSize:])
+		for _, d := range b.data {
+			c = crc32.Update(c, castagnoli, d)
+		}
+		return c
+	})
+	w.iov = append(w.iov[:0], h)
+	w.iov = append(w.iov, b.data...)
+	bufs := net.Buffers(w.iov)
+	total := int64(len(h) + b.dataLen)
+	// WriteTo uses writev when the writer is a socket and falls back to one Write per slice.
+	// It consumes bufs but not the backing array, which is reused next time.
+	m, err := bufs.WriteTo(w.w)
+	w.n += m
+	clear(w.iov) // drop references to the caller's buffers
+	if err == nil && m != total {
+		err = io.ErrShortWrite
+	}
+	return w.failed(m, err, " (page batch)")
+}
+
+// WriteSection writes one state section, split into frames of at most chunk bytes of data
+// (0 means as large as a frame allows).
+func (w *Writer) WriteSection(s *Section, chunk int) error {
+	if s.ID == "" || len(s.ID) > MaxNameLen {
+		return fmt.Errorf("wire: write state: component id %q is empty or longer than %d bytes", s.ID, MaxNameLen)
+	}
+	if len(s.Data) > MaxSectionSize {
+		return fmt.Errorf("wire: write state %q: %d bytes exceed %d", s.ID, len(s.Data), MaxSectionSize)
+	}
+	head := 1 + len(s.ID) + 4
+	if limit := MaxFramePayload - head; chunk <= 0 || chunk > limit {
+		chunk = limit
+	}
+	data := s.Data
+	for {
+		part := data
+		var flags uint8
+		if len(part) > chunk {
+			part, flags = part[:chunk], FlagMore
+		}
+		err := w.frame(TypeState, flags, func(b []byte) []byte {
+			b = appendStateHead(b, s.ID, s.Version)
+			return append(b, part...)
+		})
+		if err != nil || flags == 0 {
+			return err
+		}
+		data = data[chunk:]
+	}
+}
+
+// WriteComplete ends the source's stream of memory and state.
+func (w *Writer) WriteComplete(m *Complete) error {
+	return w.frame(TypeComplete, 0, func(b []byte) []byte { return AppendComplete(b, m) })
+}
+
+// WriteResumed acknowledges Complete.
+func (w *Writer) WriteResumed(m *Resumed) error {
+	return w.frame(TypeResumed, 0, func(b []byte) []byte { return AppendResumed(b, m) })
+}
+
+// WriteDone writes the destination's last frame.
+func (w *Writer) WriteDone(m *Done) error {
+	return w.frame(TypeDone, 0, func(b []byte) []byte { return AppendDone(b, m) })
+}
+
+// WriteDoneAck acknowledges Done.
+func (w *Writer) WriteDoneAck() error {
+	return w.frame(TypeDoneAck, 0, func(b []byte) []byte { return b })
+}
+
+// WriteRequest asks the source for pages (post-copy).
+func (w *Writer) WriteRequest(q *Request) error {
+	return w.frame(TypeRequest, 0, func(b []byte) []byte { return AppendRequest(b, q) })
+}
+
+// WriteError tells the peer why this side aborts. It is the last frame a side writes.
+func (w *Writer) WriteError(code ErrCode, msg string) error {
+	return w.frame(TypeError, 0, func(b []byte) []byte { return AppendError(b, code, msg) })
+}
+
+// WriteRawFrame writes a frame with an arbitrary type, flags and payload, bypassing every
+// check. It exists so that tests can produce illegal streams.
+func (w *Writer) WriteRawFrame(t Type, flags uint8, payload []byte) error {
+	return w.frame(t, flags, func(b []byte) []byte { return append(b, payload...) })
+}
