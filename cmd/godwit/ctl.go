@@ -50,6 +50,9 @@ func printStats(s vmm.Stats) {
 		var parts []string
 		for _, k := range []string{"workload", "wss", "rate", "pattern", "content", "seed"} {
 			if v, ok := s.Workload[k]; ok {
+				if f, isNum := v.(float64); isNum && k == "wss" {
+					v = formatBytes(uint64(f))
+				}
 				parts = append(parts, fmt.Sprintf("%s=%v", k, v))
 			}
 		}

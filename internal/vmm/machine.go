@@ -65,6 +65,7 @@ type Machine struct {
 	vcpus   []*vcpu
 	pv      *pvDevice
 	created time.Time
+	caps    capabilities
 
 	// life guards the KVM objects and memory against release while readers use them.
 	life     sync.RWMutex
@@ -117,6 +118,12 @@ func New(cfg Config) (*Machine, error) {
 	}
 	if err = m.vm.SetIdentityMapAddr(0xfffbc000); err != nil {
 		return nil, err
+	}
+	m.caps = capabilities{
+		xsave:       m.sys.CheckExtension(kvm.CapXSave) > 0,
+		xcrs:        m.sys.CheckExtension(kvm.CapXCRs) > 0,
+		vcpuEvents:  m.sys.CheckExtension(kvm.CapVCPUEvents) > 0,
+		adjustClock: m.sys.CheckExtension(kvm.CapAdjustClock) > 0,
 	}
 	if m.sys.CheckExtension(kvm.CapManualDirtyLogProtect2) == 0 {
 		return nil, errors.New("vmm: KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, which dirty tracking needs")
@@ -189,6 +196,12 @@ func (m *Machine) boot() error {
 	copy(m.mem.Mem[guest.EntryGPA:], m.cfg.Image)
 	m.pv.tscKHz = tsc
 	return nil
+}
+
+// capabilities are the KVM extensions state save and restore depend on, asked once at creation
+// so that the paused window of a migration spends no ioctls on them.
+type capabilities struct {
+	xsave, xcrs, vcpuEvents, adjustClock bool
 }
 
 // Name is the machine's name.

@@ -28,7 +28,7 @@ func (m *Machine) deviceIDs() []string {
 	for i := range m.vcpus {
 		ids = append(ids, sectionVCPUPrefix+strconv.Itoa(i))
 	}
-	if m.sys.CheckExtension(kvm.CapAdjustClock) > 0 {
+	if m.caps.adjustClock {
 		ids = append(ids, sectionClock)
 	}
 	return append(ids, sectionPV)

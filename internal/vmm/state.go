@@ -112,7 +112,7 @@ func (m *Machine) SaveState() ([]Section, error) {
 		}
 		out = append(out, Section{ID: sectionVCPUPrefix + strconv.Itoa(v.id), Version: versionVCPU, Data: data})
 	}
-	if m.sys.CheckExtension(kvm.CapAdjustClock) > 0 {
+	if m.caps.adjustClock {
 		c, err := m.vm.Clock()
 		if err != nil {
 			return nil, err
@@ -142,7 +142,7 @@ func (m *Machine) saveVCPU(c *kvm.VCPU, msrs []uint32) ([]byte, error) {
 	if f.Sregs, err = c.Sregs(); err != nil {
 		return nil, err
 	}
-	if m.sys.CheckExtension(kvm.CapXSave) > 0 {
+	if m.caps.xsave {
 		x, err := c.XSave()
 		if err != nil {
 			return nil, err
@@ -152,13 +152,13 @@ func (m *Machine) saveVCPU(c *kvm.VCPU, msrs []uint32) ([]byte, error) {
 	} else if f.FPU, err = c.FPU(); err != nil {
 		return nil, err
 	}
-	if m.sys.CheckExtension(kvm.CapXCRs) > 0 {
+	if m.caps.xcrs {
 		if f.XCRs, err = c.XCRs(); err != nil {
 			return nil, err
 		}
 		f.Flags |= vcpuFlagXCRs
 	}
-	if m.sys.CheckExtension(kvm.CapVCPUEvents) > 0 {
+	if m.caps.vcpuEvents {
 		if f.Events, err = c.Events(); err != nil {
 			return nil, err
 		}
