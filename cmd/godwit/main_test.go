@@ -34,14 +34,14 @@ func godwit(args ...string) *exec.Cmd {
 	return cmd
 }
 
-func requireKVM(t *testing.T) {
+func requireKVM(t testing.TB) {
 	t.Helper()
 	if err := kvm.Available(""); err != nil {
 		t.Fatalf("this test needs KVM: %v", err)
 	}
 }
 
-func runJSON(t *testing.T, out any, args ...string) {
+func runJSON(t testing.TB, out any, args ...string) {
 	t.Helper()
 	b, err := godwit(args...).Output()
 	if err != nil {

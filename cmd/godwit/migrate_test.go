@@ -23,7 +23,7 @@ import (
 // joined by a veth pair (optionally shaped), exactly as on two hosts. Every test ends with the
 // guest that holds the VM verifying every page.
 
-func newTestbed(t *testing.T, bps int64) *testbed.Testbed {
+func newTestbed(t testing.TB, bps int64) *testbed.Testbed {
 	t.Helper()
 	tb, err := testbed.New(testbed.Config{Bandwidth: bps})
 	if err != nil {
@@ -42,7 +42,7 @@ type vmProc struct {
 }
 
 // startVM starts 'godwit run --json ARGS' in host h.
-func startVM(t *testing.T, h *testbed.Host, name string, args ...string) *vmProc {
+func startVM(t testing.TB, h *testbed.Host, name string, args ...string) *vmProc {
 	t.Helper()
 	p := &vmProc{sock: filepath.Join(t.TempDir(), name+".sock"), exited: make(chan error, 1), stdout: new(bytes.Buffer), stderr: new(bytes.Buffer)}
 	p.cmd = h.Command(os.Args[0], append([]string{"run", "--json", "--name", name, "--control", p.sock}, args...)...)
@@ -69,14 +69,14 @@ func startVM(t *testing.T, h *testbed.Host, name string, args ...string) *vmProc
 	}
 }
 
-func (p *vmProc) stats(t *testing.T) vmm.Stats {
+func (p *vmProc) stats(t testing.TB) vmm.Stats {
 	t.Helper()
 	var s vmm.Stats
 	runJSON(t, &s, "stats", "--json", "--control", p.sock)
 	return s
 }
 
-func (p *vmProc) waitHeartbeats(t *testing.T, n uint64) vmm.Stats {
+func (p *vmProc) waitHeartbeats(t testing.TB, n uint64) vmm.Stats {
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
@@ -93,7 +93,7 @@ func (p *vmProc) waitHeartbeats(t *testing.T, n uint64) vmm.Stats {
 
 // verifyClean asks the guest to verify and requires zero mismatches, and that the guest keeps
 // making progress.
-func (p *vmProc) verifyClean(t *testing.T) vmm.VerifyReport {
+func (p *vmProc) verifyClean(t testing.TB) vmm.VerifyReport {
 	t.Helper()
 	before := p.stats(t)
 	var r vmm.VerifyReport
@@ -106,7 +106,7 @@ func (p *vmProc) verifyClean(t *testing.T) vmm.VerifyReport {
 }
 
 // migrate runs 'godwit migrate --json' and returns the report and whether it exited 0.
-func migrate(t *testing.T, src *vmProc, to string, args ...string) (migration.Report, error) {
+func migrate(t testing.TB, src *vmProc, to string, args ...string) (migration.Report, error) {
 	t.Helper()
 	out, err := godwit(append([]string{"migrate", "--json", "--control", src.sock, "--to", to}, args...)...).Output()
 	var rep migration.Report

@@ -99,6 +99,20 @@ func (r *Region) ReadAt(b []byte, off int64) (int, error) {
 	return n, nil
 }
 
+// WriteAt writes guest memory through the memfd with pwrite. Filling fresh memory this way
+// allocates its pages in the kernel without a user page fault per page, which a copy through
+// the mapping would take.
+func (r *Region) WriteAt(b []byte, off int64) (int, error) {
+	n, err := unix.Pwrite(r.fd, b, off)
+	if err != nil {
+		return n, fmt.Errorf("guestmem: pwrite %q at %d: %w", r.Name, off, err)
+	}
+	if n != len(b) {
+		return n, fmt.Errorf("guestmem: pwrite %q at %d: wrote %d of %d bytes", r.Name, off, n, len(b))
+	}
+	return n, nil
+}
+
 func (r *Region) markDirty(off, n uint64) {
 	if n == 0 {
 		return
