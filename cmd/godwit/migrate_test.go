@@ -265,6 +265,32 @@ func TestMigrationFailuresLeaveSourceRunning(t *testing.T) {
 		}
 		src.verifyClean(t)
 	})
+	t.Run("cancelled", func(t *testing.T) {
+		dst := startVM(t, tb.Host(1), "dst-cancel", "--incoming", "tcp:"+dstAddr(7250))
+		cmd := godwit("migrate", "--json", "--control", src.sock, "--to", "tcp:"+dstAddr(7250), "--max-bandwidth", "10M")
+		var out bytes.Buffer
+		cmd.Stdout = &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(1500 * time.Millisecond) // pages are flowing: 10 MB/s against 30+ MB populated
+		cmd.Process.Signal(os.Interrupt)
+		err := cmd.Wait()
+		var rep migration.Report
+		if jerr := json.Unmarshal(out.Bytes(), &rep); jerr != nil {
+			t.Fatalf("migrate printed %q: %v", out.String(), jerr)
+		}
+		logReport(t, "cancelled", rep)
+		if err == nil || rep.Result != "cancelled" {
+			t.Fatalf("interrupted migrate: %v, report %+v", err, rep)
+		}
+		select {
+		case <-dst.exited:
+		case <-time.After(30 * time.Second):
+			t.Errorf("destination of a cancelled migration still running")
+		}
+		src.verifyClean(t)
+	})
 	otherVersion := func(off int64, b []byte) bool {
 		if off == 0 && len(b) >= 16 {
 			binary.LittleEndian.PutUint32(b[8:], 99)
