@@ -98,7 +98,8 @@ type FirstProgress interface {
 // Clock is the engine's source of time: timestamps for pause and resume (wall clock: downtime
 // is measured across hosts that share a synchronised clock) and pacing sleeps for the
 // bandwidth cap. Timeouts use the time package directly, so tests that need fake time run the
-// engine inside testing/synctest, where both agree.
+// engine inside testing/synctest, where both agree. Now may be called from several
+// goroutines at once (the sender stamps the destination's acknowledgements as they arrive).
 type Clock interface {
 	Now() time.Time
 	// Sleep waits for d or until ctx is done, returning ctx's error in that case.

@@ -16,15 +16,30 @@
 //	source                                            destination
 //	StartDirtyLog, Populated
 //	round 1: populated pages (holes skipped,  ---->   WritePages / ZeroPages
-//	         zero pages as zero markers)
-//	loop: FetchDirty -> policy
-//	  round n: the dirty set  ------------------->   WritePages / ZeroPages
+//	         zero pages as zero markers), round end
+//	loop: FetchDirty, read the next batch
+//	                         <--------------------   round ack (all placed)
+//	      policy
+//	  round n: the dirty set, round end  -------->   WritePages / ZeroPages
+//	                         <--------------------   round ack
 //	Pause, FetchDirty, StopDirtyLog
 //	final round: last dirty set  ---------------->   WritePages / ZeroPages
 //	SaveState -> state sections, Complete  ------>   RestoreState, Start
 //	                         <--------------------   Resumed (resume time)
 //	                         <--------------------   Done (first guest heartbeat)
 //	DoneAck  ------------------------------------>
+//
+// The round acknowledgements keep the backlog out of the downtime. When the source has
+// written a round, megabytes of it may still sit in socket buffers and in the destination's
+// decode and copy pipeline; had it paused then, the guest would stay stopped while they
+// drained. So each live round ends with a marker, the destination acknowledges it once it has
+// placed the round's last page, and the source neither pauses nor starts the next round before
+// that acknowledgement (bounded by AckTimeout). It fetches the dirty log and reads the next
+// round's first batch while it waits. The policy's bandwidth is measured from each round's
+// first write to its acknowledgement, so it is what the destination absorbs, and its expected
+// downtime adds to the last dirty set (projected over the time since it was fetched) a fixed
+// cost: the state at that bandwidth (estimated before the pause, when it cannot be saved),
+// the shortest round trip seen (handshake and acknowledgements) and SendOptions.SwitchCost.
 //
 // The destination's Resumed is the point of no return. Before it, any failure (the peer's Error
 // frame, a bad or missing frame, a dead connection, a timeout, cancellation, a VMM error) leaves
@@ -47,5 +62,8 @@
 // testbeds, and trivially within one host), so the source also reports its local pause ->
 // acknowledgement time, which needs no shared clock; blackout as the guest's first heartbeat
 // after resume minus its last before pause, when the source implements [ProgressClock] and the
-// destination [FirstProgress]; bytes this side wrote to the connection; pages by kind.
+// destination [FirstProgress]; bytes this side wrote to the connection; pages by kind. Per live
+// round the source also reports how long the acknowledgement took after the round's end
+// (ack_wait_ms: the backlog plus a round trip), and its expected downtime at the decision to
+// stop (expected_downtime_ms), to compare with the downtime measured.
 package migration

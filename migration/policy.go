@@ -34,23 +34,44 @@ type PolicyConfig struct {
 	MaxRounds     int           // live rounds before giving up (or forcing)
 	AutoConverge  bool          // throttle the guest when it dirties faster than the link sends
 	Force         bool          // at non-convergence, stop and copy anyway instead of giving up
+	// StateBytes is the expected size of the device state sent while paused. The engine
+	// cannot save state before it pauses, so this is an estimate (see SendOptions).
+	StateBytes uint64
+	// SwitchCost is the paused time that does not depend on the link: saving state on the
+	// source, restoring it and starting on the destination. 0 counts none.
+	SwitchCost time.Duration
 }
 
 // Observation is what the driver saw during the live round it just finished.
 type Observation struct {
-	Round   int           // the round just sent: 1, 2, ...
-	Pages   uint64        // pages sent in it (zero pages included, holes not)
-	Bytes   uint64        // bytes written for it
-	Elapsed time.Duration // from its first to its last write
-	Dirty   uint64        // pages dirtied meanwhile: the set the next round would send
+	Round int    // the round just sent: 1, 2, ...
+	Pages uint64 // pages sent in it (zero pages included, holes not)
+	Bytes uint64 // bytes written for it
+	// Elapsed runs from the round's first write until the destination acknowledged that it
+	// had placed the round's last page: the time the link and the destination needed to
+	// absorb it, not just the time to hand it to the socket.
+	Elapsed time.Duration
+	Dirty   uint64 // pages dirtied meanwhile: the set the next round would send
+	// DirtyTime is how long the guest had to dirty those pages (between the two fetches of
+	// the dirty log); 0 means Elapsed.
+	DirtyTime time.Duration
+	// Lag is how long before this decision Dirty was fetched (the driver fetches while it
+	// waits for the acknowledgement). The guest kept dirtying pages meanwhile, and the
+	// final round will carry those too.
+	Lag time.Duration
+	// RTT is the shortest round trip to the destination measured so far (0 if unknown).
+	RTT time.Duration
 }
 
 // Decision is the policy's answer to an Observation, with the estimates behind it.
 type Decision struct {
-	Action           Action
-	Throttle         int           // throttle percentage to apply before the next round
-	ExpectedDowntime time.Duration // Dirty pages at the measured bandwidth
-	Bandwidth        float64       // bytes/s, over all rounds so far (+Inf before any time passed)
+	Action   Action
+	Throttle int // throttle percentage to apply before the next round
+	// ExpectedDowntime is the pause if the driver stopped now: the projected final round
+	// and the state at the measured bandwidth, plus RTT and the switch cost.
+	ExpectedDowntime time.Duration
+	FixedCost        time.Duration // the part of ExpectedDowntime that no further round reduces
+	Bandwidth        float64       // bytes/s the destination absorbed, over all rounds so far (+Inf before any time passed)
 	DirtyRate        float64       // pages/s dirtied during the last round
 	LinkRate         float64       // pages/s the link carries at Bandwidth
 	Converged        bool          // StopAndCopy because the expected downtime fits the limit
@@ -74,9 +95,13 @@ const (
 // and carries out the Decision. Identical observations give identical decisions, so tests
 // script whole migrations against it.
 //
-// The model: the expected downtime is the next round's pages at the bandwidth measured over all
-// rounds (conservatively a full page each: dirtied pages are rarely zero). When it fits the
-// limit, stop and copy.
+// The model: the bandwidth is the bytes of all rounds over the time from their first writes to
+// their acknowledgements, which is what the destination absorbed, backlog included. The final
+// round would carry the dirty set plus what the guest dirtied in the Lag since it was fetched
+// (at the last round's dirty rate; conservatively a full page each: dirtied pages are rarely
+// zero). The expected downtime is that round and the state at the bandwidth, plus a fixed
+// cost: one round trip (Complete out, Resumed back) and the configured switch cost. When it
+// fits the limit, stop and copy.
 //
 // Otherwise the guest is outrunning the link when it dirtied pages at more than half the rate
 // the link sent them (the round left more than half of its own size dirty again). The dirty
@@ -119,21 +144,30 @@ func (p *PrecopyPolicy) Step(o Observation) Decision {
 		d.Bandwidth = float64(p.bytes) / p.elapsed.Seconds()
 	}
 	d.LinkRate = d.Bandwidth / float64(p.cfg.PageSize)
+	window := o.DirtyTime
+	if window <= 0 {
+		window = o.Elapsed
+	}
 	switch {
-	case o.Elapsed > 0:
-		d.DirtyRate = float64(o.Dirty) / o.Elapsed.Seconds()
+	case window > 0:
+		d.DirtyRate = float64(o.Dirty) / window.Seconds()
 	case o.Dirty > 0:
 		d.DirtyRate = math.Inf(1)
 	}
-	if !math.IsInf(d.Bandwidth, 1) {
-		// In floating point: pages x page size can overflow 64 bits, and so can the
-		// conversion of a huge estimate to a Duration, which would then look tiny.
-		secs := float64(o.Dirty) * float64(p.cfg.PageSize) / d.Bandwidth
-		d.ExpectedDowntime = time.Duration(math.MaxInt64)
-		if secs < 1e9 {
-			d.ExpectedDowntime = time.Duration(secs * 1e9)
-		}
+	// In floating point: pages x page size can overflow 64 bits, and so can the conversion
+	// of a huge estimate to a Duration, which would then look tiny.
+	final := float64(o.Dirty)
+	if o.Lag > 0 && d.DirtyRate > 0 {
+		final += d.DirtyRate * o.Lag.Seconds()
 	}
+	fixed := (o.RTT + p.cfg.SwitchCost).Seconds()
+	var transfer float64
+	if !math.IsInf(d.Bandwidth, 1) {
+		fixed += float64(p.cfg.StateBytes) / d.Bandwidth
+		transfer = final * float64(p.cfg.PageSize) / d.Bandwidth
+	}
+	d.FixedCost = seconds(fixed)
+	d.ExpectedDowntime = seconds(fixed + transfer)
 	if d.ExpectedDowntime <= p.cfg.DowntimeLimit {
 		d.Action, d.Converged = StopAndCopy, true
 		return d
@@ -162,7 +196,11 @@ func (p *PrecopyPolicy) Step(o Observation) Decision {
 		if p.cfg.AutoConverge {
 			how = fmt.Sprintf("throttle reached %d%%", p.throttle)
 		}
-		if d.DirtyRate > d.LinkRate {
+		if d.FixedCost > p.cfg.DowntimeLimit {
+			// No round and no throttle can help: say what the fixed part is made of.
+			d.Reason = fmt.Sprintf("the fixed part of the downtime alone, %v (state %d bytes at %.0f bytes/s, round trip %v, switch cost %v), exceeds the limit %v",
+				d.FixedCost.Round(time.Millisecond), p.cfg.StateBytes, d.Bandwidth, o.RTT, p.cfg.SwitchCost, p.cfg.DowntimeLimit)
+		} else if d.DirtyRate > d.LinkRate {
 			d.Reason = fmt.Sprintf("dirty rate %.0f pages/s exceeds link %.0f pages/s; %s", d.DirtyRate, d.LinkRate, how)
 		} else {
 			d.Reason = fmt.Sprintf("dirty rate %.0f pages/s keeps up with link %.0f pages/s (dirty set stuck at %d pages, expected downtime %v > limit %v); %s",
@@ -179,4 +217,12 @@ func (p *PrecopyPolicy) Step(o Observation) Decision {
 		d.Action = StopAndCopy
 	}
 	return d
+}
+
+// seconds converts to a Duration, saturating where the estimate no longer fits one.
+func seconds(s float64) time.Duration {
+	if !(s < 9e9) { // ~285 years, MaxInt64 ns being ~292; also catches NaN
+		return time.Duration(math.MaxInt64)
+	}
+	return time.Duration(s * 1e9)
 }

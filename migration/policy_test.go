@@ -161,3 +161,46 @@ func TestBitmapRuns(t *testing.T) {
 		t.Fatalf("count %d", c)
 	}
 }
+
+func TestPolicyFixedCost(t *testing.T) {
+	// 100 MB/s measured over send and acknowledgement; 1 MB of state takes 10ms, plus a 5ms
+	// round trip and 20ms to save, restore and start.
+	cfg := migration.PolicyConfig{PageSize: 4096, DowntimeLimit: 40 * time.Millisecond, StateBytes: 1e6, SwitchCost: 20 * time.Millisecond}
+	round1 := migration.Observation{Round: 1, Pages: 24414, Bytes: 100e6, Elapsed: time.Second, RTT: 5 * time.Millisecond}
+	d := migration.NewPrecopyPolicy(cfg).Step(round1)
+	if d.Action != migration.StopAndCopy || !d.Converged || d.FixedCost != 35*time.Millisecond || d.ExpectedDowntime != 35*time.Millisecond {
+		t.Fatalf("decision %+v", d)
+	}
+
+	// With a 30ms limit nothing can converge: every round stalls at an empty dirty set, and
+	// the reason names the fixed part.
+	cfg.DowntimeLimit = 30 * time.Millisecond
+	p := migration.NewPrecopyPolicy(cfg)
+	var ds []migration.Decision
+	for o := round1; o.Round <= 10; o = (migration.Observation{Round: o.Round + 1, RTT: 5 * time.Millisecond}) {
+		if d = p.Step(o); d.Action != migration.SendRound {
+			break
+		}
+		ds = append(ds, d)
+	}
+	want := "the fixed part of the downtime alone, 35ms (state 1000000 bytes at 100000000 bytes/s, round trip 5ms, switch cost 20ms), exceeds the limit 30ms"
+	if d.Action != migration.GiveUp || len(ds) != 3 || d.Reason != want {
+		t.Fatalf("after %d rounds: %+v, want GiveUp with %q", len(ds)+1, d, want)
+	}
+}
+
+func TestPolicyProjectsTheLag(t *testing.T) {
+	// 10000 pages/s absorbed; 1000 pages dirtied in 500ms, and fetched 250ms before the
+	// decision: the final round would carry about 1500 pages, 150ms.
+	o := migration.Observation{Round: 1, Pages: 10000, Bytes: 10000 * 4096, Elapsed: time.Second, Dirty: 1000, DirtyTime: 500 * time.Millisecond, Lag: 250 * time.Millisecond}
+	d := migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096}).Step(o)
+	if d.DirtyRate != 2000 || d.ExpectedDowntime < 149*time.Millisecond || d.ExpectedDowntime > 151*time.Millisecond {
+		t.Fatalf("decision %+v, want a dirty rate of 2000 pages/s and 150ms", d)
+	}
+	// Without DirtyTime the dirty rate is over Elapsed.
+	o.DirtyTime, o.Lag = 0, 0
+	d = migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096}).Step(o)
+	if d.DirtyRate != 1000 || d.ExpectedDowntime < 99*time.Millisecond || d.ExpectedDowntime > 101*time.Millisecond {
+		t.Fatalf("decision %+v, want a dirty rate of 1000 pages/s and 100ms", d)
+	}
+}

@@ -224,6 +224,14 @@ func (rc *receiver) migrate() error {
 				return err
 			}
 			rc.round.Pages += m.Pages
+		case *wire.RoundEnd:
+			// Placing is synchronous, so every page of the round is in the VM now. The
+			// source waits for this before it pauses: answer at once.
+			placed := rc.round.Pages
+			rc.endRound()
+			if err := rc.w.WriteRoundAck(&wire.RoundAck{N: m.N, Pages: placed}); err != nil {
+				return err
+			}
 		case *wire.Section:
 			rc.endRound()
 			rc.phase = "state"
@@ -232,7 +240,7 @@ func (rc *receiver) migrate() error {
 			rc.endRound()
 			complete = m
 		default:
-			return unexpected(m, "round, page batch, state or complete")
+			return unexpected(m, "round, page batch, round end, state or complete")
 		}
 	}
 

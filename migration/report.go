@@ -44,9 +44,14 @@ type RoundReport struct {
 	Final      bool    `json:"final"` // the stop-and-copy round
 	Pages      uint64  `json:"pages"`
 	Bytes      uint64  `json:"bytes"`
-	DurationMS float64 `json:"duration_ms"`
+	DurationMS float64 `json:"duration_ms"` // source: first write -> round end written
 	DirtyPages uint64  `json:"dirty_pages"` // pages dirtied during the round (the next round's set)
 	Throttle   int     `json:"throttle"`    // throttle in force during the round
+	// AckWaitMS (source, live rounds) runs from the round's end marker to the destination's
+	// acknowledgement that every page of it is placed: the backlog that was still in socket
+	// buffers and in the destination's pipeline, plus one round trip: time the guest would
+	// otherwise spend paused, for the last live round.
+	AckWaitMS float64 `json:"ack_wait_ms"`
 }
 
 // DowntimeParts splits the downtime the way the source sees it, plus the destination's share.
@@ -69,25 +74,28 @@ type DowntimeParts struct {
 // heartbeat after resume minus its last before pause, when both VMMs can report heartbeats.
 // Converged, Reason and the throttle are the source's to know; a destination leaves them zero.
 type Report struct {
-	Side            string        `json:"side"` // "source" or "destination"
-	Result          string        `json:"result"`
-	Error           string        `json:"error,omitempty"`
-	Mode            string        `json:"mode"`
-	TotalMS         float64       `json:"total_ms"`
-	DowntimeMS      float64       `json:"downtime_ms"`
-	PauseToAckMS    float64       `json:"pause_to_ack_ms"` // source-local: pause -> Resumed received
-	Downtime        DowntimeParts `json:"downtime_parts"`
-	BlackoutMS      *float64      `json:"blackout_ms"` // null when not measured
-	BytesWire       int64         `json:"bytes_wire"`  // bytes this side wrote to the connection
-	BytesRead       int64         `json:"bytes_read"`  // bytes this side read from it
-	Pages           PageCounts    `json:"pages"`
-	Rounds          int           `json:"rounds"`
-	RoundDetails    []RoundReport `json:"round_details"`
-	ThrottleMax     int           `json:"throttle_max"`
-	Converged       bool          `json:"converged"`
-	Reason          string        `json:"reason,omitempty"` // why pre-copy did not converge
-	ProtocolVersion uint32        `json:"protocol_version"`
-	Warnings        []string      `json:"warnings,omitempty"` // problems after the point of no return
+	Side         string        `json:"side"` // "source" or "destination"
+	Result       string        `json:"result"`
+	Error        string        `json:"error,omitempty"`
+	Mode         string        `json:"mode"`
+	TotalMS      float64       `json:"total_ms"`
+	DowntimeMS   float64       `json:"downtime_ms"`
+	PauseToAckMS float64       `json:"pause_to_ack_ms"` // source-local: pause -> Resumed received
+	Downtime     DowntimeParts `json:"downtime_parts"`
+	BlackoutMS   *float64      `json:"blackout_ms"` // null when not measured
+	BytesWire    int64         `json:"bytes_wire"`  // bytes this side wrote to the connection
+	BytesRead    int64         `json:"bytes_read"`  // bytes this side read from it
+	Pages        PageCounts    `json:"pages"`
+	Rounds       int           `json:"rounds"`
+	RoundDetails []RoundReport `json:"round_details"`
+	ThrottleMax  int           `json:"throttle_max"`
+	Converged    bool          `json:"converged"`
+	// ExpectedDowntimeMS is the source's estimate when it decided to stop and copy, to set
+	// against DowntimeMS.
+	ExpectedDowntimeMS float64  `json:"expected_downtime_ms"`
+	Reason             string   `json:"reason,omitempty"` // why pre-copy did not converge
+	ProtocolVersion    uint32   `json:"protocol_version"`
+	Warnings           []string `json:"warnings,omitempty"` // problems after the point of no return
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

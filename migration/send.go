@@ -33,9 +33,17 @@ type SendOptions struct {
 	Force         bool          // when pre-copy does not converge, stop and copy anyway (longer downtime) instead of failing
 	Timeout       time.Duration // the whole migration; 0 = none
 	MaxRounds     int           // live rounds before non-convergence; default 30
-	// AckTimeout bounds how long the paused source waits for the destination's Resumed after
-	// Complete; past it the source resumes. Default 30s.
+	// AckTimeout bounds each wait for an acknowledgement from the destination: of a live
+	// round, counted from the round's end marker (the source still runs; past it the
+	// migration fails), and of Complete, by Resumed (the source is paused; past it it
+	// resumes). Default 30s.
 	AckTimeout time.Duration
+	// SwitchCost is the part of the downtime the engine cannot measure before it pauses:
+	// saving the state on the source, restoring it and starting the vCPUs on the destination.
+	// It is added to the expected downtime. A caller that migrated a similar VM before can
+	// take it from that report (downtime_parts: state_ms, less the state's transfer, plus
+	// restore_ms and start_ms). Default 0.
+	SwitchCost time.Duration
 	// DoneWait bounds the wait for the destination's Done (which carries the blackout) after
 	// Resumed. Default 5s; the migration has succeeded either way.
 	DoneWait   time.Duration
@@ -101,7 +109,15 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 type inbound struct {
 	msg wire.Msg
 	err error
+	at  time.Time // when the reader goroutine had it
 }
+
+// stateBytesPerComponent is the state size the expected downtime assumes for each component
+// of the description, since the state cannot be saved (and measured) before the pause. A KVM
+// vCPU's registers, FPU area, MSRs and local APIC come to a few KiB and most devices to far
+// less, so this errs on the large side; at any useful bandwidth it is well under a millisecond
+// per component.
+const stateBytesPerComponent = 16 << 10
 
 type sender struct {
 	src   Source
@@ -125,7 +141,8 @@ type sender struct {
 	scratch  []byte
 	batch    wire.OutBatch
 	region   uint32
-	used     int // pages of buf holding data of the current batch
+	used     int    // pages of buf holding data of the next batch
+	spans    []span // the runs of pages in buf[:used*ps], all of region
 	cls      pages.Classifier
 	limit    limiter
 	policy   *PrecopyPolicy
@@ -133,6 +150,12 @@ type sender struct {
 	round    int
 	lastProg time.Time
 	last     Decision // the policy's latest estimates, for progress
+
+	// Timing of the live rounds, for the policy.
+	roundAt time.Time     // the last round's first write
+	endAt   time.Time     // when the last round's end marker was about to be written
+	fetchAt time.Time     // the last fetch of the dirty log (or the start of logging)
+	rtt     time.Duration // shortest round trip seen: handshake, round acknowledgements
 
 	logging  bool
 	paused   bool
@@ -142,6 +165,7 @@ type sender struct {
 	inbox        chan inbound
 	readerDone   chan struct{}
 	completeSent atomic.Bool
+	ended        atomic.Uint32 // the last live round whose end marker is (being) written
 }
 
 func (s *sender) run(parent context.Context) (*Report, error) {
@@ -247,7 +271,9 @@ func (s *sender) fail(parent context.Context, err error) error {
 	// After a version or magic mismatch the peer cannot parse our frames: say nothing.
 	if !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && s.w.Err() == nil {
 		if setDeadline(s.conn, time.Now().Add(time.Second)) || !interrupted {
+			stop := s.drain()
 			s.w.WriteError(errorCode(err, "source"), err.Error())
+			stop()
 		}
 	}
 	setDeadline(s.conn, longAgo) // unblock the reader goroutine
@@ -258,6 +284,39 @@ func (s *sender) fail(parent context.Context, err error) error {
 	s.rep.Result = result
 	s.rep.Error = err.Error()
 	return err
+}
+
+// drain reads and discards what the destination sends while the source writes its Error
+// frame, if nothing else reads: the destination may be blocked writing a round
+// acknowledgement, and on a transport without buffering (net.Pipe) it would never get to read
+// the Error frame, nor the source to write it. It runs only when the reader goroutine has
+// stopped (an interruption's deadline stops it) and conn has deadlines, by which the
+// returned function stops it again.
+func (s *sender) drain() (stop func()) {
+	if s.readerDone != nil {
+		select {
+		case <-s.readerDone:
+		default:
+			return func() {} // the reader goroutine still reads
+		}
+	}
+	if _, ok := s.conn.(deadliner); !ok {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 4096)
+		for {
+			if _, err := s.conn.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	return func() {
+		setDeadline(s.conn, longAgo)
+		<-done
+	}
 }
 
 func (s *sender) vmm(op string, err error) error {
@@ -293,6 +352,8 @@ func (s *sender) migrate() error {
 		MaxRounds:     s.opts.MaxRounds,
 		AutoConverge:  s.opts.AutoConverge && throttles,
 		Force:         s.opts.Force,
+		StateBytes:    uint64(len(s.desc.Devices)) * stateBytesPerComponent,
+		SwitchCost:    s.opts.SwitchCost,
 	})
 	var offered wire.Caps
 	pc, heartbeats := s.src.(ProgressClock)
@@ -302,6 +363,7 @@ func (s *sender) migrate() error {
 
 	// The handshake strictly alternates (preamble, preamble, Hello, Welcome), so it works on
 	// unbuffered transports too, and a version mismatch stops both sides before the Hello.
+	t0 := s.clock.Now()
 	if err := s.w.WritePreamble(); err != nil {
 		return err
 	}
@@ -309,6 +371,9 @@ func (s *sender) migrate() error {
 	if err != nil {
 		return err
 	}
+	// The destination answers our preamble as soon as it has read it: one round trip, plus
+	// whatever delayed its start. An upper bound that the round acknowledgements refine.
+	s.rtt = s.clock.Now().Sub(t0)
 	s.rep.ProtocolVersion = v
 	if err := s.w.WriteHello(&wire.Hello{Caps: offered, Desc: wd}); err != nil {
 		return err
@@ -330,6 +395,7 @@ func (s *sender) migrate() error {
 		return err
 	}
 	s.logging = true
+	s.fetchAt = s.clock.Now()
 	set, err := s.src.Populated()
 	if err := s.vmm("Populated", err); err != nil {
 		return err
@@ -341,10 +407,18 @@ func (s *sender) migrate() error {
 		n := s.regionPages(r)
 		s.cls.Counters.Add(pages.Hole, n-bm.Count(n))
 	}
-	if err := s.sendRound(1, set, false); err != nil {
+	if err := s.sendRound(1, s.plan(set), false); err != nil {
 		return err
 	}
 
+	// Each live round ends with a marker that the destination acknowledges once it has placed
+	// the round's last page. The source fetches the dirty log and reads the next round's first
+	// batch while the acknowledgement is on its way, then decides with the round's time from
+	// first write to acknowledgement: what the destination absorbed, not what the socket
+	// took. It never pauses, nor starts the next round, before the acknowledgement, so the
+	// paused window holds no backlog of earlier rounds. The cost is the link's idle time
+	// between an acknowledgement and the next round's first batch: about one round trip per
+	// round.
 	var d Decision
 	for {
 		dirty, err := s.src.FetchDirty()
@@ -354,11 +428,22 @@ func (s *sender) migrate() error {
 		if err := checkBitmaps("FetchDirty", dirty, &s.desc.Layout); err != nil {
 			return err
 		}
+		fetchAt := s.clock.Now()
+		dirtyTime := fetchAt.Sub(s.fetchAt)
+		s.fetchAt = fetchAt
 		rr := &s.rep.RoundDetails[len(s.rep.RoundDetails)-1]
 		rr.DirtyPages = s.count(dirty)
+		next := s.plan(dirty)
+		if err := s.fill(next); err != nil {
+			return err
+		}
+		ackAt, err := s.awaitRoundAck(rr)
+		if err != nil {
+			return err
+		}
 		d = s.policy.Step(Observation{
-			Round: s.round, Pages: rr.Pages, Bytes: rr.Bytes,
-			Elapsed: time.Duration(rr.DurationMS * float64(time.Millisecond)), Dirty: rr.DirtyPages,
+			Round: s.round, Pages: rr.Pages, Bytes: rr.Bytes, Elapsed: ackAt.Sub(s.roundAt),
+			Dirty: rr.DirtyPages, DirtyTime: dirtyTime, Lag: s.clock.Now().Sub(fetchAt), RTT: s.rtt,
 		})
 		s.last = d
 		s.report(true)
@@ -368,6 +453,9 @@ func (s *sender) migrate() error {
 		}
 		if d.Action == StopAndCopy {
 			s.rep.Converged, s.rep.Reason = d.Converged, d.Reason
+			s.rep.ExpectedDowntimeMS = ms(d.ExpectedDowntime)
+			// The pages read ahead are in the final set anyway; it reads them afresh.
+			s.discard()
 			set = dirty
 			break
 		}
@@ -379,7 +467,7 @@ func (s *sender) migrate() error {
 			s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
 		}
 		s.phase = fmt.Sprintf("round %d", s.round+1)
-		if err := s.sendRound(s.round+1, dirty, false); err != nil {
+		if err := s.sendRound(s.round+1, next, false); err != nil {
 			return err
 		}
 	}
@@ -419,7 +507,7 @@ func (s *sender) migrate() error {
 		return err
 	}
 	s.logging = false
-	if err := s.sendRound(s.round+1, set, true); err != nil {
+	if err := s.sendRound(s.round+1, s.plan(set), true); err != nil {
 		return err
 	}
 	finalAt := s.clock.Now()
@@ -499,8 +587,17 @@ func (s *sender) startReader() {
 		for {
 			m, err := s.r.Next()
 			if err == nil {
-				if _, ok := m.(*wire.Resumed); ok && !s.completeSent.Load() {
-					err = fmt.Errorf("%w: the destination sent resumed before complete", ErrProtocol)
+				switch m := m.(type) {
+				case *wire.Resumed:
+					if !s.completeSent.Load() {
+						err = fmt.Errorf("%w: the destination sent resumed before complete", ErrProtocol)
+					}
+				case *wire.RoundAck:
+					// Also what bounds the acknowledgements waiting in the inbox: the sender
+					// takes each before it ends the next round.
+					if ended := s.ended.Load(); m.N > ended {
+						err = fmt.Errorf("%w: the destination acknowledged round %d, but the source has ended only %d", ErrProtocol, m.N, ended)
+					}
 				}
 			}
 			if err != nil {
@@ -508,7 +605,7 @@ func (s *sender) startReader() {
 				s.inbox <- inbound{err: err}
 				return
 			}
-			s.inbox <- inbound{msg: m}
+			s.inbox <- inbound{msg: m, at: s.clock.Now()}
 			if _, ok := m.(*wire.Done); ok {
 				return // the destination's last frame
 			}
@@ -530,6 +627,46 @@ func (s *sender) await(timeout time.Duration, what string) (wire.Msg, error) {
 	}
 }
 
+// awaitRoundAck waits for the destination's acknowledgement of the live round rr, for at most
+// AckTimeout from the round's end marker, records the wait in rr and returns when the
+// acknowledgement arrived.
+func (s *sender) awaitRoundAck(rr *RoundReport) (time.Time, error) {
+	phase := s.phase
+	s.phase = fmt.Sprintf("waiting for round %d ack", rr.Round)
+	s.report(false)
+	t := time.NewTimer(max(0, s.opts.AckTimeout-s.clock.Now().Sub(s.endAt)))
+	defer t.Stop()
+	var in inbound
+	select {
+	case in = <-s.inbox:
+	case <-t.C:
+		return time.Time{}, fmt.Errorf("%w: the destination did not acknowledge round %d (%d pages) within %v of its end", ErrTimeout, rr.Round, rr.Pages, s.opts.AckTimeout)
+	case <-s.ctx.Done():
+		return time.Time{}, context.Cause(s.ctx)
+	}
+	if in.err != nil {
+		return time.Time{}, in.err
+	}
+	ack, ok := in.msg.(*wire.RoundAck)
+	if !ok {
+		return time.Time{}, unexpected(in.msg, fmt.Sprintf("round ack %d", rr.Round))
+	}
+	if ack.N != uint32(rr.Round) || ack.Pages != rr.Pages {
+		return time.Time{}, fmt.Errorf("%w: the destination acknowledged round %d with %d pages placed; the source sent %d in round %d", ErrProtocol, ack.N, ack.Pages, rr.Pages, rr.Round)
+	}
+	// The end marker went out after endAt and the acknowledgement cannot precede it; the
+	// clamp only guards against a clock that is not monotonic.
+	at := in.at
+	if at.Before(s.endAt) {
+		at = s.endAt
+	}
+	wait := at.Sub(s.endAt)
+	rr.AckWaitMS = ms(wait)
+	s.rtt = min(s.rtt, wait)
+	s.phase = phase
+	return at, nil
+}
+
 func (s *sender) regionPages(r int) uint64 {
 	return s.desc.Layout.Regions[r].Size / s.desc.Layout.PageSize
 }
@@ -542,69 +679,114 @@ func (s *sender) count(set []Bitmap) uint64 {
 	return n
 }
 
-// sendRound sends the pages in set as round n.
-func (s *sender) sendRound(n int, set []Bitmap, final bool) error {
+// roundPlan walks the pages of a round region by region, in runs, and remembers where it
+// stopped, so that a round's first batch can be read before the round starts.
+type roundPlan struct {
+	set   []Bitmap
+	pages uint64 // pages in set
+	r     int    // the region being walked
+	next  uint64 // its first page not taken yet
+}
+
+func (s *sender) plan(set []Bitmap) *roundPlan { return &roundPlan{set: set, pages: s.count(set)} }
+
+// span is a run of pages read into the batch buffer.
+type span struct{ first, count uint64 }
+
+// sendRound sends the pages of p as round n; a live round ends with its end marker.
+func (s *sender) sendRound(n int, p *roundPlan, final bool) error {
 	s.round = n
-	planned := s.count(set)
-	if err := s.w.WriteRound(&wire.Round{N: uint32(n), Final: final, Pages: planned}); err != nil {
+	if err := s.w.WriteRound(&wire.Round{N: uint32(n), Final: final, Pages: p.pages}); err != nil {
 		return err
 	}
-	t0, b0 := s.clock.Now(), s.w.Written()
-	for r, bm := range set {
-		s.region = uint32(r)
-		s.batch.Reset(s.region, s.ps)
-		var err error
-		bm.Runs(s.regionPages(r), func(first, count uint64) bool {
-			err = s.sendRun(r, first, count)
-			return err == nil
-		})
-		if err == nil {
-			err = s.flush()
+	t0, b0, sent0 := s.clock.Now(), s.w.Written(), s.sent
+	for {
+		if err := s.fill(p); err != nil {
+			return err
 		}
-		if err != nil {
+		if s.used == 0 {
+			break
+		}
+		if err := s.flush(); err != nil {
 			return err
 		}
 	}
+	end := s.clock.Now()
+	if !final {
+		// Stamped before the write: on a full socket the write itself waits for the
+		// backlog, and that wait belongs to the acknowledgement, not to sending. Marked
+		// before it too: the acknowledgement may arrive before the write returns.
+		s.ended.Store(uint32(n))
+		if err := s.w.WriteRoundEnd(&wire.RoundEnd{N: uint32(n), Pages: s.sent - sent0}); err != nil {
+			return err
+		}
+	}
+	s.roundAt, s.endAt = t0, end
 	s.rep.Rounds = n
 	s.rep.RoundDetails = append(s.rep.RoundDetails, RoundReport{
-		Round: n, Final: final, Pages: planned, Bytes: uint64(s.w.Written() - b0),
-		DurationMS: ms(s.clock.Now().Sub(t0)), Throttle: s.throttle,
+		Round: n, Final: final, Pages: p.pages, Bytes: uint64(s.w.Written() - b0),
+		DurationMS: ms(end.Sub(t0)), Throttle: s.throttle,
 	})
 	return nil
 }
 
-// sendRun reads a run of pages into the batch buffer, classifies them and flushes full batches.
-func (s *sender) sendRun(r int, first, count uint64) error {
-	for count > 0 {
-		k := min(count, uint64(s.bufPages-s.used))
-		dst := s.buf[s.used*s.ps : (s.used+int(k))*s.ps]
-		if err := s.src.ReadPages(r, first, dst); err != nil {
-			return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", r, first, k), err)
-		}
-		for i := 0; i < int(k); i++ {
-			pg := dst[i*s.ps : (i+1)*s.ps]
-			kind, data := s.cls.Classify(pages.Ref{Region: r, Index: first + uint64(i)}, pg, &s.scratch)
-			s.batch.Add(first+uint64(i), wire.Encoding(kind), data)
-		}
-		s.used += int(k)
-		first += k
-		count -= k
-		if s.used == s.bufPages {
-			if err := s.flush(); err != nil {
-				return err
+// fill reads the plan's next pages into the empty batch buffer: up to a buffer's worth, all of
+// one region, since a batch names one region. It does nothing if the buffer still holds pages
+// (read ahead while an acknowledgement was awaited), and leaves it empty at the plan's end.
+func (s *sender) fill(p *roundPlan) error {
+	if s.used > 0 {
+		return nil
+	}
+	for ; p.r < len(p.set); p.r, p.next = p.r+1, 0 {
+		n, bm := s.regionPages(p.r), p.set[p.r]
+		for s.used < s.bufPages {
+			first, ok := bm.next(p.next, n, true)
+			if !ok {
+				break
 			}
+			end, _ := bm.next(first, n, false)
+			k := min(end-first, uint64(s.bufPages-s.used))
+			dst := s.buf[s.used*s.ps : (s.used+int(k))*s.ps]
+			if err := s.src.ReadPages(p.r, first, dst); err != nil {
+				return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", p.r, first, k), err)
+			}
+			s.spans = append(s.spans, span{first: first, count: k})
+			s.used += int(k)
+			p.next = first + k
+		}
+		if s.used > 0 {
+			s.region = uint32(p.r)
+			return nil
 		}
 	}
 	return nil
 }
 
-// flush writes the current batch, paced by the bandwidth cap.
+// discard forgets the pages in the batch buffer.
+func (s *sender) discard() {
+	s.used = 0
+	s.spans = s.spans[:0]
+}
+
+// flush classifies the pages in the batch buffer and writes them as one batch, paced by the
+// bandwidth cap. Classification waits until here so that pages read ahead and then discarded
+// are never counted (and never seen by an encoder that keeps history).
 func (s *sender) flush() error {
-	if s.batch.Pages() == 0 {
+	if s.used == 0 {
 		return nil
 	}
 	if err := s.live(); err != nil {
 		return err
+	}
+	s.batch.Reset(s.region, s.ps)
+	off := 0
+	for _, sp := range s.spans {
+		for i := range sp.count {
+			pg := s.buf[off : off+s.ps]
+			off += s.ps
+			kind, data := s.cls.Classify(pages.Ref{Region: int(s.region), Index: sp.first + i}, pg, &s.scratch)
+			s.batch.Add(sp.first+i, wire.Encoding(kind), data)
+		}
 	}
 	if err := s.limit.wait(s.ctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
 		return err
@@ -614,7 +796,7 @@ func (s *sender) flush() error {
 	}
 	s.sent += uint64(s.batch.Pages())
 	s.batch.Reset(s.region, s.ps)
-	s.used = 0
+	s.discard()
 	s.scratch = s.scratch[:0]
 	s.report(false)
 	return nil

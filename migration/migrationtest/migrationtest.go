@@ -404,6 +404,9 @@ type Dest struct {
 	// FirstBeatDelay is how long after Start the guest's first heartbeat comes (default 1ms);
 	// negative means it never comes.
 	FirstBeatDelay time.Duration
+	// WriteRate, when positive, makes WritePages take len(src)/WriteRate seconds: a
+	// destination slower to place pages than the link is to carry them.
+	WriteRate float64
 
 	mu       sync.Mutex
 	desc     migration.Description
@@ -445,6 +448,13 @@ func (d *Dest) Calls(op string) int {
 	return d.calls[op]
 }
 
+// Placed is the number of pages written or zeroed so far.
+func (d *Dest) Placed() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.written + d.zeroed
+}
+
 // Reset returns the destination to its initial state but keeps its memory buffers, which the
 // next Prepare reuses (cleared) when the layout matches. Benchmarks use it so that they measure
 // the engine rather than the kernel faulting in fresh memory.
@@ -452,6 +462,7 @@ func (d *Dest) Reset() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.state, d.sections, d.calls = "", nil, map[string]int{}
+	d.written, d.zeroed = 0, 0
 }
 
 func (d *Dest) Prepare(desc migration.Description) error {
@@ -491,6 +502,12 @@ func (d *Dest) region(r int, first, n uint64) ([]byte, error) {
 func (d *Dest) WritePages(r int, first uint64, src []byte) error {
 	if err := d.hook("WritePages"); err != nil {
 		return err
+	}
+	d.mu.Lock()
+	rate := d.WriteRate
+	d.mu.Unlock()
+	if rate > 0 {
+		time.Sleep(time.Duration(float64(len(src)) / rate * float64(time.Second)))
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()

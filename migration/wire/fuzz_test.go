@@ -34,6 +34,10 @@ func drain(t *testing.T, data []byte, side Side) {
 		checkSentinel(t, err)
 		return
 	}
+	// What the Reader promises about rounds, recomputed from the messages it returned.
+	var round *Round
+	var roundPages uint64
+	var acked uint32
 	for i := 0; ; i++ {
 		m, err := r.Next()
 		if err == io.EOF {
@@ -46,8 +50,27 @@ func drain(t *testing.T, data []byte, side Side) {
 			}
 			return
 		}
-		if b, ok := m.(*PageBatch); ok {
-			checkBatch(t, b, r.Description())
+		switch m := m.(type) {
+		case *PageBatch:
+			checkBatch(t, m, r.Description())
+			if round == nil {
+				t.Fatalf("page batch outside a round")
+			}
+			roundPages += m.Pages
+		case *Round:
+			if (round == nil && m.N != 1) || (round != nil && m.N != round.N+1) {
+				t.Fatalf("round %d accepted after %+v", m.N, round)
+			}
+			round, roundPages = m, 0
+		case *RoundEnd:
+			if round == nil || round.Final || m.N != round.N || m.Pages != roundPages {
+				t.Fatalf("round end %+v accepted in round %+v after %d pages", m, round, roundPages)
+			}
+		case *RoundAck:
+			if m.N != acked+1 {
+				t.Fatalf("acknowledgement of round %d accepted after %d", m.N, acked)
+			}
+			acked = m.N
 		}
 	}
 }
@@ -194,6 +217,8 @@ func FuzzDecodePageBatch(f *testing.F) {
 func FuzzDecodePayload(f *testing.F) {
 	f.Add(uint8(TypeWelcome), AppendWelcome(nil, &Welcome{Caps: 3}))
 	f.Add(uint8(TypeRound), AppendRound(nil, &Round{N: 2, Pages: 9}))
+	f.Add(uint8(TypeRoundEnd), AppendRoundEnd(nil, &RoundEnd{N: 2, Pages: 9}))
+	f.Add(uint8(TypeRoundAck), AppendRoundAck(nil, &RoundAck{N: 3, Pages: 1 << 40}))
 	f.Add(uint8(TypeState), append(appendStateHead(nil, "vcpu0", 2), "data"...))
 	f.Add(uint8(TypeComplete), AppendComplete(nil, &Complete{PauseUnixNano: 5, Pages: 3, Sections: 1}))
 	f.Add(uint8(TypeResumed), AppendResumed(nil, &Resumed{ResumeUnixNano: 1, RestoreNanos: 2, StartNanos: 3}))
@@ -215,6 +240,16 @@ func FuzzDecodePayload(f *testing.F) {
 			var m *Round
 			if m, err = DecodeRound(p, false); err == nil {
 				again = AppendRound(nil, m)
+			}
+		case TypeRoundEnd:
+			var m *RoundEnd
+			if m, err = DecodeRoundEnd(p); err == nil {
+				again = AppendRoundEnd(nil, m)
+			}
+		case TypeRoundAck:
+			var m *RoundAck
+			if m, err = DecodeRoundAck(p); err == nil {
+				again = AppendRoundAck(nil, m)
 			}
 		case TypeState:
 			var id string

@@ -254,6 +254,54 @@ func DecodeRound(p []byte, final bool) (*Round, error) {
 	return r, nil
 }
 
+// RoundEnd and RoundAck share one layout: u32 round number, u32 reserved, u64 pages.
+func appendRoundMark(b []byte, n uint32, pages uint64) []byte {
+	b = le.AppendUint32(b, n)
+	b = le.AppendUint32(b, 0)
+	return le.AppendUint64(b, pages)
+}
+
+func decodeRoundMark(p []byte, t Type) (n uint32, pages uint64, err error) {
+	c := &cursor{p: p, t: t}
+	n = c.u32("round number")
+	if res := c.u32("reserved"); res != 0 {
+		c.fail(ErrMalformed, "reserved field is %#x, want 0", res)
+	}
+	pages = c.u64("page count")
+	if err := c.end(); err != nil {
+		return 0, 0, err
+	}
+	if n == 0 {
+		return 0, 0, &FrameError{Type: t, Kind: ErrMalformed, Detail: "round number 0"}
+	}
+	return n, pages, nil
+}
+
+// AppendRoundEnd appends a RoundEnd payload.
+func AppendRoundEnd(b []byte, m *RoundEnd) []byte { return appendRoundMark(b, m.N, m.Pages) }
+
+// DecodeRoundEnd decodes a RoundEnd payload. Whether it closes the current round with the
+// pages received is checked by the Reader, which knows the round.
+func DecodeRoundEnd(p []byte) (*RoundEnd, error) {
+	n, pages, err := decodeRoundMark(p, TypeRoundEnd)
+	if err != nil {
+		return nil, err
+	}
+	return &RoundEnd{N: n, Pages: pages}, nil
+}
+
+// AppendRoundAck appends a RoundAck payload.
+func AppendRoundAck(b []byte, m *RoundAck) []byte { return appendRoundMark(b, m.N, m.Pages) }
+
+// DecodeRoundAck decodes a RoundAck payload.
+func DecodeRoundAck(p []byte) (*RoundAck, error) {
+	n, pages, err := decodeRoundMark(p, TypeRoundAck)
+	if err != nil {
+		return nil, err
+	}
+	return &RoundAck{N: n, Pages: pages}, nil
+}
+
 // appendStateHead appends a State payload's header: id and version; the data follows.
 func appendStateHead(b []byte, id string, version uint32) []byte {
 	b = appendName(b, id)

@@ -15,7 +15,7 @@ type Side uint8
 const (
 	// AtDestination reads what a source writes: Hello, rounds, state, Complete, DoneAck.
 	AtDestination Side = 1
-	// AtSource reads what a destination writes: Welcome, requests, Resumed, Done.
+	// AtSource reads what a destination writes: Welcome, round acks, requests, Resumed, Done.
 	AtSource Side = 2
 )
 
@@ -26,6 +26,7 @@ const (
 	stHello    state = iota // destination: nothing yet
 	stStream                // destination: after Hello, before the first Round
 	stRound                 // destination: inside a live round
+	stRoundEnd              // destination: after a live round's RoundEnd
 	stFinal                 // destination: inside the final round
 	stState                 // destination: after the first State section
 	stComplete              // destination: after Complete
@@ -43,7 +44,9 @@ func (s state) expecting() string {
 	case stStream:
 		return "round 1"
 	case stRound:
-		return "page batch or next round"
+		return "page batch or round end"
+	case stRoundEnd:
+		return "next round"
 	case stFinal:
 		return "page batch, state or complete"
 	case stState:
@@ -53,7 +56,7 @@ func (s state) expecting() string {
 	case stWelcome:
 		return "welcome"
 	case stRun:
-		return "request or resumed"
+		return "round ack, request or resumed"
 	case stResumed:
 		return "done"
 	}
@@ -80,12 +83,14 @@ type Reader struct {
 	offered Caps // source side: what our Hello offered
 	caps    Caps // negotiated
 
-	round    uint32
-	pages    uint64
-	sections uint32
-	seen     map[string]bool // section ids received
-	pending  *Section        // a section whose data continues in the next frame
-	batch    PageBatch
+	round      uint32
+	roundPages uint64 // pages in the batches of the current round
+	acked      uint32 // source side: the last round acknowledged
+	pages      uint64
+	sections   uint32
+	seen       map[string]bool // section ids received
+	pending    *Section        // a section whose data continues in the next frame
+	batch      PageBatch
 }
 
 type countingReader struct {
@@ -307,9 +312,11 @@ func (r *Reader) accept(t Type) error {
 		case TypeHello:
 			ok = r.st == stHello
 		case TypeRound:
-			ok = r.st == stStream || r.st == stRound
+			ok = r.st == stStream || r.st == stRoundEnd
 		case TypePageBatch:
 			ok = r.st == stRound || r.st == stFinal
+		case TypeRoundEnd:
+			ok = r.st == stRound
 		case TypeState:
 			ok = r.st == stFinal || r.st == stState
 		case TypeComplete:
@@ -321,6 +328,8 @@ func (r *Reader) accept(t Type) error {
 		switch t {
 		case TypeWelcome:
 			ok = r.st == stWelcome
+		case TypeRoundAck:
+			ok = r.st == stRun
 		case TypeRequest:
 			if r.st == stRun && r.caps&CapPostcopy == 0 {
 				return fmt.Errorf("request, but post-copy was not negotiated")
@@ -371,6 +380,7 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 			return nil, false, bad(ErrOrder, "round %d after round %d", rd.N, r.round)
 		}
 		r.round = rd.N
+		r.roundPages = 0
 		r.st = stRound
 		if rd.Final {
 			r.st = stFinal
@@ -381,7 +391,31 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 			return nil, false, err
 		}
 		r.pages += r.batch.Pages
+		r.roundPages += r.batch.Pages
 		return &r.batch, false, nil
+	case TypeRoundEnd:
+		m, err := DecodeRoundEnd(p)
+		if err != nil {
+			return nil, false, err
+		}
+		if m.N != r.round {
+			return nil, false, bad(ErrOrder, "end of round %d inside round %d", m.N, r.round)
+		}
+		if m.Pages != r.roundPages {
+			return nil, false, bad(ErrMalformed, "source sent %d pages in round %d, this side received %d", m.Pages, m.N, r.roundPages)
+		}
+		r.st = stRoundEnd
+		return m, false, nil
+	case TypeRoundAck:
+		m, err := DecodeRoundAck(p)
+		if err != nil {
+			return nil, false, err
+		}
+		if m.N != r.acked+1 {
+			return nil, false, bad(ErrOrder, "acknowledgement of round %d after round %d", m.N, r.acked)
+		}
+		r.acked = m.N
+		return m, false, nil
 	case TypeState:
 		return r.decodeState(flags, p)
 	case TypeComplete:

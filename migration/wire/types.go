@@ -42,6 +42,8 @@ const (
 	TypeWelcome   Type = 0x02
 	TypeRound     Type = 0x10
 	TypePageBatch Type = 0x11
+	TypeRoundEnd  Type = 0x12
+	TypeRoundAck  Type = 0x13
 	TypeState     Type = 0x20
 	TypeComplete  Type = 0x30
 	TypeResumed   Type = 0x31
@@ -61,6 +63,10 @@ func (t Type) String() string {
 		return "round"
 	case TypePageBatch:
 		return "page batch"
+	case TypeRoundEnd:
+		return "round end"
+	case TypeRoundAck:
+		return "round ack"
 	case TypeState:
 		return "state"
 	case TypeComplete:
@@ -81,8 +87,8 @@ func (t Type) String() string {
 
 func (t Type) known() bool {
 	switch t {
-	case TypeHello, TypeWelcome, TypeRound, TypePageBatch, TypeState, TypeComplete,
-		TypeResumed, TypeDone, TypeDoneAck, TypeRequest, TypeError:
+	case TypeHello, TypeWelcome, TypeRound, TypePageBatch, TypeRoundEnd, TypeRoundAck, TypeState,
+		TypeComplete, TypeResumed, TypeDone, TypeDoneAck, TypeRequest, TypeError:
 		return true
 	}
 	return false
@@ -183,8 +189,8 @@ type Description struct {
 // Pages is the number of pages in region r.
 func (d *Description) Pages(r int) uint64 { return d.Regions[r].Size / d.PageSize }
 
-// Msg is a decoded frame: one of *Hello, *Welcome, *Round, *PageBatch, *Section, *Complete,
-// *Resumed, *Done, *DoneAck, *Request. Error frames are returned as a *PeerError error instead.
+// Msg is a decoded frame: one of *Hello, *Welcome, *Round, *PageBatch, *RoundEnd, *RoundAck,
+// *Section, *Complete, *Resumed, *Done, *DoneAck, *Request. Error frames are returned as a *PeerError error instead.
 type Msg interface{ Type() Type }
 
 // Hello is the source's first frame.
@@ -203,6 +209,22 @@ type Round struct {
 	N     uint32 // 1, 2, ...
 	Final bool   // the stop-and-copy round: the source is paused
 	Pages uint64 // pages the source plans to send in this round (informational)
+}
+
+// RoundEnd closes a live round: all its page batches have been sent. The stop-and-copy round
+// has none; Complete closes it.
+type RoundEnd struct {
+	N     uint32 // the round being closed
+	Pages uint64 // pages in the round's batches
+}
+
+// RoundAck answers RoundEnd once every page of the round has been placed in the destination
+// VM. Until it arrives, the round's tail may still sit in socket buffers or in the
+// destination's pipeline, so the source does not pause before it has the acknowledgement of
+// the last live round.
+type RoundAck struct {
+	N     uint32 // the round acknowledged
+	Pages uint64 // pages placed in it
 }
 
 // Section is one component's saved state.
@@ -250,6 +272,8 @@ func (*Hello) Type() Type     { return TypeHello }
 func (*Welcome) Type() Type   { return TypeWelcome }
 func (*Round) Type() Type     { return TypeRound }
 func (*PageBatch) Type() Type { return TypePageBatch }
+func (*RoundEnd) Type() Type  { return TypeRoundEnd }
+func (*RoundAck) Type() Type  { return TypeRoundAck }
 func (*Section) Type() Type   { return TypeState }
 func (*Complete) Type() Type  { return TypeComplete }
 func (*Resumed) Type() Type   { return TypeResumed }

@@ -50,6 +50,7 @@ func sourceStream(t testing.TB) []byte {
 	b.Reset(1, testPS)
 	b.Add(15, EncZero, nil)
 	must(w.WritePages(&b))
+	must(w.WriteRoundEnd(&RoundEnd{N: 1, Pages: 5}))
 	must(w.WriteRound(&Round{N: 2, Final: true, Pages: 1}))
 	b.Reset(0, testPS)
 	b.Add(63, EncRaw, page(7))
@@ -72,6 +73,7 @@ func destStream(t testing.TB) []byte {
 	for _, err := range []error{
 		w.WritePreamble(),
 		w.WriteWelcome(&Welcome{Caps: CapBlackout}),
+		w.WriteRoundAck(&RoundAck{N: 1, Pages: 5}),
 		w.WriteResumed(&Resumed{ResumeUnixNano: 99, RestoreNanos: 5, StartNanos: 6}),
 		w.WriteDone(&Done{FirstProgressUnixNano: 100}),
 	} {
@@ -141,6 +143,7 @@ func TestRoundTrip(t *testing.T) {
 		"round &{N:1 Final:false Pages:5}",
 		fmt.Sprintf("batch r0 raw[4+1]%d zero[5+1]0 raw[6+2]%d", checksum(page(1)), checksum(append(page(3), page(9)...))),
 		"batch r1 zero[15+1]0",
+		"round end &{N:1 Pages:5}",
 		"round &{N:2 Final:true Pages:1}",
 		fmt.Sprintf("batch r0 raw[63+1]%d", checksum(page(7))),
 		"state vcpu0 v3 9",
@@ -160,6 +163,7 @@ func TestRoundTrip(t *testing.T) {
 	}
 	want = []string{
 		"welcome &{Caps:1}",
+		"round ack &{N:1 Pages:5}",
 		"resumed &{ResumeUnixNano:99 RestoreNanos:5 StartNanos:6}",
 		"done &{FirstProgressUnixNano:100}",
 	}
@@ -237,7 +241,7 @@ func TestDecoderRejects(t *testing.T) {
 		expectErr(t, s[:cut], AtDestination, ErrTruncated, "wire: frame 3: truncated (header: got 5 of 16 bytes")
 	})
 	t.Run("closed early", func(t *testing.T) {
-		expectErr(t, join(pre, fs[:2]...), AtDestination, ErrClosed, "frame 3: stream closed (the peer closed the stream while this side expected page batch or next round)")
+		expectErr(t, join(pre, fs[:2]...), AtDestination, ErrClosed, "frame 3: stream closed (the peer closed the stream while this side expected page batch or round end)")
 	})
 	t.Run("oversized", func(t *testing.T) {
 		f := bytes.Clone(fs[2])
@@ -274,14 +278,127 @@ func TestDecoderRejects(t *testing.T) {
 			w.WriteRound(&Round{N: 1})
 			w.WriteSection(&Section{ID: "vcpu0", Data: []byte{1}}, 0)
 		})
-		expectErr(t, b, AtDestination, ErrOrder, "frame 3 (state): out of order (expected page batch or next round)")
+		expectErr(t, b, AtDestination, ErrOrder, "frame 3 (state): out of order (expected page batch or round end)")
 	})
 	t.Run("round skipped", func(t *testing.T) {
 		b := rawStream(t, func(w *Writer) {
 			w.WriteRound(&Round{N: 1})
+			w.WriteRoundEnd(&RoundEnd{N: 1})
 			w.WriteRound(&Round{N: 3})
 		})
-		expectErr(t, b, AtDestination, ErrOrder, "frame 3 (round): out of order (round 3 after round 1)")
+		expectErr(t, b, AtDestination, ErrOrder, "frame 4 (round): out of order (round 3 after round 1)")
+	})
+	t.Run("live round not ended", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			w.WriteRound(&Round{N: 2, Final: true})
+		})
+		expectErr(t, b, AtDestination, ErrOrder, "frame 3 (round): out of order (expected page batch or round end)")
+	})
+	t.Run("round end of another round", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			w.WriteRoundEnd(&RoundEnd{N: 2})
+		})
+		expectErr(t, b, AtDestination, ErrOrder, "frame 3 (round end): out of order (end of round 2 inside round 1)")
+	})
+	t.Run("round end page count", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			var ob OutBatch
+			ob.Reset(0, testPS)
+			ob.Add(3, EncZero, nil)
+			ob.Add(4, EncRaw, page(4))
+			w.WritePages(&ob)
+			w.WriteRoundEnd(&RoundEnd{N: 1, Pages: 3})
+		})
+		expectErr(t, b, AtDestination, ErrMalformed, "frame 4 (round end): malformed payload (source sent 3 pages in round 1, this side received 2)")
+	})
+	t.Run("round end twice", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			w.WriteRoundEnd(&RoundEnd{N: 1})
+			w.WriteRoundEnd(&RoundEnd{N: 1})
+		})
+		expectErr(t, b, AtDestination, ErrOrder, "frame 4 (round end): out of order (expected next round)")
+	})
+	t.Run("batch after round end", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			w.WriteRoundEnd(&RoundEnd{N: 1})
+			var ob OutBatch
+			ob.Reset(0, testPS)
+			ob.Add(3, EncZero, nil)
+			w.WritePages(&ob)
+		})
+		expectErr(t, b, AtDestination, ErrOrder, "frame 4 (page batch): out of order (expected next round)")
+	})
+	t.Run("round end of the final round", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1, Final: true})
+			w.WriteRoundEnd(&RoundEnd{N: 1})
+		})
+		expectErr(t, b, AtDestination, ErrOrder, "frame 3 (round end): out of order (expected page batch, state or complete)")
+	})
+	t.Run("round end round 0", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			w.WriteRawFrame(TypeRoundEnd, 0, make([]byte, 16))
+		})
+		expectErr(t, b, AtDestination, ErrMalformed, "frame 3 (round end): malformed payload (round number 0)")
+	})
+	t.Run("round end reserved", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			p := AppendRoundEnd(nil, &RoundEnd{N: 1})
+			p[4] = 1
+			w.WriteRawFrame(TypeRoundEnd, 0, p)
+		})
+		expectErr(t, b, AtDestination, ErrMalformed, "frame 3 (round end): malformed payload (reserved field is 0x1, want 0)")
+	})
+	t.Run("round end flags", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			w.WriteRawFrame(TypeRoundEnd, FlagFinal, AppendRoundEnd(nil, &RoundEnd{N: 1}))
+		})
+		expectErr(t, b, AtDestination, ErrMalformed, "frame 3 (round end): malformed payload (flags 0x01 not defined for this type)")
+	})
+	destWith := func(fn func(w *Writer)) []byte {
+		var buf bytes.Buffer
+		w := NewWriter(&buf)
+		w.WritePreamble()
+		w.WriteWelcome(&Welcome{Caps: CapBlackout})
+		fn(w)
+		return buf.Bytes()
+	}
+	t.Run("round ack skipped", func(t *testing.T) {
+		b := destWith(func(w *Writer) {
+			w.WriteRoundAck(&RoundAck{N: 1})
+			w.WriteRoundAck(&RoundAck{N: 3})
+		})
+		expectErr(t, b, AtSource, ErrOrder, "frame 3 (round ack): out of order (acknowledgement of round 3 after round 1)")
+	})
+	t.Run("round ack repeated", func(t *testing.T) {
+		b := destWith(func(w *Writer) {
+			w.WriteRoundAck(&RoundAck{N: 1})
+			w.WriteRoundAck(&RoundAck{N: 1})
+		})
+		expectErr(t, b, AtSource, ErrOrder, "frame 3 (round ack): out of order (acknowledgement of round 1 after round 1)")
+	})
+	t.Run("round ack after resumed", func(t *testing.T) {
+		b := destWith(func(w *Writer) {
+			w.WriteResumed(&Resumed{})
+			w.WriteRoundAck(&RoundAck{N: 1})
+		})
+		expectErr(t, b, AtSource, ErrOrder, "frame 3 (round ack): out of order (expected done)")
+	})
+	t.Run("round ack truncated payload", func(t *testing.T) {
+		b := destWith(func(w *Writer) { w.WriteRawFrame(TypeRoundAck, 0, make([]byte, 12)) })
+		expectErr(t, b, AtSource, ErrMalformed, "frame 2 (round ack): malformed payload (page count: need 8 bytes at offset 8, payload has 12)")
+	})
+	t.Run("round ack at destination", func(t *testing.T) {
+		b := rawStream(t, func(w *Writer) { w.WriteRoundAck(&RoundAck{N: 1}) })
+		expectErr(t, b, AtDestination, ErrOrder, "frame 2 (round ack): out of order (expected round 1)")
 	})
 	t.Run("run outside region", func(t *testing.T) {
 		b := rawStream(t, func(w *Writer) {
@@ -356,7 +473,7 @@ func TestDecoderRejects(t *testing.T) {
 	})
 	t.Run("frame after the end", func(t *testing.T) {
 		b := append(destStream(t), destStream(t)[PreambleSize:PreambleSize+HeaderSize+8]...)
-		expectErr(t, b, AtSource, ErrSequence, "frame 4 (welcome)")
+		expectErr(t, b, AtSource, ErrSequence, "frame 5 (welcome)")
 	})
 }
 

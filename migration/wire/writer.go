@@ -180,6 +180,16 @@ func (w *Writer) WritePages(b *OutBatch) error {
 	return w.failed(m, err, " (page batch)")
 }
 
+// WriteRoundEnd closes a live round.
+func (w *Writer) WriteRoundEnd(m *RoundEnd) error {
+	return w.frame(TypeRoundEnd, 0, func(b []byte) []byte { return AppendRoundEnd(b, m) })
+}
+
+// WriteRoundAck acknowledges a RoundEnd once the round's pages are placed.
+func (w *Writer) WriteRoundAck(m *RoundAck) error {
+	return w.frame(TypeRoundAck, 0, func(b []byte) []byte { return AppendRoundAck(b, m) })
+}
+
 // WriteSection writes one state section, split into frames of at most chunk bytes of data
 // (0 means as large as a frame allows).
 func (w *Writer) WriteSection(s *Section, chunk int) error {
