@@ -218,10 +218,20 @@ func TestBandwidth(t *testing.T) {
 			t.Errorf("%s: %s, want within 0.5x..1.2x of %s", what, fmtRate(got), fmtRate(want))
 		}
 	}
-	check("shaped to 1 Gbit/s", shaped, min(1e9, unshaped))
 	check("shaped to 100 Mbit/s", slow, 1e8)
-	if unshaped >= 2e9 && unshaped < 2*shaped {
-		t.Errorf("unshaped %s is not clearly faster than shaped %s", fmtRate(unshaped), fmtRate(shaped))
+	if unshaped >= 2e9 {
+		check("shaped to 1 Gbit/s", shaped, 1e9)
+		if unshaped < 2*shaped {
+			t.Errorf("unshaped %s is not clearly faster than shaped %s", fmtRate(unshaped), fmtRate(shaped))
+		}
+	} else {
+		// The CPU, not the shaper, limits the link (an emulated VM): the shaper must not
+		// exceed its rate nor, loosely, cost much of what the link can do.
+		t.Logf("the unshaped link carries less than 2 Gbit/s: checking the 1 Gbit/s shaping loosely")
+		if shaped > 1.2e9 || shaped < 0.3*unshaped {
+			t.Errorf("shaped to 1 Gbit/s: %s, want at most 1200 Mbit/s and at least 0.3x the unshaped %s",
+				fmtRate(shaped), fmtRate(unshaped))
+		}
 	}
 	if unshaped < 2e8 {
 		t.Errorf("unshaped link only carries %s", fmtRate(unshaped))

@@ -7,8 +7,9 @@
 # RUNDIR/run.sh chrooted into it with stdout and stderr going to RUNDIR/stdout and RUNDIR/stderr:
 # RUNDIR is a directory on the host named by kvmhost.dir= on the kernel command line, so the host
 # sees the output as it is written (each write on this 9p mount is a synchronous round trip to
-# QEMU). The exit status goes to RUNDIR/status. Every failure prints "kvmhost-init: FAILED: <step>" plus recent kernel messages on
-# the serial console and powers off; the host reports the missing status and the console tail.
+# QEMU). The exit status goes to RUNDIR/status. Every failure prints
+# "kvmhost-init: FAILED: <step>" and recent kernel messages on the serial console and powers off;
+# the host then reports the missing status with the console's last lines.
 
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -63,13 +64,21 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=$cache hostroot 
 	fail "mount the host root (9p tag hostroot) on $r"
 [ -d "$r$dir" ] || fail "run directory $dir is not visible through the host root mount"
 
-# The RTC gives the kernel whole seconds only; a file created on the host root carries the host's
-# clock to the nanosecond. Best effort with the host's GNU date (busybox date has no %N), in the
-# background as executing the host's dynamically linked programs through 9p is slow.
+# The RTC gives the kernel whole seconds only, so the clock starts up to a second behind the
+# host's. A file created on the host root carries the host's time to the nanosecond, and busybox
+# date can set whole seconds: wait for the host's next whole second and set it then (within a
+# few tens of ms). It runs in the background, overlapping the rest of the set-up.
 (
-	if : >"$r$dir/clock" && t=$(chroot $r /bin/date -r "$dir/clock" +%s.%N 2>/dev/null); then
-		chroot $r /bin/date -s "@$t" >/dev/null 2>&1
-	fi
+	u0=$(cut -d' ' -f1 /proc/uptime)
+	: >"$r$dir/clock" || exit
+	set -- $(stat -c '%Y %y' "$r$dir/clock") # 1795322550 2026-11-22 04:42:30.948269015 +0000
+	sec=$1 frac=${3#*.}
+	u1=$(cut -d' ' -f1 /proc/uptime)
+	# Nanoseconds to the next whole second, less the time since the file was created (uptime
+	# is in hundredths). "1$frac" keeps leading zeros from making the number octal.
+	wait_ns=$((2000000000 - 1$frac - (${u1%.*}${u1#*.} - ${u0%.*}${u0#*.}) * 10000000))
+	[ $wait_ns -gt 0 ] && usleep $((wait_ns / 1000))
+	date -s "@$((sec + 1))" >/dev/null
 ) &
 clock=$!
 
@@ -98,8 +107,8 @@ step "mounted"
 ip link set lo up || fail "bring lo up"
 hostname kvmhost
 
+step "waiting for the clock and the modules"
 wait $clock
-step "waiting for modules"
 wait $bgload
 [ -e /modfail ] && fail "insmod $(cat /modfail)"
 [ -c /dev/kvm ] || fail "/dev/kvm does not exist after loading the KVM modules (does the CPU model expose svm?)"

@@ -186,9 +186,7 @@ func vmConfig(t *testing.T) Config {
 	if prepareErr != nil {
 		t.Fatalf("preparing the VM image: %v", prepareErr)
 	}
-	// One vCPU boots and runs short commands faster than two on a 2-core host (no cross-vCPU
-	// synchronization in TCG) and keeps the test quick.
-	return Config{Mode: Always, CPUs: 1, MemMiB: 1024, BootTimeout: 2 * time.Minute, Timeout: 5 * time.Minute}
+	return Config{Mode: Always, MemMiB: 1024, BootTimeout: 2 * time.Minute, Timeout: 5 * time.Minute}
 }
 
 func runCapture(t *testing.T, cfg Config, argv ...string) (Result, string, string, error) {

@@ -2,7 +2,6 @@ package kvmhost
 
 import (
 	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/sha256"
 	"debug/elf"
@@ -468,7 +467,7 @@ func kernelImage(kdir, pkg string) (*Image, error) {
 	return img, nil
 }
 
-// buildInitrd returns CACHE/initrd/PKG-HASH.cpio.gz, building it if needed. HASH covers
+// buildInitrd returns CACHE/initrd/PKG-HASH.cpio, building it if needed. HASH covers
 // everything that goes in (the init script, busybox, the module list), so changing any of them
 // builds a new image while old ones stay valid for other checkouts sharing the cache.
 func buildInitrd(cacheDir string, img *Image, idx *moduleIndex, logf func(string, ...any)) (string, error) {
@@ -481,7 +480,8 @@ func buildInitrd(cacheDir string, img *Image, idx *moduleIndex, logf func(string
 	h.Write(initScript)
 	h.Write(busybox)
 	sum := hex.EncodeToString(h.Sum(nil))[:16]
-	out := filepath.Join(cacheDir, "initrd", img.Package+"-"+sum+".cpio.gz")
+	// Uncompressed: the kernel would spend a few hundred ms of emulated time inflating it.
+	out := filepath.Join(cacheDir, "initrd", img.Package+"-"+sum+".cpio")
 	if _, err := os.Stat(out); err == nil {
 		return out, nil
 	}
@@ -514,17 +514,11 @@ func buildInitrd(cacheDir string, img *Image, idx *moduleIndex, logf func(string
 	if err := c.Close(); err != nil {
 		return "", err
 	}
-	var gz bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&gz, gzip.BestCompression)
-	zw.Write(raw.Bytes())
-	if err := zw.Close(); err != nil {
-		return "", err
-	}
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
 		return "", err
 	}
 	tmp := out + ".tmp"
-	if err := os.WriteFile(tmp, gz.Bytes(), 0o644); err != nil {
+	if err := os.WriteFile(tmp, raw.Bytes(), 0o644); err != nil {
 		return "", fmt.Errorf("writing initramfs: %w", err)
 	}
 	if err := os.Rename(tmp, out); err != nil {

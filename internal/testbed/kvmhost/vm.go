@@ -52,9 +52,9 @@ func qemuArgs(cfg Config, img *Image, runDir string) []string {
 		// q35, not microvm: this kernel cannot find virtio-mmio devices without
 		// VIRTIO_MMIO_CMDLINE_DEVICES, and virtio-pci is what the 9p device needs.
 		"-machine", "q35",
-		// One host thread per vCPU (MTTCG); "max" includes SVM with nested paging (npt), which
-		// kvm_amd requires.
-		"-accel", "tcg,thread=multi",
+		"-accel", "tcg,thread=" + cfg.TCGThread,
+		// "max" includes SVM, which kvm_amd needs, and nested paging (npt), with which nested
+		// guests avoid shadow page tables.
 		"-cpu", "max",
 		"-smp", strconv.Itoa(cfg.CPUs),
 		"-m", strconv.Itoa(cfg.MemMiB) + "M",
@@ -62,6 +62,10 @@ func qemuArgs(cfg Config, img *Image, runDir string) []string {
 		"-initrd", img.Initrd,
 		"-append", strings.Join(cmdline, " "),
 		"-no-reboot",
+		// A guest that resets (a triple fault, which leaves nothing on the console) is
+		// otherwise indistinguishable from a clean power-off: log resets and the guest errors
+		// QEMU notices, with the CPU state, for the failure report.
+		"-d", "cpu_reset,guest_errors", "-D", filepath.Join(runDir, "qemu.log"),
 		// The console goes to a file of its own; the command's output never passes through it.
 		"-chardev", "file,id=con,path=" + filepath.Join(runDir, "console.log"),
 		"-serial", "chardev:con",
@@ -71,18 +75,13 @@ func qemuArgs(cfg Config, img *Image, runDir string) []string {
 	}
 }
 
+// runVM runs argv, whose argv[0] is an absolute path, in a VM booted from img.
 func runVM(ctx context.Context, cfg Config, img *Image, argv []string) (Result, error) {
 	res := Result{InVM: true, Kernel: img.Package}
 	qemu, err := findQEMU(ctx, cfg)
 	if err != nil {
 		return res, &Error{Step: "finding QEMU", Err: err}
 	}
-	cmdPath, err := resolveCommand(argv, cfg.Dir, cfg.Env)
-	if err != nil {
-		return res, fmt.Errorf("kvmhost: %w: %w", ErrNotFound, err)
-	}
-	argv = append([]string{cmdPath}, argv[1:]...)
-
 	runDir, err := makeRunDir()
 	if err != nil {
 		return res, &Error{Step: "creating the run directory", Err: err}
@@ -148,8 +147,6 @@ func runVM(ctx context.Context, cfg Config, img *Image, argv []string) (Result, 
 	startedPath := filepath.Join(runDir, "started")
 	bootTimer := time.NewTimer(cfg.BootTimeout)
 	defer bootTimer.Stop()
-	poll := time.NewTicker(50 * time.Millisecond)
-	defer poll.Stop()
 	var failure *Error
 	var waitErr error
 wait:
@@ -163,8 +160,6 @@ wait:
 			if _, err := os.Stat(startedPath); err != nil {
 				failure = &Error{Step: fmt.Sprintf("the VM did not start the command within %v", cfg.BootTimeout)}
 			}
-		case <-poll.C:
-			continue
 		}
 		if failure != nil {
 			cmd.Process.Kill()
@@ -182,6 +177,9 @@ wait:
 	fillErr := func(e *Error) *Error {
 		e.Console = consoleTail(filepath.Join(runDir, "console.log"), 30)
 		e.QEMU = qemuErr.String()
+		if log := consoleTail(filepath.Join(runDir, "qemu.log"), 40); len(log) > 0 {
+			e.QEMU += "\nqemu.log (resets, guest errors):\n" + strings.Join(log, "\n")
+		}
 		if cfg.KeepRunDir {
 			e.RunDir = runDir
 		}
@@ -201,6 +199,9 @@ wait:
 		}
 		if waitErr != nil {
 			step += " (QEMU: " + waitErr.Error() + ")"
+		}
+		if log, _ := os.ReadFile(filepath.Join(runDir, "qemu.log")); bytes.Contains(log, []byte("Triple fault")) {
+			step += "; the guest kernel triple-faulted (CPU state in qemu.log below)"
 		}
 		for _, l := range consoleTail(filepath.Join(runDir, "console.log"), 200) {
 			if i := strings.Index(l, "kvmhost-init: FAILED: "); i >= 0 {
