@@ -2,6 +2,7 @@ package migration
 
 import (
 	"context"
+	"io"
 	"time"
 )
 
@@ -121,3 +122,68 @@ func (SystemClock) Sleep(ctx context.Context, d time.Duration) error {
 		return context.Cause(ctx)
 	}
 }
+
+// Modes of a migration.
+const (
+	ModePrecopy  = "precopy"
+	ModePostcopy = "postcopy" // switch at once: vCPUs first, memory on demand and by push
+	ModeHybrid   = "hybrid"   // pre-copy rounds, then switch to post-copy
+)
+
+// Prepaging policies: the order of the source's background push in post-copy. Demand
+// requests always go first.
+const (
+	PrepageNone       = "none"       // no push: every page arrives by demand (a baseline for the others)
+	PrepageSequential = "sequential" // ascending page order
+	PrepageBubble     = "bubble"     // outward from the most recent demand faults
+	PrepageHot        = "hot"        // hottest first, by dirty and fault statistics gathered before the switch
+)
+
+// Fault is a first access, after the switch to post-copy, to a page the destination does not
+// have yet: by a vCPU (inside KVM_RUN) or by the VMM itself.
+type Fault struct {
+	Region int
+	Page   uint64
+	At     time.Time // when the VMM saw it (host wall clock), for the service latency
+}
+
+// PostcopyDestination is the Destination capability post-copy needs: demand paging.
+//
+// Order of calls: Prepare; any pre-copy WritePages/ZeroPages; ArmPostcopy; RestoreState;
+// Start; then PlacePages/PlaceZero (from one goroutine) while faults arrive; DisarmPostcopy
+// once every page is present (or Abort). Faults is read from another goroutine than the
+// Place calls.
+type PostcopyDestination interface {
+	Destination
+	// ArmPostcopy makes the pages set in missing (per region) demand-paged: each must read as
+	// absent afterwards, so a page that holds an older copy from pre-copy is discarded here.
+	// From now on the first access to a missing page, by a vCPU or by the VMM itself, blocks
+	// until PlacePages or PlaceZero installs it, and is reported once on Faults. Pages not in
+	// missing are complete already (holes among them read as zero).
+	ArmPostcopy(missing []Bitmap) error
+	// Faults delivers first accesses to missing pages. It is closed by DisarmPostcopy and Abort.
+	Faults() <-chan Fault
+	// PlacePages installs len(src)/PageSize pages of region r from page first atomically and
+	// wakes whoever waits on them. Pages already present (placed before) are left as they are;
+	// that is not an error.
+	PlacePages(r int, first uint64, src []byte) error
+	// PlaceZero installs n zero pages the same way.
+	PlaceZero(r int, first, n uint64) error
+	// DisarmPostcopy ends demand paging once every page is present and releases its resources.
+	DisarmPostcopy() error
+}
+
+// ProgressCounter is an optional capability of Source and Destination: the number of units
+// of work the guest has reported (heartbeats) so far. The engine samples it to report the
+// guest's progress rate before, during and after a post-copy switch.
+type ProgressCounter interface {
+	ProgressCount() uint64
+}
+
+// Reconnector gives the engine a new connection after the link broke during post-copy, when
+// neither side may give up: the source holds the only complete copy of memory, the
+// destination runs the vCPUs. The source's implementation dials the destination again (its
+// address may change, for a manual resume); the destination's accepts the next connection on
+// its listener. It blocks until it has a connection or ctx is done. The engine validates that
+// the new connection belongs to the same migration.
+type Reconnector func(ctx context.Context) (io.ReadWriter, error)

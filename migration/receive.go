@@ -20,6 +20,11 @@ type ReceiveOptions struct {
 	// DoneAckWait bounds the wait for the source's DoneAck after Done. Default 5s.
 	DoneAckWait time.Duration
 	Clock       Clock // default SystemClock
+	// LinkTimeout and Reconnect are the destination's side of post-copy recovery (see
+	// SendOptions). Without Reconnect, a link that breaks after the switch leaves the
+	// destination's vCPUs blocked on missing pages and Receive fails.
+	LinkTimeout time.Duration
+	Reconnect   Reconnector
 }
 
 // Receive fills dst from a pre-copy stream on conn and starts it. It returns a report, also on

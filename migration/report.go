@@ -96,6 +96,33 @@ type Report struct {
 	Reason             string   `json:"reason,omitempty"` // why pre-copy did not converge
 	ProtocolVersion    uint32   `json:"protocol_version"`
 	Warnings           []string `json:"warnings,omitempty"` // problems after the point of no return
+	// Postcopy is set when the migration switched to post-copy (modes postcopy and hybrid).
+	Postcopy *PostcopyReport `json:"postcopy,omitempty"`
+}
+
+// PostcopyReport describes the post-copy phase. The source's report carries the destination's
+// figures (faults, latencies, progress during and after) as the destination sent them at the end.
+type PostcopyReport struct {
+	Prepage        string `json:"prepage"`
+	SwitchedAfter  int    `json:"switched_after_rounds"` // live pre-copy rounds before the switch (0 for postcopy)
+	SwitchReason   string `json:"switch_reason"`         // why hybrid switched: rounds, time, not converging
+	MissingAtStart uint64 `json:"missing_at_switch"`     // pages the destination lacked when its vCPUs started
+	PagesPushed    uint64 `json:"pages_pushed"`          // sent by the background push
+	PagesDemanded  uint64 `json:"pages_demanded"`        // sent because the destination asked
+	DemandFaults   uint64 `json:"demand_faults"`         // first accesses that had to wait for the network
+	// Fault service latency: a fault seen by the destination's VMM -> its page installed.
+	FaultLatencyP50US float64 `json:"fault_latency_p50_us"`
+	FaultLatencyP99US float64 `json:"fault_latency_p99_us"`
+	FaultLatencyMaxUS float64 `json:"fault_latency_max_us"`
+	// FaultLatencyUS is a sample of at most 1000 latencies (for a CDF), in microseconds.
+	FaultLatencyUS []float64 `json:"fault_latency_us,omitempty"`
+	PostcopyMS     float64   `json:"postcopy_ms"` // destination start -> every page present
+	Reconnects     int       `json:"reconnects"`  // times the link broke and was recovered
+	// Guest progress (heartbeats per second): in the second before the pause on the source,
+	// on the destination from start until every page is present, and in the second after.
+	ProgressBefore float64 `json:"progress_rate_before"`
+	ProgressDuring float64 `json:"progress_rate_during"`
+	ProgressAfter  float64 `json:"progress_rate_after"`
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

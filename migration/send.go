@@ -22,6 +22,8 @@ const (
 	DefaultDoneWait          = 5 * time.Second
 	DefaultFirstProgressWait = 2 * time.Second
 	DefaultDoneAckWait       = 5 * time.Second
+	DefaultLinkTimeout       = 3 * time.Second
+	DefaultHybridRounds      = 2
 	progressInterval         = 250 * time.Millisecond
 )
 
@@ -50,6 +52,24 @@ type SendOptions struct {
 	BatchBytes int // page data per batch frame (rounded to pages); default 1 MiB
 	Progress   func(Progress)
 	Clock      Clock // default SystemClock
+
+	// Mode is ModePrecopy (the default), ModePostcopy or ModeHybrid.
+	Mode string
+	// Prepage orders the post-copy push: PrepageSequential (default), PrepageBubble,
+	// PrepageHot or PrepageNone.
+	Prepage string
+	// Hybrid switches to post-copy after HybridRounds live rounds (default 2), or once
+	// pre-copy has run for HybridAfter (0 = no time bound), or as soon as pre-copy stops
+	// converging, whichever comes first. If pre-copy converges before, it stops and copies.
+	HybridRounds int
+	HybridAfter  time.Duration
+	// LinkTimeout: during post-copy, a connection on which nothing arrives for this long is
+	// broken (both sides send keepalives). Default DefaultLinkTimeout.
+	LinkTimeout time.Duration
+	// Reconnect, when set, recovers a post-copy whose link broke after the switch; see
+	// Reconnector. Without it such a migration fails, the source stays paused and keeps its
+	// memory, and the report says so.
+	Reconnect Reconnector
 }
 
 // Progress is a snapshot for a progress display, delivered after every round and at most
