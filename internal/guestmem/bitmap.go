@@ -11,6 +11,9 @@ func NewBitmap(pages uint64) Bitmap { return make(Bitmap, (pages+63)/64) }
 // Set marks page i.
 func (b Bitmap) Set(i uint64) { b[i/64] |= 1 << (i % 64) }
 
+// Unset unmarks page i.
+func (b Bitmap) Unset(i uint64) { b[i/64] &^= 1 << (i % 64) }
+
 // Test reports whether page i is marked.
 func (b Bitmap) Test(i uint64) bool { return b[i/64]&(1<<(i%64)) != 0 }
 

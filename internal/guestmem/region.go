@@ -77,14 +77,21 @@ func (r *Region) Contains(gpa, n uint64) bool {
 	return gpa >= r.GPA && gpa+n <= r.GPA+r.Size && gpa+n >= gpa
 }
 
-// WriteGPA copies b into guest memory at gpa through the mapping and records the pages as
-// written by the VMM, so that they join the dirty set.
+// WriteGPA writes b into guest memory at gpa through the memfd (pwrite, never through the
+// mapping: under userfaultfd a store into a hole would fault in Go code) and records the pages
+// as written by the VMM, so that they join the dirty set. On a post-copy destination the
+// caller makes sure the pages are present first: a pwrite into a missing page would fill it
+// and the page's real content could no longer be installed.
 func (r *Region) WriteGPA(gpa uint64, b []byte) error {
 	if !r.Contains(gpa, uint64(len(b))) {
 		return fmt.Errorf("guestmem: write of %d bytes at 0x%x outside region %q [0x%x, 0x%x)", len(b), gpa, r.Name, r.GPA, r.GPA+r.Size)
 	}
 	off := gpa - r.GPA
-	copy(r.Mem[off:], b)
+	if len(b) > 0 {
+		if _, err := r.WriteAt(b, int64(off)); err != nil {
+			return err
+		}
+	}
 	r.markDirty(off, uint64(len(b)))
 	return nil
 }

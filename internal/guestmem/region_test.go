@@ -62,4 +62,8 @@ func TestBitmapSetRange(t *testing.T) {
 	if b.Count() != 200 || b.Test(2) || !b.Test(3) || !b.Test(202) || b.Test(203) {
 		t.Fatalf("SetRange(3,200): count %d", b.Count())
 	}
+	b.Unset(64)
+	if b.Count() != 199 || b.Test(64) || !b.Test(63) || !b.Test(65) {
+		t.Fatalf("Unset(64): count %d", b.Count())
+	}
 }

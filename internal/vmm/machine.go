@@ -5,8 +5,10 @@
 //
 // Guest memory access rule: the destination of a post-copy migration may have pages that are
 // not there yet (userfaultfd). Go code that touches such a page through the mapping would block
-// inside the kernel where the garbage collector cannot stop it, so everything here reads guest
-// memory with pread (guestmem.Region.ReadAt) except the boot set-up of a fresh machine.
+// inside the kernel where the garbage collector cannot stop it, so everything here reaches guest
+// memory with pread/pwrite on the memfd (never the mapping, except the boot set-up of a fresh
+// machine), and only after ensurePresent has made sure the pages are there: pread of a missing
+// page reads zeros, and pwrite into one would fill it before its real content arrives.
 package vmm
 
 import (
@@ -78,6 +80,9 @@ type Machine struct {
 	wg       sync.WaitGroup
 	done     chan struct{} // closed when every vCPU thread has ended
 	throttle atomic.Int32  // percent of time the vCPUs are held back (auto-converge)
+
+	pc     atomic.Pointer[postcopy] // demand paging while armed (destination of a post-copy)
+	lastPC atomic.Pointer[postcopy] // the last one, after it ended, for its figures
 }
 
 // New builds a machine. A machine with an Image boots that image when started; one without
@@ -357,6 +362,11 @@ func (m *Machine) Close() error {
 		for _, v := range m.vcpus {
 			v.requestStop()
 		}
+	}
+	// A vCPU waiting for a missing page is released (the page faults in as zero) only once
+	// demand paging is torn down.
+	m.stopPostcopy()
+	if started {
 		<-m.done
 	}
 	m.life.Lock()
@@ -389,7 +399,14 @@ func (m *Machine) release() {
 
 // WriteGuest writes b into guest memory at gpa as the VMM (not the guest): the pages join the
 // dirty set. Tests use it to corrupt memory behind the guest's back.
+// On a post-copy destination the pages are fetched first (they are reported as faults).
 func (m *Machine) WriteGuest(gpa uint64, b []byte) error {
+	if !m.mem.Contains(gpa, uint64(len(b))) {
+		return m.mem.WriteGPA(gpa, b) // the error
+	}
+	if err := m.ensurePresent(context.Background(), gpa, uint64(len(b))); err != nil {
+		return err
+	}
 	return m.mem.WriteGPA(gpa, b)
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
@@ -102,9 +103,14 @@ func (s MigrationSource) StopDirtyLog() error {
 
 // ReadPages reads through the memfd (pread): it never faults pages in through the mapping, so
 // reading a page that was punched meanwhile costs no memory.
+//
+// On a machine that is itself still receiving by post-copy, missing pages are fetched first.
 func (s MigrationSource) ReadPages(r int, first uint64, dst []byte) error {
 	if r != 0 {
 		return fmt.Errorf("vmm: read pages: no region %d", r)
+	}
+	if err := s.M.ensurePresent(context.Background(), first*guest.PageSize, uint64(len(dst))); err != nil {
+		return err
 	}
 	n, err := s.M.mem.ReadAt(dst, int64(first*guest.PageSize))
 	if err != nil {
@@ -141,6 +147,11 @@ type MigrationDestination struct {
 	Template Config
 	// M is the machine once Prepare has built it.
 	M *Machine
+
+	fmu          sync.Mutex
+	faults       chan migration.Fault // Faults, made on first use
+	faultsGiven  bool                 // handed to the machine's post-copy, which closes it
+	faultsClosed bool
 }
 
 var (
@@ -193,6 +204,9 @@ func (d *MigrationDestination) WritePages(r int, first uint64, src []byte) error
 	if err != nil {
 		return err
 	}
+	if d.M.pc.Load() != nil { // armed: a pwrite would hide a missing page from userfaultfd
+		return d.PlacePages(r, first, src)
+	}
 	_, err = mem.WriteAt(src, int64(first*guest.PageSize))
 	return err
 }
@@ -202,6 +216,9 @@ func (d *MigrationDestination) ZeroPages(r int, first, n uint64) error {
 	mem, err := d.region(r, first, n)
 	if err != nil {
 		return err
+	}
+	if d.M.pc.Load() != nil { // armed: a hole would be a page that is not there
+		return d.PlaceZero(r, first, n)
 	}
 	return mem.PunchPages(first, n)
 }
@@ -219,11 +236,19 @@ func (d *MigrationDestination) RestoreState(secs []migration.Section) error {
 
 func (d *MigrationDestination) Start() error { return d.M.Start() }
 
+// Abort discards the machine; demand paging, if armed, is torn down first (Faults is closed,
+// vCPUs and VMM accessors waiting for pages are released).
 func (d *MigrationDestination) Abort() {
 	if d.M != nil {
 		d.M.Close()
 		d.M = nil
 	}
+	d.fmu.Lock()
+	if d.faults != nil && !d.faultsGiven && !d.faultsClosed {
+		close(d.faults) // never armed: nobody else closes it
+		d.faultsClosed = true
+	}
+	d.fmu.Unlock()
 }
 
 func (d *MigrationDestination) WaitFirstProgress(ctx context.Context) (time.Time, error) {

@@ -158,9 +158,15 @@ func (p *pvDevice) heartbeat(v *vcpu) guest.Command {
 	return guest.Command(p.cmd[v.id].Swap(uint32(guest.CmdContinue)))
 }
 
-func (p *pvDevice) readMailbox(id int, off, n int) ([]byte, error) {
+// readMailbox reads n bytes at off of vCPU id's mailbox page, once the page is present (on a
+// post-copy destination it may still be on its way; ctx bounds the wait).
+func (p *pvDevice) readMailbox(ctx context.Context, id int, off, n int) ([]byte, error) {
 	b := make([]byte, n)
-	if _, err := p.m.mem.ReadAt(b, int64(mailboxGPA(id))+int64(off)); err != nil {
+	gpa := mailboxGPA(id) + uint64(off)
+	if err := p.m.ensurePresent(ctx, gpa, uint64(n)); err != nil {
+		return nil, err
+	}
+	if _, err := p.m.mem.ReadAt(b, int64(gpa)); err != nil {
 		return nil, err
 	}
 	return b, nil
@@ -170,7 +176,7 @@ func (p *pvDevice) readConsole(id int, n uint32) (string, error) {
 	if n > guest.MbConsoleMax {
 		n = guest.MbConsoleMax
 	}
-	b, err := p.readMailbox(id, guest.MbConsole, int(n))
+	b, err := p.readMailbox(context.Background(), id, guest.MbConsole, int(n))
 	if err != nil {
 		return "", err
 	}
@@ -194,7 +200,7 @@ func (p *pvDevice) consoleText(id int, n uint32) {
 }
 
 func (p *pvDevice) verified(id int) error {
-	b, err := p.readMailbox(id, guest.MbVerifySeq, guest.MbPagesVersioned+8-guest.MbVerifySeq)
+	b, err := p.readMailbox(context.Background(), id, guest.MbVerifySeq, guest.MbPagesVersioned+8-guest.MbVerifySeq)
 	if err != nil {
 		return fmt.Errorf("vmm: vCPU %d: reading verify report: %w", id, err)
 	}

@@ -36,7 +36,10 @@ type Stats struct {
 	ThrottlePct    int           `json:"throttle_pct"`
 	DirtyLogging   bool          `json:"dirty_logging"`
 	LastVerify     *VerifyReport `json:"last_verify,omitempty"`
-	Console        []string      `json:"console,omitempty"`
+	// Postcopy holds the figures of the machine's demand paging (the incoming post-copy),
+	// while it runs and after.
+	Postcopy *PostcopyStats `json:"postcopy,omitempty"`
+	Console  []string       `json:"console,omitempty"`
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
@@ -55,12 +58,16 @@ func (m *Machine) Stats() Stats {
 	m.life.RLock()
 	if !m.released {
 		s.ResidentBytes, _ = m.mem.ResidentBytes()
+		// On a post-copy destination a mailbox page may still be on its way: wait a little
+		// for it (asking for it first), else leave its counters out.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		for id := 0; id < s.VCPUs; id++ {
-			if b, err := m.pv.readMailbox(id, guest.MbWorkUnits, 16); err == nil {
+			if b, err := m.pv.readMailbox(ctx, id, guest.MbWorkUnits, 16); err == nil {
 				s.WorkUnits += binary.LittleEndian.Uint64(b)
 				s.PagesWritten += binary.LittleEndian.Uint64(b[8:])
 			}
 		}
+		cancel()
 	} else {
 		s.State = StateReleased
 	}
@@ -81,6 +88,9 @@ func (m *Machine) Stats() Stats {
 	s.MaxHeartbeatGapMS = ms(p.maxGap)
 	s.MigrationGapMS = ms(p.gapAtResume)
 	s.LastVerify = p.lastVerify
+	if pcs, ok := m.PostcopyStats(); ok {
+		s.Postcopy = &pcs
+	}
 	s.Console = append([]string(nil), p.console...)
 	m.mu.Lock()
 	s.DirtyLogging = m.logDirty
