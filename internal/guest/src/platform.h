@@ -5,8 +5,9 @@
  * In the guest image (the default) guest virtual equals guest physical, and in/out exit to the
  * VMM. Built with -DGODWIT_NATIVE, the same workload code runs as an ordinary host process: the
  * native harness (harness.c) supplies the ports as functions and keeps "guest memory" in one
- * mapping at godwit_native_base. Only these few lines differ between the two builds; the page
- * generators, write loops and verification are the same source compiled with the same flags.
+ * mapping at godwit_native_base. Built with -DGODWIT_QEMU, it is the multiboot image for QEMU
+ * (mb.S, qemu.c). Only these few lines differ between the builds; the page generators, write
+ * loops and verification are the same source compiled with the same flags.
  */
 #ifndef GODWIT_PLATFORM_H
 #define GODWIT_PLATFORM_H
@@ -20,7 +21,42 @@ static inline uint64_t cpu_tsc(void)
 	return ((uint64_t)hi << 32) | lo;
 }
 
-#ifdef GODWIT_NATIVE
+#if defined(GODWIT_QEMU)
+
+/*
+ * The multiboot image for QEMU (qemu.c): the same workload code, but QEMU has none of godwit's
+ * paravirtual ports, so every port access goes to qemu.c, which plays the VMM's part inside the
+ * guest (debugcon text, TSC-timed sleeps, periodic verification) and ticks a heartbeat line
+ * out even while the workload verifies or sleeps.
+ */
+uint32_t godwit_qemu_in(uint16_t port);
+void godwit_qemu_out(uint16_t port, uint32_t val);
+void godwit_qemu_tick(void);
+
+static inline void *gpa_ptr(uint64_t gpa)
+{
+	return (void *)(uintptr_t)gpa;
+}
+
+static inline uint32_t port_in32(uint16_t port)
+{
+	__asm__ volatile("" ::: "memory");
+	return godwit_qemu_in(port);
+}
+
+static inline void port_out32(uint16_t port, uint32_t val)
+{
+	__asm__ volatile("" ::: "memory");
+	godwit_qemu_out(port, val);
+}
+
+/* Called in long loops that end in no heartbeat (verification, the idle workload's first touch). */
+static inline void platform_tick(void)
+{
+	godwit_qemu_tick();
+}
+
+#elif defined(GODWIT_NATIVE)
 
 extern uintptr_t godwit_native_base;
 uint32_t godwit_native_in(uint16_t port);
@@ -41,6 +77,10 @@ static inline void port_out32(uint16_t port, uint32_t val)
 	/* The harness reads guest memory (mailbox, console) when a port is written. */
 	__asm__ volatile("" ::: "memory");
 	godwit_native_out(port, val);
+}
+
+static inline void platform_tick(void)
+{
 }
 
 #else
@@ -64,6 +104,11 @@ static inline uint32_t port_in32(uint16_t port)
 static inline void port_out32(uint16_t port, uint32_t val)
 {
 	__asm__ volatile("outl %0, %w1" : : "a"(val), "Nd"(port) : "memory");
+}
+
+/* Under godwit's VMM every heartbeat exits to the VMM anyway: nothing to do between them. */
+static inline void platform_tick(void)
+{
 }
 
 #endif

@@ -452,6 +452,7 @@ static void verify_and_report(struct vcpu *c)
 		int zero = version == 0 || c->cfg.content == CONTENT_ZERO;
 		int word;
 
+		platform_tick();
 		if (version != 0)
 			versioned++;
 		if (zero) {
@@ -510,8 +511,10 @@ static void __attribute__((noreturn)) run_idle(struct vcpu *c)
 {
 	uint64_t touched = c->data_pages * c->cfg.touch_permille / 1000;
 
-	for (uint64_t idx = 0; idx < touched; idx++)
+	for (uint64_t idx = 0; idx < touched; idx++) {
+		platform_tick();
 		write_page(c, idx);
+	}
 	mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + touched);
 	for (;;) {
 		sleep_us(c->cfg.idle_interval_us);

@@ -1,0 +1,168 @@
+/*
+ * The multiboot (v1) entry of the QEMU image (build.sh -multiboot; linked by mb.ld).
+ *
+ * QEMU's -kernel loads the flat image at 0x100000 (the header's address fields, so no ELF is
+ * needed) and enters mb_entry32 in 32-bit protected mode at CPL0 with paging off, EAX = the
+ * multiboot loader magic and EBX = the multiboot information. This entry is the only code of
+ * the image that runs at CPL0. It builds the machine godwit's VMM builds with KVM_SET_SREGS:
+ *
+ *   - the GDT at GDT_GPA: null, kernel code (64-bit), kernel data, user code (64-bit, DPL3),
+ *     user data (DPL3), a 64-bit TSS descriptor (TSS at GDT_GPA + 0x800);
+ *   - identity page tables at PML4_GPA with the U/S bit at every level: one PML4 entry, four
+ *     PDPT entries, 2048 2 MiB pages covering the low 4 GiB (QEMU's RAM below 4 GiB);
+ *   - CR4 = PAE|OSFXSR|OSXMMEXCPT, EFER.LME, CR0 = PE|MP|ET|NE|PG;
+ *
+ * then jumps to 64-bit mode and irets to mb_user_entry at CPL3 with IOPL 3 and interrupts off,
+ * on vCPU 0's stack (STACK_GPA + STACK_SIZE - 8, the call alignment of a C function), with EDI =
+ * the multiboot information address. qemu.c's mb_main takes it from there.
+ */
+#include "abi.h"
+
+#define MB_HEADER_MAGIC 0x1BADB002
+#define MB_LOADER_MAGIC 0x2BADB002
+/* Bit 1: memory information wanted; bit 16: the header's address fields are valid. */
+#define MB_FLAGS 0x00010002
+
+#define STACK0_TOP (STACK_GPA + STACK_SIZE)
+#define TSS_GPA (GDT_GPA + 0x800)
+#define TSS_SIZE 0x68
+
+#define KERNEL_CODE_SEL 0x08
+#define KERNEL_DATA_SEL 0x10
+#define USER_CODE_SEL 0x1b
+#define USER_DATA_SEL 0x23
+#define TSS_SEL 0x28
+
+#define PORT_DEBUGCON 0xe9
+#define PORT_DEBUG_EXIT 0xf4
+
+	.section .text.mb, "ax", @progbits
+	.code32
+	.align 4
+	.globl mb_header
+mb_header:
+	.long MB_HEADER_MAGIC
+	.long MB_FLAGS
+	.long -(MB_HEADER_MAGIC + MB_FLAGS)
+	.long mb_header		/* header_addr */
+	.long mb_load_start	/* load_addr: the image's first byte */
+	.long mb_load_end	/* load_end_addr: the end of the file's contents */
+	.long mb_bss_end	/* bss_end_addr: the loader zeroes up to here */
+	.long mb_entry32	/* entry_addr */
+
+	.globl mb_entry32
+mb_entry32:
+	cld
+	cmpl $MB_LOADER_MAGIC, %eax
+	jne bad_loader
+	movl %ebx, %ebp			/* the multiboot information, for mb_main */
+	movl $STACK0_TOP, %esp
+
+	/* The GDT and a zeroed TSS. */
+	movl $mb_gdt, %esi
+	movl $GDT_GPA, %edi
+	movl $((mb_gdt_end - mb_gdt) / 4), %ecx
+	rep movsl
+	xorl %eax, %eax
+	movl $TSS_GPA, %edi
+	movl $(TSS_SIZE / 4), %ecx
+	rep stosl
+	lgdt mb_gdtr
+
+	/* Page tables: PML4, PDPT and four PDs are six consecutive pages from PML4_GPA. */
+	xorl %eax, %eax
+	movl $PML4_GPA, %edi
+	movl $(6 * PAGE_SIZE / 4), %ecx
+	rep stosl
+	movl $(PDPT_GPA | 7), PML4_GPA	/* present, writable, user */
+	movl $(PD_BASE_GPA | 7), %eax
+	movl $PDPT_GPA, %edi
+	movl $4, %ecx
+1:	movl %eax, (%edi)
+	addl $PAGE_SIZE, %eax
+	addl $8, %edi
+	loop 1b
+	movl $0x87, %eax		/* present, writable, user, 2 MiB page */
+	movl $PD_BASE_GPA, %edi
+	movl $2048, %ecx
+2:	movl %eax, (%edi)
+	addl $0x200000, %eax
+	addl $8, %edi
+	loop 2b
+
+	/* Long mode. */
+	movl $0x620, %eax		/* PAE | OSFXSR | OSXMMEXCPT */
+	movl %eax, %cr4
+	movl $PML4_GPA, %eax
+	movl %eax, %cr3
+	movl $0xc0000080, %ecx		/* EFER */
+	rdmsr
+	orl $0x100, %eax		/* LME */
+	wrmsr
+	movl $0x80000033, %eax		/* PG | NE | ET | MP | PE */
+	movl %eax, %cr0
+	ljmp $KERNEL_CODE_SEL, $entry64
+
+bad_loader:
+	movl $bad_loader_msg, %esi
+3:	movb (%esi), %al
+	testb %al, %al
+	jz 4f
+	outb %al, $PORT_DEBUGCON
+	incl %esi
+	jmp 3b
+4:	movl $2, %eax
+	outl %eax, $PORT_DEBUG_EXIT
+	hlt
+	jmp 4b
+
+	.code64
+entry64:
+	movl $KERNEL_DATA_SEL, %eax
+	movl %eax, %ss
+	movl $USER_DATA_SEL, %eax
+	movl %eax, %ds
+	movl %eax, %es
+	movl %eax, %fs
+	movl %eax, %gs
+	movl $TSS_SEL, %eax
+	ltr %ax
+	/* iretq to CPL3: SS, RSP, RFLAGS (IOPL 3, interrupts off), CS, RIP. */
+	pushq $USER_DATA_SEL
+	pushq $(STACK0_TOP - 8)
+	pushq $0x3002
+	pushq $USER_CODE_SEL
+	pushq $mb_user_entry
+	iretq
+	.globl mb_cpl0_end
+mb_cpl0_end:
+
+	/* From here on everything runs at CPL3. */
+	.text
+	.globl mb_user_entry
+mb_user_entry:
+	movl %ebp, %edi
+	jmp mb_main
+	ud2
+
+	.section .rodata
+	.align 16
+mb_gdt:
+	.quad 0
+	.quad 0x00209A0000000000	/* kernel code, 64-bit */
+	.quad 0x0000920000000000	/* kernel data */
+	.quad 0x0020FA0000000000	/* user code, 64-bit, DPL3 */
+	.quad 0x0000F20000000000	/* user data, DPL3 */
+	/* 64-bit available TSS at TSS_GPA, limit TSS_SIZE - 1 (16 bytes) */
+	.quad ((TSS_SIZE - 1) | ((TSS_GPA & 0xffffff) << 16) | (0x89 << 40) | (((TSS_GPA >> 24) & 0xff) << 56))
+	.quad 0
+mb_gdt_end:
+	.align 4
+	.word 0
+mb_gdtr:
+	.word mb_gdt_end - mb_gdt - 1
+	.long GDT_GPA
+bad_loader_msg:
+	.asciz "godwit-qemu: panic not entered by a multiboot loader\n"
+
+	.section .note.GNU-stack, "", @progbits
