@@ -133,7 +133,7 @@ const (
 // Prepaging policies: the order of the source's background push in post-copy. Demand
 // requests always go first.
 const (
-	PrepageNone       = "none"       // no push: every page arrives by demand (a baseline for the others)
+	PrepageNone       = "none"       // no push while the destination keeps faulting (a baseline for the others); the rest after NoneIdle without a request
 	PrepageSequential = "sequential" // ascending page order
 	PrepageBubble     = "bubble"     // outward from the most recent demand faults
 	PrepageHot        = "hot"        // hottest first, by dirty and fault statistics gathered before the switch

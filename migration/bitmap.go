@@ -103,3 +103,31 @@ func checkBitmaps(what string, bms []Bitmap, l *Layout) error {
 	}
 	return nil
 }
+
+// prev returns the last page <= i whose bit is set, if there is one.
+func (b Bitmap) prev(i uint64) (uint64, bool) {
+	for {
+		wi := i / 64
+		var w uint64
+		if wi < uint64(len(b)) {
+			w = b[wi]
+		}
+		w &= ^uint64(0) >> (63 - i%64) // ignore bits after i
+		if w != 0 {
+			return wi*64 + 63 - uint64(bits.LeadingZeros64(w)), true
+		}
+		if wi == 0 {
+			return 0, false
+		}
+		i = wi*64 - 1
+	}
+}
+
+// clone returns a copy of the bitmaps.
+func cloneBitmaps(in []Bitmap) []Bitmap {
+	out := make([]Bitmap, len(in))
+	for i, b := range in {
+		out[i] = append(Bitmap(nil), b...)
+	}
+	return out
+}

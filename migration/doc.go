@@ -7,9 +7,8 @@
 // Each technique is a policy and a driver. The policy is a deterministic state machine without
 // I/O or clock, in the manner of etcd's raft: the driver feeds it observations (pages and bytes
 // sent in a round, how long it took, how many pages were dirtied meanwhile) and carries out its
-// decisions (send another round, raise the throttle, stop and copy, give up). [PrecopyPolicy] is
-// the first; post-copy and hybrid add their own policies over the same drivers, and the wire
-// protocol already has the destination-to-source request channel they need.
+// decisions (send another round, raise the throttle, stop and copy, give up). [PrecopyPolicy]
+// decides pre-copy (and when hybrid switches); a [Prepager] orders post-copy's background push.
 //
 // # Pre-copy ([Send] and [Receive])
 //
@@ -54,6 +53,58 @@
 // party (the agents, fencing the destination until the source confirms) and is left to the
 // layer above.
 //
+// # Post-copy and hybrid (SendOptions.Mode)
+//
+//	source                                            destination
+//	[hybrid: pre-copy rounds as above, until HybridRounds, HybridAfter or the policy gives up;
+//	 converged earlier: stop and copy as above]
+//	[postcopy, PrepageHot or SampleBefore: sample the dirty log and progress while running]
+//	Pause, last FetchDirty, StopDirtyLog
+//	Switch: the missing set  ------------------->   (postcopy: every populated page;
+//	                                                 hybrid: unsent dirty pages)
+//	SaveState -> state, Complete  -------------->   ArmPostcopy(missing), RestoreState, Start
+//	                         <-------------------   Resumed          (the point of no return)
+//	push missing pages in prepaging order;          vCPUs fault on missing pages: Faults ->
+//	requested pages first  <---------------------   Request (at once, no batching delay)
+//	PageBatch...  ------------------------------>   PlacePages / PlaceZero (missing pages only)
+//	PushEnd  ----------------------------------->   every page present: DisarmPostcopy
+//	                         <-------------------   Filled           (source memory may go)
+//	                         <-------------------   Stats (faults, latencies, progress), Done
+//	DoneAck  ----------------------------------->
+//
+// Both sides send Keepalive frames when they have written nothing for LinkTimeout/4, and a side
+// that has read nothing for LinkTimeout treats the link as broken, as it does any read or write
+// error. Neither side gives up while it has a [Reconnector]: the source dials again (with
+// backoff, until its context ends) and opens the new connection with Rejoin, naming the
+// migration by the random id of its Switch; the destination accepts, checks the id and answers
+// with the set of pages it still lacks (Lacking), which the source sends (again, if it had sent
+// them on the dead connection) while the destination re-requests every page its vCPUs wait
+// for. Meanwhile the destination's vCPUs simply block on missing pages.
+//
+// Without a Reconnector, or when the context ends, a post-copy that broke after Resumed and
+// before Filled fails on both sides with [ErrStranded]: the destination runs the VM and lacks
+// pages that only the source holds. The source stays paused, keeps its memory and is never
+// resumed (its copy is stale: the destination has run); the destination is never aborted. Send
+// with SendOptions.ResumeID, from the same paused source, finishes the migration while the
+// destination's Receive still waits in its Reconnector.
+//
+// What cannot be recovered: the destination host dying after the switch. The VM's memory is
+// then split between the source (pages not yet sent) and the dead destination (its state and
+// every page it changed since); neither half runs alone, so the VM is lost. The source cannot
+// tell this from a long partition: it keeps trying while its context lives and then reports
+// that the destination's connection never came back. The source host dying after the switch
+// loses the VM the same way. Before the switch (and before Resumed) everything fails as in
+// pre-copy, the source running on, including the window described above: in post-copy a
+// destination that started and whose Resumed was lost waits for a source that has resumed
+// itself; its pages never come, and the layer above must abort it.
+//
+// Prepaging policies ([NewPrepager]): sequential pushes in page order; bubble pushes outward
+// in both directions from the most recent demand fault; hot pushes the pages dirtied most
+// often before the switch first (counted over the pre-copy rounds, or over the sampling
+// before a pure post-copy pause), ties in page order; none pushes nothing while requests keep
+// coming and the rest after [NoneIdle] without one. A page goes once, unless the destination
+// says after a reconnection that it still lacks it.
+//
 // # Metrics
 //
 // As defined in DESIGN.md and reported in [Report]: total time from the call until the source
@@ -66,4 +117,11 @@
 // round the source also reports how long the acknowledgement took after the round's end
 // (ack_wait_ms: the backlog plus a round trip), and its expected downtime at the decision to
 // stop (expected_downtime_ms), to compare with the downtime measured.
+//
+// In post-copy the total time ends at the destination's Filled; downtime runs from the pause to
+// the destination's start as in pre-copy (the missing set replaces the final round). The
+// [PostcopyReport] adds demand faults and their service latency (a fault as the VMM saw it ->
+// its page placed), pages pushed and demanded, and the guest's progress rate (with
+// [ProgressCounter]) in the second before the pause, from the destination's start until every
+// page is present, and in the second after.
 package migration

@@ -48,15 +48,19 @@ func Receive(ctx context.Context, dst Destination, conn io.ReadWriter, opts Rece
 	if opts.Clock == nil {
 		opts.Clock = SystemClock{}
 	}
+	if opts.LinkTimeout <= 0 {
+		opts.LinkTimeout = DefaultLinkTimeout
+	}
 	rc := &receiver{
 		dst:   dst,
 		conn:  conn,
 		opts:  opts,
 		clock: opts.Clock,
 		w:     wire.NewWriter(conn),
-		r:     wire.NewReader(conn, wire.AtDestination),
+		watch: &readWatch{r: conn},
 		rep:   &Report{Side: "destination", Mode: "precopy"},
 	}
+	rc.r = wire.NewReader(rc.watch, wire.AtDestination)
 	return rc.run(ctx)
 }
 
@@ -79,6 +83,14 @@ type receiver struct {
 	round    *RoundReport
 	roundAt  time.Time
 	roundB0  int64
+
+	// Post-copy.
+	watch    *readWatch
+	switchID wire.MigrationID
+	missing  []Bitmap // the Switch set, once one arrived
+	wdesc    *wire.Description
+	caps     wire.Caps
+	pc       *pcRecv // after Resumed in post-copy
 }
 
 func (rc *receiver) run(parent context.Context) (*Report, error) {
@@ -97,6 +109,9 @@ func (rc *receiver) run(parent context.Context) (*Report, error) {
 	switch {
 	case err == nil:
 		rc.rep.Result = ResultOK
+	case rc.pc != nil && !errors.As(err, &pe) && !rc.pc.isComplete():
+		// Post-copy, pages missing: the VM runs here and waits for them. Keep it.
+		err = rc.pc.strand(parent, err)
 	case rc.resumed && !errors.As(err, &pe):
 		// Running and acknowledged; the source may have released its copy.
 		rc.rep.Result = ResultOK
@@ -107,11 +122,15 @@ func (rc *receiver) run(parent context.Context) (*Report, error) {
 	}
 	rc.intr.hold()
 	setDeadline(rc.conn, time.Time{})
+	var bw, br int64
+	if rc.pc != nil {
+		bw, br = rc.pc.close()
+	}
 	rc.cancel(nil)
 
 	rc.rep.TotalMS = ms(rc.clock.Now().Sub(start))
-	rc.rep.BytesWire = rc.w.Written()
-	rc.rep.BytesRead = rc.r.BytesRead()
+	rc.rep.BytesWire = bw + rc.w.Written()
+	rc.rep.BytesRead = br + rc.r.BytesRead()
 	rc.rep.Pages = pageCounts(&rc.counts)
 	return rc.rep, err
 }
@@ -193,7 +212,13 @@ func (rc *receiver) migrate() error {
 	if heartbeats {
 		supported |= wire.CapBlackout
 	}
+	pd, demandPaging := rc.dst.(PostcopyDestination)
+	if demandPaging {
+		supported |= wire.CapPostcopy
+	}
 	accepted := hello.Caps & supported
+	rc.caps = accepted
+	rc.wdesc = &hello.Desc
 
 	rc.phase = "prepare"
 	rc.prepared = true
@@ -237,6 +262,23 @@ func (rc *receiver) migrate() error {
 			if err := rc.w.WriteRoundAck(&wire.RoundAck{N: m.N, Pages: placed}); err != nil {
 				return err
 			}
+		case *wire.Switch:
+			rc.endRound()
+			rc.phase = "switch"
+			if rc.missing == nil {
+				rc.missing = make([]Bitmap, len(desc.Layout.Regions))
+				for r := range rc.missing {
+					rc.missing[r] = NewBitmap(hello.Desc.Pages(r))
+				}
+				rc.switchID = m.ID
+				rc.rep.Mode = ModePostcopy
+				if rc.rep.Rounds > 0 {
+					rc.rep.Mode = ModeHybrid
+				}
+			}
+			for _, run := range m.Runs {
+				rc.missing[m.Region].SetRange(run.First, uint64(run.Count))
+			}
 		case *wire.Section:
 			rc.endRound()
 			rc.phase = "state"
@@ -249,17 +291,32 @@ func (rc *receiver) migrate() error {
 		}
 	}
 
-	rc.phase = "restore"
 	t0 := rc.clock.Now()
+	if rc.missing != nil {
+		// Post-copy: the pages of the set are demand-paged from now on (older copies from
+		// pre-copy rounds discarded).
+		rc.phase = "arm post-copy"
+		if err := rc.vmm("ArmPostcopy", pd.ArmPostcopy(rc.missing)); err != nil {
+			return err
+		}
+	}
+	rc.phase = "restore"
 	if err := rc.vmm("RestoreState", rc.dst.RestoreState(secs)); err != nil {
 		return err
 	}
 	rc.phase = "start"
 	t1 := rc.clock.Now()
+	var p *pcRecv
+	if rc.missing != nil {
+		p = newPCRecv(rc, pd)
+	}
 	if err := rc.vmm("Start", rc.dst.Start()); err != nil {
 		return err
 	}
 	resumeAt := rc.clock.Now()
+	if p != nil {
+		p.started(resumeAt)
+	}
 	rc.rep.DowntimeMS = ms(time.Duration(resumeAt.UnixNano() - complete.PauseUnixNano))
 	rc.rep.Downtime.RestoreMS = ms(t1.Sub(t0))
 	rc.rep.Downtime.StartMS = ms(resumeAt.Sub(t1))
@@ -273,6 +330,10 @@ func (rc *receiver) migrate() error {
 		return err
 	}
 	rc.resumed = true
+	if p != nil {
+		rc.pc = p
+		return p.run(accepted&wire.CapBlackout != 0, fp)
+	}
 
 	rc.phase = "first progress"
 	var first int64

@@ -19,6 +19,15 @@ var (
 	ErrNotConverged = errors.New("migration: pre-copy did not converge")
 	ErrTimeout      = errors.New("migration: timed out")
 	ErrProtocol     = errors.New("migration: protocol violation")
+	// ErrNoPostcopy: post-copy or hybrid was asked for and the destination cannot demand-page.
+	// The source has not paused.
+	ErrNoPostcopy = errors.New("migration: the destination does not support post-copy")
+	// ErrLinkTimeout: during post-copy nothing arrived from the peer for LinkTimeout.
+	ErrLinkTimeout = errors.New("migration: link timed out")
+	// ErrStranded: a post-copy migration failed after the switch. The destination runs the VM
+	// and lacks pages that only the paused source holds; neither side may give up its part, and
+	// a resume (SendOptions.ResumeID) can finish the migration.
+	ErrStranded = errors.New("migration: post-copy interrupted after the switch")
 )
 
 // PageCounts counts pages by how they travelled, over all rounds.
@@ -103,6 +112,8 @@ type Report struct {
 // PostcopyReport describes the post-copy phase. The source's report carries the destination's
 // figures (faults, latencies, progress during and after) as the destination sent them at the end.
 type PostcopyReport struct {
+	// MigrationID names the migration for a resume (SendOptions.ResumeID).
+	MigrationID    string `json:"migration_id"`
 	Prepage        string `json:"prepage"`
 	SwitchedAfter  int    `json:"switched_after_rounds"` // live pre-copy rounds before the switch (0 for postcopy)
 	SwitchReason   string `json:"switch_reason"`         // why hybrid switched: rounds, time, not converging
@@ -118,6 +129,10 @@ type PostcopyReport struct {
 	FaultLatencyUS []float64 `json:"fault_latency_us,omitempty"`
 	PostcopyMS     float64   `json:"postcopy_ms"` // destination start -> every page present
 	Reconnects     int       `json:"reconnects"`  // times the link broke and was recovered
+	// DestinationReconnects is the destination's count (source report only): it differs from
+	// Reconnects when a connection attempt failed half-way.
+	DestinationReconnects int `json:"destination_reconnects"`
+
 	// Guest progress (heartbeats per second): in the second before the pause on the source,
 	// on the destination from start until every page is present, and in the second after.
 	ProgressBefore float64 `json:"progress_rate_before"`

@@ -70,6 +70,17 @@ type SendOptions struct {
 	// Reconnector. Without it such a migration fails, the source stays paused and keeps its
 	// memory, and the report says so.
 	Reconnect Reconnector
+	// SampleBefore (pure post-copy) is how long the source watches the running guest before
+	// it pauses: its dirty log, for PrepageHot, and its progress rate, for the report's
+	// progress_rate_before. Default 0: DefaultHotSample with PrepageHot, else no wait (the rate
+	// then covers only the handshake).
+	SampleBefore time.Duration
+	// ResumeID resumes the post-copy migration with that id (PostcopyReport.MigrationID) after
+	// an earlier Send failed past the switch (ErrStranded): src is that migration's paused
+	// source, and the destination's Receive still waits in its Reconnector. Send then skips
+	// the handshake and the copy, rejoins over conn (or, if conn is nil or fails, over
+	// Reconnect) and finishes the post-copy.
+	ResumeID string
 }
 
 // Progress is a snapshot for a progress display, delivered after every round and at most
@@ -83,6 +94,13 @@ type Progress struct {
 	ExpectedDowntime time.Duration `json:"expected_downtime"`
 	Throttle         int           `json:"throttle"`
 	Elapsed          time.Duration `json:"elapsed"`
+	// Post-copy (phase "postcopy" and after): pages sent by the background push and on the
+	// destination's request so far, pages it requested (demand faults, counted at the source),
+	// and reconnections.
+	PagesPushed   uint64 `json:"pages_pushed,omitempty"`
+	PagesDemanded uint64 `json:"pages_demanded,omitempty"`
+	Requested     uint64 `json:"pages_requested,omitempty"`
+	Reconnects    int    `json:"reconnects,omitempty"`
 }
 
 // Send migrates src over conn with pre-copy and returns a report, also on failure (then with
@@ -96,6 +114,39 @@ type Progress struct {
 // Once the destination acknowledges Complete with Resumed, the migration has succeeded: the
 // source VM must not run again, and its memory may be released after Send returns.
 func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions) (*Report, error) {
+	if opts.Mode == "" {
+		opts.Mode = ModePrecopy
+	}
+	if opts.HybridRounds <= 0 {
+		opts.HybridRounds = DefaultHybridRounds
+	}
+	if opts.LinkTimeout <= 0 {
+		opts.LinkTimeout = DefaultLinkTimeout
+	}
+	rep := &Report{Side: "source", Mode: opts.Mode}
+	var resumeID *wire.MigrationID
+	bad := func(err error) (*Report, error) {
+		rep.Result, rep.Error = ResultFailed, err.Error()
+		return rep, err
+	}
+	switch opts.Mode {
+	case ModePrecopy, ModePostcopy, ModeHybrid:
+	default:
+		return bad(fmt.Errorf("migration: unknown mode %q (want %s, %s or %s)", opts.Mode, ModePrecopy, ModePostcopy, ModeHybrid))
+	}
+	if _, err := NewPrepager(opts.Prepage, nil, nil, nil); err != nil {
+		return bad(err)
+	}
+	if opts.ResumeID != "" {
+		id, err := wire.ParseMigrationID(opts.ResumeID)
+		if err != nil {
+			return bad(fmt.Errorf("migration: resume: %w", err))
+		}
+		if conn == nil && opts.Reconnect == nil {
+			return bad(errors.New("migration: resume needs a connection or a Reconnect"))
+		}
+		resumeID = &id
+	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit
 	}
@@ -115,13 +166,23 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		opts.Clock = SystemClock{}
 	}
 	s := &sender{
-		src:   src,
-		conn:  conn,
-		opts:  opts,
-		clock: opts.Clock,
-		w:     wire.NewWriter(conn),
-		r:     wire.NewReader(conn, wire.AtSource),
-		rep:   &Report{Side: "source", Mode: "precopy"},
+		src:      src,
+		conn:     conn,
+		conn0:    conn,
+		opts:     opts,
+		clock:    opts.Clock,
+		rep:      rep,
+		post:     opts.Mode != ModePrecopy,
+		resumeID: resumeID,
+		watch:    &readWatch{r: conn},
+	}
+	s.dq.signal = make(chan struct{}, 1)
+	s.prog, _ = src.(ProgressCounter)
+	s.w = wire.NewWriter(io.Discard)
+	s.r = wire.NewReader(eofReader{}, wire.AtSource)
+	if conn != nil {
+		s.w = wire.NewWriter(conn)
+		s.r = wire.NewReader(s.watch, wire.AtSource)
 	}
 	return s.run(ctx)
 }
@@ -186,6 +247,41 @@ type sender struct {
 	readerDone   chan struct{}
 	completeSent atomic.Bool
 	ended        atomic.Uint32 // the last live round whose end marker is (being) written
+
+	// Post-copy. The connection may be replaced (Reconnect): conn0 is the caller's.
+	conn0     io.ReadWriter
+	ownConn   bool       // conn came from Reconnect: the engine closes it
+	watch     *readWatch // conn's reads, for the link watchdog
+	lctx      context.Context
+	lcancel   context.CancelCauseFunc // ends the current connection only (after the switch)
+	postLink  atomic.Bool             // the reader goroutine reports errors as link failures
+	post      bool                    // mode postcopy or hybrid
+	switched  bool                    // the Switch was sent
+	resumeID  *wire.MigrationID
+	id        wire.MigrationID
+	caps      wire.Caps
+	wdesc     *wire.Description
+	sizes     []uint64
+	heat      [][]uint32 // PrepageHot: dirty counts before the switch
+	pcr       *PostcopyReport
+	prog      ProgressCounter
+	samples   []progressSample
+	pending   []Bitmap // pages the destination lacks that were not sent on this connection
+	remaining uint64   // pages in pending
+	linkSent  uint64   // pages sent on this connection (not confirmed)
+	prepager  Prepager
+	carry     *PageRef
+	dq        demandQueue
+	demanded  []PageRef
+	pushEnded bool
+	filled    bool // the destination has every page: the source may release its memory
+	filledAt  time.Time
+	breaks    int
+	lastBreak error
+	neverBack bool // the context ended while reconnecting
+	attempts  int  // Rejoin frames sent
+	bytesW    int64
+	bytesR    int64 // of connections replaced
 }
 
 func (s *sender) run(parent context.Context) (*Report, error) {
@@ -197,12 +293,18 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 		defer cancel()
 	}
 	s.ctx, s.cancel = context.WithCancelCause(ctx)
-	s.intr = interruptOnDone(s.ctx, s.conn)
+	s.lctx, s.lcancel = context.WithCancelCause(s.ctx)
+	s.intr = interruptOnDone(s.lctx, s.conn)
 
 	err := s.migrate()
-	if err != nil && !s.acked {
+	switch {
+	case err != nil && !s.acked:
 		err = s.fail(parent, err)
-	} else if err != nil {
+	case err != nil && s.switched && !s.filled:
+		// After the switch, before the destination has every page: the VM is split between
+		// the hosts. Never resume; say how to finish.
+		err = s.strand(parent, err)
+	case err != nil:
 		s.rep.Warnings = append(s.rep.Warnings, err.Error())
 		err = nil
 	}
@@ -218,15 +320,26 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 		default:
 			if setDeadline(s.conn, longAgo) {
 				<-s.readerDone
+			} else if s.ownConn {
+				closeConn(s.conn)
+				<-s.readerDone
 			}
 		}
 	}
 	setDeadline(s.conn, time.Time{})
+	if s.ownConn {
+		closeConn(s.conn)
+	}
+	setDeadline(s.conn0, time.Time{})
+	s.lcancel(nil)
 	s.cancel(nil)
 
 	s.rep.TotalMS = ms(s.clock.Now().Sub(s.start))
-	s.rep.BytesWire = s.w.Written()
-	s.rep.BytesRead = s.r.BytesRead()
+	if s.filled {
+		s.rep.TotalMS = ms(s.filledAt.Sub(s.start))
+	}
+	s.rep.BytesWire = s.bytesW + s.w.Written()
+	s.rep.BytesRead = s.bytesR + s.r.BytesRead()
 	s.rep.Pages = pageCounts(&s.cls.Counters)
 	s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
 	return s.rep, err
@@ -365,6 +478,13 @@ func (s *sender) migrate() error {
 	s.bufPages = max(1, min(s.opts.BatchBytes, wire.MaxFramePayload/2)/s.ps)
 	s.buf = make([]byte, s.bufPages*s.ps)
 	s.limit = limiter{rate: float64(s.opts.MaxBandwidth), burst: 10 * time.Millisecond, clock: s.clock}
+	s.sizes = make([]uint64, len(s.desc.Layout.Regions))
+	for r := range s.sizes {
+		s.sizes[r] = s.regionPages(r)
+	}
+	if s.post && s.opts.Prepage == PrepageHot {
+		s.heat = make([][]uint32, len(s.sizes))
+	}
 	_, throttles := s.src.(Throttler)
 	s.policy = NewPrecopyPolicy(PolicyConfig{
 		PageSize:      uint64(s.ps),
@@ -375,11 +495,18 @@ func (s *sender) migrate() error {
 		StateBytes:    uint64(len(s.desc.Devices)) * stateBytesPerComponent,
 		SwitchCost:    s.opts.SwitchCost,
 	})
+	if s.resumeID != nil {
+		return s.resumePostcopy()
+	}
 	var offered wire.Caps
 	pc, heartbeats := s.src.(ProgressClock)
 	if heartbeats {
 		offered |= wire.CapBlackout
 	}
+	if s.post {
+		offered |= wire.CapPostcopy
+	}
+	s.sampleProgress(true)
 
 	// The handshake strictly alternates (preamble, preamble, Hello, Welcome), so it works on
 	// unbuffered transports too, and a version mismatch stops both sides before the Hello.
@@ -400,6 +527,7 @@ func (s *sender) migrate() error {
 	}
 	s.r.SetOffered(offered)
 	s.r.SetDescription(&wd)
+	s.wdesc = &wd
 	m, err := s.r.Next()
 	if err != nil {
 		return err
@@ -408,7 +536,16 @@ func (s *sender) migrate() error {
 	if !ok {
 		return unexpected(m, "welcome")
 	}
+	s.caps = welcome.Caps
+	if s.post && welcome.Caps&wire.CapPostcopy == 0 {
+		return fmt.Errorf("%w: mode %s needs post-copy, and the destination does not support it (it declined the capability: its VMM cannot demand-page); migrate with mode %s", ErrNoPostcopy, s.opts.Mode, ModePrecopy)
+	}
 	s.startReader()
+	ctx := &switchCtx{heartbeats: heartbeats && welcome.Caps&wire.CapBlackout != 0, pc: pc}
+
+	if s.opts.Mode == ModePostcopy {
+		return s.switchover(ctx, nil, "")
+	}
 
 	s.phase = "round 1"
 	if err := s.vmm("StartDirtyLog", s.src.StartDirtyLog()); err != nil {
@@ -448,6 +585,9 @@ func (s *sender) migrate() error {
 		if err := checkBitmaps("FetchDirty", dirty, &s.desc.Layout); err != nil {
 			return err
 		}
+		if s.heat != nil {
+			addHeat(s.heat, dirty, s.sizes)
+		}
 		fetchAt := s.clock.Now()
 		dirtyTime := fetchAt.Sub(s.fetchAt)
 		s.fetchAt = fetchAt
@@ -467,6 +607,24 @@ func (s *sender) migrate() error {
 		})
 		s.last = d
 		s.report(true)
+		if s.opts.Mode == ModeHybrid && !d.Converged {
+			// Hybrid never gives up and never forces a long stop-and-copy: it switches.
+			reason := ""
+			switch {
+			case d.Action != SendRound:
+				reason = "not converging: " + d.Reason
+			case s.round >= s.opts.HybridRounds:
+				reason = fmt.Sprintf("after %d live rounds", s.round)
+			case s.opts.HybridAfter > 0 && s.clock.Now().Sub(s.start) >= s.opts.HybridAfter:
+				reason = fmt.Sprintf("pre-copy ran for %v (limit %v)", s.clock.Now().Sub(s.start).Round(time.Millisecond), s.opts.HybridAfter)
+			}
+			if reason != "" {
+				s.rep.Reason = d.Reason
+				s.rep.ExpectedDowntimeMS = ms(d.ExpectedDowntime)
+				s.discard()
+				return s.switchover(ctx, dirty, reason)
+			}
+		}
 		if d.Action == GiveUp {
 			s.rep.Reason = d.Reason
 			return fmt.Errorf("%w: %s", ErrNotConverged, d.Reason)
@@ -503,10 +661,9 @@ func (s *sender) migrate() error {
 	if err := s.vmm("Pause", s.src.Pause()); err != nil {
 		return err
 	}
-	pauseAt := s.clock.Now()
-	var lastBeat time.Time
-	if heartbeats {
-		lastBeat = pc.LastProgress()
+	ctx.pauseAt = s.clock.Now()
+	if ctx.heartbeats {
+		ctx.lastBeat = pc.LastProgress()
 	}
 	last, err := s.src.FetchDirty()
 	if err := s.vmm("FetchDirty", err); err != nil {
@@ -517,12 +674,7 @@ func (s *sender) migrate() error {
 	}
 	// A fresh union: the policy's set and the last fetch may share storage if a VMM bent the
 	// ownership rule, and a union into shared storage would lose pages silently.
-	union := make([]Bitmap, len(set))
-	for r := range set {
-		union[r] = append(Bitmap(nil), set[r]...)
-		union[r].Or(last[r])
-	}
-	set = union
+	set = union(set, last)
 	if err := s.vmm("StopDirtyLog", s.src.StopDirtyLog()); err != nil {
 		return err
 	}
@@ -530,8 +682,31 @@ func (s *sender) migrate() error {
 	if err := s.sendRound(s.round+1, s.plan(set), true); err != nil {
 		return err
 	}
-	finalAt := s.clock.Now()
+	ctx.finalAt = s.clock.Now()
+	return s.complete(ctx)
+}
 
+// switchCtx carries what the end of a migration needs from its beginning.
+type switchCtx struct {
+	heartbeats bool // the blackout can be measured
+	pc         ProgressClock
+	pauseAt    time.Time
+	lastBeat   time.Time
+	finalAt    time.Time // the last page before the state was written
+}
+
+// union returns a fresh bitmap set holding the pages of a and b.
+func union(a, b []Bitmap) []Bitmap {
+	out := cloneBitmaps(a)
+	for r := range out {
+		out[r].Or(b[r])
+	}
+	return out
+}
+
+// complete saves and sends the state (the source is paused), ends the stream with Complete
+// and waits for the destination's Resumed (the point of no return) and Done.
+func (s *sender) complete(ctx *switchCtx) error {
 	s.phase = "state"
 	secs, err := s.src.SaveState()
 	if err := s.vmm("SaveState", err); err != nil {
@@ -551,14 +726,14 @@ func (s *sender) migrate() error {
 	}
 	// Mark before writing: the destination may answer before WriteComplete returns.
 	s.completeSent.Store(true)
-	if err := s.w.WriteComplete(&wire.Complete{PauseUnixNano: pauseAt.UnixNano(), Pages: s.sent, Sections: uint32(len(secs))}); err != nil {
+	if err := s.w.WriteComplete(&wire.Complete{PauseUnixNano: ctx.pauseAt.UnixNano(), Pages: s.sent, Sections: uint32(len(secs))}); err != nil {
 		return err
 	}
 	completeAt := s.clock.Now()
 
 	s.phase = "waiting for resumed"
 	s.report(false)
-	m, err = s.await(s.opts.AckTimeout, "resumed")
+	m, err := s.await(s.opts.AckTimeout, "resumed")
 	if err != nil {
 		return err
 	}
@@ -567,28 +742,31 @@ func (s *sender) migrate() error {
 		return unexpected(m, "resumed")
 	}
 	// The point of no return: the destination runs. From here on nothing makes the source
-	// resume, and failures are only warnings.
+	// resume, and failures are only warnings (in post-copy, until the destination has every page,
+	// they are failures that leave the source paused).
 	s.acked = true
 	s.paused = false
 	ackAt := s.clock.Now()
-	s.rep.DowntimeMS = ms(time.Duration(res.ResumeUnixNano - pauseAt.UnixNano()))
-	s.rep.PauseToAckMS = ms(ackAt.Sub(pauseAt))
+	s.rep.DowntimeMS = ms(time.Duration(res.ResumeUnixNano - ctx.pauseAt.UnixNano()))
+	s.rep.PauseToAckMS = ms(ackAt.Sub(ctx.pauseAt))
 	s.rep.Downtime = DowntimeParts{
-		FinalRoundMS: ms(finalAt.Sub(pauseAt)),
-		StateMS:      ms(completeAt.Sub(finalAt)),
+		FinalRoundMS: ms(ctx.finalAt.Sub(ctx.pauseAt)),
+		StateMS:      ms(completeAt.Sub(ctx.finalAt)),
 		AckMS:        ms(ackAt.Sub(completeAt)),
 		RestoreMS:    ms(time.Duration(res.RestoreNanos)),
 		StartMS:      ms(time.Duration(res.StartNanos)),
 	}
 
+	if s.switched {
+		return s.postcopy(ctx)
+	}
 	s.phase = "waiting for done"
 	m, err = s.await(s.opts.DoneWait, "done")
 	if err == nil {
 		if done, ok := m.(*wire.Done); !ok {
 			err = unexpected(m, "done")
-		} else if done.FirstProgressUnixNano != 0 && heartbeats && !lastBeat.IsZero() && welcome.Caps&wire.CapBlackout != 0 {
-			b := ms(time.Duration(done.FirstProgressUnixNano - lastBeat.UnixNano()))
-			s.rep.BlackoutMS = &b
+		} else {
+			s.blackout(ctx, done)
 		}
 	}
 	// Acknowledge even without Done: the destination keeps running either way, and DoneAck
@@ -597,20 +775,35 @@ func (s *sender) migrate() error {
 	return errors.Join(err, s.w.WriteDoneAck())
 }
 
+// blackout computes the blackout from the destination's Done.
+func (s *sender) blackout(ctx *switchCtx, done *wire.Done) {
+	if done.FirstProgressUnixNano != 0 && ctx.heartbeats && !ctx.lastBeat.IsZero() {
+		b := ms(time.Duration(done.FirstProgressUnixNano - ctx.lastBeat.UnixNano()))
+		s.rep.BlackoutMS = &b
+	}
+}
+
 // startReader reads the destination's frames in the background, so that an Error frame stops
 // the sender at once instead of after its next failed write.
 func (s *sender) startReader() {
-	s.inbox = make(chan inbound, 4)
-	s.readerDone = make(chan struct{})
+	inbox := make(chan inbound, 4)
+	done := make(chan struct{})
+	s.inbox, s.readerDone = inbox, done
+	r, lcancel := s.r, s.lcancel
 	go func() {
-		defer close(s.readerDone)
+		defer close(done)
+		// After the switch, the connection may fail without failing the migration.
+		post := s.postLink.Load()
 		for {
-			m, err := s.r.Next()
+			m, err := r.Next()
 			if err == nil {
 				switch m := m.(type) {
 				case *wire.Resumed:
 					if !s.completeSent.Load() {
 						err = fmt.Errorf("%w: the destination sent resumed before complete", ErrProtocol)
+					} else if s.switched {
+						post = true
+						s.postLink.Store(true)
 					}
 				case *wire.RoundAck:
 					// Also what bounds the acknowledgements waiting in the inbox: the sender
@@ -618,14 +811,29 @@ func (s *sender) startReader() {
 					if ended := s.ended.Load(); m.N > ended {
 						err = fmt.Errorf("%w: the destination acknowledged round %d, but the source has ended only %d", ErrProtocol, m.N, ended)
 					}
+				case *wire.Request:
+					if post {
+						s.dq.push(m)
+						continue
+					}
+				case *wire.Keepalive:
+					continue
 				}
 			}
 			if err != nil {
-				s.cancel(err)
-				s.inbox <- inbound{err: err}
+				if post {
+					lcancel(err)
+				} else {
+					s.cancel(err)
+				}
+				// Never block here: whoever waits also watches the context just cancelled.
+				select {
+				case inbox <- inbound{err: err}:
+				default:
+				}
 				return
 			}
-			s.inbox <- inbound{msg: m, at: s.clock.Now()}
+			inbox <- inbound{msg: m, at: s.clock.Now()}
 			if _, ok := m.(*wire.Done); ok {
 				return // the destination's last frame
 			}
@@ -795,7 +1003,7 @@ func (s *sender) flush() error {
 	if s.used == 0 {
 		return nil
 	}
-	if err := s.live(); err != nil {
+	if err := s.linkErr(); err != nil {
 		return err
 	}
 	s.batch.Reset(s.region, s.ps)
@@ -808,7 +1016,7 @@ func (s *sender) flush() error {
 			s.batch.Add(sp.first+i, wire.Encoding(kind), data)
 		}
 	}
-	if err := s.limit.wait(s.ctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
+	if err := s.limit.wait(s.lctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
 		return err
 	}
 	if err := s.w.WritePages(&s.batch); err != nil {
@@ -824,6 +1032,7 @@ func (s *sender) flush() error {
 
 // report calls the progress callback: always when forced, else at most every progressInterval.
 func (s *sender) report(force bool) {
+	s.sampleProgress(false)
 	if s.opts.Progress == nil {
 		return
 	}
@@ -836,12 +1045,20 @@ func (s *sender) report(force bool) {
 	if n := len(s.rep.RoundDetails); n > 0 {
 		remaining = s.rep.RoundDetails[n-1].DirtyPages
 	}
-	s.opts.Progress(Progress{
-		Phase: s.phase, Round: s.round, BytesWire: s.w.Written(),
+	p := Progress{
+		Phase: s.phase, Round: s.round, BytesWire: s.bytesW + s.w.Written(),
 		DirtyRate: s.last.DirtyRate, PagesRemaining: remaining,
 		ExpectedDowntime: s.last.ExpectedDowntime, Throttle: s.throttle,
 		Elapsed: now.Sub(s.start),
-	})
+	}
+	if s.pcr != nil {
+		p.PagesRemaining = s.remaining
+		p.PagesPushed, p.PagesDemanded, p.Reconnects = s.pcr.PagesPushed, s.pcr.PagesDemanded, s.pcr.Reconnects
+		s.dq.mu.Lock()
+		p.Requested = s.dq.n
+		s.dq.mu.Unlock()
+	}
+	s.opts.Progress(p)
 }
 
 // checkSections verifies that SaveState returned each listed component at most once.

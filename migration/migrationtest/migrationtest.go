@@ -46,6 +46,7 @@ type Guest struct {
 	lastBeat  time.Time
 	calls     map[string]int
 	writes    uint64
+	beats     uint64
 }
 
 // NewGuest returns a guest with all-zero, never-touched memory (all holes) and, for every
@@ -220,7 +221,15 @@ func (g *Guest) Heartbeat(t time.Time) {
 	defer g.mu.Unlock()
 	if !g.paused {
 		g.lastBeat = t
+		g.beats++
 	}
+}
+
+// ProgressCount is the number of heartbeats so far (migration.ProgressCounter).
+func (g *Guest) ProgressCount() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.beats
 }
 
 // --- migration.Source ---
@@ -385,6 +394,7 @@ func (g *Guest) RunWriter(ctx context.Context, cfg WriterConfig) (wait func()) {
 				g.mu.Lock()
 				if !g.paused {
 					g.lastBeat = now
+					g.beats++
 					carry += float64(cfg.Rate) * cfg.Tick.Seconds() * float64(100-g.throttle) / 100
 					for ; carry >= 1; carry-- {
 						g.touch(cfg.Region, cfg.First+rng.Uint64N(cfg.WorkingSet))

@@ -11,6 +11,11 @@
 //	               (zero and raw encodings; compressed, dedup and delta codes reserved), live
 //	               rounds closed by RoundEnd and acknowledged by RoundAck, chunked state
 //	               sections, Complete/Resumed, Done/DoneAck, Request (post-copy, reserved), Error.
+//	1  2026-11-22  post-copy under CapPostcopy, which version 1 had reserved: Switch, PushEnd,
+//	               Keepalive, Filled, Stats, Rejoin, Lacking (0x41..0x47), Request in use, FlagMore
+//	               on Switch and Lacking. No byte of an existing frame changed meaning and a peer
+//	               only sees the new frames after accepting CapPostcopy, which no earlier build
+//	               accepts, so the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -95,7 +100,50 @@
 //	DoneAck (source -> destination, 0x33, acknowledges Done), empty
 //
 //	Request (destination -> source, 0x40, post-copy; needs CapPostcopy)
-//	  u32 region index, u32 run count, runs as in PageBatch
+//	  u32 region index, u32 run count, runs as in PageBatch (at most MaxBatchPages pages)
+//
+// Post-copy frames need CapPostcopy. A page set (the Switch and Lacking frames) is a set of pages
+// over all regions, sent as one or more frames with FlagMore on all but the last. Each frame
+// holds runs of one region; regions ascend from frame to frame, and within a region a frame's
+// runs start at or after the previous frame's end. Every frame repeats the set's total, and the
+// frames' runs add up to exactly that total. An empty set is one frame without runs.
+//
+//	page set part (inside Switch and Lacking)
+//	  u64 total pages in the whole set (at most MaxSetPages), u32 region index, u32 run count
+//	  (at most MaxSetRuns), runs as in PageBatch (ascending, inside the region; may be none)
+//
+//	Switch (source -> destination, 0x41, after the last live round's RoundEnd or right after
+//	Hello, instead of the final round; flag FlagMore while the set continues)
+//	  16-byte migration id (random, chosen by the source; the same in every frame), page set part:
+//	  the pages the destination lacks (pure post-copy: every populated page; hybrid: pages never
+//	  sent or dirtied since last sent). It demand-pages them; every other page is complete.
+//
+//	PushEnd (source -> destination, 0x42, post-copy, at most once per connection)
+//	  u64 pages pushed since the switch, u64 pages sent on request (both over all connections).
+//	  Every page the destination lacked has been sent on this connection: once it has placed the
+//	  batches before PushEnd it must have them all.
+//
+//	Keepalive (either direction, 0x43, post-copy), empty. Sent by a side that has written
+//	nothing for a quarter of its link timeout.
+//
+//	Filled (destination -> source, 0x44, once per connection)
+//	  u64 pages placed since the switch, i64 time the last was placed (Unix ns). The source may
+//	  release its memory.
+//
+//	Stats (destination -> source, 0x45, after Filled, before Done)
+//	  u64 demand faults, u64 pages requested, u64 post-copy ns (start -> every page present),
+//	  u64 fault service latency p50 ns, p99 ns, max ns (p50 <= p99 <= max), f64 guest progress
+//	  rate (units/s) from start until every page was present, f64 in the window after that (both
+//	  IEEE 754 bits, finite and >= 0), u32 reconnections, u32 latency sample count (at most
+//	  MaxLatencySample), that many u64 latencies in ns
+//
+//	Rejoin (source -> destination, 0x46, the first frame of a new connection after a broken one,
+//	instead of Hello)
+//	  16-byte migration id (the Switch's), u32 attempt (1, 2, ...)
+//
+//	Lacking (destination -> source, 0x47, answers Rejoin; flag FlagMore while the set continues)
+//	  page set part: the pages the destination still lacks. Whatever the source sent on the
+//	  broken connection and is not in this set arrived; what is in it goes again.
 //
 //	Error (either direction, 0x7f, the last frame a side sends)
 //	  u16 code (ErrCode*), u16 message length (at most MaxErrorMessage), message
@@ -122,6 +170,29 @@
 //	                   <-------------------   Request... (post-copy only, any time after Welcome)
 //	  Error may replace any frame in either direction; the sender closes after it.
 //
+// Post-copy (after the live rounds in hybrid, right after the handshake in pure post-copy):
+//
+//	[pause] Switch... (the missing set) ->   (instead of the final round)
+//	State..., Complete  ----------------->   ArmPostcopy(set), restore, start
+//	                 <--------------------  Resumed
+//	PageBatch... (push, requested pages ->   place the missing ones; vCPUs fault on the others
+//	first), Keepalive...
+//	                 <--------------------  Request..., Keepalive...
+//	PushEnd  ---------------------------->   every page present
+//	                 <--------------------  Filled          (the source may release its memory)
+//	                 <--------------------  Stats, Done
+//	DoneAck  ---------------------------->
+//
+// When the connection breaks after Resumed, the source connects again (any number of times):
+//
+//	preamble  --------------------------->
+//	                 <--------------------  preamble
+//	Rejoin (migration id)  -------------->   (an unknown id is answered with Error)
+//	                 <--------------------  Lacking...      (pages still missing)
+//	                 <--------------------  Request...      (faulted pages still missing)
+//	and post-copy goes on as above, from the push: PageBatch..., PushEnd; Filled, Stats, Done;
+//	DoneAck.
+//
 // Round acknowledgements exist because a source that only knows what it wrote cannot tell how
 // much of a round still sits in socket buffers and in the destination's decode and copy
 // pipeline: megabytes on a fast link. Had it paused right after writing its last live round,
@@ -134,10 +205,19 @@
 // The receiver state machine at the destination accepts exactly:
 //
 //	Hello (Round PageBatch* RoundEnd)* Round[final] PageBatch* State* Complete DoneAck
+//	Hello (Round PageBatch* RoundEnd)* Switch[more]* Switch State* Complete Post DoneAck
+//	Rejoin Post DoneAck                                              (a rejoining connection)
+//	Post = (PageBatch | Keepalive)* [PushEnd Keepalive*]
 //
 // and at the source:
 //
 //	Welcome (RoundAck | Request)* Resumed Done
+//	Welcome (RoundAck | Request)* Resumed (Request | Keepalive)* [Filled (Request | Keepalive)* Stats (Request | Keepalive)*] Done
+//	Lacking[more]* Lacking (Request | Keepalive)* [Filled ... Stats ...] Done        (a rejoining connection)
+//
+// where the post-copy frames (Switch, Rejoin, Lacking, PushEnd, Keepalive, Filled, Stats and
+// Request) need CapPostcopy, and a rejoining connection's Reader is told so with
+// [Reader.Rejoining].
 //
 // Round numbers rise by one from 1; a RoundEnd names the round it closes and the pages the
 // destination received in it; RoundAck numbers rise by one from 1; State frames with FlagMore

@@ -22,11 +22,14 @@ func checkSentinel(t *testing.T, err error) {
 }
 
 // drain reads a stream as a Reader would and checks each message's invariants.
-func drain(t *testing.T, data []byte, side Side) {
+func drain(t *testing.T, data []byte, side Side) { drainFrom(t, data, side, false) }
+
+// drainFrom is drain, on a rejoining connection when rejoin is set.
+func drainFrom(t *testing.T, data []byte, side Side, rejoin bool) {
 	r := NewReader(bytes.NewReader(data), side)
 	r.SetOffered(KnownCaps)
 	r.SetCaps(KnownCaps)
-	if side == AtSource {
+	if side == AtSource || rejoin {
 		d := testDesc()
 		r.SetDescription(&d)
 	}
@@ -34,10 +37,32 @@ func drain(t *testing.T, data []byte, side Side) {
 		checkSentinel(t, err)
 		return
 	}
+	if rejoin {
+		r.Rejoining()
+	}
 	// What the Reader promises about rounds, recomputed from the messages it returned.
 	var round *Round
 	var roundPages uint64
 	var acked uint32
+	post := rejoin
+	var setSum, setTotal uint64
+	setOpen := false
+	layout := testDesc()
+	checkSet := func(ps *PageSet) {
+		if setOpen && ps.Total != setTotal {
+			t.Fatalf("set total %d accepted after %d", ps.Total, setTotal)
+		}
+		setTotal = ps.Total
+		setSum += ps.Pages()
+		if setSum > setTotal {
+			t.Fatalf("set of %d pages accepted with %d so far", setTotal, setSum)
+		}
+		for i, run := range ps.Runs {
+			if run.Count == 0 || run.First+uint64(run.Count) > layout.Pages(int(ps.Region)) || (i > 0 && run.First < ps.Runs[i-1].First+uint64(ps.Runs[i-1].Count)) {
+				t.Fatalf("bad run %d accepted: %+v", i, ps.Runs)
+			}
+		}
+	}
 	for i := 0; ; i++ {
 		m, err := r.Next()
 		if err == io.EOF {
@@ -53,10 +78,27 @@ func drain(t *testing.T, data []byte, side Side) {
 		switch m := m.(type) {
 		case *PageBatch:
 			checkBatch(t, m, r.Description())
-			if round == nil {
+			if round == nil && !post {
 				t.Fatalf("page batch outside a round")
 			}
 			roundPages += m.Pages
+		case *Switch:
+			post = true
+			checkSet(&m.PageSet)
+			setOpen = r.set.open
+			if !setOpen && setSum != setTotal {
+				t.Fatalf("switch set ended with %d of %d pages", setSum, setTotal)
+			}
+		case *Lacking:
+			checkSet(&m.PageSet)
+			setOpen = r.set.open
+			if !setOpen && setSum != setTotal {
+				t.Fatalf("lacking set ended with %d of %d pages", setSum, setTotal)
+			}
+		case *Stats:
+			if len(m.Latencies) > MaxLatencySample {
+				t.Fatalf("%d latencies accepted", len(m.Latencies))
+			}
 		case *Round:
 			if (round == nil && m.N != 1) || (round != nil && m.N != round.N+1) {
 				t.Fatalf("round %d accepted after %+v", m.N, round)
@@ -99,12 +141,27 @@ func FuzzReaderDestination(f *testing.F) {
 	f.Add(s)
 	f.Add(s[:PreambleSize+40])
 	f.Add([]byte(Magic))
+	f.Add(postSourceStream(f))
 	f.Fuzz(func(t *testing.T, data []byte) { drain(t, data, AtDestination) })
 }
 
 func FuzzReaderSource(f *testing.F) {
 	f.Add(destStream(f))
+	f.Add(postDestStream(f))
 	f.Fuzz(func(t *testing.T, data []byte) { drain(t, data, AtSource) })
+}
+
+// FuzzReaderRejoin reads a rejoining connection, at either side.
+func FuzzReaderRejoin(f *testing.F) {
+	f.Add(false, rejoinSourceStream(f))
+	f.Add(true, rejoinDestStream(f))
+	f.Fuzz(func(t *testing.T, atSource bool, data []byte) {
+		side := AtDestination
+		if atSource {
+			side = AtSource
+		}
+		drainFrom(t, data, side, true)
+	})
 }
 
 // FuzzFrames gets past the checksum: the input is a list of (type, flags, u16 length, payload)
@@ -127,6 +184,8 @@ func FuzzFrames(f *testing.F) {
 	}
 	f.Add(false, toEntries(sourceStream(f)))
 	f.Add(true, toEntries(destStream(f)))
+	f.Add(false, toEntries(postSourceStream(f)))
+	f.Add(true, toEntries(postDestStream(f)))
 	f.Fuzz(func(t *testing.T, atSource bool, entries []byte) {
 		var buf bytes.Buffer
 		w := NewWriter(&buf)
@@ -298,4 +357,64 @@ func FuzzDecodePayload(f *testing.F) {
 			t.Fatalf("%s: re-encoded payload differs:\n%x\n%x", Type(typ), again, p)
 		}
 	})
+}
+
+// The post-copy decoders, one target each: every accepted payload re-encodes to itself.
+
+// fuzzDecoder runs the common property over one decoder.
+func fuzzDecoder[M any](f *testing.F, seeds [][]byte, decode func([]byte) (M, error), encode func(M) []byte) {
+	for _, s := range seeds {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, p []byte) {
+		m, err := decode(p)
+		if err != nil {
+			checkSentinel(t, err)
+			return
+		}
+		if again := encode(m); !bytes.Equal(again, p) {
+			t.Fatalf("re-encoded payload differs:\n%x\n%x", again, p)
+		}
+	})
+}
+
+func FuzzDecodeSwitch(f *testing.F) {
+	d := testDesc()
+	fuzzDecoder(f, [][]byte{
+		AppendSwitch(nil, sw(3, 0, Run{First: 1, Count: 2}, Run{First: 9, Count: 1})),
+		AppendSwitch(nil, sw(0, 1)),
+	}, func(p []byte) (*Switch, error) { return DecodeSwitch(p, &d) }, func(m *Switch) []byte { return AppendSwitch(nil, m) })
+}
+
+func FuzzDecodeLacking(f *testing.F) {
+	d := testDesc()
+	fuzzDecoder(f, [][]byte{
+		AppendLacking(nil, &Lacking{PageSet: PageSet{Total: 9, Region: 1, Runs: []Run{{First: 0, Count: 1}, {First: 15, Count: 1}}}}),
+	}, func(p []byte) (*Lacking, error) { return DecodeLacking(p, &d) }, func(m *Lacking) []byte { return AppendLacking(nil, m) })
+}
+
+func FuzzDecodePushEnd(f *testing.F) {
+	fuzzDecoder(f, [][]byte{AppendPushEnd(nil, &PushEnd{Pushed: 5, Demanded: 7})}, DecodePushEnd,
+		func(m *PushEnd) []byte { return AppendPushEnd(nil, m) })
+}
+
+func FuzzDecodeKeepalive(f *testing.F) {
+	fuzzDecoder(f, [][]byte{{}}, DecodeKeepalive, func(*Keepalive) []byte { return []byte{} })
+}
+
+func FuzzDecodeFilled(f *testing.F) {
+	fuzzDecoder(f, [][]byte{AppendFilled(nil, &Filled{Pages: 5, UnixNano: -7})}, DecodeFilled,
+		func(m *Filled) []byte { return AppendFilled(nil, m) })
+}
+
+func FuzzDecodeStats(f *testing.F) {
+	fuzzDecoder(f, [][]byte{
+		AppendStats(nil, &Stats{DemandFaults: 3, P50Nanos: 1, P99Nanos: 2, MaxNanos: 3, ProgressDuring: 1.5, Latencies: []uint64{1, 2, 3}}),
+		AppendStats(nil, &Stats{}),
+	}, DecodeStats, func(m *Stats) []byte { return AppendStats(nil, m) })
+}
+
+func FuzzDecodeRejoin(f *testing.F) {
+	fuzzDecoder(f, [][]byte{AppendRejoin(nil, &Rejoin{ID: testID, Attempt: 3})}, DecodeRejoin,
+		func(m *Rejoin) []byte { return AppendRejoin(nil, m) })
 }

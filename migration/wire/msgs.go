@@ -3,6 +3,7 @@ package wire
 import (
 	"encoding/binary"
 	"fmt"
+	"math"
 	"unicode/utf8"
 )
 
@@ -454,4 +455,199 @@ func DecodeError(p []byte) (*PeerError, error) {
 	// Invalid UTF-8 is kept as is: the message is for humans, and %q quotes it when printed.
 	e.Message = string(c.take(n, "message"))
 	return e, c.end()
+}
+
+// switchHeadSize is the fixed part of a Switch payload: id, total, region, run count.
+const switchHeadSize = 16 + 8 + 4 + 4
+
+// appendPageSet appends a page set's part: u64 total, u32 region, u32 run count, runs.
+func appendPageSet(b []byte, s *PageSet) []byte {
+	b = le.AppendUint64(b, s.Total)
+	b = le.AppendUint32(b, s.Region)
+	b = le.AppendUint32(b, uint32(len(s.Runs)))
+	return appendRuns(b, s.Runs)
+}
+
+// decodePageSet decodes a page set's part and checks it against the layout: the region
+// exists, the runs are inside it, ascending and not overlapping, and hold at most Total pages.
+// Whether the frames of one set agree with each other is checked by the Reader.
+func decodePageSet(c *cursor, d *Description) PageSet {
+	s := PageSet{Total: c.u64("total pages"), Region: c.u32("region")}
+	n := c.u32("run count")
+	if c.err != nil {
+		return s
+	}
+	switch {
+	case s.Total > MaxSetPages:
+		c.fail(ErrTooLarge, "a set of %d pages, at most %d", s.Total, uint64(MaxSetPages))
+	case int(s.Region) >= len(d.Regions):
+		c.fail(ErrMalformed, "region %d, the layout has %d", s.Region, len(d.Regions))
+	case uint64(n)*runSize > uint64(len(c.p)-c.off):
+		c.fail(ErrMalformed, "%d runs cannot fit in %d bytes", n, len(c.p)-c.off)
+	}
+	if c.err != nil {
+		return s
+	}
+	s.Runs, _ = decodeRuns(c, make([]Run, 0, n), int(n), d.Pages(int(s.Region)), s.Total)
+	return s
+}
+
+// Pages is the number of pages in this frame's runs.
+func (s *PageSet) Pages() uint64 {
+	var n uint64
+	for _, r := range s.Runs {
+		n += uint64(r.Count)
+	}
+	return n
+}
+
+// AppendSwitch appends a Switch payload.
+func AppendSwitch(b []byte, m *Switch) []byte {
+	b = append(b, m.ID[:]...)
+	return appendPageSet(b, &m.PageSet)
+}
+
+// DecodeSwitch decodes a Switch payload against the layout.
+func DecodeSwitch(p []byte, d *Description) (*Switch, error) {
+	c := &cursor{p: p, t: TypeSwitch}
+	m := &Switch{}
+	copy(m.ID[:], c.take(len(m.ID), "migration id"))
+	m.PageSet = decodePageSet(c, d)
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// AppendLacking appends a Lacking payload.
+func AppendLacking(b []byte, m *Lacking) []byte { return appendPageSet(b, &m.PageSet) }
+
+// DecodeLacking decodes a Lacking payload against the layout.
+func DecodeLacking(p []byte, d *Description) (*Lacking, error) {
+	c := &cursor{p: p, t: TypeLacking}
+	m := &Lacking{PageSet: decodePageSet(c, d)}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// AppendPushEnd appends a PushEnd payload.
+func AppendPushEnd(b []byte, m *PushEnd) []byte {
+	b = le.AppendUint64(b, m.Pushed)
+	return le.AppendUint64(b, m.Demanded)
+}
+
+// DecodePushEnd decodes a PushEnd payload.
+func DecodePushEnd(p []byte) (*PushEnd, error) {
+	c := &cursor{p: p, t: TypePushEnd}
+	m := &PushEnd{Pushed: c.u64("pages pushed"), Demanded: c.u64("pages demanded")}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// DecodeKeepalive decodes a Keepalive payload (empty).
+func DecodeKeepalive(p []byte) (*Keepalive, error) {
+	c := &cursor{p: p, t: TypeKeepalive}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return &Keepalive{}, nil
+}
+
+// AppendFilled appends a Filled payload.
+func AppendFilled(b []byte, m *Filled) []byte {
+	b = le.AppendUint64(b, m.Pages)
+	return le.AppendUint64(b, uint64(m.UnixNano))
+}
+
+// DecodeFilled decodes a Filled payload.
+func DecodeFilled(p []byte) (*Filled, error) {
+	c := &cursor{p: p, t: TypeFilled}
+	m := &Filled{Pages: c.u64("pages placed"), UnixNano: int64(c.u64("time"))}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// AppendStats appends a Stats payload. It keeps at most MaxLatencySample latencies.
+func AppendStats(b []byte, m *Stats) []byte {
+	for _, v := range []uint64{m.DemandFaults, m.PagesRequested, m.PostcopyNanos, m.P50Nanos, m.P99Nanos, m.MaxNanos,
+		math.Float64bits(m.ProgressDuring), math.Float64bits(m.ProgressAfter)} {
+		b = le.AppendUint64(b, v)
+	}
+	b = le.AppendUint32(b, m.Reconnects)
+	lat := m.Latencies[:min(len(m.Latencies), MaxLatencySample)]
+	b = le.AppendUint32(b, uint32(len(lat)))
+	for _, v := range lat {
+		b = le.AppendUint64(b, v)
+	}
+	return b
+}
+
+// DecodeStats decodes a Stats payload.
+func DecodeStats(p []byte) (*Stats, error) {
+	c := &cursor{p: p, t: TypeStats}
+	m := &Stats{
+		DemandFaults: c.u64("demand faults"), PagesRequested: c.u64("pages requested"), PostcopyNanos: c.u64("post-copy time"),
+		P50Nanos: c.u64("p50"), P99Nanos: c.u64("p99"), MaxNanos: c.u64("max"),
+		ProgressDuring: math.Float64frombits(c.u64("progress during")), ProgressAfter: math.Float64frombits(c.u64("progress after")),
+		Reconnects: c.u32("reconnects"),
+	}
+	n := c.u32("latency count")
+	if c.err != nil {
+		return nil, c.err
+	}
+	bad := func(k error, format string, args ...any) error {
+		return &FrameError{Type: TypeStats, Kind: k, Detail: fmt.Sprintf(format, args...)}
+	}
+	if n > MaxLatencySample {
+		return nil, bad(ErrTooLarge, "%d latencies, at most %d", n, MaxLatencySample)
+	}
+	for _, f := range []float64{m.ProgressDuring, m.ProgressAfter} {
+		if math.IsNaN(f) || math.IsInf(f, 0) || f < 0 {
+			return nil, bad(ErrMalformed, "progress rate %v", f)
+		}
+	}
+	if m.P50Nanos > m.P99Nanos || m.P99Nanos > m.MaxNanos {
+		return nil, bad(ErrMalformed, "latency p50 %d, p99 %d, max %d out of order", m.P50Nanos, m.P99Nanos, m.MaxNanos)
+	}
+	raw := c.take(8*int(n), "latencies")
+	if c.err != nil {
+		return nil, c.err
+	}
+	if n > 0 {
+		m.Latencies = make([]uint64, n)
+		for i := range m.Latencies {
+			m.Latencies[i] = le.Uint64(raw[8*i:])
+		}
+	}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// AppendRejoin appends a Rejoin payload.
+func AppendRejoin(b []byte, m *Rejoin) []byte {
+	b = append(b, m.ID[:]...)
+	return le.AppendUint32(b, m.Attempt)
+}
+
+// DecodeRejoin decodes a Rejoin payload.
+func DecodeRejoin(p []byte) (*Rejoin, error) {
+	c := &cursor{p: p, t: TypeRejoin}
+	m := &Rejoin{}
+	copy(m.ID[:], c.take(len(m.ID), "migration id"))
+	m.Attempt = c.u32("attempt")
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	if m.Attempt == 0 {
+		return nil, &FrameError{Type: TypeRejoin, Kind: ErrMalformed, Detail: "attempt 0"}
+	}
+	return m, nil
 }

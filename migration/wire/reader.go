@@ -32,7 +32,11 @@ const (
 	stComplete              // destination: after Complete
 	stWelcome               // source: nothing yet
 	stRun                   // source: after Welcome
-	stResumed               // source: after Resumed
+	stResumed               // source: after Resumed (and in post-copy, after the Lacking set of a rejoin)
+	stSwitch                // destination: after the switch to post-copy (its page set may continue)
+	stPost                  // destination: post-copy, after Complete or Rejoin
+	stRejoin                // destination: a rejoining connection, nothing yet
+	stLacking               // source: a rejoining connection, before the end of the Lacking set
 	stEnd                   // either: the peer's last frame was read; only EOF may follow
 )
 
@@ -59,8 +63,24 @@ func (s state) expecting() string {
 		return "round ack, request or resumed"
 	case stResumed:
 		return "done"
+	case stSwitch:
+		return "switch, state or complete"
+	case stPost:
+		return "page batch, keepalive, push end or done ack"
+	case stRejoin:
+		return "rejoin"
+	case stLacking:
+		return "lacking"
 	}
 	return "end of stream"
+}
+
+// expecting describes the legal next frames, for error messages.
+func (r *Reader) expecting() string {
+	if r.st == stResumed && r.caps&CapPostcopy != 0 {
+		return "request, keepalive, filled, stats or done"
+	}
+	return r.st.expecting()
 }
 
 // Reader reads and checks one direction of a stream. It is not safe for concurrent use.
@@ -91,6 +111,24 @@ type Reader struct {
 	seen       map[string]bool // section ids received
 	pending    *Section        // a section whose data continues in the next frame
 	batch      PageBatch
+
+	// Post-copy.
+	post     bool // destination: the stream switched to post-copy
+	pushEnd  bool // destination: PushEnd read on this connection
+	filled   bool // source: Filled read
+	stats    bool // source: Stats read
+	set      setState
+	switchID MigrationID
+}
+
+// setState follows a page set (Switch or Lacking) across its frames.
+type setState struct {
+	t      Type   // the frames' type; 0 when no set has started
+	open   bool   // the last frame had FlagMore
+	total  uint64 // the Total every frame must repeat
+	sum    uint64 // pages in the frames so far
+	region uint32 // the last frame's region
+	next   uint64 // the end of the last run in region
 }
 
 type countingReader struct {
@@ -145,6 +183,19 @@ func (r *Reader) SetCaps(c Caps) { r.caps = c }
 
 // Caps is the negotiated capability set.
 func (r *Reader) Caps() Caps { return r.caps }
+
+// Rejoining prepares a Reader on a new connection of a post-copy migration whose link broke
+// (call it after ReadPreamble, with the layout and capabilities set by SetDescription and
+// SetCaps). A destination-side Reader then expects Rejoin instead of Hello and continues in
+// post-copy; a source-side Reader expects the Lacking set instead of Welcome, then post-copy.
+func (r *Reader) Rejoining() {
+	r.post = true
+	if r.side == AtDestination {
+		r.st = stRejoin
+	} else {
+		r.st = stLacking
+	}
+}
 
 // ReadPreamble reads the peer's preamble and settles the protocol version.
 func (r *Reader) ReadPreamble() (uint32, error) {
@@ -215,7 +266,7 @@ func (r *Reader) next() (m Msg, more bool, err error) {
 			if r.st == stEnd && r.pending == nil {
 				return nil, false, io.EOF
 			}
-			return nil, false, &FrameError{Frame: idx, Kind: ErrClosed, Detail: "the peer closed the stream while this side expected " + r.st.expecting()}
+			return nil, false, &FrameError{Frame: idx, Kind: ErrClosed, Detail: "the peer closed the stream while this side expected " + r.expecting()}
 		}
 		return nil, false, &FrameError{Frame: idx, Kind: ErrTruncated, Detail: fmt.Sprintf("header: got %d of %d bytes: %v", n, HeaderSize, err)}
 	}
@@ -305,6 +356,16 @@ func (r *Reader) accept(t Type) error {
 	if r.pending != nil && t != TypeState {
 		return fmt.Errorf("%s while state section %q continues", t, r.pending.ID)
 	}
+	if r.set.open && t != r.set.t {
+		return fmt.Errorf("%s while the %s set continues", t, r.set.t)
+	}
+	post := r.caps&CapPostcopy != 0
+	if !post {
+		switch t {
+		case TypeSwitch, TypePushEnd, TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking:
+			return fmt.Errorf("%s, but post-copy was not negotiated", t)
+		}
+	}
 	ok := false
 	switch r.side {
 	case AtDestination:
@@ -314,15 +375,23 @@ func (r *Reader) accept(t Type) error {
 		case TypeRound:
 			ok = r.st == stStream || r.st == stRoundEnd
 		case TypePageBatch:
-			ok = r.st == stRound || r.st == stFinal
+			ok = r.st == stRound || r.st == stFinal || (r.st == stPost && !r.pushEnd)
 		case TypeRoundEnd:
 			ok = r.st == stRound
+		case TypeSwitch:
+			ok = r.st == stStream || r.st == stRoundEnd || (r.st == stSwitch && r.set.open)
 		case TypeState:
-			ok = r.st == stFinal || r.st == stState
+			ok = r.st == stFinal || r.st == stState || r.st == stSwitch
 		case TypeComplete:
-			ok = r.st == stFinal || r.st == stState
+			ok = r.st == stFinal || r.st == stState || r.st == stSwitch
+		case TypeKeepalive:
+			ok = r.st == stPost
+		case TypePushEnd:
+			ok = r.st == stPost && !r.pushEnd
+		case TypeRejoin:
+			ok = r.st == stRejoin
 		case TypeDoneAck:
-			ok = r.st == stComplete
+			ok = r.st == stComplete || r.st == stPost
 		}
 	case AtSource:
 		switch t {
@@ -331,18 +400,27 @@ func (r *Reader) accept(t Type) error {
 		case TypeRoundAck:
 			ok = r.st == stRun
 		case TypeRequest:
-			if r.st == stRun && r.caps&CapPostcopy == 0 {
+			if !post {
 				return fmt.Errorf("request, but post-copy was not negotiated")
 			}
-			ok = r.st == stRun
+			ok = r.st == stRun || r.st == stResumed
 		case TypeResumed:
 			ok = r.st == stRun
 		case TypeDone:
+			// In post-copy, Filled comes with Stats: both precede Done.
+			ok = r.st == stResumed && r.filled == r.stats
+		case TypeKeepalive:
 			ok = r.st == stResumed
+		case TypeFilled:
+			ok = r.st == stResumed && !r.filled
+		case TypeStats:
+			ok = r.st == stResumed && r.filled && !r.stats
+		case TypeLacking:
+			ok = r.st == stLacking
 		}
 	}
 	if !ok {
-		return fmt.Errorf("expected %s", r.st.expecting())
+		return fmt.Errorf("expected %s", r.expecting())
 	}
 	return nil
 }
@@ -427,7 +505,70 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 			return nil, false, bad(ErrMalformed, "source sent %d pages and %d state sections, this side received %d and %d", c.Pages, c.Sections, r.pages, r.sections)
 		}
 		r.st = stComplete
+		if r.post {
+			r.st = stPost
+		}
 		return c, false, nil
+	case TypeSwitch:
+		m, err := DecodeSwitch(p, r.desc)
+		if err != nil {
+			return nil, false, err
+		}
+		if r.set.t == TypeSwitch && m.ID != r.switchID {
+			return nil, false, bad(ErrMalformed, "migration id %s, the set began with %s", m.ID, r.switchID)
+		}
+		if err := r.setFrame(TypeSwitch, &m.PageSet, flags&FlagMore != 0); err != nil {
+			return nil, false, err
+		}
+		r.switchID = m.ID
+		m.More = flags&FlagMore != 0
+		r.post = true
+		r.st = stSwitch
+		return m, false, nil
+	case TypeLacking:
+		m, err := DecodeLacking(p, r.desc)
+		if err != nil {
+			return nil, false, err
+		}
+		if err := r.setFrame(TypeLacking, &m.PageSet, flags&FlagMore != 0); err != nil {
+			return nil, false, err
+		}
+		m.More = flags&FlagMore != 0
+		if !r.set.open {
+			r.st = stResumed
+		}
+		return m, false, nil
+	case TypePushEnd:
+		m, err := DecodePushEnd(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.pushEnd = true
+		return m, false, nil
+	case TypeKeepalive:
+		m, err := DecodeKeepalive(p)
+		return m, false, err
+	case TypeFilled:
+		m, err := DecodeFilled(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.filled = true
+		return m, false, nil
+	case TypeStats:
+		m, err := DecodeStats(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.stats = true
+		return m, false, nil
+	case TypeRejoin:
+		m, err := DecodeRejoin(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.st = stPost
+		return m, false, nil
 	case TypeDoneAck:
 		a, err := DecodeDoneAck(p)
 		if err != nil {
@@ -457,6 +598,47 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 		return q, false, err
 	}
 	return nil, false, bad(ErrUnknownType, "")
+}
+
+// setFrame checks one frame of a page set against the frames before it: the same total,
+// regions and pages ascending across frames, and, at the last frame, exactly total pages.
+func (r *Reader) setFrame(t Type, ps *PageSet, more bool) error {
+	bad := func(format string, args ...any) error {
+		return &FrameError{Type: t, Kind: ErrMalformed, Detail: fmt.Sprintf(format, args...)}
+	}
+	s := &r.set
+	if !s.open {
+		if s.t == t {
+			return &FrameError{Type: t, Kind: ErrOrder, Detail: "a second " + t.String() + " set"}
+		}
+		*s = setState{t: t, total: ps.Total, region: ps.Region}
+	} else {
+		if ps.Total != s.total {
+			return bad("set of %d pages continues as a set of %d", s.total, ps.Total)
+		}
+		if ps.Region < s.region {
+			return bad("region %d after region %d", ps.Region, s.region)
+		}
+		if ps.Region != s.region {
+			s.region, s.next = ps.Region, 0
+		}
+	}
+	if len(ps.Runs) > 0 && ps.Runs[0].First < s.next {
+		return bad("run at page %d of region %d starts before the previous frame's end %d", ps.Runs[0].First, ps.Region, s.next)
+	}
+	n := ps.Pages()
+	if s.sum+n > s.total {
+		return bad("%d pages so far, the set holds %d", s.sum+n, s.total)
+	}
+	s.sum += n
+	if k := len(ps.Runs); k > 0 {
+		s.next = ps.Runs[k-1].First + uint64(ps.Runs[k-1].Count)
+	}
+	s.open = more
+	if !more && s.sum != s.total {
+		return bad("the set ends with %d pages, it announced %d", s.sum, s.total)
+	}
+	return nil
 }
 
 // decodeState handles one State frame, reassembling sections split with FlagMore.

@@ -32,6 +32,12 @@ const (
 	MaxSections     = 1 << 16   // state sections in one migration
 	MaxErrorMessage = 4096      // bytes of an Error frame's message
 	HashSize        = 16        // bytes of a dedup reference (128-bit page hash)
+	// MaxSetRuns is how many runs one Switch or Lacking frame holds at most.
+	MaxSetRuns = (MaxFramePayload - switchHeadSize) / runSize
+	// MaxSetPages bounds a page set's total: every page of the largest memory.
+	MaxSetPages = MaxMemory / MinPageSize
+	// MaxLatencySample bounds the fault latencies a Stats frame carries.
+	MaxLatencySample = 1000
 )
 
 // Type is a frame type.
@@ -50,6 +56,13 @@ const (
 	TypeDone      Type = 0x32
 	TypeDoneAck   Type = 0x33
 	TypeRequest   Type = 0x40
+	TypeSwitch    Type = 0x41
+	TypePushEnd   Type = 0x42
+	TypeKeepalive Type = 0x43
+	TypeFilled    Type = 0x44
+	TypeStats     Type = 0x45
+	TypeRejoin    Type = 0x46
+	TypeLacking   Type = 0x47
 	TypeError     Type = 0x7f
 )
 
@@ -79,6 +92,20 @@ func (t Type) String() string {
 		return "done ack"
 	case TypeRequest:
 		return "request"
+	case TypeSwitch:
+		return "switch"
+	case TypePushEnd:
+		return "push end"
+	case TypeKeepalive:
+		return "keepalive"
+	case TypeFilled:
+		return "filled"
+	case TypeStats:
+		return "post-copy stats"
+	case TypeRejoin:
+		return "rejoin"
+	case TypeLacking:
+		return "lacking"
 	case TypeError:
 		return "error"
 	}
@@ -88,7 +115,8 @@ func (t Type) String() string {
 func (t Type) known() bool {
 	switch t {
 	case TypeHello, TypeWelcome, TypeRound, TypePageBatch, TypeRoundEnd, TypeRoundAck, TypeState,
-		TypeComplete, TypeResumed, TypeDone, TypeDoneAck, TypeRequest, TypeError:
+		TypeComplete, TypeResumed, TypeDone, TypeDoneAck, TypeRequest, TypeSwitch, TypePushEnd,
+		TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking, TypeError:
 		return true
 	}
 	return false
@@ -97,7 +125,7 @@ func (t Type) known() bool {
 // Frame flags. Each is legal only on the types named.
 const (
 	FlagFinal uint8 = 1 << 0 // Round: the stop-and-copy round (the source is paused)
-	FlagMore  uint8 = 1 << 0 // State: the section continues in the next frame
+	FlagMore  uint8 = 1 << 0 // State, Switch, Lacking: the section or page set continues in the next frame
 )
 
 // allowedFlags is the set of flag bits each type may carry.
@@ -105,7 +133,7 @@ func allowedFlags(t Type) uint8 {
 	switch t {
 	case TypeRound:
 		return FlagFinal
-	case TypeState:
+	case TypeState, TypeSwitch, TypeLacking:
 		return FlagMore
 	}
 	return 0
@@ -121,7 +149,7 @@ const (
 	CapCompressed Caps = 1 << 1 // EncCompressed pages (reserved: algorithm to be fixed with its version)
 	CapDedup      Caps = 1 << 2 // EncDedup pages (reserved)
 	CapDelta      Caps = 1 << 3 // EncDelta pages (reserved)
-	CapPostcopy   Caps = 1 << 4 // Request frames (reserved)
+	CapPostcopy   Caps = 1 << 4 // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
 
 	// KnownCaps is every capability this version can accept.
 	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy
@@ -190,7 +218,8 @@ type Description struct {
 func (d *Description) Pages(r int) uint64 { return d.Regions[r].Size / d.PageSize }
 
 // Msg is a decoded frame: one of *Hello, *Welcome, *Round, *PageBatch, *RoundEnd, *RoundAck,
-// *Section, *Complete, *Resumed, *Done, *DoneAck, *Request. Error frames are returned as a *PeerError error instead.
+// *Section, *Complete, *Resumed, *Done, *DoneAck, *Request, *Switch, *PushEnd, *Keepalive,
+// *Filled, *Stats, *Rejoin, *Lacking. Error frames are returned as a *PeerError error instead.
 type Msg interface{ Type() Type }
 
 // Hello is the source's first frame.
@@ -268,6 +297,99 @@ type Request struct {
 	Runs   []Run
 }
 
+// MigrationID names one post-copy migration: chosen at random by the source, carried by its
+// Switch frames and presented again by its Rejoin frame on every new connection.
+type MigrationID [16]byte
+
+func (id MigrationID) String() string { return fmt.Sprintf("%x", id[:]) }
+
+// ParseMigrationID parses the 32 hexadecimal digits that String returns.
+func ParseMigrationID(s string) (MigrationID, error) {
+	var id MigrationID
+	if len(s) != 2*len(id) {
+		return id, fmt.Errorf("wire: migration id %q: want %d hexadecimal digits", s, 2*len(id))
+	}
+	for i := range id {
+		var b byte
+		for _, c := range []byte(s[2*i : 2*i+2]) {
+			switch {
+			case c >= '0' && c <= '9':
+				c -= '0'
+			case c >= 'a' && c <= 'f':
+				c -= 'a' - 10
+			case c >= 'A' && c <= 'F':
+				c -= 'A' - 10
+			default:
+				return MigrationID{}, fmt.Errorf("wire: migration id %q: %q is not a hexadecimal digit", s, c)
+			}
+			b = b<<4 | c
+		}
+		id[i] = b
+	}
+	return id, nil
+}
+
+// PageSet is one frame's part of a set of pages (the pages the destination must demand-page,
+// or still lacks): runs of one region. A set larger than a frame continues in further frames
+// (flag FlagMore), in ascending region and page order; Total is the size of the whole set and
+// the same in each of its frames.
+type PageSet struct {
+	Total  uint64 // pages in the whole set, over all its frames
+	Region uint32
+	Runs   []Run // ascending, not overlapping, inside the region; may be empty
+}
+
+// Switch carries the source's switch to post-copy: the set of pages the destination does not
+// have (never sent, or dirtied since last sent). The destination demand-pages them.
+type Switch struct {
+	ID MigrationID // the same in every frame of the set
+	PageSet
+	More bool // the frame had FlagMore: the set continues (set by the Reader; not in the payload)
+}
+
+// PushEnd tells the destination that the source has sent every page it lacked: it must have
+// them all once it has placed the batches before it.
+type PushEnd struct {
+	Pushed   uint64 // pages sent by the background push since the switch (all connections)
+	Demanded uint64 // pages sent because the destination requested them
+}
+
+// Keepalive proves the link alive during post-copy; both sides send one whenever they have
+// written nothing for a while.
+type Keepalive struct{}
+
+// Filled tells the source that the destination has every page: the source may release its memory.
+type Filled struct {
+	Pages    uint64 // pages placed since the switch
+	UnixNano int64  // when the last page was placed (destination wall clock)
+}
+
+// Stats is the destination's account of the post-copy phase, sent before Done.
+type Stats struct {
+	DemandFaults   uint64
+	PagesRequested uint64
+	PostcopyNanos  uint64 // start -> every page present
+	P50Nanos       uint64 // fault service latency
+	P99Nanos       uint64
+	MaxNanos       uint64
+	ProgressDuring float64 // guest progress rate (units/s) from start until every page was present
+	ProgressAfter  float64 // in the window after that
+	Reconnects     uint32
+	Latencies      []uint64 // a sample of at most MaxLatencySample fault latencies, in ns
+}
+
+// Rejoin opens a new connection for a post-copy migration whose link broke: it replaces Hello.
+type Rejoin struct {
+	ID      MigrationID
+	Attempt uint32 // 1 for the first reconnection, +1 for each
+}
+
+// Lacking answers Rejoin: the pages the destination still does not have.
+type Lacking struct {
+	PageSet
+	More bool // the frame had FlagMore: the set continues (set by the Reader; not in the payload)
+}
+
 func (*Hello) Type() Type     { return TypeHello }
 func (*Welcome) Type() Type   { return TypeWelcome }
 func (*Round) Type() Type     { return TypeRound }
@@ -280,3 +402,10 @@ func (*Resumed) Type() Type   { return TypeResumed }
 func (*Done) Type() Type      { return TypeDone }
 func (*DoneAck) Type() Type   { return TypeDoneAck }
 func (*Request) Type() Type   { return TypeRequest }
+func (*Switch) Type() Type    { return TypeSwitch }
+func (*PushEnd) Type() Type   { return TypePushEnd }
+func (*Keepalive) Type() Type { return TypeKeepalive }
+func (*Filled) Type() Type    { return TypeFilled }
+func (*Stats) Type() Type     { return TypeStats }
+func (*Rejoin) Type() Type    { return TypeRejoin }
+func (*Lacking) Type() Type   { return TypeLacking }

@@ -256,3 +256,61 @@ func (w *Writer) WriteError(code ErrCode, msg string) error {
 func (w *Writer) WriteRawFrame(t Type, flags uint8, payload []byte) error {
 	return w.frame(t, flags, func(b []byte) []byte { return append(b, payload...) })
 }
+
+// checkSet refuses a page set part that no frame can hold.
+func checkSet(t Type, s *PageSet) error {
+	if len(s.Runs) > MaxSetRuns {
+		return fmt.Errorf("wire: write %s: %d runs exceed %d per frame", t, len(s.Runs), MaxSetRuns)
+	}
+	return nil
+}
+
+// WriteSwitch writes one frame of the switch to post-copy; more says that the set continues in
+// the next frame.
+func (w *Writer) WriteSwitch(m *Switch, more bool) error {
+	if err := checkSet(TypeSwitch, &m.PageSet); err != nil {
+		return err
+	}
+	return w.frame(TypeSwitch, moreFlag(more), func(b []byte) []byte { return AppendSwitch(b, m) })
+}
+
+// WriteLacking writes one frame of the destination's answer to Rejoin; more says that the set
+// continues in the next frame.
+func (w *Writer) WriteLacking(m *Lacking, more bool) error {
+	if err := checkSet(TypeLacking, &m.PageSet); err != nil {
+		return err
+	}
+	return w.frame(TypeLacking, moreFlag(more), func(b []byte) []byte { return AppendLacking(b, m) })
+}
+
+func moreFlag(more bool) uint8 {
+	if more {
+		return FlagMore
+	}
+	return 0
+}
+
+// WritePushEnd tells the destination that every page it lacked has been sent.
+func (w *Writer) WritePushEnd(m *PushEnd) error {
+	return w.frame(TypePushEnd, 0, func(b []byte) []byte { return AppendPushEnd(b, m) })
+}
+
+// WriteKeepalive writes an empty frame that proves the link alive.
+func (w *Writer) WriteKeepalive() error {
+	return w.frame(TypeKeepalive, 0, func(b []byte) []byte { return b })
+}
+
+// WriteFilled tells the source that every page is present.
+func (w *Writer) WriteFilled(m *Filled) error {
+	return w.frame(TypeFilled, 0, func(b []byte) []byte { return AppendFilled(b, m) })
+}
+
+// WriteStats sends the destination's post-copy figures.
+func (w *Writer) WriteStats(m *Stats) error {
+	return w.frame(TypeStats, 0, func(b []byte) []byte { return AppendStats(b, m) })
+}
+
+// WriteRejoin opens a new connection of a post-copy migration (instead of Hello).
+func (w *Writer) WriteRejoin(m *Rejoin) error {
+	return w.frame(TypeRejoin, 0, func(b []byte) []byte { return AppendRejoin(b, m) })
+}
