@@ -160,9 +160,10 @@ func (p *pcRecv) attach(conn io.ReadWriter, w *wire.Writer, r *wire.Reader, watc
 	p.wmu.Unlock()
 	p.doneSent.Store(false)
 	watchLink(ctx, cancel, watch, rc.opts.LinkTimeout)
-	p.links.Add(2)
+	p.links.Add(3)
 	go p.keepalive(ctx)
 	go p.finish(ctx)
+	go p.window(ctx, conn, watch)
 	// Everything faulted (before, or on an old connection) and still missing is asked for
 	// again; the fault goroutine asks for new faults on this connection from now on.
 	p.mu.Lock()
@@ -245,6 +246,54 @@ func (p *pcRecv) keepalive(ctx context.Context) {
 			}) != nil {
 				return
 			}
+		}
+	}
+}
+
+// Post-copy receive window: see the package documentation, "Requests overtake the push".
+const (
+	minRecvWindow = 64 << 10              // the smallest TCP receive window during post-copy
+	windowTick    = 10 * time.Millisecond // how often the window is sized
+	windowBDPs    = 4                     // the window in bandwidth-delay products
+)
+
+// window keeps the receive window of a TCP connection small while pages are missing, so
+// that little push data is in flight or unread ahead of a requested page: windowBDPs
+// bandwidth-delay products (the rate read over the last tick times the connection's
+// minimum round trip), at least minRecvWindow. It grows fourfold per tick at most while the
+// window is what limits the rate, and halves per tick at most when the rate drops. Once
+// every page is present, or the connection ends, the clamp goes back to what it was.
+func (p *pcRecv) window(ctx context.Context, conn io.ReadWriter, watch *readWatch) {
+	defer p.links.Done()
+	if p.isComplete() {
+		return
+	}
+	old, ok := setWindowClamp(conn, minRecvWindow)
+	if !ok {
+		return // not TCP
+	}
+	defer setWindowClamp(conn, old)
+	win := minRecvWindow
+	t := time.NewTicker(windowTick)
+	defer t.Stop()
+	last, lastAt := watch.n.Load(), time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.complete:
+			return
+		case now := <-t.C:
+			n := watch.n.Load()
+			rate := float64(n-last) / now.Sub(lastAt).Seconds()
+			last, lastAt = n, now
+			rtt, ok := tcpMinRTT(conn)
+			if !ok {
+				continue
+			}
+			bdp := rate * rtt.Seconds()
+			win = max(minRecvWindow, win/2, int(min(windowBDPs*bdp, float64(4*win))))
+			setWindowClamp(conn, win)
 		}
 	}
 }

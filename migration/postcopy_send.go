@@ -25,10 +25,14 @@ const (
 	// progressWindow is the span of the guest progress rates before and after the switch.
 	progressWindow = time.Second
 	// pushBytes bounds a background-push batch: small enough that a demanded page does not
-	// wait long behind it at the source.
-	pushBytes = 64 << 10
+	// wait long behind it at the source (the pusher finishes the write it is in first).
+	pushBytes = 32 << 10
 	// maxBackoff bounds the wait between two reconnection attempts.
 	maxBackoff = 2 * time.Second
+	// pushNotSent is the TCP_NOTSENT_LOWAT of a post-copy connection: at most about this
+	// much push data waits in the source's send buffer ahead of a requested page (see the
+	// package documentation, "Requests overtake the push").
+	pushNotSent = 2 * pushBytes
 )
 
 // setChunkRuns is how many runs the engine puts in one Switch or Lacking frame. Tests lower it
@@ -36,15 +40,18 @@ const (
 var setChunkRuns = wire.MaxSetRuns
 
 // readWatch records when bytes last arrived on a connection, for the link watchdog.
+// It also counts the bytes read, for the destination's receive window.
 type readWatch struct {
 	r    io.Reader
 	last atomic.Int64 // Unix ns
+	n    atomic.Int64 // bytes read
 }
 
 func (w *readWatch) Read(p []byte) (int, error) {
 	n, err := w.r.Read(p)
 	if n > 0 {
 		w.last.Store(time.Now().UnixNano())
+		w.n.Add(int64(n))
 	}
 	return n, err
 }
@@ -355,8 +362,9 @@ func (s *sender) postcopy(ctx *switchCtx) error {
 	if err := s.newPrepager(); err != nil {
 		return err
 	}
-	if ctx != nil { // a resume's connection is watched since its rejoin
+	if ctx != nil { // a resume's connection is watched (and set up) since its rejoin
 		watchLink(s.lctx, s.lcancel, s.watch, s.opts.LinkTimeout)
+		s.lowLatency(s.conn, true)
 	}
 	s.report(true)
 	for {
@@ -380,6 +388,16 @@ func (s *sender) postcopy(ctx *switchCtx) error {
 		if err := s.reconnect(); err != nil {
 			return err
 		}
+	}
+}
+
+// lowLatency keeps the send buffer of a post-copy connection nearly empty, so that a requested
+// page queues behind little push data. The caller's own connection (caller) gets its earlier
+// setting back when Send returns.
+func (s *sender) lowLatency(conn io.ReadWriter, caller bool) {
+	old, ok := setNotSentLowat(conn, pushNotSent)
+	if ok && caller && !s.lowat0 {
+		s.lowat0, s.lowat0Old = true, old
 	}
 }
 
@@ -709,6 +727,7 @@ func (s *sender) rejoin(conn io.ReadWriter, owned bool) error {
 	s.postLink.Store(true)
 	s.startReader()
 	watchLink(s.lctx, s.lcancel, s.watch, s.opts.LinkTimeout)
+	s.lowLatency(conn, !owned)
 	// The destination's word is what counts: pages sent on the broken connection that it does
 	// not have go again, whatever the source thought.
 	s.pending, s.remaining, s.linkSent = lacking, n, 0

@@ -250,6 +250,8 @@ type sender struct {
 
 	// Post-copy. The connection may be replaced (Reconnect): conn0 is the caller's.
 	conn0     io.ReadWriter
+	lowat0    bool // conn0's TCP_NOTSENT_LOWAT was changed from lowat0Old
+	lowat0Old int
 	ownConn   bool       // conn came from Reconnect: the engine closes it
 	watch     *readWatch // conn's reads, for the link watchdog
 	lctx      context.Context
@@ -331,6 +333,9 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 		closeConn(s.conn)
 	}
 	setDeadline(s.conn0, time.Time{})
+	if s.lowat0 {
+		setNotSentLowat(s.conn0, s.lowat0Old)
+	}
 	s.lcancel(nil)
 	s.cancel(nil)
 

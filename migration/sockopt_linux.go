@@ -1,0 +1,69 @@
+//go:build linux
+
+package migration
+
+import (
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// setNotSentLowat sets TCP_NOTSENT_LOWAT on conn, if it is a TCP socket: from then on a write
+// waits while v bytes or more sit in the socket's send buffer not yet sent, instead of filling
+// the buffer (megabytes, with autotuning). It returns the previous value (0: the system's
+// default, net.ipv4.tcp_notsent_lowat) and whether conn took it.
+func setNotSentLowat(conn any, v int) (old int, ok bool) {
+	return setTCPOpt(conn, unix.TCP_NOTSENT_LOWAT, v)
+}
+
+// setWindowClamp sets TCP_WINDOW_CLAMP on conn, if it is a TCP socket: the receive window it
+// advertises, hence the bytes in flight towards it plus those it has not read yet, stays at
+// most v. It returns the previous clamp and whether conn took it.
+func setWindowClamp(conn any, v int) (old int, ok bool) {
+	return setTCPOpt(conn, unix.TCP_WINDOW_CLAMP, v)
+}
+
+func setTCPOpt(conn any, opt, v int) (old int, ok bool) {
+	sc, isSock := conn.(syscall.Conn)
+	if !isSock {
+		return 0, false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		if old, serr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, opt); serr != nil {
+			return
+		}
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, opt, v)
+	})
+	return old, err == nil && serr == nil
+}
+
+// tcpMinRTT is the smallest round trip conn's TCP has seen (Linux keeps it over the last
+// few minutes), or its smoothed round trip before it has a minimum.
+func tcpMinRTT(conn any) (time.Duration, bool) {
+	sc, isSock := conn.(syscall.Conn)
+	if !isSock {
+		return 0, false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var info *unix.TCPInfo
+	var ierr error
+	if err := rc.Control(func(fd uintptr) {
+		info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); err != nil || ierr != nil {
+		return 0, false
+	}
+	us := info.Min_rtt
+	if us == 0 || us == ^uint32(0) {
+		us = info.Rtt
+	}
+	return time.Duration(us) * time.Microsecond, us != 0
+}
