@@ -141,7 +141,7 @@ func (pc *postcopy) reader() {
 	for {
 		n, err := pc.u.Read(msgs)
 		if err != nil {
-			if !errors.Is(err, uffd.ErrClosed) {
+			if !errors.Is(err, uffd.ErrClosed) && !pc.stopping() {
 				pc.fatal(err)
 			}
 			return
@@ -175,6 +175,11 @@ func (pc *postcopy) reader() {
 			// after its fault was raised (EEXIST: it is only woken).
 			res, err := pc.zero(p, 1)
 			if err != nil {
+				if pc.stopping() {
+					// Disarm or abort unregistered the memory meanwhile: the faulting thread
+					// was woken and takes an ordinary fault now. Nothing is wrong.
+					return
+				}
 				pc.fatal(err)
 				return
 			}
@@ -187,6 +192,16 @@ func (pc *postcopy) reader() {
 		for _, f := range out {
 			pc.send(f)
 		}
+	}
+}
+
+// stopping reports whether shutdown has begun.
+func (pc *postcopy) stopping() bool {
+	select {
+	case <-pc.stop:
+		return true
+	default:
+		return false
 	}
 }
 
