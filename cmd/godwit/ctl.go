@@ -67,6 +67,10 @@ func printStats(s vmm.Stats) {
 	if s.ThrottlePct > 0 {
 		fmt.Printf("throttle      %d%%\n", s.ThrottlePct)
 	}
+	if pc := s.Postcopy; pc != nil {
+		fmt.Printf("post-copy     %d pages missing at the switch, %d still to come; %d demand faults (%d by the VMM), %d pages placed\n",
+			pc.Missing, pc.Left, pc.Faults, pc.VMMFaults, pc.PagesPlaced)
+	}
 	if s.LastVerify != nil {
 		fmt.Printf("last verify   %d pages checked, %d mismatches\n", s.LastVerify.PagesChecked, s.LastVerify.Mismatches)
 	}

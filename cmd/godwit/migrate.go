@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/alecthomas/kong"
 	"golang.org/x/sys/unix"
 
 	"github.com/godwit-vm/godwit/migration"
@@ -18,12 +20,107 @@ import (
 // MigrateCmd is 'godwit migrate'.
 type MigrateCmd struct {
 	ControlFlag
-	To            string        `required:"" placeholder:"tcp:HOST:PORT" help:"The destination: a 'godwit run --incoming' waiting there."`
-	DowntimeLimit time.Duration `default:"300ms" help:"Stop and copy once the expected downtime is within this."`
-	MaxBandwidth  Bandwidth     `default:"0" help:"Cap on migration traffic: bytes/s with K, M, G suffixes (125M) or bits/s (1gbit); 0 = no cap."`
-	AutoConverge  bool          `help:"Throttle the vCPUs when the guest dirties memory faster than the link carries it."`
-	Force         bool          `help:"If pre-copy does not converge, stop and copy anyway (longer downtime) instead of failing."`
-	Timeout       time.Duration `default:"0" help:"Give up (the VM keeps running here) after this long; 0 = no limit."`
+	To   string `required:"" placeholder:"tcp:HOST:PORT" help:"The destination: a 'godwit run --incoming' waiting there. With --resume: where that destination now listens (its old or a new address)."`
+	Mode string `default:"precopy" placeholder:"MODE" help:"precopy: copy memory while the VM runs here, then stop it and copy the rest (until the very end the VM can run here again, and does on any failure). postcopy: move the vCPUs at once; the destination runs the VM and fetches each page it touches from here while the rest is pushed (short downtime; from the switch on the VM needs both hosts until every page has arrived). hybrid: pre-copy rounds, then switch to post-copy (see --hybrid-rounds, --hybrid-after). Default ${default}."`
+	// Post-copy and hybrid.
+	Prepage         string        `default:"sequential" placeholder:"POLICY" help:"postcopy, hybrid: the order in which the pages the destination has not asked for are pushed after the switch (pages it asks for always go first): sequential (ascending addresses), bubble (outward from the latest demand faults), hot (the pages most written before and most faulted after the switch first), none (push nothing: every page comes by demand). Default ${default}."`
+	HybridRounds    int           `name:"hybrid-rounds" default:"2" placeholder:"N" help:"hybrid: switch to post-copy after this many pre-copy rounds (at least 1), or sooner if pre-copy stops converging; if pre-copy converges first, it stops and copies as in precopy. Default ${default}."`
+	HybridAfter     time.Duration `name:"hybrid-after" default:"0" placeholder:"DURATION" help:"hybrid: switch to post-copy once pre-copy has run this long; 0 = no time bound."`
+	LinkTimeout     time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"postcopy, hybrid: after the switch, a link on which nothing arrives for this long (both sides send keepalives) is broken, and recovery begins (see --reconnect-window). Default ${default}."`
+	ReconnectWindow time.Duration `name:"reconnect-window" default:"30s" placeholder:"DURATION" help:"postcopy, hybrid: when the link breaks after the switch, redial the destination at the same address for this long. Past it the migration is interrupted: the VM stays paused here with its memory and waits for 'godwit migrate --resume'. 0 = do not redial. Default ${default}."`
+	Resume          bool          `help:"Finish this VM's interrupted post-copy migration: connect to the same destination at --to (its old or a new address) and carry on where the link broke. Takes no other option than --to (and --json); the migration keeps the ones it started with."`
+	// Pre-copy.
+	DowntimeLimit time.Duration `default:"300ms" placeholder:"DURATION" help:"precopy, hybrid: stop and copy once the expected downtime is within this. Default ${default}."`
+	MaxBandwidth  Bandwidth     `default:"0" placeholder:"RATE" help:"Cap on migration traffic: bytes/s with K, M, G suffixes (125M) or bits/s (1gbit); 0 = no cap. In post-copy it caps the push; pages the destination asks for go first."`
+	AutoConverge  bool          `help:"precopy, hybrid: throttle the vCPUs when the guest dirties memory faster than the link carries it."`
+	Force         bool          `help:"precopy: if pre-copy does not converge, stop and copy anyway (longer downtime) instead of failing. (hybrid switches to post-copy instead.)"`
+	Timeout       time.Duration `default:"0" placeholder:"DURATION" help:"Give up after this long; 0 = no limit. Before a switch to post-copy the VM keeps running here; after it, the VM stays paused here with its memory, since it ran at the destination (see the README on recovery)."`
+}
+
+// validate checks the flags for contradictions. set tells whether a flag was given on the
+// command line (by its name without dashes).
+func (c *MigrateCmd) validate(set func(string) bool) error {
+	if _, err := parseTCPAddr(c.To); err != nil {
+		return fmt.Errorf("--to: %w", err)
+	}
+	if c.Resume {
+		var extra []string
+		for _, f := range []string{"mode", "prepage", "hybrid-rounds", "hybrid-after", "link-timeout", "reconnect-window",
+			"downtime-limit", "max-bandwidth", "auto-converge", "force", "timeout"} {
+			if set(f) {
+				extra = append(extra, "--"+f)
+			}
+		}
+		if len(extra) > 0 {
+			return fmt.Errorf("--resume continues the interrupted migration with the options it started with; it takes only --to, not %s", strings.Join(extra, ", "))
+		}
+		return nil
+	}
+	switch c.Mode {
+	case migration.ModePrecopy, migration.ModePostcopy, migration.ModeHybrid:
+	default:
+		return fmt.Errorf("--mode %q: want precopy, postcopy or hybrid", c.Mode)
+	}
+	switch c.Prepage {
+	case migration.PrepageSequential, migration.PrepageBubble, migration.PrepageHot, migration.PrepageNone:
+	default:
+		return fmt.Errorf("--prepage %q: want sequential, bubble, hot or none", c.Prepage)
+	}
+	only := func(flag string, modes ...string) error {
+		if !set(flag) || slices.Contains(modes, c.Mode) {
+			return nil
+		}
+		return fmt.Errorf("--%s applies to --mode %s, not to --mode %s", flag, strings.Join(modes, " or "), c.Mode)
+	}
+	for _, f := range []struct {
+		flag  string
+		modes []string
+	}{
+		{"prepage", []string{"postcopy", "hybrid"}},
+		{"link-timeout", []string{"postcopy", "hybrid"}},
+		{"reconnect-window", []string{"postcopy", "hybrid"}},
+		{"hybrid-rounds", []string{"hybrid"}},
+		{"hybrid-after", []string{"hybrid"}},
+		{"downtime-limit", []string{"precopy", "hybrid"}},
+		{"auto-converge", []string{"precopy", "hybrid"}},
+		{"force", []string{"precopy"}},
+	} {
+		if err := only(f.flag, f.modes...); err != nil {
+			return err
+		}
+	}
+	if c.HybridRounds < 1 {
+		return fmt.Errorf("--hybrid-rounds %d: want at least 1 pre-copy round before the switch", c.HybridRounds)
+	}
+	if c.HybridAfter < 0 {
+		return fmt.Errorf("--hybrid-after %v: want a duration of 0 (no time bound) or more", c.HybridAfter)
+	}
+	if c.LinkTimeout <= 0 {
+		return fmt.Errorf("--link-timeout %v: want a positive duration", c.LinkTimeout)
+	}
+	if c.ReconnectWindow < 0 {
+		return fmt.Errorf("--reconnect-window %v: want a duration of 0 (do not redial) or more", c.ReconnectWindow)
+	}
+	if c.DowntimeLimit <= 0 {
+		return fmt.Errorf("--downtime-limit %v: want a positive duration", c.DowntimeLimit)
+	}
+	if c.Timeout < 0 {
+		return fmt.Errorf("--timeout %v: want a duration of 0 (no limit) or more", c.Timeout)
+	}
+	return nil
+}
+
+// setFlags returns the flags given on the command line, by name.
+func setFlags(kctx *kong.Context) func(string) bool {
+	set := map[string]bool{}
+	if kctx != nil {
+		for _, p := range kctx.Path {
+			if p.Flag != nil && !p.Resolved {
+				set[p.Flag.Name] = true
+			}
+		}
+	}
+	return func(name string) bool { return set[name] }
 }
 
 // Bandwidth is bytes per second.
@@ -61,26 +158,51 @@ func (b *Bandwidth) UnmarshalText(t []byte) error {
 	return nil
 }
 
-func (c *MigrateCmd) Run(g *Globals, ctx context.Context) error {
-	if _, err := parseTCPAddr(c.To); err != nil {
-		return fmt.Errorf("--to: %w", err)
+func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) error {
+	if err := c.validate(setFlags(kctx)); err != nil {
+		return err
 	}
-	req := MigrateRequest{
-		To: c.To, DowntimeLimitMS: c.DowntimeLimit.Milliseconds(), MaxBandwidth: int64(c.MaxBandwidth),
-		AutoConverge: c.AutoConverge, Force: c.Force, TimeoutMS: c.Timeout.Milliseconds(),
+	req := MigrateRequest{To: c.To, Resume: c.Resume}
+	if !c.Resume {
+		req.DowntimeLimitMS = c.DowntimeLimit.Milliseconds()
+		req.MaxBandwidth = int64(c.MaxBandwidth)
+		req.AutoConverge, req.Force = c.AutoConverge, c.Force
+		req.TimeoutMS = c.Timeout.Milliseconds()
+		req.Mode = c.Mode
+		if c.Mode != migration.ModePrecopy {
+			req.Prepage = c.Prepage
+			req.LinkTimeoutMS = c.LinkTimeout.Milliseconds()
+			req.ReconnectWindowMS = c.ReconnectWindow.Milliseconds()
+		}
+		if c.Mode == migration.ModeHybrid {
+			req.HybridRounds = c.HybridRounds
+			req.HybridAfterMS = c.HybridAfter.Milliseconds()
+		}
 	}
 	cl := c.client()
 	tty := !g.JSON && isTerminal(os.Stdout)
 	// Interrupting asks the VM process to cancel, then waits for its final report: the stream
-	// itself is not cut, so the report of the cancelled migration still arrives.
+	// itself is not cut, so the report of the cancelled migration still arrives. After a switch
+	// to post-copy the VM process refuses (the VM runs at the destination now and needs this
+	// host's memory until the end): then this command detaches and the migration goes on.
+	sctx, detach := context.WithCancel(context.Background())
+	defer detach()
+	detached := make(chan error, 1)
 	go func() {
-		<-ctx.Done()
+		select {
+		case <-ctx.Done():
+		case <-sctx.Done():
+			return
+		}
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		cl.Call(cctx, http.MethodDelete, "/v1/migrate", nil, nil)
+		if err := cl.Call(cctx, http.MethodDelete, "/v1/migrate", nil, nil); err != nil {
+			detached <- err
+			detach()
+		}
 	}()
 	var rep migration.Report
-	err := cl.Stream(context.Background(), http.MethodPost, "/v1/migrate", req, func(raw json.RawMessage) {
+	err := cl.Stream(sctx, http.MethodPost, "/v1/migrate", req, func(raw json.RawMessage) {
 		if !tty {
 			return
 		}
@@ -91,6 +213,17 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context) error {
 	}, &rep)
 	if tty {
 		fmt.Print("\r\033[K")
+	}
+	select {
+	case derr := <-detached:
+		msg := fmt.Sprintf("not cancelled: %v; the migration goes on in the VM process (follow it with 'godwit stats --control %s')", derr, c.Control)
+		if g.JSON {
+			printJSON(map[string]string{"result": "detached", "error": msg})
+		} else {
+			fmt.Fprintf(os.Stderr, "godwit: %s\n", msg)
+		}
+		return exitError{1}
+	default:
 	}
 	if rep.Result == "" {
 		rep.Result = "failed"
@@ -116,6 +249,14 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context) error {
 }
 
 func progressLine(p migration.Progress) string {
+	if p.PagesPushed+p.PagesDemanded > 0 || p.Phase == "postcopy" || p.Phase == "reconnecting" || p.Phase == "rejoin" {
+		s := fmt.Sprintf("post-copy  %s sent  pushed %d  demanded %d pages (%d requested)  remaining %d pages",
+			formatBytes(uint64(p.BytesWire)), p.PagesPushed, p.PagesDemanded, p.Requested, p.PagesRemaining)
+		if p.Reconnects > 0 {
+			s += fmt.Sprintf("  reconnects %d", p.Reconnects)
+		}
+		return s + fmt.Sprintf("  (%s)", p.Phase)
+	}
 	return fmt.Sprintf("round %d  %s sent  dirty %.0f pages/s  remaining %d pages  expected downtime %v  throttle %d%%  (%s)",
 		p.Round, formatBytes(uint64(p.BytesWire)), p.DirtyRate, p.PagesRemaining, p.ExpectedDowntime.Round(100*time.Microsecond), p.Throttle, p.Phase)
 }
@@ -129,9 +270,12 @@ func printReport(r migration.Report) {
 	if r.Mode == "" {
 		return
 	}
-	fmt.Printf("mode         %s, %d rounds, converged %v", r.Mode, r.Rounds, r.Converged)
-	if r.Reason != "" {
-		fmt.Printf(" (%s)", r.Reason)
+	fmt.Printf("mode         %s, %d rounds", r.Mode, r.Rounds)
+	if r.Mode != migration.ModePostcopy {
+		fmt.Printf(", converged %v", r.Converged)
+		if r.Reason != "" {
+			fmt.Printf(" (%s)", r.Reason)
+		}
 	}
 	fmt.Println()
 	fmt.Printf("total        %.1f ms\n", r.TotalMS)
@@ -149,6 +293,34 @@ func printReport(r migration.Report) {
 	if r.ThrottleMax > 0 {
 		fmt.Printf("throttle     up to %d%%\n", r.ThrottleMax)
 	}
+	if pc := r.Postcopy; pc != nil {
+		fmt.Print(postcopyLines(pc))
+	}
+	for _, w := range r.Warnings {
+		fmt.Printf("warning      %s\n", w)
+	}
+}
+
+// postcopyLines are printReport's lines for the post-copy phase.
+func postcopyLines(pc *migration.PostcopyReport) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "post-copy    prepage %s, switched after %d pre-copy rounds", pc.Prepage, pc.SwitchedAfter)
+	if pc.SwitchReason != "" {
+		fmt.Fprintf(&b, " (%s)", pc.SwitchReason)
+	}
+	fmt.Fprintf(&b, "; %.1f ms until every page was at the destination\n", pc.PostcopyMS)
+	fmt.Fprintf(&b, "  pages      %d missing at the switch: %d pushed, %d demanded\n", pc.MissingAtStart, pc.PagesPushed, pc.PagesDemanded)
+	fmt.Fprintf(&b, "  faults     %d demand faults, service latency p50 %.0f us, p99 %.0f us, max %.0f us\n",
+		pc.DemandFaults, pc.FaultLatencyP50US, pc.FaultLatencyP99US, pc.FaultLatencyMaxUS)
+	fmt.Fprintf(&b, "  progress   %.0f heartbeats/s before the switch, %.0f during post-copy, %.0f after\n",
+		pc.ProgressBefore, pc.ProgressDuring, pc.ProgressAfter)
+	if pc.Reconnects > 0 {
+		fmt.Fprintf(&b, "  reconnects %d (the link broke and was recovered)\n", pc.Reconnects)
+	}
+	if pc.MigrationID != "" {
+		fmt.Fprintf(&b, "  id         %s\n", pc.MigrationID)
+	}
+	return b.String()
 }
 
 func isTerminal(f *os.File) bool {

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
@@ -36,7 +38,9 @@ type RunCmd struct {
 	VCPUs     int    `name:"vcpus" default:"1" help:"Number of vCPUs; each runs the workload on its own slice of memory."`
 	Control   string `placeholder:"PATH" help:"Control socket to serve (default /run/godwit/NAME.sock)."`
 	KVMDevice string `name:"kvm-device" default:"/dev/kvm" help:"The KVM device."`
-	Incoming  string `placeholder:"tcp:HOST:PORT" help:"Wait for a VM migrated to this address instead of booting one; its size and workload come from the source."`
+	Incoming  string `placeholder:"tcp:HOST:PORT" help:"Wait for a VM migrated to this address instead of booting one; its size and workload come from the source. The listener stays open until the migration ends, for a post-copy source that reconnects."`
+	// LinkTimeout is the destination's side of 'migrate --link-timeout'.
+	LinkTimeout time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"With --incoming, in post-copy: a link on which nothing arrives for this long is broken; then the VM waits for the source to reconnect. Give the same value as the source's 'migrate --link-timeout'. Default ${default}."`
 	WorkloadFlags
 }
 
@@ -89,11 +93,16 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 	return p.run(ctx, m)
 }
 
-// runIncoming waits for one incoming migration, then runs the machine it brought.
+// runIncoming waits for one incoming migration, then runs the machine it brought. The listener
+// stays open until the migration ends: after a switch to post-copy, a source whose link broke
+// reconnects on it (the engine checks that the new connection belongs to the same migration).
 func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	addr, err := parseTCPAddr(c.Incoming)
 	if err != nil {
 		return fmt.Errorf("--incoming: %w", err)
+	}
+	if c.LinkTimeout <= 0 {
+		return fmt.Errorf("--link-timeout %v: want a positive duration", c.LinkTimeout)
 	}
 	p, err := newVMProcess(g, c.Name, c.controlPath())
 	if err != nil {
@@ -104,20 +113,37 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("--incoming: %w", err)
 	}
+	acc := newAcceptor(ln)
+	defer acc.close()
 	p.mu.Lock()
 	p.incoming = ln.Addr().String()
 	p.mu.Unlock()
 	if !g.JSON {
 		fmt.Printf("godwit: VM %q waiting for an incoming migration on %s; control socket %s\n", c.Name, ln.Addr(), c.controlPath())
 	}
-	conn, err := acceptOne(ctx, ln)
-	ln.Close()
+	conn, err := acc.next(ctx)
 	if err != nil {
-		return err
+		if ctx.Err() != nil {
+			return errors.New("interrupted while waiting for an incoming migration")
+		}
+		return fmt.Errorf("--incoming: accept: %w", err)
 	}
-	defer conn.Close()
-	dst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g)}}
-	rep, err := migration.Receive(ctx, dst, conn, migration.ReceiveOptions{})
+	vdst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g)}}
+	dst := arrivingDestination{vdst, func() { p.arriving(vdst.M) }}
+	opts := migration.ReceiveOptions{
+		LinkTimeout: c.LinkTimeout,
+		Reconnect: func(ctx context.Context) (io.ReadWriter, error) {
+			fmt.Fprintf(os.Stderr, "godwit: VM %q: the link to the source broke during post-copy; waiting for it to reconnect on %s\n", c.Name, ln.Addr())
+			acc.closeAccepted() // the engine has given up on them
+			conn, err := acc.next(ctx)
+			if err == nil {
+				fmt.Fprintf(os.Stderr, "godwit: VM %q: the source reconnected from %s\n", c.Name, conn.RemoteAddr())
+			}
+			return conn, err
+		},
+	}
+	rep, err := migration.Receive(ctx, dst, conn, opts)
+	acc.close() // the migration has ended: no more connections
 	if err != nil {
 		if g.JSON {
 			printJSON(runSummary{Result: "failed", Error: err.Error(), Incoming: rep})
@@ -125,8 +151,7 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 		}
 		return fmt.Errorf("incoming migration failed: %w", err)
 	}
-	conn.Close()
-	m := dst.M
+	m := vdst.M
 	defer m.Close()
 	p.mu.Lock()
 	p.inReport = rep
@@ -135,25 +160,105 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	return p.run(ctx, m)
 }
 
-func acceptOne(ctx context.Context, ln net.Listener) (net.Conn, error) {
-	type res struct {
-		c   net.Conn
-		err error
+// arrivingDestination is the machine's migration destination, which also shows the machine on
+// the control socket as soon as it runs: during a post-copy, before every page has arrived, its
+// stats and verify work (the guest's accesses to missing pages are demand faults).
+type arrivingDestination struct {
+	*vmm.MigrationDestination
+	started func()
+}
+
+func (d arrivingDestination) Start() error {
+	if err := d.MigrationDestination.Start(); err != nil {
+		return err
 	}
-	ch := make(chan res, 1)
-	go func() {
-		c, err := ln.Accept()
-		ch <- res{c, err}
-	}()
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			return nil, fmt.Errorf("--incoming: accept: %w", r.err)
+	d.started()
+	return nil
+}
+
+// acceptor accepts connections on an incoming migration's listener until closed, and closes
+// on close every connection it handed out.
+type acceptor struct {
+	ln    net.Listener
+	conns chan net.Conn
+	errc  chan error
+	quit  chan struct{} // closed by close
+
+	mu     sync.Mutex
+	closed bool
+	all    []net.Conn
+}
+
+func newAcceptor(ln net.Listener) *acceptor {
+	a := &acceptor{ln: ln, conns: make(chan net.Conn), errc: make(chan error, 1), quit: make(chan struct{})}
+	go a.loop()
+	return a
+}
+
+func (a *acceptor) loop() {
+	for {
+		c, err := a.ln.Accept()
+		if err != nil {
+			a.errc <- err
+			return
 		}
-		return r.c, nil
+		a.mu.Lock()
+		if a.closed {
+			a.mu.Unlock()
+			c.Close()
+			continue
+		}
+		a.mu.Unlock()
+		select {
+		case a.conns <- c:
+			a.mu.Lock()
+			a.all = append(a.all, c)
+			a.mu.Unlock()
+		case <-a.quit:
+			c.Close()
+		}
+	}
+}
+
+// next returns the next connection, or an error when ctx is done or the listener failed.
+func (a *acceptor) next(ctx context.Context) (net.Conn, error) {
+	select {
+	case c := <-a.conns:
+		return c, nil
+	case err := <-a.errc:
+		a.errc <- err
+		return nil, err
 	case <-ctx.Done():
-		ln.Close()
-		return nil, errors.New("interrupted while waiting for an incoming migration")
+		return nil, context.Cause(ctx)
+	}
+}
+
+// closeAccepted closes the connections handed out so far (not one accepted and still waiting to
+// be taken: a source may reconnect before this side noticed the break).
+func (a *acceptor) closeAccepted() {
+	a.mu.Lock()
+	all := a.all
+	a.all = nil
+	a.mu.Unlock()
+	for _, c := range all {
+		c.Close()
+	}
+}
+
+// close closes the listener and every connection accepted (a no-op the second time).
+func (a *acceptor) close() {
+	a.mu.Lock()
+	if a.closed {
+		a.mu.Unlock()
+		return
+	}
+	a.closed = true
+	all := a.all
+	a.mu.Unlock()
+	close(a.quit)
+	a.ln.Close()
+	for _, c := range all {
+		c.Close()
 	}
 }
 

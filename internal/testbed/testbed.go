@@ -25,6 +25,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -63,6 +64,7 @@ type Testbed struct {
 	mu        sync.Mutex
 	closed    bool
 	bandwidth int64
+	down      bool // the link is cut
 }
 
 // Host is one network namespace of a testbed.
@@ -364,8 +366,12 @@ func (h *Host) shape(bps int64) error {
 }
 
 // SetLink takes both ends of the link down (up=false), cutting the hosts apart, or brings them
-// back up. Open connections survive a cut: their packets are dropped meanwhile, and TCP resends
-// them once the link is back (after its retransmission backoff).
+// back up (`ip link set eth0 down|up` in each namespace, through netlink). While the link is
+// down, open connections stall: their packets are dropped, nothing arrives at either end, and
+// TCP resends them once the link is back (after its retransmission backoff), so a peer that
+// waits longer than its own timeout declares the connection broken. New connections fail at
+// once (the hosts have no route to each other) until the link is up again. The shaping set by
+// SetBandwidth stays in force across a cut.
 func (tb *Testbed) SetLink(up bool) error {
 	tb.mu.Lock()
 	defer tb.mu.Unlock()
@@ -377,7 +383,35 @@ func (tb *Testbed) SetLink(up bool) error {
 			return fmt.Errorf("testbed %s: host %d: %w", tb.name, h.index, err)
 		}
 	}
+	tb.down = !up
 	return nil
+}
+
+// CutLink cuts the link now and restores it after d, in the background. The returned function
+// restores it at once (if it is still cut) and reports the error of the restore, if any; call
+// it before the test ends.
+func (tb *Testbed) CutLink(d time.Duration) (restore func() error, err error) {
+	if err := tb.SetLink(false); err != nil {
+		return nil, err
+	}
+	var once sync.Once
+	var rerr error
+	up := func() error {
+		once.Do(func() { rerr = tb.SetLink(true) })
+		return rerr
+	}
+	t := time.AfterFunc(d, func() { up() })
+	return func() error {
+		t.Stop()
+		return up()
+	}, nil
+}
+
+// LinkUp reports whether the link is up (not cut by SetLink or CutLink).
+func (tb *Testbed) LinkUp() bool {
+	tb.mu.Lock()
+	defer tb.mu.Unlock()
+	return !tb.down
 }
 
 func (h *Host) setLink(up bool) error {

@@ -439,3 +439,106 @@ func TestConfigErrors(t *testing.T) {
 		t.Errorf("two unnamed testbeds share the name %q", tb1.Name())
 	}
 }
+
+// TestCutLinkRedials: while the link is cut a peer waiting on an open connection hears nothing
+// (as the migration engine's link timeout needs) and new connections fail; once CutLink
+// restores it, a redial succeeds and the link is still shaped.
+func TestCutLinkRedials(t *testing.T) {
+	tb := newTestbed(t, Config{Name: "redial", Bandwidth: 100_000_000})
+	a, b := tb.Host(0), tb.Host(1)
+	l, addr := listen(t, b)
+	accepted := make(chan net.Conn, 4)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- c
+		}
+	}()
+	c := dial(t, a, addr)
+	srv := <-accepted
+	defer srv.Close()
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(srv, buf); err != nil {
+		t.Fatal(err)
+	}
+
+	const cut = 3 * time.Second
+	restore, err := tb.CutLink(cut)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer restore()
+	cutAt := time.Now()
+	if tb.LinkUp() {
+		t.Fatal("LinkUp after CutLink")
+	}
+	// The open connection stalls: a write is accepted locally, nothing arrives.
+	if _, err := c.Write([]byte("lost")); err != nil {
+		t.Fatalf("write on a cut link: %v (want it queued)", err)
+	}
+	srv.SetReadDeadline(time.Now().Add(time.Second))
+	if n, err := srv.Read(buf); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read on a cut link: %d bytes, %v; want a timeout", n, err)
+	}
+	// Redials fail, and quickly.
+	var derr error
+	var dialTook time.Duration
+	a.Do(func() error {
+		start := time.Now()
+		var dc net.Conn
+		dc, derr = net.DialTimeout("tcp", addr, time.Second)
+		dialTook = time.Since(start)
+		if dc != nil {
+			dc.Close()
+		}
+		return nil
+	})
+	if derr == nil {
+		t.Fatal("dial across a cut link succeeded")
+	}
+	t.Logf("dial across the cut link: %v after %v", derr, dialTook.Round(time.Millisecond))
+
+	// The link comes back by itself after the cut; a redial then succeeds.
+	deadline := cutAt.Add(cut + 10*time.Second)
+	var c2 net.Conn
+	for c2 == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("no connection within %v of the cut (link up: %v)", cut+10*time.Second, tb.LinkUp())
+		}
+		a.Do(func() (err error) {
+			c2, err = net.DialTimeout("tcp", addr, 500*time.Millisecond)
+			return err
+		})
+		if c2 == nil {
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	defer c2.Close()
+	if since := time.Since(cutAt); since < cut {
+		t.Fatalf("redial succeeded %v after a cut of %v", since, cut)
+	}
+	if !tb.LinkUp() {
+		t.Fatal("LinkUp false after the restore")
+	}
+	if err := restore(); err != nil {
+		t.Fatalf("restore after the automatic restore: %v", err)
+	}
+	// The stalled bytes arrive on the old connection too.
+	srv.SetReadDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.ReadFull(srv, buf); err != nil || string(buf) != "lost" {
+		t.Fatalf("old connection after restore: %q, %v", buf, err)
+	}
+	c2.Close()
+	srv.SetReadDeadline(time.Time{})
+
+	if got := transfer(t, a, b, 2*time.Second); got > 1.2e8 || got < 0.5e8 {
+		t.Errorf("after the cut: %s, want the 100 Mbit/s shaping still in force", fmtRate(got))
+	}
+}
