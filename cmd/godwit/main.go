@@ -36,7 +36,8 @@ type CLI struct {
 	Pause   PauseCmd   `cmd:"" help:"Stop a VM's vCPUs."`
 	Resume  ResumeCmd  `cmd:"" help:"Run a paused VM's vCPUs again."`
 	Quit    QuitCmd    `cmd:"" help:"Make the guest verify its memory and exit, ending the VM process."`
-	Migrate MigrateCmd `cmd:"" help:"Live-migrate a running VM to a 'godwit run --incoming' on another host (pre-copy)."`
+	Migrate MigrateCmd `cmd:"" help:"Live-migrate a running VM to a 'godwit run --incoming' on another host (pre-copy, post-copy or hybrid)."`
+	Bench   BenchCmd   `cmd:"" help:"Run the migration scenario suite on godwit and on QEMU (the baseline); write results, a report and plots."`
 }
 
 // exitError carries a process exit status with an already printed message.

@@ -1,0 +1,272 @@
+package bench
+
+import (
+	"math"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/godwit-vm/godwit/internal/guest"
+)
+
+func TestScenarioTableParses(t *testing.T) {
+	all, err := Scenarios()
+	if err != nil {
+		t.Fatal(err)
+	}
+	def, quick := Select(all, "default", nil), Select(all, "quick", nil)
+	if len(quick) == 0 || len(quick) >= len(def) {
+		t.Fatalf("%d quick and %d default scenarios", len(quick), len(def))
+	}
+	techniques, links, workloads, contents := map[string]bool{}, map[bool]bool{}, map[string]bool{}, map[string]bool{}
+	for _, s := range def {
+		techniques[s.Technique] = true
+		links[s.LinkBps == 0] = true
+		workloads[s.Workload+"/"+s.Pattern] = true
+		contents[s.Content] = true
+		if s.VCPUs != 1 {
+			t.Errorf("%s: %d vCPUs; QEMU's guest has one", s.Name, s.VCPUs)
+		}
+		if s.LinkBps > 0 && s.CapBps != s.LinkBps {
+			t.Errorf("%s: cap %d on a %d bit/s link", s.Name, s.CapBps, s.LinkBps)
+		}
+		if _, err := qemuGuest(s); err != nil {
+			t.Errorf("%s: QEMU guest: %v", s.Name, err)
+		}
+	}
+	for _, want := range []string{Precopy, Postcopy, Hybrid} {
+		if !techniques[want] {
+			t.Errorf("no %s scenario in the default suite", want)
+		}
+	}
+	if !links[true] || !links[false] {
+		t.Errorf("the default suite lacks a shaped or an unshaped link: %v", links)
+	}
+	for _, want := range []string{"idle/random", "dirty/random", "dirty/hotcold"} {
+		if !workloads[want] {
+			t.Errorf("no %s workload in the default suite", want)
+		}
+	}
+	if !contents["text"] || !contents["random"] {
+		t.Errorf("contents %v: want text and random", contents)
+	}
+	if got := Select(all, "default", mustRE(t, "postcopy")); len(got) == 0 || !strings.Contains(got[0].Name, "postcopy") {
+		t.Errorf("select postcopy: %v", got)
+	}
+}
+
+func TestParseScenarioErrors(t *testing.T) {
+	good := "a workload=dirty wss=32M rate=20k pattern=hotcold hot-size=0.2 link=500mbit cap=none technique=hybrid hybrid-rounds=3 downtime=100ms suites=quick"
+	ss, err := ParseScenarios(good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := ss[0]
+	if s.WSSBytes != 32<<20 || s.Rate != 20000 || s.HotSize != 0.2 || s.LinkBps != 500_000_000 || s.CapBps != 0 ||
+		s.HybridRounds != 3 || s.DowntimeLimit != 100*time.Millisecond || !s.InSuite("quick") || s.InSuite("default") {
+		t.Fatalf("parsed %+v", s)
+	}
+	for _, bad := range []string{
+		"",
+		"A workload=idle",
+		"a workload=busy",
+		"a mem=lots",
+		"a link=1gb",
+		"a technique=teleport",
+		"a colour=blue",
+		"a wss",
+		"a workload=dirty wss=200M mem=256M",
+		"a mem=4G",
+		"a suites=nightly",
+		"a\na",
+	} {
+		if _, err := ParseScenarios(bad); err == nil {
+			t.Errorf("%q parsed", bad)
+		}
+	}
+}
+
+func TestGuestFlagsMatch(t *testing.T) {
+	s := defaultScenario()
+	s.Workload, s.Pattern, s.Content, s.Rate, s.WSSBytes, s.CapBps = "dirty", "hotcold", "random", 5000, 64<<20, s.LinkBps
+	args := strings.Join(godwitRunArgs(s), " ")
+	for _, want := range []string{"--mem 256M", "--vcpus 1", "--workload dirty", "--wss 65536K", "--rate 5000", "--pattern hotcold", "--content random", "--hot-size 0.1", "--hot-prob 0.9"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("godwit run %s: no %q", args, want)
+		}
+	}
+	c, err := qemuGuest(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.WSSPages != 16384 || c.Rate != 5000 || c.Pattern != guest.PatternHotCold || c.Content != guest.ContentRandom || c.HotPermille != 100 || c.HotProbPermille != 900 {
+		t.Errorf("QEMU guest %+v", c)
+	}
+	for tech, want := range map[string][]string{
+		Precopy:  {"--downtime-limit 300ms", "--auto-converge", "--force", "--max-bandwidth 1000000000bit"},
+		Postcopy: {"--mode postcopy", "--prepage sequential", "--max-bandwidth"},
+		Hybrid:   {"--mode hybrid", "--hybrid-rounds 2", "--auto-converge"},
+	} {
+		s.Technique = tech
+		a := strings.Join(godwitMigrateArgs(s, time.Minute), " ")
+		for _, w := range want {
+			if !strings.Contains(a, w) {
+				t.Errorf("%s: migrate %s: no %q", tech, a, w)
+			}
+		}
+		if tech == Postcopy && (strings.Contains(a, "--downtime-limit") || strings.Contains(a, "--auto-converge") || strings.Contains(a, "--force")) {
+			t.Errorf("postcopy: migrate %s takes pre-copy flags", a)
+		}
+	}
+}
+
+// synthetic makes runs of three scenarios on both systems, as a suite would.
+func synthetic(t *testing.T) []Run {
+	all, err := ParseScenarios(`
+idle-precopy-1gbit workload=idle
+writer-postcopy-1gbit workload=dirty technique=postcopy
+writer-hybrid-unshaped workload=dirty technique=hybrid link=unshaped`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var runs []Run
+	for i, s := range all {
+		for rep := 0; rep < 3; rep++ {
+			for k, sys := range []string{SystemGodwit, SystemQEMU} {
+				r := newRun(s, sys, rep)
+				r.Result = ResultOK
+				f := float64(1 + k) // QEMU takes twice as long in this made-up world
+				r.TotalMS = f * float64(1000*(i+1)+rep*100)
+				r.DowntimeMS, r.BlackoutMS = f*10, f*20+float64(rep)
+				r.BytesWire = int64(f * (64 << 20))
+				r.LinkBytes = r.BytesWire + 1<<20
+				r.RawTCPBps = 100e6
+				r.LinkUse = float64(r.BytesWire) / (r.TotalMS / 1000) / r.RawTCPBps
+				for j := 0; j < 50; j++ {
+					r.Timeline = append(r.Timeline, Sample{TMS: float64(j*100 - 1000), LinkBytes: int64(max(0, j-10)) << 20, Bytes: -1, Units: int64(j * 10 / int(f))})
+				}
+				if s.Technique != Precopy {
+					r.Faults = 100
+					if sys == SystemGodwit {
+						r.FaultP50US, r.FaultP99US = 200, 900
+						for j := 1; j <= 100; j++ {
+							r.FaultLatencyUS = append(r.FaultLatencyUS, float64(j*j))
+						}
+					}
+				}
+				runs = append(runs, r)
+			}
+		}
+	}
+	// A failed and a skipped run are reported, not counted in the medians.
+	bad := newRun(all[0], SystemGodwit, 3)
+	bad.fail(os.ErrDeadlineExceeded)
+	skip := newRun(all[1], SystemGodwit, 3)
+	skip.Result, skip.Error = ResultSkipped, "this godwit cannot migrate with --mode postcopy yet"
+	return append(runs, bad, skip)
+}
+
+func TestReportAndPlots(t *testing.T) {
+	runs := synthetic(t)
+	dir := t.TempDir()
+	f, err := os.Create(filepath.Join(dir, ResultsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteJSONL(f, runs...); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	back, err := ReadJSONL(filepath.Join(dir, ResultsFile))
+	if err != nil || len(back) != len(runs) {
+		t.Fatalf("read back %d runs of %d: %v", len(back), len(runs), err)
+	}
+	plots, err := WriteReport(dir, back, Meta{Command: "godwit bench --test", Started: time.Now(), Duration: time.Minute, Host: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"bars-precopy.svg", "bars-postcopy.svg", "bars-hybrid.svg", "timeline-idle-precopy-1gbit.svg", FaultCDFFile} {
+		if !slices.Contains(plots, want) {
+			t.Errorf("plots %v: no %s", plots, want)
+		}
+	}
+	for _, p := range plots {
+		b, err := os.ReadFile(filepath.Join(dir, p))
+		if err != nil || len(b) < 1000 || !strings.Contains(string(b[:min(len(b), 500)]), "<svg") {
+			t.Errorf("%s: %d bytes, %v", p, len(b), err)
+		}
+	}
+	md, err := os.ReadFile(filepath.Join(dir, ReportFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	report := string(md)
+	t.Log(report)
+	// godwit/QEMU is 0.50 for total, downtime and bytes in every scenario (blackout: 20+r
+	// against 40+r, medians 21 and 41).
+	for _, want := range []string{
+		"| idle-precopy-1gbit | precopy | 1 Gbit/s | 0.50 | 0.50 | 0.51 | 0.50 |",
+		"| writer-hybrid-unshaped | hybrid | unshaped | 0.50 |",
+		"### writer-postcopy-1gbit",
+		"| total time (ms) | 2100 | 4200 | 0.50 |",
+		"| fault latency p50 (us) | 200.0 | - |",
+		"godwit: 3 ok, 1 failed. QEMU: 3 ok.",
+		"| guest work before the migration (units/s) | 100.0 | 50.0 | 2.00 |",
+		"godwit: 3 ok, 1 skipped.",
+		"![timeline of idle-precopy-1gbit](timeline-idle-precopy-1gbit.svg)",
+		"(" + FaultCDFFile + ")",
+	} {
+		if !strings.Contains(report, want) {
+			t.Errorf("report lacks %q", want)
+		}
+	}
+}
+
+func TestMedianAndProgress(t *testing.T) {
+	if m := median([]float64{3, 1, 2}); m != 2 {
+		t.Errorf("median %v", m)
+	}
+	if m := median([]float64{4, 1, 2, 3}); m != 2.5 {
+		t.Errorf("median %v", m)
+	}
+	if !math.IsNaN(median(nil)) {
+		t.Error("median of nothing")
+	}
+	// 10 units per 100 ms before, nothing for 300 ms, then 5 per 100 ms.
+	var tl []Sample
+	u := int64(0)
+	for j := 0; j < 20; j++ {
+		tm := float64(j*100 - 1000)
+		switch {
+		case tm <= 0 && j > 0:
+			u += 10
+		case tm > 300:
+			u += 5
+		}
+		tl = append(tl, Sample{TMS: tm, Units: u})
+	}
+	xy := progressSeconds(tl, 800)
+	if first, last := xy[0], xy[len(xy)-1]; first.X != -1 || first.Y != -1 || last.X != 0.8 || math.Abs(last.Y-0.25) > 1e-9 {
+		t.Errorf("progress %v", xy)
+	}
+	// QEMU's heartbeat lines become the timeline's work counts.
+	t0 := time.Now()
+	samples := []Sample{{TMS: 0}, {TMS: 100}, {TMS: 200}}
+	addUnits(samples, t0, []unitAt{{t0.Add(-time.Millisecond), 5}, {t0.Add(150 * time.Millisecond), 9}}, []unitAt{{t0.Add(190 * time.Millisecond), 12}})
+	if samples[0].Units != 5 || samples[1].Units != 5 || samples[2].Units != 12 {
+		t.Errorf("units %+v", samples)
+	}
+}
+
+func mustRE(t *testing.T, s string) *regexp.Regexp {
+	t.Helper()
+	re, err := regexp.Compile(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return re
+}

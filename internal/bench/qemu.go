@@ -1,0 +1,269 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/godwit-vm/godwit/internal/guest"
+	"github.com/godwit-vm/godwit/internal/qemu"
+)
+
+// QEMU's guest settings: a heartbeat line per millisecond at most (godwit's guest heartbeats
+// once per unit of work, or per millisecond when idle) and a verification of the whole memory
+// qemuVerifyMS after the start and after the end of each verification (the multiboot guest
+// verifies on a timer only; the destination's first verification after the migration decides
+// whether the run counts). The migration starts right after the first verification, so that
+// the next one comes qemuVerifyMS later: while it runs, the guest writes nothing.
+const qemuVerifyMS = 4000
+
+// qemuGuest is the scenario's guest for QEMU's multiboot image: the same workload, content,
+// pattern and working set as godwit's, on one vCPU.
+func qemuGuest(s Scenario) (guest.Config, error) {
+	c := guest.DefaultConfig()
+	var err error
+	if c.Workload, err = guest.ParseWorkload(s.Workload); err != nil {
+		return c, err
+	}
+	if c.Content, err = guest.ParseContent(s.Content); err != nil {
+		return c, err
+	}
+	if c.Pattern, err = guest.ParsePattern(s.Pattern); err != nil {
+		return c, err
+	}
+	if s.VCPUs != 1 {
+		return c, fmt.Errorf("QEMU's multiboot guest has one vCPU, the scenario %d", s.VCPUs)
+	}
+	c.Rate = s.Rate
+	c.TouchPermille = uint64(s.Touch*1000 + 0.5)
+	c.HotPermille = uint64(s.HotSize*1000 + 0.5)
+	c.HotProbPermille = uint64(s.HotProb*1000 + 0.5)
+	if s.Workload == "dirty" {
+		c.WSSPages = s.WSSBytes / guest.PageSize
+	}
+	return c, c.Validate()
+}
+
+// qemu runs the scenario with QEMU: the same guest (its multiboot build) on host 0 and a
+// destination with -incoming defer on host 1, migrated by internal/qemu with the same cap
+// (max-bandwidth, and max-postcopy-bandwidth) and downtime limit. The destination guest's
+// first verification after the migration must find no mismatch.
+func (e *runEnv) qemu(ctx context.Context) error {
+	// QEMU's firmware runs emulated in a nested KVM host and, on a busy machine, has been seen
+	// never to reach the guest: such a start is tried once more (the run records it).
+	err := e.qemuOnce(ctx)
+	var be bootError
+	if errors.As(err, &be) && ctx.Err() == nil {
+		fmt.Fprintf(e.cfg.Log, "bench: %s qemu: %v; starting again\n", e.s.Name, err)
+		e.run.Timeline = nil
+		err = e.qemuOnce(ctx)
+		if e.run.Extra == nil {
+			e.run.Extra = map[string]float64{}
+		}
+		e.run.Extra["boot_retries"] = 1
+	}
+	return err
+}
+
+// bootError is a QEMU guest that did not boot.
+type bootError struct{ err error }
+
+func (e bootError) Error() string { return e.err.Error() }
+
+func (e *runEnv) qemuOnce(ctx context.Context) error {
+	s, r := e.s, e.run
+	gc, err := qemuGuest(s)
+	if err != nil {
+		return skipError{err.Error()}
+	}
+	dir, err := os.MkdirTemp(e.cfg.WorkDir, "godwit-bench-qemu-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	opts := guest.DefaultMultibootOptions()
+	opts.HeartbeatUS, opts.VerifyMS = 1000, qemuVerifyMS
+	e.phase("starting VMs")
+	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	// Both QEMUs start at once (each takes seconds in a nested KVM host). The guest's TSC
+	// frequency is measured once, for both sides of this one machine.
+	if opts.TSCKHz, err = qemu.HostTSCKHz(); err != nil {
+		return err
+	}
+	var src, dst *qemu.VM
+	var dstErr error
+	started := make(chan struct{})
+	go func() {
+		defer close(started)
+		dst, dstErr = qemu.Start(sctx, qemu.Config{Netns: e.tb.Host(1).Netns(), MemMiB: s.MemBytes >> 20, Guest: gc, Options: opts,
+			Dir: dir, Name: "dst", Log: prefixWriter(e.cfg.Log, "qemu dst: "), Incoming: true})
+	}()
+	src, err = qemu.Start(sctx, qemu.Config{Netns: e.tb.Host(0).Netns(), MemMiB: s.MemBytes >> 20, Guest: gc, Options: opts,
+		Dir: dir, Name: "src", Log: prefixWriter(e.cfg.Log, "qemu src: ")})
+	<-started
+	if src != nil {
+		defer src.Close()
+	}
+	if dst != nil {
+		defer dst.Close()
+	}
+	if err != nil {
+		return err
+	}
+	if dstErr != nil {
+		return dstErr
+	}
+	bctx, bcancel := context.WithTimeout(sctx, time.Minute)
+	boot, err := src.WaitBoot(bctx)
+	bcancel()
+	if err != nil {
+		return bootError{err}
+	}
+	e.phase("warming up")
+	v, err := src.Console.NextVerify(sctx, 0)
+	if err != nil {
+		return fmt.Errorf("qemu: the source guest's first verification: %w", err)
+	}
+	if v.Mismatches != 0 {
+		return fmt.Errorf("qemu: the source guest found %d wrong pages before any migration", v.Mismatches)
+	}
+	bootedAt := src.Started.Add(boot)
+	select {
+	case <-time.After(time.Until(bootedAt.Add(e.cfg.WarmUp))):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if s.AutoConverge && s.Technique != Postcopy {
+		if err := src.QMP.Execute(sctx, "migrate-set-capabilities", map[string]any{
+			"capabilities": []map[string]any{{"capability": "auto-converge", "state": true}}}, nil); err != nil {
+			return fmt.Errorf("qemu: auto-converge: %w", err)
+		}
+	}
+
+	capBytes := s.CapBps / 8
+	mc := qemu.MigrateConfig{
+		Mode:                 qemu.Mode(s.Technique),
+		URI:                  fmt.Sprintf("tcp:%s:%d", e.tb.Host(1).Addr(), e.port),
+		MaxBandwidth:         capBytes,
+		MaxPostcopyBandwidth: capBytes,
+		DowntimeLimit:        s.DowntimeLimit,
+		// godwit's hybrid switches after N rounds (the full pass and N-1 dirty passes); QEMU
+		// counts dirty-bitmap syncs, one at the start and one after each pass.
+		PostcopyAfterPasses: s.HybridRounds + 1,
+		Poll:                20 * time.Millisecond,
+		Timeout:             e.cfg.Timeout,
+		VerifyTimeout:       time.Duration(qemuVerifyMS)*time.Millisecond + 2*time.Minute,
+	}
+	if capBytes == 0 {
+		// QEMU caps pre-copy at 128 MiB/s by default; godwit has no cap unless asked.
+		mc.MaxBandwidth = 100e9
+	}
+
+	t0 := time.Now().Add(time.Second)
+	sm := startSampler(100*time.Millisecond, func(now time.Time) Sample {
+		smp := Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: -1}
+		if now.After(t0) {
+			qctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+			defer cancel()
+			if info, err := qemu.QueryMigrate(qctx, src); err == nil && info.RAM != nil {
+				smp.Bytes = info.RAM.Transferred
+			}
+		} else {
+			smp.Bytes = 0
+		}
+		return smp
+	})
+	defer sm.stop()
+	time.Sleep(time.Until(t0))
+	base := e.meter.tx()
+	e.phase("migrating")
+	res, merr := qemu.Migrate(ctx, src, dst, mc)
+	samples := sm.stop()
+	relative(samples, base)
+	// The guest's progress comes from its heartbeat lines (hb UNITS), timestamped on arrival.
+	addUnits(samples, t0, heartbeatUnits(src), heartbeatUnits(dst))
+	r.Timeline = samples
+	if end := e.meter.tx(); end >= 0 && base >= 0 {
+		r.LinkBytes = end - base
+	}
+	if res == nil {
+		return merr
+	}
+	r.TotalMS = ms(res.Total)
+	r.DowntimeMS = ms(res.StopToResume)
+	r.BlackoutMS = ms(res.Blackout)
+	r.Extra = map[string]float64{
+		"qemu_downtime_ms":  float64(res.QEMU.Downtime),
+		"qemu_total_ms":     float64(res.QEMU.TotalTime),
+		"qemu_setup_ms":     float64(res.QEMU.SetupTime),
+		"switchover_gap_ms": ms(res.SwitchoverGap),
+		"baseline_gap_ms":   ms(res.BaselineGap),
+		"boot_ms":           ms(boot),
+	}
+	if ram := res.QEMU.RAM; ram != nil {
+		r.BytesWire = ram.Transferred
+		r.PagesRaw, r.PagesZero = uint64(ram.Normal), uint64(ram.Duplicate)
+		r.Rounds = int(ram.DirtySyncCount)
+		r.Faults = uint64(ram.PostcopyRequests)
+		r.Extra["precopy_bytes"] = float64(ram.PrecopyBytes)
+		r.Extra["downtime_bytes"] = float64(ram.DowntimeBytes)
+		r.Extra["postcopy_bytes"] = float64(ram.PostcopyBytes)
+	}
+	if !res.PostcopyStarted.IsZero() {
+		r.Extra["postcopy_started_ms"] = ms(res.PostcopyStarted.Sub(t0))
+		r.PostcopyMS = ms(res.Resume.Sub(res.PostcopyStarted))
+	}
+	// A verification on the source while it migrated pauses its writes: say so.
+	for _, l := range src.Console.Lines() {
+		if l.Kind == qemu.KindVerifyBegin && l.Time.After(t0) && l.Time.Before(t0.Add(res.Total)) {
+			r.Extra["verify_during_migration"] = 1
+		}
+	}
+	r.Converged = res.QEMU.Status == "completed" && res.PostcopyStarted.IsZero()
+	r.VerifyPages = res.Verify.Pages
+	if merr != nil {
+		if errors.Is(merr, qemu.ErrMismatch) {
+			return fmt.Errorf("QEMU's destination guest found %d wrong pages of %d: %w", res.Verify.Mismatches, res.Verify.Pages, merr)
+		}
+		return merr
+	}
+	return nil
+}
+
+type unitAt struct {
+	t time.Time
+	n uint64
+}
+
+// heartbeatUnits are the guest's heartbeat lines of vm, in arrival order.
+func heartbeatUnits(vm *qemu.VM) []unitAt {
+	var out []unitAt
+	for _, l := range vm.Console.Lines() {
+		if l.Kind == qemu.KindHeartbeat {
+			out = append(out, unitAt{l.Time, l.N})
+		}
+	}
+	return out
+}
+
+// addUnits sets each sample's Units to the largest count either side had reported by then.
+func addUnits(samples []Sample, t0 time.Time, sides ...[]unitAt) {
+	var all []unitAt
+	for _, s := range sides {
+		all = append(all, s...)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].t.Before(all[j].t) })
+	j, best := 0, int64(-1)
+	for i := range samples {
+		at := t0.Add(time.Duration(samples[i].TMS * float64(time.Millisecond)))
+		for j < len(all) && !all[j].t.After(at) {
+			best = max(best, int64(all[j].n))
+			j++
+		}
+		samples[i].Units = best
+	}
+}

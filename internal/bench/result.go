@@ -1,0 +1,245 @@
+package bench
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"slices"
+	"time"
+)
+
+// Outcomes of a run.
+const (
+	ResultOK      = "ok"
+	ResultError   = "error"   // the migration failed, or the destination found wrong pages
+	ResultSkipped = "skipped" // the system cannot run the scenario (e.g. a technique it lacks)
+)
+
+// Run is one migration of one scenario on one system: a line of results.jsonl.
+type Run struct {
+	Scenario  string    `json:"scenario"`
+	System    string    `json:"system"` // godwit or qemu
+	Technique string    `json:"technique"`
+	Repeat    int       `json:"repeat"` // 0-based
+	Started   time.Time `json:"started"`
+	Result    string    `json:"result"` // ok, error, skipped
+	Error     string    `json:"error,omitempty"`
+
+	// The scenario's settings, so that each line stands alone.
+	Setup Scenario `json:"setup"`
+
+	// RawTCPBps is a bulk TCP transfer's throughput on the same link just before the
+	// migration (bytes/s): this run's baseline.
+	RawTCPBps float64 `json:"raw_tcp_Bps"`
+
+	// TotalMS: migration issued -> the source is done (godwit: memory released; QEMU: the
+	// source reports completed). DowntimeMS: source vCPUs stopped -> destination vCPUs
+	// running (godwit: its report; QEMU: the source's STOP event to the destination's RESUME
+	// event). BlackoutMS: the largest gap in the guest's heartbeats, timestamped by the host.
+	TotalMS    float64 `json:"total_ms"`
+	DowntimeMS float64 `json:"downtime_ms"`
+	BlackoutMS float64 `json:"blackout_ms"` // 0: not measured
+	// BytesWire: the system's own count of migration bytes it sent (godwit: socket writes;
+	// QEMU: ram transferred). LinkBytes: bytes the source host's end of the link transmitted
+	// during the migration (IP packets, headers included), the same meter for both systems.
+	BytesWire int64 `json:"bytes_wire"`
+	LinkBytes int64 `json:"link_bytes"`
+	// LinkUse is BytesWire / TotalMS as a share of RawTCPBps.
+	LinkUse float64 `json:"link_use"`
+	// Pages sent in full, pages sent as zero (or found zero), pages skipped as holes.
+	PagesRaw  uint64 `json:"pages_raw"`
+	PagesZero uint64 `json:"pages_zero"`
+	PagesHole uint64 `json:"pages_hole"`
+	Rounds    int    `json:"rounds"` // pre-copy rounds (QEMU: dirty-bitmap syncs)
+	Converged bool   `json:"converged"`
+	Throttle  int    `json:"throttle_max,omitempty"`
+
+	// Post-copy: demand faults (QEMU: post-copy page requests), fault service latency
+	// (godwit only: QEMU 7.2 does not report it) and a sample of latencies.
+	Faults         uint64    `json:"faults,omitempty"`
+	FaultP50US     float64   `json:"fault_p50_us,omitempty"`
+	FaultP99US     float64   `json:"fault_p99_us,omitempty"`
+	FaultLatencyUS []float64 `json:"fault_latency_us,omitempty"`
+	PostcopyMS     float64   `json:"postcopy_ms,omitempty"`
+
+	// System-specific extra figures (QEMU's own downtime, the heartbeat baseline gap, ...).
+	Extra map[string]float64 `json:"extra,omitempty"`
+
+	// VerifyPages is how many pages the destination guest checked after the migration (0
+	// mismatches, or the run is an error).
+	VerifyPages uint64 `json:"verify_pages"`
+
+	// Timeline samples bytes and guest progress about every 100 ms, from a second before
+	// the migration to its end.
+	Timeline []Sample `json:"timeline,omitempty"`
+	// WallMS is how long the whole run took (start of the VMs to their end).
+	WallMS float64 `json:"wall_ms"`
+}
+
+// Sample is a point of a run's timeline.
+type Sample struct {
+	// TMS is the time since the migration was issued (negative before).
+	TMS float64 `json:"t_ms"`
+	// LinkBytes is what the source's end of the link has sent since the migration was
+	// issued; Bytes the system's own count (-1 where the system does not say).
+	LinkBytes int64 `json:"link_bytes"`
+	Bytes     int64 `json:"bytes"`
+	// Units is the guest's work done so far (units of work, one heartbeat each: the same
+	// counter on the source and, once it runs there, on the destination); -1 if unknown.
+	Units int64 `json:"units"`
+}
+
+// WriteJSONL appends runs to w, one JSON object per line.
+func WriteJSONL(w io.Writer, runs ...Run) error {
+	enc := json.NewEncoder(w)
+	for _, r := range runs {
+		if err := enc.Encode(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ReadJSONL reads runs written by WriteJSONL.
+func ReadJSONL(path string) ([]Run, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var runs []Run
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 64<<20)
+	for n := 1; sc.Scan(); n++ {
+		if len(sc.Bytes()) == 0 {
+			continue
+		}
+		var r Run
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			return nil, fmt.Errorf("%s:%d: %w", path, n, err)
+		}
+		runs = append(runs, r)
+	}
+	return runs, sc.Err()
+}
+
+// median of the values (NaN for none).
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// Metric is a figure of a run the report compares.
+type Metric struct {
+	Key   string
+	Label string
+	Unit  string
+	Get   func(Run) float64
+}
+
+// Metrics are the figures the report and the bar plots compare, in order.
+var Metrics = []Metric{
+	{"total", "total time", "ms", func(r Run) float64 { return r.TotalMS }},
+	{"downtime", "downtime", "ms", func(r Run) float64 { return r.DowntimeMS }},
+	// A blackout of 0 is one the system did not measure (a real gap is never 0).
+	{"blackout", "blackout", "ms", func(r Run) float64 {
+		if r.BlackoutMS <= 0 {
+			return math.NaN()
+		}
+		return r.BlackoutMS
+	}},
+	{"bytes", "bytes on the wire", "MiB", func(r Run) float64 { return float64(r.BytesWire) / (1 << 20) }},
+}
+
+// Summary is the medians of one scenario on one system.
+type Summary struct {
+	Scenario, System string
+	OK, Errors, Skip int
+	Median           map[string]float64 // by Metric.Key, plus link_use, link_mib, faults, fault_p50/p99
+	Note             string             // the first error or skip reason
+}
+
+// Summarize groups runs by scenario and system, in the order the scenarios first appear.
+func Summarize(runs []Run) (scenarios []string, by map[string]map[string]*Summary) {
+	by = map[string]map[string]*Summary{}
+	vals := map[*Summary]map[string][]float64{}
+	for _, r := range runs {
+		m := by[r.Scenario]
+		if m == nil {
+			m = map[string]*Summary{}
+			by[r.Scenario] = m
+			scenarios = append(scenarios, r.Scenario)
+		}
+		s := m[r.System]
+		if s == nil {
+			s = &Summary{Scenario: r.Scenario, System: r.System, Median: map[string]float64{}}
+			m[r.System] = s
+			vals[s] = map[string][]float64{}
+		}
+		switch r.Result {
+		case ResultOK:
+			s.OK++
+			for _, mt := range Metrics {
+				if v := mt.Get(r); !math.IsNaN(v) {
+					vals[s][mt.Key] = append(vals[s][mt.Key], v)
+				}
+			}
+			vals[s]["link_use"] = append(vals[s]["link_use"], r.LinkUse)
+			vals[s]["link_mib"] = append(vals[s]["link_mib"], float64(r.LinkBytes)/(1<<20))
+			vals[s]["raw_tcp_mbps"] = append(vals[s]["raw_tcp_mbps"], r.RawTCPBps*8/1e6)
+			if w := WorkRate(r.Timeline); w > 0 {
+				vals[s]["work_rate"] = append(vals[s]["work_rate"], w)
+			}
+			if r.Technique != Precopy {
+				vals[s]["faults"] = append(vals[s]["faults"], float64(r.Faults))
+				if r.FaultP50US > 0 {
+					vals[s]["fault_p50"] = append(vals[s]["fault_p50"], r.FaultP50US)
+					vals[s]["fault_p99"] = append(vals[s]["fault_p99"], r.FaultP99US)
+				}
+			}
+		case ResultSkipped:
+			s.Skip++
+		default:
+			s.Errors++
+		}
+		if s.Note == "" && r.Error != "" {
+			s.Note = r.Error
+		}
+	}
+	for s, v := range vals {
+		for k, xs := range v {
+			s.Median[k] = median(xs)
+		}
+	}
+	return scenarios, by
+}
+
+// WorkRate is the guest's work (units per second: a unit is a batch of page writes, or an idle
+// interval) in the second before the migration, from the timeline; 0 if unknown. It shows
+// whether both systems' guests wrote memory equally fast.
+func WorkRate(tl []Sample) float64 {
+	first, last := -1, -1
+	for i, s := range tl {
+		if s.Units < 0 || s.TMS < -1000 || s.TMS > 0 {
+			continue
+		}
+		if first < 0 {
+			first = i
+		}
+		last = i
+	}
+	if first < 0 || last <= first || tl[last].TMS <= tl[first].TMS {
+		return 0
+	}
+	return float64(tl[last].Units-tl[first].Units) / (tl[last].TMS - tl[first].TMS) * 1000
+}
