@@ -15,49 +15,11 @@ import (
 // capacity in this run, the baseline migration throughput is compared with.
 func rawTCP(b testing.TB, tb *testbed.Testbed, n int64) float64 {
 	b.Helper()
-	var ln net.Listener
-	if err := tb.Host(1).Do(func() (err error) {
-		ln, err = net.Listen("tcp", net.JoinHostPort(tb.Host(1).Addr().String(), "0"))
-		return err
-	}); err != nil {
+	bps, err := tb.MeasureTCP(n)
+	if err != nil {
 		b.Fatal(err)
 	}
-	defer ln.Close()
-	got := make(chan time.Duration, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			got <- 0
-			return
-		}
-		defer c.Close()
-		buf := make([]byte, 1<<20)
-		io.ReadFull(c, buf[:1])
-		start := time.Now()
-		io.CopyBuffer(io.Discard, io.LimitReader(c, n-1), buf)
-		got <- time.Since(start)
-	}()
-	var c net.Conn
-	if err := tb.Host(0).Do(func() (err error) {
-		c, err = net.Dial("tcp", ln.Addr().String())
-		return err
-	}); err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
-	buf := make([]byte, 1<<20)
-	for sent := int64(0); sent < n; {
-		k := min(int64(len(buf)), n-sent)
-		if _, err := c.Write(buf[:k]); err != nil {
-			b.Fatal(err)
-		}
-		sent += k
-	}
-	d := <-got
-	if d <= 0 {
-		b.Fatal("raw TCP transfer failed")
-	}
-	return float64(n-1) / d.Seconds()
+	return bps
 }
 
 // BenchmarkPrecopyIdle1G migrates an idle 1 GiB VM (a quarter of its memory written once)

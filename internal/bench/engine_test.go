@@ -49,7 +49,7 @@ func BenchmarkEngineIdle1G(b *testing.B) {
 					b.Fatal(err)
 				}
 				dst.Reset()
-				rep := migrateOnce(b, tb, src, dst)
+				rep := migrateOver(b, tb, src, dst, migration.SendOptions{})
 				rate += float64(rep.BytesWire) / (rep.TotalMS / 1000)
 				down += rep.DowntimeMS
 				total += rep.TotalMS
@@ -67,8 +67,9 @@ func BenchmarkEngineIdle1G(b *testing.B) {
 	}
 }
 
-// migrateOnce runs one pre-copy migration from host 0 to host 1 and returns the source's report.
-func migrateOnce(b *testing.B, tb *testbed.Testbed, src migration.Source, dst migration.Destination) *migration.Report {
+// migrateOver runs one migration from host 0 to host 1 of tb over TCP and returns the source's
+// report.
+func migrateOver(b *testing.B, tb *testbed.Testbed, src migration.Source, dst migration.Destination, opts migration.SendOptions) *migration.Report {
 	b.Helper()
 	var ln net.Listener
 	if err := tb.Host(1).Do(func() (err error) {
@@ -98,7 +99,7 @@ func migrateOnce(b *testing.B, tb *testbed.Testbed, src migration.Source, dst mi
 		b.Fatal(err)
 	}
 	defer c.Close()
-	rep, err := migration.Send(ctx, src, c, migration.SendOptions{})
+	rep, err := migration.Send(ctx, src, c, opts)
 	if rerr := <-recvErr; err != nil || rerr != nil {
 		b.Fatalf("migration failed: source %v, destination %v", err, rerr)
 	}

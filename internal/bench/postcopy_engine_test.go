@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"net"
 	"os"
 	"testing"
 	"time"
@@ -98,38 +97,7 @@ func BenchmarkEnginePostcopy(b *testing.B) {
 // source's report (with the destination's fault figures from its Stats).
 func migratePostcopy(b *testing.B, tb *testbed.Testbed, src migration.Source, dst migration.Destination) *migration.Report {
 	b.Helper()
-	var ln net.Listener
-	if err := tb.Host(1).Do(func() (err error) {
-		ln, err = net.Listen("tcp", net.JoinHostPort(tb.Host(1).Addr().String(), "0"))
-		return err
-	}); err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	ctx := context.Background()
-	recvErr := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			recvErr <- err
-			return
-		}
-		defer c.Close()
-		_, err = migration.Receive(ctx, dst, c, migration.ReceiveOptions{})
-		recvErr <- err
-	}()
-	var c net.Conn
-	if err := tb.Host(0).Do(func() (err error) {
-		c, err = net.Dial("tcp", ln.Addr().String())
-		return err
-	}); err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
-	rep, err := migration.Send(ctx, src, c, migration.SendOptions{Mode: migration.ModePostcopy})
-	if rerr := <-recvErr; err != nil || rerr != nil {
-		b.Fatalf("migration failed: source %v, destination %v", err, rerr)
-	}
+	rep := migrateOver(b, tb, src, dst, migration.SendOptions{Mode: migration.ModePostcopy})
 	if testing.Verbose() {
 		b.Logf("downtime %.1f ms %+v, total %.0f ms, postcopy %.0f ms, bytes %d", rep.DowntimeMS, rep.Downtime, rep.TotalMS, rep.Postcopy.PostcopyMS, rep.BytesWire)
 	}
