@@ -300,6 +300,7 @@ func (rc *receiver) migrate() error {
 			return err
 		}
 	}
+	tArm := rc.clock.Now()
 	rc.phase = "restore"
 	if err := rc.vmm("RestoreState", rc.dst.RestoreState(secs)); err != nil {
 		return err
@@ -318,12 +319,14 @@ func (rc *receiver) migrate() error {
 		p.started(resumeAt)
 	}
 	rc.rep.DowntimeMS = ms(time.Duration(resumeAt.UnixNano() - complete.PauseUnixNano))
-	rc.rep.Downtime.RestoreMS = ms(t1.Sub(t0))
+	rc.rep.Downtime.ArmMS = ms(tArm.Sub(t0))
+	rc.rep.Downtime.RestoreMS = ms(t1.Sub(tArm))
 	rc.rep.Downtime.StartMS = ms(resumeAt.Sub(t1))
 	rc.phase = "resumed"
 	err = rc.w.WriteResumed(&wire.Resumed{
 		ResumeUnixNano: resumeAt.UnixNano(),
-		RestoreNanos:   uint64(t1.Sub(t0)),
+		ArmNanos:       uint64(tArm.Sub(t0)),
+		RestoreNanos:   uint64(t1.Sub(tArm)),
 		StartNanos:     uint64(resumeAt.Sub(t1)),
 	})
 	if err != nil {

@@ -68,6 +68,7 @@ type DowntimeParts struct {
 	FinalRoundMS float64 `json:"final_round_ms"` // pause -> last page written (fetch, read, send)
 	StateMS      float64 `json:"state_ms"`       // save and send state, send Complete
 	AckMS        float64 `json:"ack_ms"`         // Complete sent -> Resumed received
+	ArmMS        float64 `json:"arm_ms"`         // destination, post-copy: discard stale pages, register userfaultfd
 	RestoreMS    float64 `json:"restore_ms"`     // destination: RestoreState
 	StartMS      float64 `json:"start_ms"`       // destination: Start
 }

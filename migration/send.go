@@ -758,6 +758,7 @@ func (s *sender) complete(ctx *switchCtx) error {
 		FinalRoundMS: ms(ctx.finalAt.Sub(ctx.pauseAt)),
 		StateMS:      ms(completeAt.Sub(ctx.finalAt)),
 		AckMS:        ms(ackAt.Sub(completeAt)),
+		ArmMS:        ms(time.Duration(res.ArmNanos)),
 		RestoreMS:    ms(time.Duration(res.RestoreNanos)),
 		StartMS:      ms(time.Duration(res.StartNanos)),
 	}

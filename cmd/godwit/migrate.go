@@ -279,8 +279,11 @@ func printReport(r migration.Report) {
 	}
 	fmt.Println()
 	fmt.Printf("total        %.1f ms\n", r.TotalMS)
-	fmt.Printf("downtime     %.2f ms (final round %.2f, state %.2f, ack %.2f, of which restore %.2f and start %.2f)\n",
-		r.DowntimeMS, r.Downtime.FinalRoundMS, r.Downtime.StateMS, r.Downtime.AckMS, r.Downtime.RestoreMS, r.Downtime.StartMS)
+	fmt.Printf("downtime     %.2f ms (final round %.2f, state %.2f, ack %.2f, of which ", r.DowntimeMS, r.Downtime.FinalRoundMS, r.Downtime.StateMS, r.Downtime.AckMS)
+	if r.Postcopy != nil {
+		fmt.Printf("post-copy arm %.2f, ", r.Downtime.ArmMS)
+	}
+	fmt.Printf("restore %.2f and start %.2f)\n", r.Downtime.RestoreMS, r.Downtime.StartMS)
 	if r.BlackoutMS != nil {
 		fmt.Printf("blackout     %.2f ms (largest gap in guest heartbeats)\n", *r.BlackoutMS)
 	}

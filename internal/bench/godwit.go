@@ -273,6 +273,9 @@ func fillFromReport(r *Run, rep *migration.Report) {
 		"state_ms":             rep.Downtime.StateMS,
 		"restore_ms":           rep.Downtime.RestoreMS,
 	}
+	if rep.Postcopy != nil {
+		r.Extra["arm_ms"] = rep.Downtime.ArmMS
+	}
 	if pc := rep.Postcopy; pc != nil {
 		r.Faults = pc.DemandFaults
 		r.FaultP50US, r.FaultP99US = pc.FaultLatencyP50US, pc.FaultLatencyP99US

@@ -4,9 +4,11 @@
 package guestmem
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -141,31 +143,109 @@ func (r *Region) TakeVMMDirty(dst Bitmap) {
 
 // Populated returns the pages that may hold data: everything that is not a hole of the memfd.
 // Never-touched and punched pages are holes and cost nothing to migrate.
+//
+// Two ways to find them: walking the memfd's runs of data with SEEK_DATA and SEEK_HOLE costs
+// two system calls per run (about 3.4 µs per run natively), which is tens of milliseconds for a
+// guest that touched pages at random, and the post-copy switch runs this while the guest is
+// paused; mincore answers for a whole range in one call at about 21 ns per page. So the walk
+// goes first, and when it meets more than seekRunsFirst runs, mincore answers for the rest.
 func (r *Region) Populated() (Bitmap, error) {
 	b := NewBitmap(r.Pages())
-	off := int64(0)
+	blocks, err := r.blocks()
+	if err != nil {
+		return nil, err
+	}
+	if blocks == 0 {
+		return b, nil
+	}
+	off, err := r.seekRuns(b, 0, seekRunsFirst)
+	if err != nil || off >= int64(r.Size) {
+		return b, err
+	}
+	if r.residentFrom(b, off, blocks) {
+		return b, nil
+	}
+	_, err = r.seekRuns(b, off, -1)
+	return b, err
+}
+
+// seekRunsFirst is how many runs of data Populated walks before it asks mincore: the walk is
+// cheaper while runs are fewer than about one per 160 pages.
+const seekRunsFirst = 256
+
+// blocks is how many pages the memfd holds (swapped-out ones included).
+func (r *Region) blocks() (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(r.fd, &st); err != nil {
+		return 0, fmt.Errorf("guestmem: fstat %q: %w", r.Name, err)
+	}
+	return uint64(st.Blocks) * 512 / PageSize, nil
+}
+
+// seekRuns sets in b the pages of the runs of data from byte off on, at most maxRuns of them
+// (no limit if negative), and returns the offset where it stopped: the region's size when it
+// walked to the end.
+func (r *Region) seekRuns(b Bitmap, off int64, maxRuns int) (int64, error) {
 	size := int64(r.Size)
-	for off < size {
+	for n := 0; off < size; n++ {
+		if maxRuns >= 0 && n == maxRuns {
+			return off, nil
+		}
 		data, err := unix.Seek(r.fd, off, unix.SEEK_DATA)
 		if err != nil {
 			if errors.Is(err, unix.ENXIO) { // no data after off
-				break
+				return size, nil
 			}
-			return nil, fmt.Errorf("guestmem: SEEK_DATA %q at %d: %w", r.Name, off, err)
+			return off, fmt.Errorf("guestmem: SEEK_DATA %q at %d: %w", r.Name, off, err)
 		}
 		hole, err := unix.Seek(r.fd, data, unix.SEEK_HOLE)
 		if err != nil {
-			return nil, fmt.Errorf("guestmem: SEEK_HOLE %q at %d: %w", r.Name, data, err)
+			return off, fmt.Errorf("guestmem: SEEK_HOLE %q at %d: %w", r.Name, data, err)
 		}
 		first := uint64(data) / PageSize
-		last := (uint64(hole) + PageSize - 1) / PageSize
-		if last > r.Pages() {
-			last = r.Pages()
-		}
+		last := min((uint64(hole)+PageSize-1)/PageSize, r.Pages())
 		b.SetRange(first, last-first)
-		off = hole
+		off = int64(last * PageSize)
 	}
-	return b, nil
+	return size, nil
+}
+
+// residentFrom sets in b the pages from byte off (page aligned) on that mincore reports
+// resident: on a shared memfd mapping that is every page in the memfd's page cache, mapped by
+// this process or not, which is every page with data except those swapped out. It reports
+// whether the answer is complete: b then accounts for every page the memfd holds, as counted
+// before (blocks) and after, so that a swapped page, or one populated or punched meanwhile,
+// sends the caller back to the walk.
+func (r *Region) residentFrom(b Bitmap, off int64, blocks uint64) bool {
+	p0, pages := uint64(off)/PageSize, r.Pages()
+	vec := make([]byte, pages-p0)
+	if err := mincore(r.Mem[p0*PageSize:], vec); err != nil {
+		return false
+	}
+	i := p0
+	for ; i < pages && i%64 != 0; i++ { // up to a word boundary
+		if vec[i-p0]&1 != 0 {
+			b.Set(i)
+		}
+	}
+	for ; i+64 <= pages; i += 64 {
+		// Eight pages at a time: bit 0 of each byte, gathered into the top byte of the
+		// product (each byte's bit lands at its own position, no carries overlap).
+		chunk := vec[i-p0 : i-p0+64]
+		var word uint64
+		for k := 0; k < 8; k++ {
+			x := binary.LittleEndian.Uint64(chunk[8*k:]) & 0x0101010101010101
+			word |= (x * 0x0102040810204080 >> 56) << (8 * k)
+		}
+		b[i/64] = word
+	}
+	for ; i < pages; i++ {
+		if vec[i-p0]&1 != 0 {
+			b.Set(i)
+		}
+	}
+	after, err := r.blocks()
+	return err == nil && after == blocks && b.Count() == blocks
 }
 
 // PunchPages turns pages [first, first+n) into holes: they read as zero and free their memory.
@@ -183,4 +263,17 @@ func (r *Region) ResidentBytes() (uint64, error) {
 		return 0, fmt.Errorf("guestmem: fstat %q: %w", r.Name, err)
 	}
 	return uint64(st.Blocks) * 512, nil
+}
+
+// mincore fills vec with one byte per page of mem, bit 0 set when the page is resident.
+// golang.org/x/sys/unix has no wrapper for it.
+func mincore(mem, vec []byte) error {
+	if len(mem) == 0 {
+		return nil
+	}
+	_, _, e := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&mem[0])), uintptr(len(mem)), uintptr(unsafe.Pointer(&vec[0])))
+	if e != 0 {
+		return fmt.Errorf("mincore: %w", e)
+	}
+	return nil
 }

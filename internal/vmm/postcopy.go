@@ -95,10 +95,26 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	if pages%64 != 0 {
 		bm[len(bm)-1] &= 1<<(pages%64) - 1
 	}
-	var err error
-	// Discard every missing page so that it reads as absent: a copy from pre-copy is stale.
-	migration.Bitmap(bm).Runs(pages, func(first, n uint64) bool {
-		err = m.mem.PunchPages(first, n)
+	// Discard every missing page this side holds so that it reads as absent: a copy from
+	// pre-copy is stale. This is inside the downtime, one punch per run, so punch as few runs
+	// as will do: only pages with data need it (after pure post-copy there are none), and a
+	// run may span holes, so it ends only at a page that must be kept.
+	held, err := m.mem.Populated()
+	if err != nil {
+		return fmt.Errorf("vmm: arm post-copy: %w", err)
+	}
+	stale, punchable := guestmem.NewBitmap(pages), guestmem.NewBitmap(pages)
+	for i := range held {
+		stale[i] = held[i] & bm[i]
+		punchable[i] = ^(held[i] &^ bm[i]) // not a page to keep
+	}
+	if pages%64 != 0 {
+		punchable[len(punchable)-1] &= 1<<(pages%64) - 1
+	}
+	migration.Bitmap(punchable).Runs(pages, func(first, n uint64) bool {
+		if anySet(stale, first, n) {
+			err = m.mem.PunchPages(first, n)
+		}
 		return err == nil
 	})
 	if err != nil {
@@ -507,3 +523,20 @@ func (d *MigrationDestination) ProgressCount() uint64 {
 
 // ProgressCount is the number of heartbeats the guest has sent so far.
 func (s MigrationSource) ProgressCount() uint64 { return s.M.Heartbeats() }
+
+// anySet reports whether b has a bit set in [first, first+n).
+func anySet(b guestmem.Bitmap, first, n uint64) bool {
+	end := first + n
+	for i := first; i < end; {
+		w := i / 64
+		mask := ^uint64(0) << (i % 64)
+		if next := (w + 1) * 64; end < next {
+			mask &= 1<<(end%64) - 1
+		}
+		if b[w]&mask != 0 {
+			return true
+		}
+		i = (w + 1) * 64
+	}
+	return false
+}

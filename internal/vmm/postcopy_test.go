@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
+	"github.com/godwit-vm/godwit/internal/guestmem"
 	"github.com/godwit-vm/godwit/migration"
 )
 
@@ -496,4 +497,72 @@ func BenchmarkPostcopyFaultService(b *testing.B) {
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-us")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-us")
 	b.ReportMetric(float64(faults)/served.Seconds(), "faults/s")
+}
+
+// TestArmPostcopyPunchesOnlyStalePages: arming discards exactly the held pages of the missing
+// set, with runs that span holes, and keeps every held page outside it (hybrid: pages that
+// pre-copy delivered and the guest did not dirty again must survive the switch).
+func TestArmPostcopyPunchesOnlyStalePages(t *testing.T) {
+	src := newMachine(t, 16, 1, workload{kind: "idle", content: "text", touch: 0.1})
+	d := &MigrationDestination{Template: Config{Name: "dst"}}
+	t.Cleanup(d.Abort)
+	if err := d.Prepare(MigrationSource{M: src}.Describe()); err != nil {
+		t.Fatal(err)
+	}
+	pages := src.Memory().Pages()
+	missing := migration.NewBitmap(pages)
+	held := map[uint64]bool{}
+	page := func(i uint64) []byte { return bytes.Repeat([]byte{byte(i%251 + 1)}, guest.PageSize) }
+	// Patterns: held pages alternating kept/stale, stale runs separated by holes only, a
+	// kept page between two stale ones, missing pages that were never held, the last page.
+	for i := uint64(100); i < 140; i++ {
+		held[i] = true
+		if i%2 == 0 {
+			missing.Set(i)
+		}
+	}
+	for _, i := range []uint64{200, 203, 207, 300, 301, 303, pages - 1} {
+		held[i] = true
+		missing.Set(i)
+	}
+	held[302] = true // kept, between stale 301 and 303
+	missing.SetRange(400, 50)
+	for i := range held {
+		if err := d.WritePages(0, i, page(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.ArmPostcopy([]migration.Bitmap{missing}); err != nil {
+		t.Fatal(err)
+	}
+	pop, err := d.M.mem.Populated()
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, guest.PageSize)
+	for i := uint64(0); i < pages; i++ {
+		keep := held[i] && !missing.Has(i)
+		if pop.Test(i) != keep {
+			t.Fatalf("page %d populated %v after arming, want %v (held %v, missing %v)", i, pop.Test(i), keep, held[i], missing.Has(i))
+		}
+		if keep {
+			if _, err := d.M.mem.ReadAt(buf, int64(i*guest.PageSize)); err != nil || !bytes.Equal(buf, page(i)) {
+				t.Fatalf("kept page %d changed by arming (%v)", i, err)
+			}
+		}
+	}
+}
+
+func TestAnySet(t *testing.T) {
+	b := guestmem.NewBitmap(200)
+	b.Set(70)
+	b.Set(199)
+	for _, c := range []struct {
+		first, n uint64
+		want     bool
+	}{{0, 70, false}, {0, 71, true}, {70, 1, true}, {71, 128, false}, {71, 129, true}, {64, 6, false}, {64, 64, true}, {128, 71, false}} {
+		if got := anySet(b, c.first, c.n); got != c.want {
+			t.Errorf("anySet(%d, %d) = %v, want %v", c.first, c.n, got, c.want)
+		}
+	}
 }

@@ -92,7 +92,8 @@
 //	  i64 source pause time (Unix ns, wall clock), u64 pages sent in all batches, u32 sections
 //
 //	Resumed (destination -> source, 0x31, acknowledges Complete once the destination runs)
-//	  i64 destination resume time (Unix ns, wall clock), u64 restore ns, u64 start ns
+//	  i64 destination resume time (Unix ns, wall clock), u64 restore ns, u64 start ns,
+//	  u64 post-copy arm ns (0 without post-copy)
 //
 //	Done (destination -> source, 0x32, after Resumed)
 //	  i64 first guest heartbeat after start (Unix ns; 0 = not measured)

@@ -280,7 +280,7 @@ func FuzzDecodePayload(f *testing.F) {
 	f.Add(uint8(TypeRoundAck), AppendRoundAck(nil, &RoundAck{N: 3, Pages: 1 << 40}))
 	f.Add(uint8(TypeState), append(appendStateHead(nil, "vcpu0", 2), "data"...))
 	f.Add(uint8(TypeComplete), AppendComplete(nil, &Complete{PauseUnixNano: 5, Pages: 3, Sections: 1}))
-	f.Add(uint8(TypeResumed), AppendResumed(nil, &Resumed{ResumeUnixNano: 1, RestoreNanos: 2, StartNanos: 3}))
+	f.Add(uint8(TypeResumed), AppendResumed(nil, &Resumed{ResumeUnixNano: 1, RestoreNanos: 2, StartNanos: 3, ArmNanos: 4}))
 	f.Add(uint8(TypeDone), AppendDone(nil, &Done{FirstProgressUnixNano: 7}))
 	f.Add(uint8(TypeDoneAck), []byte{})
 	f.Add(uint8(TypeRequest), AppendRequest(nil, &Request{Region: 1, Runs: []Run{{First: 0, Count: 3}, {First: 5, Count: 1}}}))

@@ -338,13 +338,14 @@ func DecodeComplete(p []byte) (*Complete, error) {
 func AppendResumed(b []byte, m *Resumed) []byte {
 	b = le.AppendUint64(b, uint64(m.ResumeUnixNano))
 	b = le.AppendUint64(b, m.RestoreNanos)
-	return le.AppendUint64(b, m.StartNanos)
+	b = le.AppendUint64(b, m.StartNanos)
+	return le.AppendUint64(b, m.ArmNanos)
 }
 
 // DecodeResumed decodes a Resumed payload.
 func DecodeResumed(p []byte) (*Resumed, error) {
 	c := &cursor{p: p, t: TypeResumed}
-	m := &Resumed{ResumeUnixNano: int64(c.u64("resume time")), RestoreNanos: c.u64("restore time"), StartNanos: c.u64("start time")}
+	m := &Resumed{ResumeUnixNano: int64(c.u64("resume time")), RestoreNanos: c.u64("restore time"), StartNanos: c.u64("start time"), ArmNanos: c.u64("post-copy arm time")}
 	return m, c.end()
 }
 

@@ -64,7 +64,7 @@ func postDestStream(t testing.TB) []byte {
 		w.WritePreamble(),
 		w.WriteWelcome(&Welcome{Caps: CapPostcopy}),
 		w.WriteRoundAck(&RoundAck{N: 1, Pages: 1}),
-		w.WriteResumed(&Resumed{ResumeUnixNano: 99, RestoreNanos: 5, StartNanos: 6}),
+		w.WriteResumed(&Resumed{ResumeUnixNano: 99, RestoreNanos: 5, StartNanos: 6, ArmNanos: 8}),
 		w.WriteKeepalive(),
 		w.WriteRequest(&Request{Region: 0, Runs: []Run{{First: 60, Count: 1}}}),
 		w.WriteKeepalive(),
@@ -169,7 +169,7 @@ func TestPostcopyRoundTrip(t *testing.T) {
 	want = []string{
 		"welcome &{Caps:16}",
 		"round ack &{N:1 Pages:1}",
-		"resumed &{ResumeUnixNano:99 RestoreNanos:5 StartNanos:6}",
+		"resumed &{ResumeUnixNano:99 RestoreNanos:5 StartNanos:6 ArmNanos:8}",
 		"keepalive &{}",
 		"request &{Region:0 Runs:[{First:60 Count:1}]}",
 		"keepalive &{}",

@@ -275,6 +275,7 @@ type Resumed struct {
 	ResumeUnixNano int64  // destination wall clock when its vCPUs started
 	RestoreNanos   uint64 // time spent restoring state
 	StartNanos     uint64 // time spent starting vCPUs
+	ArmNanos       uint64 // post-copy: time spent making the missing pages demand-paged
 }
 
 // Done is the destination's last frame.

@@ -74,7 +74,7 @@ func destStream(t testing.TB) []byte {
 		w.WritePreamble(),
 		w.WriteWelcome(&Welcome{Caps: CapBlackout}),
 		w.WriteRoundAck(&RoundAck{N: 1, Pages: 5}),
-		w.WriteResumed(&Resumed{ResumeUnixNano: 99, RestoreNanos: 5, StartNanos: 6}),
+		w.WriteResumed(&Resumed{ResumeUnixNano: 99, RestoreNanos: 5, StartNanos: 6, ArmNanos: 7}),
 		w.WriteDone(&Done{FirstProgressUnixNano: 100}),
 	} {
 		if err != nil {
@@ -164,7 +164,7 @@ func TestRoundTrip(t *testing.T) {
 	want = []string{
 		"welcome &{Caps:1}",
 		"round ack &{N:1 Pages:5}",
-		"resumed &{ResumeUnixNano:99 RestoreNanos:5 StartNanos:6}",
+		"resumed &{ResumeUnixNano:99 RestoreNanos:5 StartNanos:6 ArmNanos:7}",
 		"done &{FirstProgressUnixNano:100}",
 	}
 	if !reflect.DeepEqual(got, want) {
