@@ -113,13 +113,25 @@ func (p *pcRecv) run(blackout bool, fp FirstProgress) error {
 		if !blackout {
 			return
 		}
-		ctx, cancel := context.WithTimeout(rc.ctx, rc.opts.FirstProgressWait)
+		// A guest that faults on page after page may take longer than FirstProgressWait to
+		// report its first unit of work, and that is the blackout to measure: the wait runs
+		// until FirstProgressWait after the last page arrived (Done waits for it anyway).
+		ctx, cancel := context.WithCancel(rc.ctx)
 		defer cancel()
+		go func() {
+			select {
+			case <-p.complete:
+				if rc.clock.Sleep(ctx, rc.opts.FirstProgressWait) == nil {
+					cancel()
+				}
+			case <-ctx.Done():
+			}
+		}()
 		t, err := fp.WaitFirstProgress(ctx)
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		if err != nil {
-			rc.rep.Warnings = append(rc.rep.Warnings, fmt.Sprintf("migration: no guest heartbeat within %v of start: %v", rc.opts.FirstProgressWait, err))
+			rc.rep.Warnings = append(rc.rep.Warnings, fmt.Sprintf("migration: no guest heartbeat within %v of the last page's arrival: %v", rc.opts.FirstProgressWait, err))
 			return
 		}
 		p.firstNanos = t.UnixNano()

@@ -15,7 +15,7 @@ import (
 type ReceiveOptions struct {
 	Timeout time.Duration // the whole migration; 0 = none
 	// FirstProgressWait bounds the wait for the guest's first heartbeat after Start (for the
-	// blackout). Default 2s.
+	// blackout); in post-copy, after the last page arrived. Default 2s.
 	FirstProgressWait time.Duration
 	// DoneAckWait bounds the wait for the source's DoneAck after Done. Default 5s.
 	DoneAckWait time.Duration

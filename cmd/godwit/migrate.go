@@ -25,6 +25,7 @@ type MigrateCmd struct {
 	// Post-copy and hybrid.
 	Prepage         string        `default:"sequential" placeholder:"POLICY" help:"postcopy, hybrid: the order in which the pages the destination has not asked for are pushed after the switch (pages it asks for always go first): sequential (ascending addresses), bubble (outward from the latest demand faults), hot (the pages most written before and most faulted after the switch first), none (push nothing: every page comes by demand). Default ${default}."`
 	HybridRounds    int           `name:"hybrid-rounds" default:"2" placeholder:"N" help:"hybrid: switch to post-copy after this many pre-copy rounds (at least 1), or sooner if pre-copy stops converging; if pre-copy converges first, it stops and copies as in precopy. Default ${default}."`
+	SampleBefore    time.Duration `name:"sample-before" default:"0" placeholder:"DURATION" help:"postcopy: watch the running guest this long before the switch: its writes rank pages for --prepage hot, and its progress rate is the report's progress_rate_before. 0 = the default: 500ms with --prepage hot, else no wait (the rate then covers only the handshake)."`
 	HybridAfter     time.Duration `name:"hybrid-after" default:"0" placeholder:"DURATION" help:"hybrid: switch to post-copy once pre-copy has run this long; 0 = no time bound."`
 	LinkTimeout     time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"postcopy, hybrid: after the switch, a link on which nothing arrives for this long (both sides send keepalives) is broken, and recovery begins (see --reconnect-window). Default ${default}."`
 	ReconnectWindow time.Duration `name:"reconnect-window" default:"30s" placeholder:"DURATION" help:"postcopy, hybrid: when the link breaks after the switch, redial the destination at the same address for this long. Past it the migration is interrupted: the VM stays paused here with its memory and waits for 'godwit migrate --resume'. 0 = do not redial. Default ${default}."`
@@ -45,7 +46,7 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 	}
 	if c.Resume {
 		var extra []string
-		for _, f := range []string{"mode", "prepage", "hybrid-rounds", "hybrid-after", "link-timeout", "reconnect-window",
+		for _, f := range []string{"mode", "prepage", "sample-before", "hybrid-rounds", "hybrid-after", "link-timeout", "reconnect-window",
 			"downtime-limit", "max-bandwidth", "auto-converge", "force", "timeout"} {
 			if set(f) {
 				extra = append(extra, "--"+f)
@@ -77,6 +78,7 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 		modes []string
 	}{
 		{"prepage", []string{"postcopy", "hybrid"}},
+		{"sample-before", []string{"postcopy"}},
 		{"link-timeout", []string{"postcopy", "hybrid"}},
 		{"reconnect-window", []string{"postcopy", "hybrid"}},
 		{"hybrid-rounds", []string{"hybrid"}},
@@ -91,6 +93,9 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 	}
 	if c.HybridRounds < 1 {
 		return fmt.Errorf("--hybrid-rounds %d: want at least 1 pre-copy round before the switch", c.HybridRounds)
+	}
+	if c.SampleBefore < 0 {
+		return fmt.Errorf("--sample-before %v: want a duration of 0 (the default) or more", c.SampleBefore)
 	}
 	if c.HybridAfter < 0 {
 		return fmt.Errorf("--hybrid-after %v: want a duration of 0 (no time bound) or more", c.HybridAfter)
@@ -171,6 +176,7 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 		req.Mode = c.Mode
 		if c.Mode != migration.ModePrecopy {
 			req.Prepage = c.Prepage
+			req.SampleBeforeMS = c.SampleBefore.Milliseconds()
 			req.LinkTimeoutMS = c.LinkTimeout.Milliseconds()
 			req.ReconnectWindowMS = c.ReconnectWindow.Milliseconds()
 		}

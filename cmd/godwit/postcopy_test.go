@@ -89,6 +89,13 @@ func heavyWriterTest(t *testing.T, mode string) {
 	if pc == nil {
 		t.Fatalf("%s report without post-copy figures: %+v", mode, rep)
 	}
+	if rep.BlackoutMS == nil || *rep.BlackoutMS < rep.DowntimeMS {
+		bl := "not measured"
+		if rep.BlackoutMS != nil {
+			bl = fmt.Sprintf("%.1f ms", *rep.BlackoutMS)
+		}
+		t.Errorf("blackout %s with a downtime of %.1f ms: want it measured, and no shorter (warnings %q)", bl, rep.DowntimeMS, rep.Warnings)
+	}
 	if pc.Prepage != migration.PrepageSequential {
 		t.Errorf("prepage %q, want the default sequential", pc.Prepage)
 	}
@@ -239,13 +246,20 @@ func TestPostcopyPrepagePolicies(t *testing.T) {
 		to := (i + 1) % 2
 		addr := fmt.Sprintf("tcp:%s:%d", tb.Host(to).Addr(), 7480+i)
 		next := startVM(t, tb.Host(to), fmt.Sprintf("p%d", i+1), "--incoming", addr)
-		rep, err := migrate(t, vm, addr, "--mode", "postcopy", "--prepage", policy)
+		args := []string{"--mode", "postcopy", "--prepage", policy}
+		if policy == migration.PrepageHot {
+			args = append(args, "--sample-before", "300ms") // the writes that rank the pages
+		}
+		rep, err := migrate(t, vm, addr, args...)
 		logPostcopy(t, "prepage "+policy, rep)
 		// A page lost on any hop stays lost: the last hop's verify covers them all.
 		checkArrived(t, vm, next, rep, err, migration.ModePostcopy)
 		pc := rep.Postcopy
 		if pc == nil || pc.Prepage != policy {
 			t.Fatalf("prepage %s: post-copy report %+v", policy, pc)
+		}
+		if policy == migration.PrepageHot && pc.ProgressBefore <= 0 {
+			t.Errorf("prepage hot with --sample-before 300ms: progress rate before the switch %v, want the guest's rate while sampled", pc.ProgressBefore)
 		}
 		faults[policy] = pc.DemandFaults
 		vm = next
@@ -272,6 +286,8 @@ func TestPostcopyBadFlags(t *testing.T) {
 		{[]string{"--mode", "postcopy", "--force"}, "--force applies to --mode precopy"},
 		{[]string{"--mode", "postcopy", "--downtime-limit", "1s"}, "--downtime-limit applies to --mode precopy or hybrid"},
 		{[]string{"--mode", "postcopy", "--auto-converge"}, "--auto-converge applies to --mode precopy or hybrid"},
+		{[]string{"--mode", "hybrid", "--sample-before", "1s"}, "--sample-before applies to --mode postcopy, not to --mode hybrid"},
+		{[]string{"--mode", "postcopy", "--sample-before=-1s"}, "--sample-before -1s: want a duration of 0"},
 		{[]string{"--mode", "hybrid", "--hybrid-rounds", "0"}, "--hybrid-rounds 0: want at least 1"},
 		{[]string{"--mode", "postcopy", "--link-timeout", "0s"}, "--link-timeout 0s: want a positive duration"},
 		{[]string{"--mode", "postcopy", "--reconnect-window=-1s"}, "--reconnect-window -1s: want a duration of 0"},

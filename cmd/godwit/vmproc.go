@@ -287,8 +287,9 @@ type MigrateRequest struct {
 	Force           bool   `json:"force"`
 	TimeoutMS       int64  `json:"timeout_ms"`
 	// Post-copy and hybrid; empty and zero values take the engine's defaults.
-	Mode              string `json:"mode,omitempty"`    // precopy (default), postcopy, hybrid
-	Prepage           string `json:"prepage,omitempty"` // sequential (default), bubble, hot, none
+	Mode              string `json:"mode,omitempty"`             // precopy (default), postcopy, hybrid
+	Prepage           string `json:"prepage,omitempty"`          // sequential (default), bubble, hot, none
+	SampleBeforeMS    int64  `json:"sample_before_ms,omitempty"` // postcopy: watch the guest this long first; 0 = default
 	HybridRounds      int    `json:"hybrid_rounds,omitempty"`
 	HybridAfterMS     int64  `json:"hybrid_after_ms,omitempty"`
 	LinkTimeoutMS     int64  `json:"link_timeout_ms,omitempty"`
@@ -356,6 +357,9 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if mode != migration.ModePrecopy && mode != migration.ModePostcopy && mode != migration.ModeHybrid {
 		return nil, badRequest(fmt.Errorf("migrate: mode %q: want precopy, postcopy or hybrid", req.Mode))
 	}
+	if req.SampleBeforeMS < 0 || (req.SampleBeforeMS > 0 && mode != migration.ModePostcopy) {
+		return nil, badRequest(fmt.Errorf("migrate: sample_before_ms %d: want 0, or a positive time with mode postcopy", req.SampleBeforeMS))
+	}
 	m, err := p.machine()
 	if err != nil {
 		return nil, err
@@ -398,6 +402,7 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		Progress:      o.progress,
 		Mode:          mode,
 		Prepage:       req.Prepage,
+		SampleBefore:  time.Duration(req.SampleBeforeMS) * time.Millisecond,
 		HybridRounds:  req.HybridRounds,
 		HybridAfter:   time.Duration(req.HybridAfterMS) * time.Millisecond,
 		LinkTimeout:   time.Duration(req.LinkTimeoutMS) * time.Millisecond,

@@ -110,8 +110,14 @@
 // frames' runs add up to exactly that total. An empty set is one frame without runs.
 //
 //	page set part (inside Switch and Lacking)
-//	  u64 total pages in the whole set (at most MaxSetPages), u32 region index, u32 run count
-//	  (at most MaxSetRuns), runs as in PageBatch (ascending, inside the region; may be none)
+//	  u64 total pages in the whole set (at most MaxSetPages), u32 region index, u8 form, then
+//	  form 0 (runs): u32 run count (at most MaxSetRuns), runs as in PageBatch (ascending,
+//	  inside the region; may be none);
+//	  form 1 (bitmap): u64 first page, u64 span, ceil(span/8) bytes: bit i (byte i/8, bit i%8)
+//	  set for page first+i; the first and last bits of the span are set, bits past it clear.
+//	  The writer takes whichever form is shorter for the frame's runs (runs on a tie); a reader
+//	  rejects the other, so every set has one encoding. A guest that wrote pages at random
+//	  leaves a run per page or two: 12 bytes each as runs, a bit as a bitmap.
 //
 //	Switch (source -> destination, 0x41, after the last live round's RoundEnd or right after
 //	Hello, instead of the final round; flag FlagMore while the set continues)

@@ -383,6 +383,7 @@ func FuzzDecodeSwitch(f *testing.F) {
 	fuzzDecoder(f, [][]byte{
 		AppendSwitch(nil, sw(3, 0, Run{First: 1, Count: 2}, Run{First: 9, Count: 1})),
 		AppendSwitch(nil, sw(0, 1)),
+		AppendSwitch(nil, sw(25, 0, scattered(3, 50)...)), // the bitmap form
 	}, func(p []byte) (*Switch, error) { return DecodeSwitch(p, &d) }, func(m *Switch) []byte { return AppendSwitch(nil, m) })
 }
 

@@ -458,15 +458,105 @@ func DecodeError(p []byte) (*PeerError, error) {
 	return e, c.end()
 }
 
-// switchHeadSize is the fixed part of a Switch payload: id, total, region, run count.
-const switchHeadSize = 16 + 8 + 4 + 4
+// switchHeadSize is the fixed part of a Switch payload: id, total, region, form, run count.
+const switchHeadSize = 16 + 8 + 4 + 1 + 4
 
-// appendPageSet appends a page set's part: u64 total, u32 region, u32 run count, runs.
+// Forms of a page set part.
+const (
+	setFormRuns   = 0
+	setFormBitmap = 1
+)
+
+// bitmapForm reports whether the runs of s are shorter as a bitmap over the span they cover,
+// and that span.
+func bitmapForm(runs []Run) (first, span uint64, ok bool) {
+	if len(runs) == 0 {
+		return 0, 0, false
+	}
+	last := runs[len(runs)-1]
+	first = runs[0].First
+	span = last.First + uint64(last.Count) - first
+	return first, span, 8+8+(span+7)/8 < 4+uint64(len(runs))*runSize
+}
+
+// appendPageSet appends a page set's part: u64 total, u32 region, u8 form, then the runs or
+// the bitmap, whichever is shorter.
 func appendPageSet(b []byte, s *PageSet) []byte {
 	b = le.AppendUint64(b, s.Total)
 	b = le.AppendUint32(b, s.Region)
-	b = le.AppendUint32(b, uint32(len(s.Runs)))
-	return appendRuns(b, s.Runs)
+	first, span, bitmap := bitmapForm(s.Runs)
+	if !bitmap {
+		b = append(b, setFormRuns)
+		b = le.AppendUint32(b, uint32(len(s.Runs)))
+		return appendRuns(b, s.Runs)
+	}
+	b = append(b, setFormBitmap)
+	b = le.AppendUint64(b, first)
+	b = le.AppendUint64(b, span)
+	start := len(b)
+	b = append(b, make([]byte, (span+7)/8)...)
+	bits := b[start:]
+	for _, r := range s.Runs {
+		for p := r.First - first; p < r.First-first+uint64(r.Count); p++ {
+			bits[p/8] |= 1 << (p % 8)
+		}
+	}
+	return b
+}
+
+// decodeBitmapSet decodes the bitmap form of a page set part into runs, checking that it is
+// inside the region, canonical (tight span, clear tail bits, and shorter than the runs form),
+// and holds at most maxPages pages.
+func decodeBitmapSet(c *cursor, regionPages, maxPages uint64) []Run {
+	first, span := c.u64("bitmap first page"), c.u64("bitmap span")
+	if c.err != nil {
+		return nil
+	}
+	switch {
+	case span == 0:
+		c.fail(ErrMalformed, "empty bitmap (an empty set is sent as runs)")
+	case first+span < first || first+span > regionPages:
+		c.fail(ErrMalformed, "bitmap [%d, +%d) exceeds the region's %d pages", first, span, regionPages)
+	case (span+7)/8 != uint64(len(c.p)-c.off):
+		c.fail(ErrMalformed, "bitmap of %d pages in %d bytes", span, len(c.p)-c.off)
+	}
+	if c.err != nil {
+		return nil
+	}
+	bits := c.take(int((span+7)/8), "bitmap")
+	has := func(p uint64) bool { return bits[p/8]&(1<<(p%8)) != 0 }
+	if !has(0) || !has(span-1) || (span%8 != 0 && bits[len(bits)-1]>>(span%8) != 0) {
+		c.fail(ErrMalformed, "bitmap [%d, +%d) is not tight: its first and last bits must be set, and none past it", first, span)
+		return nil
+	}
+	var runs []Run
+	var total uint64
+	for p := uint64(0); p < span; {
+		if bits[p/8] == 0 && p%8 == 0 {
+			p += 8
+			continue
+		}
+		if !has(p) {
+			p++
+			continue
+		}
+		q := p
+		for q < span && has(q) && q-p < uint64(^uint32(0)) {
+			q++
+		}
+		runs = append(runs, Run{First: first + p, Count: uint32(q - p)})
+		total += q - p
+		if total > maxPages {
+			c.fail(ErrTooLarge, "bitmap holds more than %d pages", maxPages)
+			return nil
+		}
+		p = q
+	}
+	if _, _, ok := bitmapForm(runs); !ok {
+		c.fail(ErrMalformed, "a bitmap for %d runs over %d pages, which are shorter as runs", len(runs), span)
+		return nil
+	}
+	return runs
 }
 
 // decodePageSet decodes a page set's part and checks it against the layout: the region
@@ -474,7 +564,7 @@ func appendPageSet(b []byte, s *PageSet) []byte {
 // Whether the frames of one set agree with each other is checked by the Reader.
 func decodePageSet(c *cursor, d *Description) PageSet {
 	s := PageSet{Total: c.u64("total pages"), Region: c.u32("region")}
-	n := c.u32("run count")
+	form := c.u8("set form")
 	if c.err != nil {
 		return s
 	}
@@ -483,13 +573,27 @@ func decodePageSet(c *cursor, d *Description) PageSet {
 		c.fail(ErrTooLarge, "a set of %d pages, at most %d", s.Total, uint64(MaxSetPages))
 	case int(s.Region) >= len(d.Regions):
 		c.fail(ErrMalformed, "region %d, the layout has %d", s.Region, len(d.Regions))
-	case uint64(n)*runSize > uint64(len(c.p)-c.off):
+	case form != setFormRuns && form != setFormBitmap:
+		c.fail(ErrMalformed, "set form %d (0 runs, 1 bitmap)", form)
+	}
+	if c.err != nil {
+		return s
+	}
+	if form == setFormBitmap {
+		s.Runs = decodeBitmapSet(c, d.Pages(int(s.Region)), s.Total)
+		return s
+	}
+	n := c.u32("run count")
+	if c.err == nil && uint64(n)*runSize > uint64(len(c.p)-c.off) {
 		c.fail(ErrMalformed, "%d runs cannot fit in %d bytes", n, len(c.p)-c.off)
 	}
 	if c.err != nil {
 		return s
 	}
 	s.Runs, _ = decodeRuns(c, make([]Run, 0, n), int(n), d.Pages(int(s.Region)), s.Total)
+	if _, _, bitmap := bitmapForm(s.Runs); c.err == nil && bitmap {
+		c.fail(ErrMalformed, "%d runs that are shorter as a bitmap", len(s.Runs))
+	}
 	return s
 }
 

@@ -380,3 +380,100 @@ func TestPostcopyRejects(t *testing.T) {
 		}
 	})
 }
+
+// scattered returns every other page of [first, first+n) as runs: the shape a random writer
+// leaves, shorter as a bitmap.
+func scattered(first, n uint64) []Run {
+	var runs []Run
+	for p := first; p < first+n; p += 2 {
+		runs = append(runs, Run{First: p, Count: 1})
+	}
+	return runs
+}
+
+// TestPageSetForms: a set of scattered pages travels as a bitmap (a bit per page instead of 12
+// bytes per run), a set of few runs as runs, both decode to the same runs, and each set has
+// exactly one accepted encoding.
+func TestPageSetForms(t *testing.T) {
+	d := testDesc()
+	for _, c := range []struct {
+		name   string
+		runs   []Run
+		bitmap bool
+	}{
+		{"empty", nil, false},
+		{"one run", []Run{{First: 3, Count: 40}}, false},
+		{"two runs", []Run{{First: 0, Count: 1}, {First: 63, Count: 1}}, true}, // 24 bytes against 28
+		{"scattered", scattered(5, 50), true},
+		{"scattered to the end", scattered(1, 63), true},
+		{"mixed", append(scattered(0, 20), Run{First: 30, Count: 10}, Run{First: 50, Count: 1}), true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var total uint64
+			for _, r := range c.runs {
+				total += uint64(r.Count)
+			}
+			m := sw(total, 0, c.runs...)
+			p := AppendSwitch(nil, m)
+			if form := p[16+8+4]; (form == setFormBitmap) != c.bitmap {
+				t.Fatalf("form %d, want bitmap %v", form, c.bitmap)
+			}
+			if c.bitmap && len(p) >= 16+8+4+1+4+len(c.runs)*runSize {
+				t.Fatalf("bitmap form of %d bytes is not shorter than the runs", len(p))
+			}
+			got, err := DecodeSwitch(p, &d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got.Runs) != len(c.runs) {
+				t.Fatalf("decoded %d runs, want %d: %v", len(got.Runs), len(c.runs), got.Runs)
+			}
+			for i := range c.runs {
+				if got.Runs[i] != c.runs[i] {
+					t.Fatalf("run %d: %+v, want %+v", i, got.Runs[i], c.runs[i])
+				}
+			}
+			if again := AppendSwitch(nil, got); !bytes.Equal(again, p) {
+				t.Fatalf("re-encoded differently")
+			}
+		})
+	}
+
+	// Encodings a writer never produces.
+	head := func(form byte) []byte {
+		b := append([]byte{}, testID[:]...)
+		b = le.AppendUint64(b, 25)
+		b = le.AppendUint32(b, 0)
+		return append(b, form)
+	}
+	bitmap := func(first, span uint64, bits ...byte) []byte {
+		b := le.AppendUint64(head(setFormBitmap), first)
+		return append(le.AppendUint64(b, span), bits...)
+	}
+	runsForm := func(runs []Run) []byte {
+		b := le.AppendUint32(head(setFormRuns), uint32(len(runs)))
+		return appendRuns(b, runs)
+	}
+	dense := bytes.Repeat([]byte{0x55}, 6) // 24 single-page runs over 48 pages
+	dense = append(dense, 0x01)            // and page 48: 25 runs, span 49
+	for _, c := range []struct {
+		name string
+		p    []byte
+	}{
+		{"unknown form", append(head(2), 0, 0, 0, 0)},
+		{"runs shorter as a bitmap", runsForm(scattered(0, 49))},
+		{"bitmap shorter as runs", bitmap(0, 8, 0xff)}, // one run: 16 bytes against 17
+		{"empty bitmap", bitmap(0, 0)},
+		{"bitmap past the region", bitmap(20, 49, dense...)},
+		{"bitmap first bit clear", bitmap(0, 50, append([]byte{0x54}, append(dense[1:6:6], 0x01, 0x00)...)...)},
+		{"bitmap tail bit set", bitmap(0, 49, append(dense[:6:6], 0x03)...)},
+		{"bitmap length", bitmap(0, 49, dense[:6]...)},
+	} {
+		if _, err := DecodeSwitch(c.p, &d); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: %v, want ErrMalformed", c.name, err)
+		}
+	}
+	if m, err := DecodeSwitch(bitmap(0, 49, dense...), &d); err != nil || len(m.Runs) != 25 {
+		t.Fatalf("the canonical bitmap: %v, %v", m, err)
+	}
+}
