@@ -517,10 +517,10 @@ func TestCorruptedStream(t *testing.T) {
 	}, nil)
 	s, r := migrate(t.Context(), g, d, sc, dc, migration.SendOptions{BatchBytes: 64 << 10}, migration.ReceiveOptions{})
 	checkSourceIntact(t, g, s, migration.ResultFailed, before)
-	if !errors.Is(r.err, wire.ErrChecksum) || !strings.Contains(r.err.Error(), "(page batch): crc mismatch (want 0x") {
+	if !errors.Is(r.err, wire.ErrChecksum) || !strings.Contains(r.err.Error(), "(page batch): checksum mismatch (want 0x") {
 		t.Fatalf("destination error %v", r.err)
 	}
-	if !errors.Is(s.err, wire.ErrPeer) || !strings.Contains(s.err.Error(), "peer aborted (protocol)") || !strings.Contains(s.err.Error(), "crc mismatch") {
+	if !errors.Is(s.err, wire.ErrPeer) || !strings.Contains(s.err.Error(), "peer aborted (protocol)") || !strings.Contains(s.err.Error(), "checksum mismatch") {
 		t.Fatalf("source error %v", s.err)
 	}
 	if d.State() != "aborted" {
@@ -566,7 +566,7 @@ func TestCorruptedAck(t *testing.T) {
 	sc, dc := proxy(t, nil, corruptAt(92))
 	s, r := migrate(t.Context(), g, d, sc, dc, migration.SendOptions{}, migration.ReceiveOptions{})
 	checkSourceIntact(t, g, s, migration.ResultFailed, before)
-	if !errors.Is(s.err, wire.ErrChecksum) || !strings.Contains(s.err.Error(), "migration: waiting for resumed: wire: frame 3 (resumed): crc mismatch") {
+	if !errors.Is(s.err, wire.ErrChecksum) || !strings.Contains(s.err.Error(), "migration: waiting for resumed: wire: frame 3 (resumed): checksum mismatch") {
 		t.Fatalf("source error %v", s.err)
 	}
 	if d.State() != "aborted" || !errors.Is(r.err, wire.ErrPeer) || r.rep.Result != migration.ResultFailed {

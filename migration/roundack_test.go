@@ -260,7 +260,7 @@ func TestCorruptedRoundAck(t *testing.T) {
 	sc, dc := proxy(t, nil, corruptAt(60))
 	s, r := migrate(t.Context(), g, d, sc, dc, migration.SendOptions{}, migration.ReceiveOptions{})
 	checkSourceIntact(t, g, s, migration.ResultFailed, before)
-	if !errors.Is(s.err, wire.ErrChecksum) || !strings.HasPrefix(s.err.Error(), "migration: waiting for round 1 ack: wire: frame 2 (round ack): crc mismatch") {
+	if !errors.Is(s.err, wire.ErrChecksum) || !strings.HasPrefix(s.err.Error(), "migration: waiting for round 1 ack: wire: frame 2 (round ack): checksum mismatch") {
 		t.Fatalf("source error %v", s.err)
 	}
 	if g.Calls("Pause") != 0 || d.State() != "aborted" || !errors.Is(r.err, wire.ErrPeer) {

@@ -1,4 +1,4 @@
-// Package wire is godwit's migration stream format: a fixed preamble, then CRC-protected frames
+// Package wire is godwit's migration stream format: a fixed preamble, then checksummed frames
 // in a legal order. It encodes and decodes; it makes no migration decisions. The decoder trusts
 // nothing: every length is capped, every frame is checksummed, and a small receiver state machine
 // rejects frames that arrive out of order.
@@ -43,7 +43,7 @@
 //	2   2    reserved, zero
 //	4   4    payload length, at most MaxFramePayload
 //	8   4    sequence number: 1 for the first frame after the preamble, +1 per frame
-//	12  4    CRC32C (Castagnoli) of header bytes 0..11 followed by the payload
+//	12  4    checksum: the low 32 bits of XXH3-64 (seed 0) of header bytes 0..11 followed by the payload
 //
 // # Payloads
 //

@@ -17,7 +17,7 @@ var (
 	ErrTruncated   error = kind("truncated")                 // the stream ended inside a frame
 	ErrClosed      error = kind("stream closed")             // the stream ended between frames, too early
 	ErrTooLarge    error = kind("oversized")                 // a length or count beyond its cap
-	ErrChecksum    error = kind("crc mismatch")              // the frame's CRC32C does not match
+	ErrChecksum    error = kind("checksum mismatch")         // the frame's checksum (XXH3) does not match
 	ErrSequence    error = kind("bad sequence number")       // a frame was lost or repeated
 	ErrUnknownType error = kind("unknown frame type")        // a type this version does not define
 	ErrOrder       error = kind("out of order")              // a legal frame at an illegal point

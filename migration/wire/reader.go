@@ -4,9 +4,10 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"slices"
+
+	"github.com/zeebo/xxh3"
 )
 
 // Side says which direction of the stream a Reader decodes.
@@ -89,6 +90,7 @@ func (r *Reader) expecting() string {
 // it returns that error forever; a message returned by Next is valid until the next call
 // (page batches alias the Reader's buffer).
 type Reader struct {
+	sum     *xxh3.Hasher
 	br      *bufio.Reader
 	cr      countingReader
 	side    Side
@@ -148,7 +150,7 @@ const readBufferSize = 64 << 10
 
 // NewReader returns a Reader for the given side on r.
 func NewReader(r io.Reader, side Side) *Reader {
-	rd := &Reader{side: side, seen: map[string]bool{}}
+	rd := &Reader{sum: xxh3.New(), side: side, seen: map[string]bool{}}
 	rd.cr.r = r
 	rd.br = bufio.NewReaderSize(&rd.cr, readBufferSize)
 	if side == AtSource {
@@ -284,7 +286,7 @@ func (r *Reader) next() (m Msg, more bool, err error) {
 	if err != nil {
 		return nil, false, fe(ErrTruncated, "payload: got %d of %d bytes: %v", len(p), length, err)
 	}
-	got := crc32.Update(crc32.Update(0, castagnoli, h[:12]), castagnoli, p)
+	got := frameSum(r.sum, h[:12], p)
 	if got != want {
 		return nil, false, fe(ErrChecksum, "want 0x%08x, got 0x%08x", want, got)
 	}

@@ -230,7 +230,7 @@ func TestDecoderRejects(t *testing.T) {
 		// Flip a bit in frame 3's payload (the first page batch).
 		off := len(join(pre, fs[:2]...)) + HeaderSize + 40
 		bad[off] ^= 0x10
-		expectErr(t, bad, AtDestination, ErrChecksum, "wire: frame 3 (page batch): crc mismatch (want 0x")
+		expectErr(t, bad, AtDestination, ErrChecksum, "wire: frame 3 (page batch): checksum mismatch (want 0x")
 	})
 	t.Run("truncated payload", func(t *testing.T) {
 		cut := len(join(pre, fs[:2]...)) + HeaderSize + 100
