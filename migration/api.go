@@ -173,6 +173,18 @@ type PostcopyDestination interface {
 	DisarmPostcopy() error
 }
 
+// StaleDiscarder is an optional capability of a PostcopyDestination: discarding its stale
+// copies of the missing pages ahead of ArmPostcopy, while the source's device and vCPU state
+// are still arriving, so that the time it takes (one hole punch per run of stale pages, after
+// hybrid's pre-copy rounds) overlaps the transfer instead of adding to the downtime. The
+// receiver calls DiscardStale at most once, on a goroutine of its own, as soon as the switch's
+// page set is complete (every pre-copy page placed by then), and waits for it to return
+// before it calls ArmPostcopy with the same set, or before it returns at all. ArmPostcopy must
+// still discard whatever DiscardStale did not.
+type StaleDiscarder interface {
+	DiscardStale(missing []Bitmap) error
+}
+
 // ProgressCounter is an optional capability of Source and Destination: the number of units
 // of work the guest has reported (heartbeats) so far. The engine samples it to report the
 // guest's progress rate before, during and after a post-copy switch.

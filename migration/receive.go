@@ -65,13 +65,16 @@ func Receive(ctx context.Context, dst Destination, conn io.ReadWriter, opts Rece
 }
 
 type receiver struct {
-	dst   Destination
-	conn  io.ReadWriter
-	opts  ReceiveOptions
-	clock Clock
-	w     *wire.Writer
-	r     *wire.Reader
-	rep   *Report
+	// discarded delivers the result of StaleDiscarder.DiscardStale while it runs (nil when
+	// not started or already collected).
+	discarded chan error
+	dst       Destination
+	conn      io.ReadWriter
+	opts      ReceiveOptions
+	clock     Clock
+	w         *wire.Writer
+	r         *wire.Reader
+	rep       *Report
 
 	ctx      context.Context
 	cancel   context.CancelCauseFunc
@@ -279,6 +282,19 @@ func (rc *receiver) migrate() error {
 			for _, run := range m.Runs {
 				rc.missing[m.Region].SetRange(run.First, uint64(run.Count))
 			}
+			if sd, ok := pd.(StaleDiscarder); ok && !m.More && rc.discarded == nil {
+				// The set is complete and every pre-copy page placed (placing is
+				// synchronous): discard stale copies while the state arrives.
+				done := make(chan error, 1)
+				rc.discarded = done
+				missing := rc.missing
+				go func() { done <- sd.DiscardStale(missing) }()
+				defer func() {
+					if rc.discarded != nil {
+						<-rc.discarded // never leave it running on a destination being torn down
+					}
+				}()
+			}
 		case *wire.Section:
 			rc.endRound()
 			rc.phase = "state"
@@ -296,6 +312,13 @@ func (rc *receiver) migrate() error {
 		// Post-copy: the pages of the set are demand-paged from now on (older copies from
 		// pre-copy rounds discarded).
 		rc.phase = "arm post-copy"
+		if rc.discarded != nil {
+			err := <-rc.discarded
+			rc.discarded = nil
+			if err := rc.vmm("DiscardStale", err); err != nil {
+				return err
+			}
+		}
 		if err := rc.vmm("ArmPostcopy", pd.ArmPostcopy(rc.missing)); err != nil {
 			return err
 		}

@@ -81,8 +81,10 @@ type Machine struct {
 	done     chan struct{} // closed when every vCPU thread has ended
 	throttle atomic.Int32  // percent of time the vCPUs are held back (auto-converge)
 
-	pc     atomic.Pointer[postcopy] // demand paging while armed (destination of a post-copy)
-	lastPC atomic.Pointer[postcopy] // the last one, after it ended, for its figures
+	pc atomic.Pointer[postcopy] // demand paging while armed (destination of a post-copy)
+	// staleDiscarded: DiscardStale punched the stale pages of the post-copy set already.
+	staleDiscarded bool
+	lastPC         atomic.Pointer[postcopy] // the last one, after it ended, for its figures
 }
 
 // New builds a machine. A machine with an Image boots that image when started; one without

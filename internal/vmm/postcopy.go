@@ -96,29 +96,11 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 		bm[len(bm)-1] &= 1<<(pages%64) - 1
 	}
 	// Discard every missing page this side holds so that it reads as absent: a copy from
-	// pre-copy is stale. This is inside the downtime, one punch per run, so punch as few runs
-	// as will do: only pages with data need it (after pure post-copy there are none), and a
-	// run may span holes, so it ends only at a page that must be kept.
-	held, err := m.mem.Populated()
-	if err != nil {
-		return fmt.Errorf("vmm: arm post-copy: %w", err)
-	}
-	stale, punchable := guestmem.NewBitmap(pages), guestmem.NewBitmap(pages)
-	for i := range held {
-		stale[i] = held[i] & bm[i]
-		punchable[i] = ^(held[i] &^ bm[i]) // not a page to keep
-	}
-	if pages%64 != 0 {
-		punchable[len(punchable)-1] &= 1<<(pages%64) - 1
-	}
-	migration.Bitmap(punchable).Runs(pages, func(first, n uint64) bool {
-		if anySet(stale, first, n) {
-			err = m.mem.PunchPages(first, n)
+	// pre-copy is stale. Usually done already, while the state arrived (DiscardStale).
+	if !m.staleDiscarded {
+		if err := m.discardStale(bm); err != nil {
+			return fmt.Errorf("vmm: arm post-copy: %w", err)
 		}
-		return err == nil
-	})
-	if err != nil {
-		return fmt.Errorf("vmm: arm post-copy: %w", err)
 	}
 	u, err := uffd.Open()
 	if err != nil {
@@ -146,6 +128,32 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	m.pc.Store(pc)
 	go pc.reader()
 	return nil
+}
+
+// discardStale punches the pages of missing that this side holds: one punch per run, so as
+// few runs as will do: only pages with data need it (after pure post-copy there are none), and
+// a run may span holes, so it ends only at a page that must be kept.
+func (m *Machine) discardStale(missing guestmem.Bitmap) error {
+	pages := m.mem.Pages()
+	held, err := m.mem.Populated()
+	if err != nil {
+		return err
+	}
+	stale, punchable := guestmem.NewBitmap(pages), guestmem.NewBitmap(pages)
+	for i := range held {
+		stale[i] = held[i] & missing[i]
+		punchable[i] = ^(held[i] &^ missing[i]) // not a page to keep
+	}
+	if pages%64 != 0 {
+		punchable[len(punchable)-1] &= 1<<(pages%64) - 1
+	}
+	migration.Bitmap(punchable).Runs(pages, func(first, n uint64) bool {
+		if anySet(stale, first, n) {
+			err = m.mem.PunchPages(first, n)
+		}
+		return err == nil
+	})
+	return err
 }
 
 // reader turns userfaultfd events into Faults and serves first touches of complete holes.
@@ -427,6 +435,7 @@ func (m *Machine) Heartbeats() uint64 {
 
 var (
 	_ migration.PostcopyDestination = (*MigrationDestination)(nil)
+	_ migration.StaleDiscarder      = (*MigrationDestination)(nil)
 	_ migration.ProgressCounter     = (*MigrationDestination)(nil)
 	_ migration.ProgressCounter     = MigrationSource{}
 )
@@ -449,6 +458,37 @@ func (d *MigrationDestination) ArmPostcopy(missing []migration.Bitmap) error {
 		return err
 	}
 	d.faultsGiven = true // the machine's post-copy closes it from now on
+	return nil
+}
+
+// DiscardStale punches the pages of missing that this side holds, ahead of ArmPostcopy
+// (migration.StaleDiscarder): nothing may write guest memory between the two.
+func (d *MigrationDestination) DiscardStale(missing []migration.Bitmap) error {
+	if d.M == nil {
+		return errors.New("vmm: discard stale pages before the machine was prepared")
+	}
+	if len(missing) != 1 {
+		return fmt.Errorf("vmm: discard stale pages: %d bitmaps, this machine has 1 region", len(missing))
+	}
+	d.fmu.Lock()
+	defer d.fmu.Unlock()
+	m := d.M
+	if st, _ := m.State(); st != StateCreated || m.pc.Load() != nil {
+		return fmt.Errorf("vmm: discard stale pages: machine is %s (armed: %v), want created and not armed", st, m.pc.Load() != nil)
+	}
+	pages := m.mem.Pages()
+	if uint64(len(missing[0])) < (pages+63)/64 {
+		return fmt.Errorf("vmm: discard stale pages: bitmap of %d words for %d pages", len(missing[0]), pages)
+	}
+	bm := guestmem.NewBitmap(pages)
+	copy(bm, missing[0])
+	if pages%64 != 0 {
+		bm[len(bm)-1] &= 1<<(pages%64) - 1
+	}
+	if err := m.discardStale(bm); err != nil {
+		return fmt.Errorf("vmm: discard stale pages: %w", err)
+	}
+	m.staleDiscarded = true
 	return nil
 }
 

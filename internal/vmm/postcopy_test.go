@@ -504,6 +504,11 @@ func BenchmarkPostcopyFaultService(b *testing.B) {
 // pre-copy delivered and the guest did not dirty again must survive the switch).
 func TestArmPostcopyPunchesOnlyStalePages(t *testing.T) {
 	src := newMachine(t, 16, 1, workload{kind: "idle", content: "text", touch: 0.1})
+	t.Run("in ArmPostcopy", func(t *testing.T) { armPunchTest(t, src, false) })
+	t.Run("in DiscardStale first", func(t *testing.T) { armPunchTest(t, src, true) })
+}
+
+func armPunchTest(t *testing.T, src *Machine, early bool) {
 	d := &MigrationDestination{Template: Config{Name: "dst"}}
 	t.Cleanup(d.Abort)
 	if err := d.Prepare(MigrationSource{M: src}.Describe()); err != nil {
@@ -532,8 +537,19 @@ func TestArmPostcopyPunchesOnlyStalePages(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if early {
+		if err := d.DiscardStale([]migration.Bitmap{missing}); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.DiscardStale([]migration.Bitmap{missing[:1]}); err == nil {
+			t.Fatal("DiscardStale took a bitmap too short for the region")
+		}
+	}
 	if err := d.ArmPostcopy([]migration.Bitmap{missing}); err != nil {
 		t.Fatal(err)
+	}
+	if err := d.DiscardStale([]migration.Bitmap{missing}); err == nil {
+		t.Fatal("DiscardStale after ArmPostcopy succeeded")
 	}
 	pop, err := d.M.mem.Populated()
 	if err != nil {
