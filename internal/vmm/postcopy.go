@@ -87,13 +87,9 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 		return errors.New("vmm: arm post-copy: armed already")
 	}
 	pages := m.mem.Pages()
-	if uint64(len(missing)) < (pages+63)/64 {
-		return fmt.Errorf("vmm: arm post-copy: bitmap of %d words for %d pages", len(missing), pages)
-	}
-	bm := guestmem.NewBitmap(pages)
-	copy(bm, missing)
-	if pages%64 != 0 {
-		bm[len(bm)-1] &= 1<<(pages%64) - 1
+	bm, err := m.ramBitmap(missing)
+	if err != nil {
+		return fmt.Errorf("vmm: arm post-copy: %w", err)
 	}
 	// Discard every missing page this side holds so that it reads as absent: a copy from
 	// pre-copy is stale. Usually done already, while the state arrived (DiscardStale).
@@ -128,6 +124,20 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	m.pc.Store(pc)
 	go pc.reader()
 	return nil
+}
+
+// ramBitmap returns a copy of missing for guest RAM, without bits past its last page.
+func (m *Machine) ramBitmap(missing migration.Bitmap) (guestmem.Bitmap, error) {
+	pages := m.mem.Pages()
+	if uint64(len(missing)) < (pages+63)/64 {
+		return nil, fmt.Errorf("bitmap of %d words for %d pages", len(missing), pages)
+	}
+	bm := guestmem.NewBitmap(pages)
+	copy(bm, missing)
+	if pages%64 != 0 {
+		bm[len(bm)-1] &= 1<<(pages%64) - 1
+	}
+	return bm, nil
 }
 
 // discardStale punches the pages of missing that this side holds: one punch per run, so as
@@ -443,11 +453,8 @@ var (
 // ArmPostcopy discards the pages of missing (one bitmap, the RAM region) and registers guest
 // RAM with userfaultfd: from now on their first access waits until they are placed.
 func (d *MigrationDestination) ArmPostcopy(missing []migration.Bitmap) error {
-	if d.M == nil {
-		return errors.New("vmm: arm post-copy before the machine was prepared")
-	}
-	if len(missing) != 1 {
-		return fmt.Errorf("vmm: arm post-copy: %d bitmaps, this machine has 1 region", len(missing))
+	if err := d.checkSet("arm post-copy", missing); err != nil {
+		return err
 	}
 	d.fmu.Lock()
 	defer d.fmu.Unlock()
@@ -461,14 +468,22 @@ func (d *MigrationDestination) ArmPostcopy(missing []migration.Bitmap) error {
 	return nil
 }
 
+// checkSet checks a page set handed to op: one bitmap, for the RAM region of a prepared machine.
+func (d *MigrationDestination) checkSet(op string, missing []migration.Bitmap) error {
+	if d.M == nil {
+		return fmt.Errorf("vmm: %s before the machine was prepared", op)
+	}
+	if len(missing) != 1 {
+		return fmt.Errorf("vmm: %s: %d bitmaps, this machine has 1 region", op, len(missing))
+	}
+	return nil
+}
+
 // DiscardStale punches the pages of missing that this side holds, ahead of ArmPostcopy
 // (migration.StaleDiscarder): nothing may write guest memory between the two.
 func (d *MigrationDestination) DiscardStale(missing []migration.Bitmap) error {
-	if d.M == nil {
-		return errors.New("vmm: discard stale pages before the machine was prepared")
-	}
-	if len(missing) != 1 {
-		return fmt.Errorf("vmm: discard stale pages: %d bitmaps, this machine has 1 region", len(missing))
+	if err := d.checkSet("discard stale pages", missing); err != nil {
+		return err
 	}
 	d.fmu.Lock()
 	defer d.fmu.Unlock()
@@ -476,16 +491,11 @@ func (d *MigrationDestination) DiscardStale(missing []migration.Bitmap) error {
 	if st, _ := m.State(); st != StateCreated || m.pc.Load() != nil {
 		return fmt.Errorf("vmm: discard stale pages: machine is %s (armed: %v), want created and not armed", st, m.pc.Load() != nil)
 	}
-	pages := m.mem.Pages()
-	if uint64(len(missing[0])) < (pages+63)/64 {
-		return fmt.Errorf("vmm: discard stale pages: bitmap of %d words for %d pages", len(missing[0]), pages)
+	bm, err := m.ramBitmap(missing[0])
+	if err == nil {
+		err = m.discardStale(bm)
 	}
-	bm := guestmem.NewBitmap(pages)
-	copy(bm, missing[0])
-	if pages%64 != 0 {
-		bm[len(bm)-1] &= 1<<(pages%64) - 1
-	}
-	if err := m.discardStale(bm); err != nil {
+	if err != nil {
 		return fmt.Errorf("vmm: discard stale pages: %w", err)
 	}
 	m.staleDiscarded = true
