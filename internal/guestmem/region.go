@@ -215,17 +215,18 @@ func (r *Region) seekRuns(b Bitmap, off int64, maxRuns int) (int64, error) {
 // this process or not, which is every page with data except those swapped out. It reports
 // whether the answer is complete: b then accounts for every page the memfd holds, as counted
 // before (blocks) and after, so that a swapped page, or one populated or punched meanwhile,
-// sends the caller back to the walk.
+// sends the caller back to the walk. b is left as it was when the answer is not complete.
 func (r *Region) residentFrom(b Bitmap, off int64, blocks uint64) bool {
 	p0, pages := uint64(off)/PageSize, r.Pages()
 	vec := make([]byte, pages-p0)
 	if err := mincore(r.Mem[p0*PageSize:], vec); err != nil {
 		return false
 	}
+	res := NewBitmap(pages) // pages from p0 on; b has none there yet
 	i := p0
 	for ; i < pages && i%64 != 0; i++ { // up to a word boundary
 		if vec[i-p0]&1 != 0 {
-			b.Set(i)
+			res.Set(i)
 		}
 	}
 	for ; i+64 <= pages; i += 64 {
@@ -237,15 +238,19 @@ func (r *Region) residentFrom(b Bitmap, off int64, blocks uint64) bool {
 			x := binary.LittleEndian.Uint64(chunk[8*k:]) & 0x0101010101010101
 			word |= (x * 0x0102040810204080 >> 56) << (8 * k)
 		}
-		b[i/64] = word
+		res[i/64] = word
 	}
 	for ; i < pages; i++ {
 		if vec[i-p0]&1 != 0 {
-			b.Set(i)
+			res.Set(i)
 		}
 	}
 	after, err := r.blocks()
-	return err == nil && after == blocks && b.Count() == blocks
+	if err != nil || after != blocks || b.Count()+res.Count() != blocks {
+		return false
+	}
+	b.Or(res)
+	return true
 }
 
 // PunchPages turns pages [first, first+n) into holes: they read as zero and free their memory.
