@@ -22,7 +22,7 @@ type Region struct {
 	GPA  uint64
 	Size uint64
 	// Mem is the shared mapping of the memfd. Go code must not read pages of it that may be
-	// missing under userfaultfd (see the package doc of internal/vmm); use ReadAt then.
+	// missing under userfaultfd (see the package doc of internal/demand); use ReadAt then.
 	Mem []byte
 
 	fd       int

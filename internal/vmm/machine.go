@@ -22,6 +22,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/godwit-vm/godwit/internal/demand"
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/guestmem"
 	"github.com/godwit-vm/godwit/internal/kvm"
@@ -81,10 +82,10 @@ type Machine struct {
 	done     chan struct{} // closed when every vCPU thread has ended
 	throttle atomic.Int32  // percent of time the vCPUs are held back (auto-converge)
 
-	pc atomic.Pointer[postcopy] // demand paging while armed (destination of a post-copy)
+	pc atomic.Pointer[demand.Pager] // demand paging while armed (destination of a post-copy)
 	// staleDiscarded: DiscardStale punched the stale pages of the post-copy set already.
 	staleDiscarded bool
-	lastPC         atomic.Pointer[postcopy] // the last one, after it ended, for its figures
+	lastPC         atomic.Pointer[demand.Pager] // the last one, after it ended, for its figures
 }
 
 // New builds a machine. A machine with an Image boots that image when started; one without

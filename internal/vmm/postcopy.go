@@ -4,28 +4,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
-	"sync/atomic"
-	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/godwit-vm/godwit/internal/demand"
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/guestmem"
-	"github.com/godwit-vm/godwit/internal/uffd"
 	"github.com/godwit-vm/godwit/migration"
 )
 
-// Post-copy on the destination: guest RAM is registered with userfaultfd in MISSING mode, so the
-// first access to a page that is not there yet blocks until the engine places it.
-//
-// Page states, per page of RAM:
-//   - missing: in the set ArmPostcopy was given and not placed yet. Its first access is reported
-//     once on Faults; the accessor waits (a vCPU in the kernel, inside KVM_RUN; the VMM itself in
-//     ensurePresent, on a Go channel, never in the kernel).
-//   - complete: not in that set, or placed since. A complete page that is a hole of the memfd
-//     (never written anywhere) still raises a userfaultfd fault on its first touch through the
-//     mapping; the reader resolves it here at once with a zero page, without reporting it.
+// Post-copy on the destination: guest RAM is demand-paged by internal/demand (userfaultfd in
+// MISSING mode), so the first access to a page that is not there yet blocks until the engine
+// places it: a vCPU waits in the kernel, inside KVM_RUN; the VMM itself waits in ensurePresent,
+// on a Go channel, never in the kernel.
 //
 // The VMM's own accesses to guest RAM (mailboxes, WriteGuest, ReadPages) go through
 // ensurePresent first and then use pread/pwrite on the memfd: pread of a missing page would read
@@ -33,49 +22,7 @@ import (
 // installed, and a Go access through the mapping could hang the runtime.
 
 // PostcopyStats are the figures of the machine's demand paging (the current or last one).
-type PostcopyStats struct {
-	Armed bool `json:"armed"`
-	// Missing is the number of pages ArmPostcopy made missing; Left how many have not arrived.
-	Missing uint64 `json:"missing"`
-	Left    uint64 `json:"left"`
-	// Faults are the first accesses reported on Faults: by vCPUs (or the kernel on behalf of
-	// the VMM) and by the VMM's own accesses (VMMFaults, included in Faults).
-	Faults    uint64 `json:"faults"`
-	VMMFaults uint64 `json:"vmm_faults"`
-	// RepeatFaults are further fault events on pages already reported (several vCPUs, or a
-	// retry after a signal): not reported again.
-	RepeatFaults uint64 `json:"repeat_faults"`
-	// LocalZero counts first touches of complete holes, resolved here with a zero page.
-	LocalZero uint64 `json:"local_zero"`
-	// PagesPlaced counts the pages PlacePages and PlaceZero installed; PagesExisting those
-	// they found present already and left alone.
-	PagesPlaced   uint64 `json:"pages_placed"`
-	PagesExisting uint64 `json:"pages_existing"`
-}
-
-type postcopy struct {
-	m       *Machine
-	u       *uffd.UFFD
-	base    uintptr
-	size    uint64
-	pages   uint64
-	zeroOK  atomic.Bool // UFFDIO_ZEROPAGE allowed on the range and not refused
-	zeroBuf []byte      // one zero page, for UFFDIO_COPY when it is not
-
-	faults     chan migration.Fault
-	stop       chan struct{} // closed at shutdown: senders and waiters give up
-	readerDone chan struct{}
-	sendMu     sync.RWMutex // held shared by senders, exclusively to close faults
-	sendClosed bool
-
-	mu       sync.Mutex
-	missing  guestmem.Bitmap // pages still to arrive
-	reported guestmem.Bitmap // missing pages reported on faults
-	changed  chan struct{}   // closed and replaced whenever pages arrive
-	closed   bool
-	stats    PostcopyStats
-	failure  error // the reader's fatal error, if any
-}
+type PostcopyStats = demand.Stats
 
 // armPostcopy makes the pages of missing demand-paged. The machine must not have started.
 // Faults are sent on faults, which shutdown closes.
@@ -86,7 +33,6 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	if m.pc.Load() != nil {
 		return errors.New("vmm: arm post-copy: armed already")
 	}
-	pages := m.mem.Pages()
 	bm, err := m.ramBitmap(missing)
 	if err != nil {
 		return fmt.Errorf("vmm: arm post-copy: %w", err)
@@ -94,35 +40,19 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	// Discard every missing page this side holds so that it reads as absent: a copy from
 	// pre-copy is stale. Usually done already, while the state arrived (DiscardStale).
 	if !m.staleDiscarded {
-		if err := m.discardStale(bm); err != nil {
+		if err := demand.DiscardStale(m.mem, bm); err != nil {
 			return fmt.Errorf("vmm: arm post-copy: %w", err)
 		}
 	}
-	u, err := uffd.Open()
+	pc, err := demand.Arm(m.mem, bm, demand.Config{
+		Region:  0,
+		Faults:  faults,
+		OnFatal: func(err error) { m.fail(fmt.Errorf("vmm: post-copy: %w", err)) },
+	})
 	if err != nil {
 		return fmt.Errorf("vmm: arm post-copy: %w", err)
 	}
-	base, size := uffd.Addr(m.mem.Mem), m.mem.Size
-	ioctls, err := u.Register(base, size)
-	if err != nil {
-		u.Close()
-		return fmt.Errorf("vmm: arm post-copy of guest RAM: %w", err)
-	}
-	if ioctls&(uffd.IoctlCopy|uffd.IoctlWake) != uffd.IoctlCopy|uffd.IoctlWake {
-		u.Close()
-		return fmt.Errorf("vmm: arm post-copy: the kernel offers no UFFDIO_COPY/WAKE on guest RAM (ioctls 0x%x)", ioctls)
-	}
-	n := bm.Count()
-	pc := &postcopy{
-		m: m, u: u, base: base, size: size, pages: pages,
-		zeroBuf: make([]byte, guest.PageSize),
-		faults:  faults, stop: make(chan struct{}), readerDone: make(chan struct{}),
-		missing: bm, reported: guestmem.NewBitmap(pages), changed: make(chan struct{}),
-		stats: PostcopyStats{Armed: true, Missing: n, Left: n},
-	}
-	pc.zeroOK.Store(ioctls&uffd.IoctlZeroPage != 0)
 	m.pc.Store(pc)
-	go pc.reader()
 	return nil
 }
 
@@ -140,177 +70,6 @@ func (m *Machine) ramBitmap(missing migration.Bitmap) (guestmem.Bitmap, error) {
 	return bm, nil
 }
 
-// discardStale punches the pages of missing that this side holds: one punch per run, so as
-// few runs as will do: only pages with data need it (after pure post-copy there are none), and
-// a run may span holes, so it ends only at a page that must be kept.
-func (m *Machine) discardStale(missing guestmem.Bitmap) error {
-	pages := m.mem.Pages()
-	held, err := m.mem.Populated()
-	if err != nil {
-		return err
-	}
-	stale, punchable := guestmem.NewBitmap(pages), guestmem.NewBitmap(pages)
-	for i := range held {
-		stale[i] = held[i] & missing[i]
-		punchable[i] = ^(held[i] &^ missing[i]) // not a page to keep
-	}
-	if pages%64 != 0 {
-		punchable[len(punchable)-1] &= 1<<(pages%64) - 1
-	}
-	migration.Bitmap(punchable).Runs(pages, func(first, n uint64) bool {
-		if anySet(stale, first, n) {
-			err = m.mem.PunchPages(first, n)
-		}
-		return err == nil
-	})
-	return err
-}
-
-// reader turns userfaultfd events into Faults and serves first touches of complete holes.
-func (pc *postcopy) reader() {
-	defer close(pc.readerDone)
-	msgs := make([]uffd.Msg, 64)
-	var out []migration.Fault
-	var local []uint64
-	for {
-		n, err := pc.u.Read(msgs)
-		if err != nil {
-			if !errors.Is(err, uffd.ErrClosed) && !pc.stopping() {
-				pc.fatal(err)
-			}
-			return
-		}
-		now := time.Now()
-		out, local = out[:0], local[:0]
-		pc.mu.Lock()
-		for _, msg := range msgs[:n] {
-			if msg.Event != uffd.EventPagefault {
-				continue
-			}
-			off := uintptr(msg.Address) - pc.base
-			if uintptr(msg.Address) < pc.base || uint64(off) >= pc.size {
-				continue
-			}
-			p := uint64(off) / guest.PageSize
-			switch {
-			case !pc.missing.Test(p):
-				local = append(local, p)
-			case pc.reported.Test(p):
-				pc.stats.RepeatFaults++
-			default:
-				pc.reported.Set(p)
-				pc.stats.Faults++
-				out = append(out, migration.Fault{Region: 0, Page: p, At: now})
-			}
-		}
-		pc.mu.Unlock()
-		for _, p := range local {
-			// A complete page: a hole touched for the first time (zero it), or a page placed
-			// after its fault was raised (EEXIST: it is only woken).
-			res, err := pc.zero(p, 1)
-			if err != nil {
-				if pc.stopping() {
-					// Disarm or abort unregistered the memory meanwhile: the faulting thread
-					// was woken and takes an ordinary fault now. Nothing is wrong.
-					return
-				}
-				pc.fatal(err)
-				return
-			}
-			if res.Installed > 0 {
-				pc.mu.Lock()
-				pc.stats.LocalZero++
-				pc.mu.Unlock()
-			}
-		}
-		for _, f := range out {
-			pc.send(f)
-		}
-	}
-}
-
-// stopping reports whether shutdown has begun.
-func (pc *postcopy) stopping() bool {
-	select {
-	case <-pc.stop:
-		return true
-	default:
-		return false
-	}
-}
-
-func (pc *postcopy) fatal(err error) {
-	pc.mu.Lock()
-	if pc.failure == nil {
-		pc.failure = err
-	}
-	pc.mu.Unlock()
-	pc.m.fail(fmt.Errorf("vmm: post-copy: %w", err))
-}
-
-// send reports f on the channel unless post-copy is ending.
-func (pc *postcopy) send(f migration.Fault) {
-	pc.sendMu.RLock()
-	defer pc.sendMu.RUnlock()
-	if pc.sendClosed {
-		return
-	}
-	select {
-	case pc.faults <- f:
-	case <-pc.stop:
-	}
-}
-
-// zero installs n zero pages from page first.
-func (pc *postcopy) zero(first, n uint64) (uffd.Result, error) {
-	addr := pc.base + uintptr(first*guest.PageSize)
-	if pc.zeroOK.Load() {
-		res, err := pc.u.ZeroPage(addr, n*guest.PageSize, uffd.Options{})
-		if err == nil || !(errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP)) || res.Installed+res.Existing > 0 {
-			return res, err
-		}
-		pc.zeroOK.Store(false) // refused for this memory: copy zero pages instead from now on
-	}
-	var res uffd.Result
-	for i := uint64(0); i < n; i++ {
-		r, err := pc.u.Copy(addr+uintptr(i*guest.PageSize), pc.zeroBuf, uffd.Options{})
-		res.Installed += r.Installed
-		res.Existing += r.Existing
-		if err != nil {
-			return res, err
-		}
-	}
-	return res, nil
-}
-
-// place installs pages [first, first+n) (from src, or zero when src is nil) and wakes their
-// waiters.
-func (pc *postcopy) place(first, n uint64, src []byte) error {
-	var res uffd.Result
-	var err error
-	if src == nil {
-		res, err = pc.zero(first, n)
-	} else {
-		res, err = pc.u.Copy(pc.base+uintptr(first*guest.PageSize), src, uffd.Options{})
-	}
-	if err != nil {
-		return fmt.Errorf("vmm: place pages %d+%d: %w", first, n, err)
-	}
-	pc.mu.Lock()
-	for p := first; p < first+n; p++ {
-		if pc.missing.Test(p) {
-			pc.missing.Unset(p)
-			pc.stats.Left--
-		}
-	}
-	pc.stats.PagesPlaced += res.Installed / guest.PageSize
-	pc.stats.PagesExisting += res.Existing / guest.PageSize
-	close(pc.changed)
-	pc.changed = make(chan struct{})
-	pc.mu.Unlock()
-	return nil
-}
-
 // ensurePresent makes sure guest RAM [gpa, gpa+size) is here before the VMM reads or writes
 // it through the memfd: while post-copy is armed, missing pages of the range are reported as
 // faults (once) and waited for, on a Go channel. It returns an error when ctx ends first or
@@ -320,69 +79,16 @@ func (m *Machine) ensurePresent(ctx context.Context, gpa, size uint64) error {
 	if pc == nil || size == 0 {
 		return nil
 	}
-	first, last := gpa/guest.PageSize, (gpa+size-1)/guest.PageSize
-	if last >= pc.pages {
-		last = pc.pages - 1
-	}
-	for {
-		pc.mu.Lock()
-		var out []migration.Fault
-		waiting := false
-		for p := first; p <= last; p++ {
-			if !pc.missing.Test(p) {
-				continue
-			}
-			waiting = true
-			if !pc.reported.Test(p) {
-				pc.reported.Set(p)
-				pc.stats.Faults++
-				pc.stats.VMMFaults++
-				out = append(out, migration.Fault{Region: 0, Page: p, At: time.Now()})
-			}
-		}
-		closed, changed := pc.closed, pc.changed
-		pc.mu.Unlock()
-		if !waiting {
-			return nil
-		}
-		if closed {
-			return fmt.Errorf("vmm: guest memory 0x%x+%d is not here and post-copy has ended", gpa, size)
-		}
-		for _, f := range out {
-			pc.send(f)
-		}
-		select {
-		case <-changed:
-		case <-pc.stop:
-		case <-ctx.Done():
-			return fmt.Errorf("vmm: waiting for guest memory 0x%x+%d to arrive: %w", gpa, size, ctx.Err())
-		}
-	}
-}
-
-// shutdown ends demand paging: waiters are released (vCPUs waiting in the kernel fault their
-// pages in as zero, VMM accessors get an error), the reader stops and Faults is closed.
-func (pc *postcopy) shutdown() error {
-	pc.mu.Lock()
-	if pc.closed {
-		pc.mu.Unlock()
+	first := gpa / guest.PageSize
+	n := (gpa+size-1)/guest.PageSize - first + 1
+	switch err := pc.Ensure(ctx, first, n); {
+	case err == nil:
 		return nil
+	case errors.Is(err, demand.ErrEnded):
+		return fmt.Errorf("vmm: guest memory 0x%x+%d is not here and post-copy has ended", gpa, size)
+	default:
+		return fmt.Errorf("vmm: waiting for guest memory 0x%x+%d to arrive: %w", gpa, size, err)
 	}
-	pc.closed = true
-	pc.stats.Armed = false
-	close(pc.stop)
-	pc.mu.Unlock()
-	err := pc.u.Unregister(pc.base, pc.size)
-	if cerr := pc.u.Close(); err == nil {
-		err = cerr
-	}
-	<-pc.readerDone
-	pc.sendMu.Lock()
-	pc.sendClosed = true
-	close(pc.faults)
-	pc.sendMu.Unlock()
-	pc.m.lastPC.Store(pc)
-	return err
 }
 
 // disarmPostcopy ends demand paging once every page is here.
@@ -391,23 +97,14 @@ func (m *Machine) disarmPostcopy() error {
 	if pc == nil {
 		return errors.New("vmm: disarm post-copy: not armed")
 	}
-	pc.mu.Lock()
-	left, failure := pc.stats.Left, pc.failure
-	var firstLeft uint64
-	if left > 0 {
-		migration.Bitmap(pc.missing).Runs(pc.pages, func(first, _ uint64) bool { firstLeft = first; return false })
-	}
-	pc.mu.Unlock()
-	if failure != nil {
-		return fmt.Errorf("vmm: disarm post-copy: demand paging failed: %w", failure)
-	}
-	if left > 0 {
-		return fmt.Errorf("vmm: disarm post-copy: %d pages are still missing (the first is page %d)", left, firstLeft)
+	if err := pc.Complete(); err != nil {
+		return fmt.Errorf("vmm: disarm post-copy: %w", err)
 	}
 	if !m.pc.CompareAndSwap(pc, nil) {
 		return errors.New("vmm: disarm post-copy: disarmed concurrently")
 	}
-	if err := pc.shutdown(); err != nil {
+	m.lastPC.Store(pc)
+	if err := pc.Shutdown(); err != nil {
 		return fmt.Errorf("vmm: disarm post-copy: %w", err)
 	}
 	return nil
@@ -416,7 +113,8 @@ func (m *Machine) disarmPostcopy() error {
 // stopPostcopy tears demand paging down whatever its state (abort, close).
 func (m *Machine) stopPostcopy() {
 	if pc := m.pc.Swap(nil); pc != nil {
-		pc.shutdown()
+		m.lastPC.Store(pc)
+		pc.Shutdown()
 	}
 }
 
@@ -429,9 +127,7 @@ func (m *Machine) PostcopyStats() (PostcopyStats, bool) {
 	if pc == nil {
 		return PostcopyStats{}, false
 	}
-	pc.mu.Lock()
-	defer pc.mu.Unlock()
-	return pc.stats, true
+	return pc.Stats(), true
 }
 
 // Heartbeats is the number of heartbeats the guest has sent so far, across migrations.
@@ -493,7 +189,7 @@ func (d *MigrationDestination) DiscardStale(missing []migration.Bitmap) error {
 	}
 	bm, err := m.ramBitmap(missing[0])
 	if err == nil {
-		err = m.discardStale(bm)
+		err = demand.DiscardStale(m.mem, bm)
 	}
 	if err != nil {
 		return fmt.Errorf("vmm: discard stale pages: %w", err)
@@ -520,7 +216,7 @@ func (d *MigrationDestination) Faults() <-chan migration.Fault {
 	return d.faultChan()
 }
 
-func (d *MigrationDestination) armed(r int, first, n uint64) (*postcopy, error) {
+func (d *MigrationDestination) armed(r int, first, n uint64) (*demand.Pager, error) {
 	if _, err := d.region(r, first, n); err != nil {
 		return nil, err
 	}
@@ -541,7 +237,7 @@ func (d *MigrationDestination) PlacePages(r int, first uint64, src []byte) error
 	if err != nil || n == 0 {
 		return err
 	}
-	return pc.place(first, n, src)
+	return pc.Place(first, n, src)
 }
 
 // PlaceZero installs zero pages (UFFDIO_ZEROPAGE, or a copy of zeros where that is refused).
@@ -550,7 +246,7 @@ func (d *MigrationDestination) PlaceZero(r int, first, n uint64) error {
 	if err != nil || n == 0 {
 		return err
 	}
-	return pc.place(first, n, nil)
+	return pc.Place(first, n, nil)
 }
 
 // DisarmPostcopy unregisters guest RAM, stops the reader and closes Faults. It refuses while
@@ -573,20 +269,3 @@ func (d *MigrationDestination) ProgressCount() uint64 {
 
 // ProgressCount is the number of heartbeats the guest has sent so far.
 func (s MigrationSource) ProgressCount() uint64 { return s.M.Heartbeats() }
-
-// anySet reports whether b has a bit set in [first, first+n).
-func anySet(b guestmem.Bitmap, first, n uint64) bool {
-	end := first + n
-	for i := first; i < end; {
-		w := i / 64
-		mask := ^uint64(0) << (i % 64)
-		if next := (w + 1) * 64; end < next {
-			mask &= 1<<(end%64) - 1
-		}
-		if b[w]&mask != 0 {
-			return true
-		}
-		i = (w + 1) * 64
-	}
-	return false
-}

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
-	"github.com/godwit-vm/godwit/internal/guestmem"
 	"github.com/godwit-vm/godwit/migration"
 )
 
@@ -565,20 +564,6 @@ func armPunchTest(t *testing.T, src *Machine, early bool) {
 			if _, err := d.M.mem.ReadAt(buf, int64(i*guest.PageSize)); err != nil || !bytes.Equal(buf, page(i)) {
 				t.Fatalf("kept page %d changed by arming (%v)", i, err)
 			}
-		}
-	}
-}
-
-func TestAnySet(t *testing.T) {
-	b := guestmem.NewBitmap(200)
-	b.Set(70)
-	b.Set(199)
-	for _, c := range []struct {
-		first, n uint64
-		want     bool
-	}{{0, 70, false}, {0, 71, true}, {70, 1, true}, {71, 128, false}, {71, 129, true}, {64, 6, false}, {64, 64, true}, {128, 71, false}} {
-		if got := anySet(b, c.first, c.n); got != c.want {
-			t.Errorf("anySet(%d, %d) = %v, want %v", c.first, c.n, got, c.want)
 		}
 	}
 }
