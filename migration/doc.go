@@ -122,22 +122,30 @@
 //     (and on every rejoined one), so a push write waits while that much is still unsent
 //     instead of filling the send buffer; the caller's connection gets its setting back when
 //     Send returns;
-//   - the destination clamps its TCP receive window (TCP_WINDOW_CLAMP), which bounds what is
-//     in flight plus what it has not read yet, to windowBDPs (4) bandwidth-delay products,
-//     at least 64 KiB: every 10 ms it multiplies the rate it read by the connection's minimum
-//     round trip (TCP_INFO), growing the clamp at most fourfold and shrinking it at most by
-//     half per step, and it lifts the clamp once every page is present.
+//   - the destination bounds its TCP receive window, which bounds what is in flight plus what
+//     it has not read yet, to windowBDPs (4) bandwidth-delay products, at least 64 KiB: every
+//     10 ms it multiplies the rate it read by the connection's minimum round trip (TCP_INFO),
+//     growing the window at most fourfold and shrinking it at most by half per step, and it
+//     restores the old size once every page is present. The window is the socket's receive
+//     buffer (SO_RCVBUF, or SO_RCVBUFFORCE where the process may exceed net.core.rmem_max):
+//     TCP_WINDOW_CLAMP, tried first, did not hold on Linux 6.18 (receive-buffer autotuning
+//     raises the clamp, and even a fixed clamp left megabytes unread in front of a reader
+//     slower than the link).
 //
-// A request then waits for about (32 KiB + 64 KiB + the window) / bandwidth plus a round trip:
-// in BenchmarkEnginePostcopy fault service p50 fell from ~15 ms to ~1.7 ms and p99 from
-// ~24 ms to ~2.3 ms on the 1 Gbit/s link, and p50 stays under 100 us unshaped. The cost: the
+// A request then waits for about (32 KiB + 64 KiB + the window) / bandwidth plus a round trip.
+// In BenchmarkEnginePostcopy (a real userfaultfd destination whose placing is slower than the
+// unshaped link), the receive buffer held ~5.8 MB while only the clamp was set, and fault
+// service p50 was 10-17 ms; with the buffer bounded it is ~1.3 ms unshaped and ~2.3 ms at
+// 1 Gbit/s (with ~160 KiB ahead of a request that is the link's own delay). The cost: the
 // pusher has to refill the send buffer within the time 32 KiB takes to drain (the kernel wakes
-// a blocked writer below half the low-water mark), which costs throughput on links much
-// faster than 10 Gbit/s if the source's goroutine is scheduled late; smaller writes mean more
-// frames and system calls per byte; and the window is sized from a measured rate, so after a
-// pause in the push it takes a few 10 ms steps to open again on a long fat link (the total
-// time on the benchmark's 1 Gbit/s link stayed at the raw TCP rate). Nothing on the wire
-// changed: the destination acknowledges nothing more than before.
+// a blocked writer below half the low-water mark), and a small window lets a destination
+// whose reader is scheduled late starve the push: on the unshaped link of that benchmark (two
+// CPUs shared by both ends and four busy simulated vCPUs) the push ran at about half the rate
+// it had with megabytes queued; at 1 Gbit/s the total time stayed within 1.06x of the raw TCP
+// rate. Without root the buffer cannot exceed net.core.rmem_max (208 KiB by default), which
+// caps the window on long fat links. A second connection for requested pages would remove the
+// trade-off; the wire does not have one yet. Nothing else on the wire changed: the destination
+// acknowledges nothing more than before.
 //
 // # Metrics
 //

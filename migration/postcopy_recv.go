@@ -273,18 +273,20 @@ const (
 // that little push data is in flight or unread ahead of a requested page: windowBDPs
 // bandwidth-delay products (the rate read over the last tick times the connection's
 // minimum round trip), at least minRecvWindow. It grows fourfold per tick at most while the
-// window is what limits the rate, and halves per tick at most when the rate drops. Once
-// every page is present, or the connection ends, the clamp goes back to what it was.
+// window is what limits the rate, and halves per tick at most when the rate drops. The window
+// is the socket's receive buffer (setRecvWindow). Once every page is present, or the
+// connection ends, the buffer goes back to its old size (no longer autotuned: only small
+// messages follow).
 func (p *pcRecv) window(ctx context.Context, conn io.ReadWriter, watch *readWatch) {
 	defer p.links.Done()
 	if p.isComplete() {
 		return
 	}
-	old, ok := setWindowClamp(conn, minRecvWindow)
+	old, ok := setRecvWindow(conn, minRecvWindow)
 	if !ok {
 		return // not TCP
 	}
-	defer setWindowClamp(conn, old)
+	defer setRecvWindow(conn, old)
 	win := minRecvWindow
 	t := time.NewTicker(windowTick)
 	defer t.Stop()
@@ -304,8 +306,11 @@ func (p *pcRecv) window(ctx context.Context, conn io.ReadWriter, watch *readWatc
 				continue
 			}
 			bdp := rate * rtt.Seconds()
-			win = max(minRecvWindow, win/2, int(min(windowBDPs*bdp, float64(4*win))))
-			setWindowClamp(conn, win)
+			next := max(minRecvWindow, win/2, int(min(windowBDPs*bdp, float64(4*win))))
+			if next != win {
+				win = next
+				setRecvWindow(conn, win)
+			}
 		}
 	}
 }

@@ -17,11 +17,34 @@ func setNotSentLowat(conn any, v int) (old int, ok bool) {
 	return setTCPOpt(conn, unix.TCP_NOTSENT_LOWAT, v)
 }
 
-// setWindowClamp sets TCP_WINDOW_CLAMP on conn, if it is a TCP socket: the receive window it
-// advertises, hence the bytes in flight towards it plus those it has not read yet, stays at
-// most v. It returns the previous clamp and whether conn took it.
-func setWindowClamp(conn any, v int) (old int, ok bool) {
-	return setTCPOpt(conn, unix.TCP_WINDOW_CLAMP, v)
+// setRecvWindow bounds what conn, if it is a TCP socket, lets the peer send ahead of what it
+// has read (in flight plus unread) to about v bytes, by setting its receive buffer: SO_RCVBUF
+// v, which the kernel doubles for its bookkeeping and advertises about half of. The buffer, not
+// TCP_WINDOW_CLAMP, is what bounds it: on Linux 6.x a clamped socket (autotuned or not) kept
+// megabytes unread in front of a slow reader, while the buffer held it to v. SO_RCVBUFFORCE
+// lets v exceed net.core.rmem_max where the process may (CAP_NET_ADMIN); elsewhere the kernel
+// caps v at rmem_max. Setting the buffer also ends its autotuning for the connection's life.
+// It returns the previous value, to pass back to restore it, and whether conn took v.
+func setRecvWindow(conn any, v int) (old int, ok bool) {
+	sc, isSock := conn.(syscall.Conn)
+	if !isSock {
+		return 0, false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		if old, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF); serr != nil {
+			return
+		}
+		old /= 2 // the kernel reports the doubled size it keeps
+		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, v); serr != nil {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, v)
+		}
+	})
+	return old, err == nil && serr == nil
 }
 
 func setTCPOpt(conn any, opt, v int) (old int, ok bool) {
