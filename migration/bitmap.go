@@ -24,9 +24,31 @@ func (b Bitmap) Has(i uint64) bool { return i/64 < uint64(len(b)) && b[i/64]&(1<
 
 // SetRange adds pages [first, first+n).
 func (b Bitmap) SetRange(first, n uint64) {
-	for i := first; i < first+n; i++ {
-		b.Set(i)
+	end := first + n
+	for i := first; i < end; {
+		w := i / 64
+		mask := ^uint64(0) << (i % 64)
+		if next := (w + 1) * 64; end < next {
+			mask &= 1<<(end%64) - 1
+		}
+		b[w] |= mask
+		i = (w + 1) * 64
 	}
+}
+
+// runCount is the number of maximal runs of consecutive pages in the set among the first n:
+// the pages in it whose predecessor is not.
+func (b Bitmap) runCount(n uint64) int {
+	c, carry := 0, uint64(0) // carry: the previous word's last bit
+	for wi := range min(uint64(len(b)), (n+63)/64) {
+		w := b[wi]
+		if rem := n - wi*64; rem < 64 {
+			w &= 1<<rem - 1
+		}
+		c += bits.OnesCount64(w &^ (w<<1 | carry))
+		carry = w >> 63
+	}
+	return c
 }
 
 // Count is the number of pages in the set among the first n.

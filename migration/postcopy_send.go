@@ -303,13 +303,22 @@ func writeSet(set []Bitmap, sizes []uint64, write func(ps *wire.PageSet, more bo
 	}
 	var frames []wire.PageSet
 	for r, bm := range set {
-		cur := wire.PageSet{Total: total, Region: uint32(r)}
+		// Sized up front: a set of random pages has tens of thousands of runs, and growing
+		// the slice by appending costs more than finding them (this runs in the stop window).
+		// A run longer than a uint32 count takes more than one entry: rare, left to append.
+		left := bm.runCount(sizes[r])
+		chunk := func() wire.PageSet {
+			n := min(left, setChunkRuns)
+			left -= n
+			return wire.PageSet{Total: total, Region: uint32(r), Runs: make([]wire.Run, 0, n)}
+		}
+		cur := chunk()
 		bm.Runs(sizes[r], func(first, count uint64) bool {
 			for count > 0 {
 				k := min(count, uint64(^uint32(0)))
 				if len(cur.Runs) == setChunkRuns {
 					frames = append(frames, cur)
-					cur = wire.PageSet{Total: total, Region: uint32(r)}
+					cur = chunk()
 				}
 				cur.Runs = append(cur.Runs, wire.Run{First: first, Count: uint32(k)})
 				first, count = first+k, count-k

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"math/bits"
 	"unicode/utf8"
 )
 
@@ -529,34 +530,85 @@ func decodeBitmapSet(c *cursor, regionPages, maxPages uint64) []Run {
 		c.fail(ErrMalformed, "bitmap [%d, +%d) is not tight: its first and last bits must be set, and none past it", first, span)
 		return nil
 	}
-	var runs []Run
+	// Word by word, sized up front: this runs in the stop window, and a set of random pages
+	// has a run per page. No more runs than the pages the set may hold.
+	runs := make([]Run, 0, min(uint64(bitmapRunCount(bits)), maxPages))
 	var total uint64
-	for p := uint64(0); p < span; {
-		if bits[p/8] == 0 && p%8 == 0 {
-			p += 8
-			continue
+	ok := bitmapRuns(bits, span, func(p, n uint64) bool {
+		for n > 0 {
+			k := min(n, uint64(^uint32(0)))
+			runs = append(runs, Run{First: first + p, Count: uint32(k)})
+			p, n = p+k, n-k
+			total += k
 		}
-		if !has(p) {
-			p++
-			continue
-		}
-		q := p
-		for q < span && has(q) && q-p < uint64(^uint32(0)) {
-			q++
-		}
-		runs = append(runs, Run{First: first + p, Count: uint32(q - p)})
-		total += q - p
-		if total > maxPages {
-			c.fail(ErrTooLarge, "bitmap holds more than %d pages", maxPages)
-			return nil
-		}
-		p = q
+		return total <= maxPages
+	})
+	if !ok {
+		c.fail(ErrTooLarge, "bitmap holds more than %d pages", maxPages)
+		return nil
 	}
 	if _, _, ok := bitmapForm(runs); !ok {
 		c.fail(ErrMalformed, "a bitmap for %d runs over %d pages, which are shorter as runs", len(runs), span)
 		return nil
 	}
 	return runs
+}
+
+// bitmapWord is the little-endian word of a wire bitmap at byte i, zero past its end.
+func bitmapWord(b []byte, i int) uint64 {
+	if i+8 <= len(b) {
+		return le.Uint64(b[i:])
+	}
+	var w [8]byte
+	copy(w[:], b[i:])
+	return le.Uint64(w[:])
+}
+
+// bitmapRunCount is the number of maximal runs of set bits in a wire bitmap.
+func bitmapRunCount(b []byte) int {
+	c, carry := 0, uint64(0) // carry: the previous word's last bit
+	for i := 0; i < len(b); i += 8 {
+		w := bitmapWord(b, i)
+		c += bits.OnesCount64(w &^ (w<<1 | carry))
+		carry = w >> 63
+	}
+	return c
+}
+
+// bitmapRuns yields the maximal runs of set bits among the first span of a wire bitmap (bit p
+// is bit p%8 of byte p/8), in order, until yield returns false; it reports whether it got to
+// the end.
+func bitmapRuns(b []byte, span uint64, yield func(first, count uint64) bool) bool {
+	open, start := false, uint64(0)
+	for base := uint64(0); base < span; base += 64 {
+		w := bitmapWord(b, int(base/8))
+		if base+64 > span {
+			w &= 1<<(span-base) - 1
+		}
+		for pos := uint64(0); pos < 64; {
+			if open {
+				n := uint64(bits.TrailingZeros64(^(w >> pos))) // ones from pos
+				if pos+n >= 64 {
+					break // the run goes on in the next word
+				}
+				if !yield(start, base+pos+n-start) {
+					return false
+				}
+				open, pos = false, pos+n
+				continue
+			}
+			x := w >> pos
+			if x == 0 {
+				break
+			}
+			pos += uint64(bits.TrailingZeros64(x))
+			open, start = true, base+pos
+		}
+	}
+	if open {
+		return yield(start, span-start)
+	}
+	return true
 }
 
 // decodePageSet decodes a page set's part and checks it against the layout: the region

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math/rand/v2"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -475,5 +477,44 @@ func TestPageSetForms(t *testing.T) {
 	}
 	if m, err := DecodeSwitch(bitmap(0, 49, dense...), &d); err != nil || len(m.Runs) != 25 {
 		t.Fatalf("the canonical bitmap: %v, %v", m, err)
+	}
+}
+
+// TestBitmapRuns checks the word-at-a-time run decoding of the bitmap form against a bit by
+// bit walk, on random bitmaps of every tail length.
+func TestBitmapRuns(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for iter := range 500 {
+		span := 1 + rng.Uint64N(300)
+		b := make([]byte, (span+7)/8)
+		density := rng.Float64()
+		for p := range span {
+			if rng.Float64() < density {
+				b[p/8] |= 1 << (p % 8)
+			}
+		}
+		var want [][2]uint64
+		for p := uint64(0); p < span; {
+			if b[p/8]&(1<<(p%8)) == 0 {
+				p++
+				continue
+			}
+			q := p
+			for q < span && b[q/8]&(1<<(q%8)) != 0 {
+				q++
+			}
+			want = append(want, [2]uint64{p, q - p})
+			p = q
+		}
+		var got [][2]uint64
+		if !bitmapRuns(b, span, func(first, n uint64) bool { got = append(got, [2]uint64{first, n}); return true }) {
+			t.Fatal("bitmapRuns stopped early")
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("iteration %d, span %d: runs %v, want %v", iter, span, got, want)
+		}
+		if n := bitmapRunCount(b); n != len(want) {
+			t.Fatalf("iteration %d: bitmapRunCount %d, want %d", iter, n, len(want))
+		}
 	}
 }
