@@ -266,6 +266,7 @@ func fillFromReport(r *Run, rep *migration.Report) {
 	r.BytesWire = rep.BytesWire
 	r.PagesRaw, r.PagesZero, r.PagesHole = rep.Pages.Raw, rep.Pages.Zero, rep.Pages.Hole
 	r.Rounds, r.Converged, r.Throttle = rep.Rounds, rep.Converged, rep.ThrottleMax
+	r.RoundDetails = rep.RoundDetails
 	r.Extra = map[string]float64{
 		"pause_to_ack_ms":      rep.PauseToAckMS,
 		"expected_downtime_ms": rep.ExpectedDowntimeMS,

@@ -9,6 +9,8 @@ import (
 	"os"
 	"slices"
 	"time"
+
+	"github.com/godwit-vm/godwit/migration"
 )
 
 // Outcomes of a run.
@@ -67,6 +69,9 @@ type Run struct {
 
 	// System-specific extra figures (QEMU's own downtime, the heartbeat baseline gap, ...).
 	Extra map[string]float64 `json:"extra,omitempty"`
+	// RoundDetails are godwit's pre-copy rounds as its report gives them (pages, bytes,
+	// duration, pages dirtied meanwhile, throttle, wait for the destination's acknowledgement).
+	RoundDetails []migration.RoundReport `json:"round_details,omitempty"`
 
 	// VerifyPages is how many pages the destination guest checked after the migration (0
 	// mismatches, or the run is an error).
