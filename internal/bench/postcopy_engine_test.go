@@ -13,7 +13,8 @@ import (
 
 // BenchmarkEnginePostcopy migrates a 512 MiB in-memory guest with a quarter of its pages
 // written (random, incompressible content) in pure post-copy (sequential push) from host 0 to
-// host 1 of a testbed, over a 1 Gbit/s shaped link and over an unshaped one. The destination
+// host 1 of a testbed, over a 1 Gbit/s shaped link and over an unshaped one (and on the
+// unshaped link once more with no push while the vCPUs fault: demand-only). The destination
 // is the VMM's demand paging (internal/demand) on a real memfd and a real userfaultfd; only its
 // four vCPUs are simulated: threads that load pages with locality all over memory through
 // system calls, so that they block in the kernel on real userfaultfd faults while the push
@@ -27,9 +28,17 @@ func BenchmarkEnginePostcopy(b *testing.B) {
 		b.Fatal("network namespaces need root")
 	}
 	for _, link := range []struct {
-		name string
-		bps  int64
-	}{{"1gbit", gbit}, {"unshaped", 0}} {
+		name     string
+		bps      int64
+		prepage  string
+		faultFor time.Duration // how long the vCPUs run after the switch; 0: until the end
+	}{
+		{"1gbit", gbit, migration.PrepageSequential, 0},
+		{"unshaped", 0, migration.PrepageSequential, 0},
+		// Demand only: no push while the vCPUs fault (their first 500 ms), so no push data
+		// waits ahead of a requested page: the floor of the fault service latency here.
+		{"unshaped-demand-only", 0, migration.PrepageNone, 500 * time.Millisecond},
+	} {
 		b.Run(link.name, func(b *testing.B) {
 			tb, err := testbed.New(testbed.Config{Bandwidth: link.bps})
 			if err != nil {
@@ -57,9 +66,9 @@ func BenchmarkEnginePostcopy(b *testing.B) {
 				const vcpus = 4
 				for v := range vcpus {
 					pat := mt.LocalityPattern(uint64(100*i+v), 0, size/4096, 1<<20, 16)
-					waits = append(waits, dst.runVCPU(ctx, pat, 20*time.Microsecond))
+					waits = append(waits, dst.runVCPU(ctx, pat, 20*time.Microsecond, link.faultFor))
 				}
-				rep := migratePostcopy(b, tb, src, dst)
+				rep := migratePostcopy(b, tb, src, dst, link.prepage)
 				stop()
 				for _, w := range waits {
 					if err := w(); err != nil {
@@ -104,9 +113,9 @@ func BenchmarkEnginePostcopy(b *testing.B) {
 
 // migratePostcopy runs one pure post-copy migration from host 0 to host 1 and returns the
 // source's report (with the destination's fault figures from its Stats).
-func migratePostcopy(b *testing.B, tb *testbed.Testbed, src migration.Source, dst migration.Destination) *migration.Report {
+func migratePostcopy(b *testing.B, tb *testbed.Testbed, src migration.Source, dst migration.Destination, prepage string) *migration.Report {
 	b.Helper()
-	rep := migrateOver(b, tb, src, dst, migration.SendOptions{Mode: migration.ModePostcopy})
+	rep := migrateOver(b, tb, src, dst, migration.SendOptions{Mode: migration.ModePostcopy, Prepage: prepage})
 	if testing.Verbose() {
 		b.Logf("downtime %.1f ms %+v, total %.0f ms, postcopy %.0f ms, bytes %d", rep.DowntimeMS, rep.Downtime, rep.TotalMS, rep.Postcopy.PostcopyMS, rep.BytesWire)
 	}

@@ -224,13 +224,18 @@ func (d *uffdDest) load(p uint64) error {
 }
 
 // runVCPU starts a simulated vCPU: after Start it loads pages in order, with think time
-// between loads, until ctx is done or the destination aborts. The returned function waits
-// for it to stop.
-func (d *uffdDest) runVCPU(ctx context.Context, pages []uint64, think time.Duration) (wait func() error) {
+// between loads, until ctx is done, the destination aborts, or (if runFor > 0) runFor after
+// Start. The returned function waits for it to stop.
+func (d *uffdDest) runVCPU(ctx context.Context, pages []uint64, think, runFor time.Duration) (wait func() error) {
 	done := make(chan error, 1)
 	go func() {
 		select {
 		case <-d.started:
+			if runFor > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, runFor)
+				defer cancel()
+			}
 		case <-d.aborted:
 			done <- nil
 			return
