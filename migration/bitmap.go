@@ -24,6 +24,25 @@ func (b Bitmap) Has(i uint64) bool { return i/64 < uint64(len(b)) && b[i/64]&(1<
 
 // SetRange adds pages [first, first+n).
 func (b Bitmap) SetRange(first, n uint64) {
+	wordMasks(first, n, func(w int, mask uint64) bool {
+		b[w] |= mask
+		return true
+	})
+}
+
+// Any reports whether a page of [first, first+n) is in the set.
+func (b Bitmap) Any(first, n uint64) bool {
+	found := false
+	wordMasks(first, n, func(w int, mask uint64) bool {
+		found = b[w]&mask != 0
+		return !found
+	})
+	return found
+}
+
+// wordMasks calls f, in order, with the index of each word that pages [first, first+n) touch
+// and the mask of their bits in it, until f returns false.
+func wordMasks(first, n uint64, f func(w int, mask uint64) bool) {
 	end := first + n
 	for i := first; i < end; {
 		w := i / 64
@@ -31,7 +50,9 @@ func (b Bitmap) SetRange(first, n uint64) {
 		if next := (w + 1) * 64; end < next {
 			mask &= 1<<(end%64) - 1
 		}
-		b[w] |= mask
+		if !f(int(w), mask) {
+			return
+		}
 		i = (w + 1) * 64
 	}
 }

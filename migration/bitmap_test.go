@@ -5,7 +5,7 @@ import (
 	"testing"
 )
 
-// TestBitmapRanges checks SetRange and runCount against page-by-page answers on random sets.
+// TestBitmapRanges checks SetRange, Any and runCount against page-by-page answers on random sets.
 func TestBitmapRanges(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 8))
 	for iter := range 300 {
@@ -29,6 +29,17 @@ func TestBitmapRanges(t *testing.T) {
 			}
 			if want[i] && (i == 0 || !want[i-1]) {
 				runs++
+			}
+		}
+		for range 5 { // Any against the page-by-page answer
+			first := rng.Uint64N(n)
+			k := rng.Uint64N(n - first + 1)
+			want1 := false
+			for i := first; i < first+k; i++ {
+				want1 = want1 || want[i]
+			}
+			if got := b.Any(first, k); got != want1 {
+				t.Fatalf("iteration %d: Any(%d, %d) = %v, want %v", iter, first, k, got, want1)
 			}
 		}
 		if got := b.runCount(n); got != runs {

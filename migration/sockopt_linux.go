@@ -26,62 +26,53 @@ func setNotSentLowat(conn any, v int) (old int, ok bool) {
 // caps v at rmem_max. Setting the buffer also ends its autotuning for the connection's life.
 // It returns the previous value, to pass back to restore it, and whether conn took v.
 func setRecvWindow(conn any, v int) (old int, ok bool) {
-	sc, isSock := conn.(syscall.Conn)
-	if !isSock {
-		return 0, false
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return 0, false
-	}
-	var serr error
-	err = rc.Control(func(fd uintptr) {
-		if old, serr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF); serr != nil {
-			return
+	ok = control(conn, func(fd int) (err error) {
+		if old, err = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF); err != nil {
+			return err
 		}
 		old /= 2 // the kernel reports the doubled size it keeps
-		if serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, v); serr != nil {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, v)
+		if err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, v); err != nil {
+			err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, v)
 		}
+		return err
 	})
-	return old, err == nil && serr == nil
+	return old, ok
 }
 
 func setTCPOpt(conn any, opt, v int) (old int, ok bool) {
+	ok = control(conn, func(fd int) (err error) {
+		if old, err = unix.GetsockoptInt(fd, unix.IPPROTO_TCP, opt); err != nil {
+			return err
+		}
+		return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, opt, v)
+	})
+	return old, ok
+}
+
+// control runs f on conn's file descriptor, if conn is a socket; it reports whether it could
+// and f succeeded.
+func control(conn any, f func(fd int) error) bool {
 	sc, isSock := conn.(syscall.Conn)
 	if !isSock {
-		return 0, false
+		return false
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
-		return 0, false
+		return false
 	}
-	var serr error
-	err = rc.Control(func(fd uintptr) {
-		if old, serr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, opt); serr != nil {
-			return
-		}
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, opt, v)
-	})
-	return old, err == nil && serr == nil
+	var ferr error
+	err = rc.Control(func(fd uintptr) { ferr = f(int(fd)) })
+	return err == nil && ferr == nil
 }
 
 // tcpMinRTT is the smallest round trip conn's TCP has seen (Linux keeps it over the last
 // few minutes), or its smoothed round trip before it has a minimum.
 func tcpMinRTT(conn any) (time.Duration, bool) {
-	sc, isSock := conn.(syscall.Conn)
-	if !isSock {
-		return 0, false
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return 0, false
-	}
 	var info *unix.TCPInfo
-	var ierr error
-	if err := rc.Control(func(fd uintptr) {
-		info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-	}); err != nil || ierr != nil {
+	if !control(conn, func(fd int) (err error) {
+		info, err = unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		return err
+	}) {
 		return 0, false
 	}
 	us := info.Min_rtt

@@ -115,7 +115,7 @@ func DiscardStale(mem *guestmem.Region, missing guestmem.Bitmap) error {
 		punchable[len(punchable)-1] &= 1<<(pages%64) - 1
 	}
 	migration.Bitmap(punchable).Runs(pages, func(first, n uint64) bool {
-		if anySet(stale, first, n) {
+		if migration.Bitmap(stale).Any(first, n) {
 			err = mem.PunchPages(first, n)
 		}
 		return err == nil
@@ -410,21 +410,4 @@ func (p *Pager) Stats() Stats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.stats
-}
-
-// anySet reports whether b has a bit set in [first, first+n).
-func anySet(b guestmem.Bitmap, first, n uint64) bool {
-	end := first + n
-	for i := first; i < end; {
-		w := i / 64
-		mask := ^uint64(0) << (i % 64)
-		if next := (w + 1) * 64; end < next {
-			mask &= 1<<(end%64) - 1
-		}
-		if b[w]&mask != 0 {
-			return true
-		}
-		i = (w + 1) * 64
-	}
-	return false
 }

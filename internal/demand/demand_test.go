@@ -218,20 +218,6 @@ func TestArmChecks(t *testing.T) {
 	}
 }
 
-func TestAnySet(t *testing.T) {
-	b := guestmem.NewBitmap(200)
-	b.Set(70)
-	b.Set(199)
-	for _, c := range []struct {
-		first, n uint64
-		want     bool
-	}{{0, 70, false}, {0, 71, true}, {70, 1, true}, {71, 128, false}, {71, 129, true}, {64, 6, false}, {64, 64, true}, {128, 71, false}} {
-		if got := anySet(b, c.first, c.n); got != c.want {
-			t.Errorf("anySet(%d, %d) = %v, want %v", c.first, c.n, got, c.want)
-		}
-	}
-}
-
 // BenchmarkFaultService: a load of a missing page (in the kernel, on a system call) until it
 // returns, served by a goroutine that places each reported page at once: the local part of a
 // demand fault's service time, without the network.
