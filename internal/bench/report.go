@@ -252,7 +252,8 @@ Values are medians over the repeats; ratios are godwit / QEMU (below 1: godwit t
 }
 
 // notes lists what a reader should know about the runs: QEMU verifications that fell inside
-// a migration (the guest does not write while it verifies), godwit pre-copies forced to stop.
+// a migration (the guest does not write while it verifies), post-copy or hybrid runs that
+// never left pre-copy, godwit pre-copies forced to stop.
 func notes(runs []Run) string {
 	var ls []string
 	for _, r := range runs {
@@ -264,6 +265,12 @@ func notes(runs []Run) string {
 		}
 		if r.BlackoutMS <= 0 {
 			ls = append(ls, fmt.Sprintf("%s, %s, run %d: the migration report has no blackout figure (not counted in the medians).", r.Scenario, systemLabel[r.System], r.Repeat+1))
+		}
+		if pb, ok := r.Extra["postcopy_bytes"]; ok && pb == 0 && r.Technique != Precopy && r.System == SystemQEMU {
+			ls = append(ls, fmt.Sprintf("%s, QEMU, run %d: completed in pre-copy, never in post-copy (QEMU switches only while pre-copy has not converged; its figures are pre-copy's).", r.Scenario, r.Repeat+1))
+		}
+		if r.Technique != Precopy && r.System == SystemGodwit && r.PostcopyMS == 0 {
+			ls = append(ls, fmt.Sprintf("%s, godwit, run %d: completed in pre-copy, never in post-copy (its figures are pre-copy's).", r.Scenario, r.Repeat+1))
 		}
 		if r.System == SystemGodwit && r.Technique == Precopy && !r.Converged {
 			ls = append(ls, fmt.Sprintf("%s, godwit, run %d: pre-copy did not converge and was forced to stop and copy.", r.Scenario, r.Repeat+1))
