@@ -69,7 +69,7 @@ func BenchmarkEngineIdle1G(b *testing.B) {
 
 // migrateOver runs one migration from host 0 to host 1 of tb over TCP and returns the source's
 // report.
-func migrateOver(b *testing.B, tb *testbed.Testbed, src migration.Source, dst migration.Destination, opts migration.SendOptions) *migration.Report {
+func migrateOver(b testing.TB, tb *testbed.Testbed, src migration.Source, dst migration.Destination, opts migration.SendOptions) *migration.Report {
 	b.Helper()
 	var ln net.Listener
 	if err := tb.Host(1).Do(func() (err error) {

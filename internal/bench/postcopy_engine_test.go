@@ -113,7 +113,7 @@ func BenchmarkEnginePostcopy(b *testing.B) {
 
 // migratePostcopy runs one pure post-copy migration from host 0 to host 1 and returns the
 // source's report (with the destination's fault figures from its Stats).
-func migratePostcopy(b *testing.B, tb *testbed.Testbed, src migration.Source, dst migration.Destination, prepage string) *migration.Report {
+func migratePostcopy(b testing.TB, tb *testbed.Testbed, src migration.Source, dst migration.Destination, prepage string) *migration.Report {
 	b.Helper()
 	rep := migrateOver(b, tb, src, dst, migration.SendOptions{Mode: migration.ModePostcopy, Prepage: prepage})
 	if testing.Verbose() {
@@ -123,4 +123,48 @@ func migratePostcopy(b *testing.B, tb *testbed.Testbed, src migration.Source, ds
 		b.Logf("warnings: %v", rep.Warnings)
 	}
 	return rep
+}
+
+// TestEnginePostcopyOverUserfaultfd: a pure post-copy across the testbed's namespaces into the
+// VMM's demand paging on a real userfaultfd, with simulated vCPUs faulting while nothing is
+// pushed (demand only for their first 300 ms), then the push. Every page must arrive intact,
+// and the vCPUs' faults must have been served by demand.
+func TestEnginePostcopyOverUserfaultfd(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("network namespaces need root")
+	}
+	tb, err := testbed.New(testbed.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tb.Close()
+	const size = 32 << 20
+	src := mt.NewGuest(mt.SimpleDescription(size))
+	src.Fill(3, 0.5, 0.1)
+	dst, err := newUffdDest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.close()
+	ctx, stop := context.WithCancel(context.Background())
+	var waits []func() error
+	for v := range 2 {
+		pat := mt.LocalityPattern(uint64(v+1), 0, size/4096, 4096, 16)
+		waits = append(waits, dst.runVCPU(ctx, pat, 20*time.Microsecond, 300*time.Millisecond))
+	}
+	rep := migratePostcopy(t, tb, src, dst, migration.PrepageNone)
+	stop()
+	for _, w := range waits {
+		if err := w(); err != nil {
+			t.Error(err)
+		}
+	}
+	if err := dst.compare(src); err != nil {
+		t.Fatal(err)
+	}
+	pc := rep.Postcopy
+	if pc == nil || pc.DemandFaults == 0 || pc.PagesDemanded == 0 || pc.PagesPushed == 0 {
+		t.Fatalf("post-copy report %+v: want demand faults, demanded and pushed pages", pc)
+	}
+	t.Logf("downtime %.2f ms, %d demand faults (p50 %.0f us), %d pages demanded, %d pushed", rep.DowntimeMS, pc.DemandFaults, pc.FaultLatencyP50US, pc.PagesDemanded, pc.PagesPushed)
 }

@@ -286,10 +286,14 @@ func (p *Pager) zero(first, n uint64) (uffd.Result, error) {
 }
 
 // Place installs pages [first, first+n) atomically (from src, n pages of it, or zero pages when
-// src is nil) and wakes whoever waits for them; pages present already are kept.
+// src is nil) and wakes whoever waits for them; pages present already are kept. Placing no
+// pages does nothing.
 func (p *Pager) Place(first, n uint64, src []byte) error {
 	if first > p.pages || n > p.pages-first || (src != nil && uint64(len(src)) != n*guestmem.PageSize) {
 		return fmt.Errorf("demand: place pages %d+%d (%d bytes) outside %s's %d pages", first, n, len(src), p.mem.Name, p.pages)
+	}
+	if n == 0 {
+		return nil
 	}
 	var res uffd.Result
 	var err error

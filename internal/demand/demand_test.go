@@ -210,6 +210,12 @@ func TestArmChecks(t *testing.T) {
 	if err := p.Place(60, 5, nil); err == nil {
 		t.Fatal("Place past the end")
 	}
+	if err := p.Place(3, 1, make([]byte, 10)); err == nil {
+		t.Fatal("Place took a source that is not one page")
+	}
+	if err := p.Place(64, 0, nil); err != nil {
+		t.Fatalf("placing no pages: %v", err)
+	}
 	if err := p.Complete(); err != nil {
 		t.Fatalf("Complete with nothing missing: %v", err)
 	}
