@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -83,16 +82,16 @@ func (d *uffdDest) armed() *demand.Pager {
 }
 
 func (d *uffdDest) WritePages(r int, first uint64, src []byte) error {
-	if p := d.armed(); p != nil {
-		return p.Place(first, uint64(len(src))/guestmem.PageSize, src)
+	if d.armed() != nil {
+		return d.PlacePages(r, first, src)
 	}
 	_, err := d.mem.WriteAt(src, int64(first*guestmem.PageSize))
 	return err
 }
 
 func (d *uffdDest) ZeroPages(r int, first, n uint64) error {
-	if p := d.armed(); p != nil {
-		return p.Place(first, n, nil)
+	if d.armed() != nil {
+		return d.PlaceZero(r, first, n)
 	}
 	return d.mem.PunchPages(first, n)
 }
@@ -115,11 +114,7 @@ func (d *uffdDest) ramBitmap(missing []migration.Bitmap) (guestmem.Bitmap, error
 	if len(missing) != 1 || uint64(len(missing[0])) != (d.mem.Pages()+63)/64 {
 		return nil, fmt.Errorf("uffd destination: page set of %d bitmaps does not fit %d pages", len(missing), d.mem.Pages())
 	}
-	bm := guestmem.Bitmap(slices.Clone(missing[0]))
-	if pages := d.mem.Pages(); pages%64 != 0 {
-		bm[len(bm)-1] &= 1<<(pages%64) - 1
-	}
-	return bm, nil
+	return demand.SetFor(d.mem, missing[0])
 }
 
 func (d *uffdDest) ArmPostcopy(missing []migration.Bitmap) error {

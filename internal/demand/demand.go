@@ -93,6 +93,21 @@ type Pager struct {
 	failure  error // the reader's fatal error, if any
 }
 
+// SetFor returns a copy of missing sized for mem, without bits past its last page: the form
+// DiscardStale and Arm take. missing may be longer than mem needs, not shorter.
+func SetFor(mem *guestmem.Region, missing migration.Bitmap) (guestmem.Bitmap, error) {
+	pages := mem.Pages()
+	if uint64(len(missing)) < (pages+63)/64 {
+		return nil, fmt.Errorf("demand: bitmap of %d words for %s's %d pages", len(missing), mem.Name, pages)
+	}
+	bm := guestmem.NewBitmap(pages)
+	copy(bm, missing)
+	if pages%64 != 0 {
+		bm[len(bm)-1] &= 1<<(pages%64) - 1
+	}
+	return bm, nil
+}
+
 // DiscardStale punches the pages of missing that mem holds, so that they read as absent once
 // armed (a copy from pre-copy is stale): one punch per run, and as few runs as will do. Only
 // pages with data need it (after pure post-copy there are none), and a run may span holes, so

@@ -192,6 +192,26 @@ func TestDemandPaging(t *testing.T) {
 	}
 }
 
+func TestSetFor(t *testing.T) {
+	f := newFixture(t, 100) // two words, 36 bits of the second past the end
+	if _, err := SetFor(f.mem, migration.NewBitmap(64)); err == nil {
+		t.Fatal("SetFor took a bitmap too short for the region")
+	}
+	long := migration.NewBitmap(300)
+	long.SetRange(90, 200)
+	bm, err := SetFor(f.mem, long)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(bm) != 2 || bm.Count() != 10 || !bm.Test(90) || !bm.Test(99) {
+		t.Fatalf("SetFor: %d words, %d pages; want 2 words with pages 90..99", len(bm), bm.Count())
+	}
+	long[0] = 1
+	if bm.Test(0) {
+		t.Fatal("SetFor shares storage with its argument")
+	}
+}
+
 func TestArmChecks(t *testing.T) {
 	f := newFixture(t, 64)
 	if _, err := Arm(f.mem, guestmem.NewBitmap(128), Config{Faults: f.faults}); err == nil {

@@ -7,7 +7,6 @@ import (
 
 	"github.com/godwit-vm/godwit/internal/demand"
 	"github.com/godwit-vm/godwit/internal/guest"
-	"github.com/godwit-vm/godwit/internal/guestmem"
 	"github.com/godwit-vm/godwit/migration"
 )
 
@@ -33,7 +32,7 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	if m.pc.Load() != nil {
 		return errors.New("vmm: arm post-copy: armed already")
 	}
-	bm, err := m.ramBitmap(missing)
+	bm, err := demand.SetFor(m.mem, missing)
 	if err != nil {
 		return fmt.Errorf("vmm: arm post-copy: %w", err)
 	}
@@ -54,20 +53,6 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	}
 	m.pc.Store(pc)
 	return nil
-}
-
-// ramBitmap returns a copy of missing for guest RAM, without bits past its last page.
-func (m *Machine) ramBitmap(missing migration.Bitmap) (guestmem.Bitmap, error) {
-	pages := m.mem.Pages()
-	if uint64(len(missing)) < (pages+63)/64 {
-		return nil, fmt.Errorf("bitmap of %d words for %d pages", len(missing), pages)
-	}
-	bm := guestmem.NewBitmap(pages)
-	copy(bm, missing)
-	if pages%64 != 0 {
-		bm[len(bm)-1] &= 1<<(pages%64) - 1
-	}
-	return bm, nil
 }
 
 // ensurePresent makes sure guest RAM [gpa, gpa+size) is here before the VMM reads or writes
@@ -187,7 +172,7 @@ func (d *MigrationDestination) DiscardStale(missing []migration.Bitmap) error {
 	if st, _ := m.State(); st != StateCreated || m.pc.Load() != nil {
 		return fmt.Errorf("vmm: discard stale pages: machine is %s (armed: %v), want created and not armed", st, m.pc.Load() != nil)
 	}
-	bm, err := m.ramBitmap(missing[0])
+	bm, err := demand.SetFor(m.mem, missing[0])
 	if err == nil {
 		err = demand.DiscardStale(m.mem, bm)
 	}
