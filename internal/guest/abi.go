@@ -5,9 +5,12 @@
 // # Execution model
 //
 // The guest starts directly in 64-bit mode at CPL3 (set up entirely by the VMM: identity page
-// tables with the user bit at every level, a GDT with DPL3 descriptors, IOPL 3 so that in/out
-// reach the VMM as port I/O exits). It never enables interrupts and uses no privileged
-// instruction. CR4.OSFXSR is set so that compiled code may use SSE.
+// tables with the user bit at every level, a GDT with DPL3 descriptors, IOPL 3 and a TSS whose
+// I/O permission bitmap opens the paravirtual ports, so that in/out reach the VMM as port I/O
+// exits whether or not the host honours IOPL). It never enables interrupts and uses no
+// privileged instruction. CR4.OSFXSR is set so that compiled code may use SSE; AVX is not
+// enabled (no CR4.OSXSAVE, no XCR0), so the image is built without it. An exception in the guest
+// enters a VMM-written CPL0 stub through the IDT that reports it on PortFault.
 //
 // Each vCPU enters [EntryGPA] with RDI = vCPU index, RSI = [ParamsGPA] and RSP = its stack top
 // minus 8 (so the C entry function sees the ABI's call alignment). Each vCPU works only on its
@@ -18,8 +21,12 @@
 //	0x000000  unused (never written)
 //	0x001000  GDT (VMM-written)
 //	0x002000  Params, 8 KiB: header at 0, per-vCPU records at ParamsVCPUOffset
+//	0x004000  IDT (VMM-written): exception vectors 0..31, 16 bytes each; stubs at FaultStubGPA
 //	0x010000  PML4; 0x011000 PDPT; 0x012000.. up to MaxPDs page directories (2 MiB pages)
 //	0x060000  per-vCPU mailbox pages, one page each, MaxVCPUs of them
+//	0x0a0000  per-vCPU TSS blocks (VMM-written), TSSBlockSize each: the TSS with its I/O
+//	          permission bitmap, then the stack exceptions are delivered on (TSS.RSP0 is the
+//	          block's end)
 //	0x100000  guest image (code, data, bss), at most ImageMax bytes; EntryGPA is its start
 //	0x200000  stacks, StackSize per vCPU
 //	0x800000  data area (DataGPA): split evenly between vCPUs; each slice starts with its
@@ -69,9 +76,16 @@ const (
 	MaxMemory    = MaxPDs << 30
 	CodeSelector = 0x1b // GDT entry 3, RPL 3
 	DataSelector = 0x23 // GDT entry 4, RPL 3
+
+	// The VMM's exception reporting (never used by the guest code itself; see internal/vmm).
+	IDTGPA       = 0x4000
+	FaultStubGPA = 0x4200
+	TSSGPA       = 0xa0000
+	TSSBlockSize = 0x400
 )
 
-// Ports of the paravirtual interface.
+// Ports of the paravirtual interface. The TSS I/O permission bitmap lets CPL3 reach exactly
+// these (some hosts, PVM among them, run the guest with IOPL 0 whatever RFLAGS said).
 const (
 	PortConsole   = 0x500
 	PortHeartbeat = 0x501
@@ -79,6 +93,10 @@ const (
 	PortVerified  = 0x503
 	PortExit      = 0x504
 	PortPanic     = 0x505
+	// PortFault is written by the VMM's exception stubs at CPL0, never by the guest (its bit in
+	// the I/O bitmap stays set): the vCPU faulted; the stack holds vector, error code and the
+	// CPU's exception frame.
+	PortFault = 0x5f0
 )
 
 // Command is what the VMM answers to a heartbeat.

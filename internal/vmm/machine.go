@@ -166,7 +166,7 @@ func New(cfg Config) (*Machine, error) {
 			if err != nil {
 				return nil, err
 			}
-			if err = c.SetSregs(initialSregs(s)); err != nil {
+			if err = c.SetSregs(initialSregs(s, i)); err != nil {
 				return nil, err
 			}
 			if err = c.SetRegs(initialRegs(i)); err != nil {
@@ -183,10 +183,11 @@ func New(cfg Config) (*Machine, error) {
 	return m, nil
 }
 
-// boot writes the boot-time guest memory of a fresh machine: GDT, page tables, params, image.
+// boot writes the boot-time guest memory of a fresh machine: GDT, TSSs, IDT, page tables,
+// params, image.
 // The memory is brand new, so writing through the mapping is safe here.
 func (m *Machine) boot() error {
-	if err := buildBootPages(m.mem.Mem, m.cfg.MemBytes); err != nil {
+	if err := buildBootPages(m.mem.Mem, m.cfg.MemBytes, m.cfg.VCPUs); err != nil {
 		return err
 	}
 	tsc, err := m.vcpus[0].kvm.TSCKHz()

@@ -124,6 +124,8 @@ func (p *pvDevice) handle(v *vcpu) (done bool, err error) {
 	case guest.PortPanic:
 		text, _ := p.readConsole(v.id, guest.MbConsoleMax)
 		return true, fmt.Errorf("vmm: vCPU %d: guest panic: %s", v.id, text)
+	case guest.PortFault:
+		return true, fmt.Errorf("vmm: guest crashed: %w", p.m.faultReport(v))
 	default:
 		return false, fmt.Errorf("vmm: vCPU %d: write of 0x%x to unknown port 0x%x", v.id, val, io.Port)
 	}

@@ -32,9 +32,9 @@ const (
 	pdSize = 2 << 20
 )
 
-// GDT descriptors: null, kernel code/data (present so the table looks ordinary), user code
-// (64-bit, DPL3) and user data (DPL3), then a 16-byte 64-bit TSS descriptor that VMX entry checks
-// want even though no privilege change ever happens.
+// GDT descriptors: null, kernel code/data (the kernel code segment is what the exception
+// stubs run in), user code (64-bit, DPL3) and user data (DPL3), then one 16-byte 64-bit TSS
+// descriptor per vCPU (tssSelector), so that each vCPU has its own exception stack.
 var gdtEntries = []uint64{
 	0,
 	0x00209A0000000000,
@@ -44,14 +44,33 @@ var gdtEntries = []uint64{
 }
 
 const (
-	tssSelector = 0x28
-	tssGPA      = guest.GDTGPA + 0x800
-	tssLimit    = 0x67
+	kernelCodeSelector = 0x08
+	tssSelectorBase    = 0x28
+	gdtLimit           = tssSelectorBase + 16*guest.MaxVCPUs - 1
 )
 
-// buildBootPages writes the GDT and the identity page tables (2 MiB pages, user bit at every
-// level) covering memBytes into mem, which is guest physical memory starting at GPA 0.
-func buildBootPages(mem []byte, memBytes uint64) error {
+// The 64-bit TSS: RSP0 at 4, the I/O map base at 102, the I/O permission bitmap at 104. The
+// bitmap covers ports 0..ioBitmapPorts-1 with a bit each, set = denied; the CPU reads two bytes
+// for every check, so one more byte of all ones ends it, and every port past it is denied.
+const (
+	tssRSP0       = 4
+	tssIOMapBase  = 102
+	tssIOBitmap   = 104
+	ioBitmapPorts = 0x600
+	tssLimit      = tssIOBitmap + ioBitmapPorts/8 // the last byte: the 0xff terminator
+)
+
+// openPorts are the ports CPL3 may use: the paravirtual ports, each with all four bytes of its
+// 32-bit access (the CPU checks the bit of every byte accessed).
+var openPorts = [2]uint16{guest.PortConsole, guest.PortPanic + 3}
+
+func tssSelector(id int) uint16 { return uint16(tssSelectorBase + 16*id) }
+func tssGPA(id int) uint64      { return guest.TSSGPA + uint64(id)*guest.TSSBlockSize }
+
+// buildBootPages writes the GDT, each vCPU's TSS, the IDT with its exception stubs and the
+// identity page tables (2 MiB pages, user bit at every level) covering memBytes into mem, which
+// is guest physical memory starting at GPA 0.
+func buildBootPages(mem []byte, memBytes uint64, vcpus int) error {
 	if memBytes%pdSize != 0 {
 		return fmt.Errorf("vmm: memory size %d is not a multiple of 2 MiB", memBytes)
 	}
@@ -59,11 +78,15 @@ func buildBootPages(mem []byte, memBytes uint64) error {
 	for i, e := range gdtEntries {
 		binary.LittleEndian.PutUint64(gdt[8*i:], e)
 	}
-	// 64-bit available TSS (type 9), present, base tssGPA, limit tssLimit.
-	base := uint64(tssGPA)
-	lo := uint64(tssLimit&0xffff) | (base&0xffffff)<<16 | uint64(0x89)<<40 | (base>>24&0xff)<<56
-	binary.LittleEndian.PutUint64(gdt[tssSelector:], lo)
-	binary.LittleEndian.PutUint64(gdt[tssSelector+8:], base>>32)
+	for id := 0; id < vcpus; id++ {
+		// 64-bit available TSS (type 9), present, DPL0.
+		base := tssGPA(id)
+		lo := uint64(tssLimit&0xffff) | (base&0xffffff)<<16 | uint64(0x89)<<40 | (base>>24&0xff)<<56
+		binary.LittleEndian.PutUint64(gdt[tssSelector(id):], lo)
+		binary.LittleEndian.PutUint64(gdt[tssSelector(id)+8:], base>>32)
+		writeTSS(mem[base:base+guest.TSSBlockSize], base+guest.TSSBlockSize)
+	}
+	writeIDT(mem)
 
 	gib := (memBytes + (1<<30 - 1)) >> 30
 	if gib > guest.MaxPDs {
@@ -81,6 +104,23 @@ func buildBootPages(mem []byte, memBytes uint64) error {
 	return nil
 }
 
+// writeTSS fills one vCPU's TSS block: exceptions switch to the stack ending at stackTop, and
+// the I/O bitmap opens openPorts only. Some hosts (PVM) clear RFLAGS.IOPL on guest entry, and
+// then every in/out at CPL3 is checked against this bitmap; VMX and SVM hosts consult it only
+// when CPL > IOPL, which the guest's IOPL 3 never is.
+func writeTSS(block []byte, stackTop uint64) {
+	clear(block)
+	binary.LittleEndian.PutUint64(block[tssRSP0:], stackTop)
+	binary.LittleEndian.PutUint16(block[tssIOMapBase:], tssIOBitmap)
+	bitmap := block[tssIOBitmap : tssLimit+1]
+	for i := range bitmap {
+		bitmap[i] = 0xff
+	}
+	for p := openPorts[0]; p <= openPorts[1]; p++ {
+		bitmap[p/8] &^= 1 << (p % 8)
+	}
+}
+
 func segment(sel uint16, code bool) kvm.Segment {
 	s := kvm.Segment{Base: 0, Limit: 0xffffffff, Selector: sel, Present: 1, DPL: 3, S: 1, G: 1}
 	if code {
@@ -93,15 +133,15 @@ func segment(sel uint16, code bool) kvm.Segment {
 	return s
 }
 
-// initialSregs is the long-mode CPL3 state every vCPU starts in.
-func initialSregs(s kvm.Sregs) kvm.Sregs {
+// initialSregs is the long-mode CPL3 state vCPU id starts in.
+func initialSregs(s kvm.Sregs, id int) kvm.Sregs {
 	s.CS = segment(guest.CodeSelector, true)
 	ds := segment(guest.DataSelector, false)
 	s.DS, s.ES, s.FS, s.GS, s.SS = ds, ds, ds, ds, ds
-	s.TR = kvm.Segment{Base: tssGPA, Limit: tssLimit, Selector: tssSelector, Type: 0xb, Present: 1}
+	s.TR = kvm.Segment{Base: tssGPA(id), Limit: tssLimit, Selector: tssSelector(id), Type: 0xb, Present: 1}
 	s.LDT = kvm.Segment{Type: 0x2, Unusable: 1}
-	s.GDT = kvm.DTable{Base: guest.GDTGPA, Limit: uint16(len(gdtEntries)*8 + 16 - 1)}
-	s.IDT = kvm.DTable{}
+	s.GDT = kvm.DTable{Base: guest.GDTGPA, Limit: gdtLimit}
+	s.IDT = kvm.DTable{Base: guest.IDTGPA, Limit: idtLimit}
 	s.CR0 = cr0PE | cr0MP | cr0ET | cr0NE | cr0PG
 	s.CR3 = guest.PML4GPA
 	s.CR4 = cr4PAE | cr4OSFXSR | cr4XMMEXC
