@@ -1,6 +1,7 @@
 package vmm
 
 import (
+	"encoding/binary"
 	"errors"
 	"regexp"
 	"testing"
@@ -62,5 +63,48 @@ func TestGuestFaultIsReported(t *testing.T) {
 				t.Fatalf("failure %v: want a *GuestFault of vector %d at CPL3, got %+v", ferr, c.vec, gf)
 			}
 		})
+	}
+}
+
+func TestSelfCheck(t *testing.T) {
+	requireKVM(t)
+	r, err := SelfCheck(t.Context(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Heartbeats < 20 || r.PagesChecked == 0 {
+		t.Fatalf("self-check: %+v", r)
+	}
+	t.Log(r)
+}
+
+// TestTSSOpensOnlyThePVPorts checks the I/O permission bitmap: every byte of the paravirtual
+// ports' 32-bit accesses open, the ports around them and the fault port closed, the bitmap
+// ended by a byte of ones inside the TSS limit.
+func TestTSSOpensOnlyThePVPorts(t *testing.T) {
+	block := make([]byte, guest.TSSBlockSize)
+	writeTSS(block, 0xabc000)
+	if got := binary.LittleEndian.Uint64(block[tssRSP0:]); got != 0xabc000 {
+		t.Fatalf("RSP0 0x%x", got)
+	}
+	base := int(binary.LittleEndian.Uint16(block[tssIOMapBase:]))
+	open := func(port int) bool {
+		i := base + port/8
+		if i > tssLimit {
+			return false
+		}
+		return block[i]&(1<<(port%8)) == 0
+	}
+	for port := 0; port < 0x10000; port++ {
+		want := port >= guest.PortConsole && port <= guest.PortPanic+3
+		if open(port) != want {
+			t.Errorf("port 0x%x open %v, want %v", port, open(port), want)
+		}
+	}
+	if block[tssLimit] != 0xff {
+		t.Errorf("the byte at the TSS limit is 0x%x, want 0xff", block[tssLimit])
+	}
+	if open(guest.PortFault) {
+		t.Error("the fault port is open to CPL3")
 	}
 }

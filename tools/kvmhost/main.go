@@ -1,6 +1,8 @@
-// Command kvmhost runs a command on a host that has /dev/kvm: this one if it has a usable
-// /dev/kvm, otherwise a QEMU TCG virtual machine that emulates one, sharing this host's
-// filesystem (see package internal/testbed/kvmhost).
+// Command kvmhost runs a command on a host that has /dev/kvm: this one if its /dev/kvm runs
+// godwit's real built-in guest (it boots one, waits for heartbeats and has it verify its
+// memory), otherwise a QEMU TCG virtual machine that emulates one, sharing this host's
+// filesystem (see package internal/testbed/kvmhost). It says on stderr which route it took and
+// why.
 //
 //	kvmhost [flags] -- CMD [ARGS...]
 //	go test -exec "$(go env GOPATH)/bin/kvmhost --" ./internal/vmm/...
@@ -27,6 +29,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/testbed/kvmhost"
+	"github.com/godwit-vm/godwit/internal/vmm"
 )
 
 func main() {
@@ -48,7 +51,7 @@ func run() int {
 		modules     = flag.String("modules", "", "comma-separated extra kernel modules to load in the VM")
 		kernelArgs  = flag.String("append", "", "extra kernel command line arguments (space-separated)")
 		qemu        = flag.String("qemu", "", "qemu-system-x86_64 binary (default: from PATH, installed if missing)")
-		nested      = flag.String("nested", "auto", "auto: use a VM only if /dev/kvm is unusable here; always; never")
+		nested      = flag.String("nested", "auto", "auto: use a VM only if godwit's built-in guest cannot run on /dev/kvm here; always; never")
 		direct      = flag.Bool("direct", false, "run the command directly, never in a VM (same as --nested=never)")
 		timeout     = flag.Duration("timeout", 0, "kill the VM after this long (0: no limit)")
 		bootTimeout = flag.Duration("boot-timeout", 3*time.Minute, "fail if the command has not started in the VM after this long")
@@ -57,12 +60,19 @@ func run() int {
 		keep        = flag.Bool("keep", false, "keep the run directory (run script, output, console log)")
 		prepare     = flag.Bool("prepare", false, "only prepare (install packages, fetch the kernel, build the initramfs) and exit")
 		selfTest    = flag.Bool("self-test", false, "check that KVM works where commands would run (runs --kvm-check there) and report its speed")
-		kvmCheck    = flag.Bool("kvm-check", false, "run a tiny KVM guest here and report KVM's speed")
+		kvmCheck    = flag.Bool("kvm-check", false, "run godwit's built-in guest on /dev/kvm here, then a tiny guest that measures KVM's speed")
+		quiet       = flag.Bool("quiet", false, "do not say which route the command takes")
 	)
 	flag.Usage = usage
 	flag.Parse()
 	argv := flag.Args()
 	if *kvmCheck {
+		r, err := vmm.SelfCheck(context.Background(), "")
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "kvmhost: KVM check failed: %v\n", err)
+			return 1
+		}
+		fmt.Println(r)
 		p, err := kvmhost.ProbeKVM(time.Second)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "kvmhost: KVM check failed: %v\n", err)
@@ -148,16 +158,30 @@ func run() int {
 		return 0
 	}
 
-	if !kvmhost.UseVM(cfg.Mode) {
+	// Decide once, here, so that the check runs once and the run below just follows it.
+	cfg.DirectCheck = func() error {
+		_, err := vmm.SelfCheck(ctx, "")
+		return err
+	}
+	inVM, why := kvmhost.Route(cfg)
+	if !*quiet {
+		route := "directly on this host's /dev/kvm"
+		if inVM {
+			route = "in a nested KVM host (QEMU TCG VM with emulated SVM)"
+		}
+		fmt.Fprintf(os.Stderr, "kvmhost: running %s: %s\n", route, why)
+	}
+	cfg.Mode = kvmhost.Never
+	if inVM {
+		cfg.Mode = kvmhost.Always
+	}
+	if !inVM {
 		// No VM: become the command, so that signals, stdin and the exit status are exactly
 		// its own.
 		path, err := exec.LookPath(argv[0])
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "kvmhost: %v\n", err)
 			return 127
-		}
-		if *verbose {
-			fmt.Fprintf(os.Stderr, "kvmhost: /dev/kvm is usable here; running %s directly\n", path)
 		}
 		err = syscall.Exec(path, argv, os.Environ())
 		fmt.Fprintf(os.Stderr, "kvmhost: exec %s: %v\n", path, err)

@@ -8,6 +8,9 @@
  *
  *   - the GDT at GDT_GPA: null, kernel code (64-bit), kernel data, user code (64-bit, DPL3),
  *     user data (DPL3), a 64-bit TSS descriptor (TSS at GDT_GPA + 0x800);
+ *   - a TSS whose I/O permission bitmap opens the ports the image uses at CPL3 (debugcon's byte
+ *     port and the four bytes of isa-debug-exit's 32-bit one): some KVM hosts (PVM) drop
+ *     RFLAGS.IOPL on guest entry, and then every in/out at CPL3 is checked against it;
  *   - identity page tables at PML4_GPA with the U/S bit at every level: one PML4 entry, four
  *     PDPT entries, 2048 2 MiB pages covering the low 4 GiB (QEMU's RAM below 4 GiB);
  *   - CR4 = PAE|OSFXSR|OSXMMEXCPT, EFER.LME, CR0 = PE|MP|ET|NE|PG;
@@ -25,7 +28,10 @@
 
 #define STACK0_TOP (STACK_GPA + STACK_SIZE)
 #define TSS_GPA (GDT_GPA + 0x800)
-#define TSS_SIZE 0x68
+/* The 64-bit TSS (104 bytes), the I/O bitmap for ports 0..0xff, its terminating 0xff byte. */
+#define TSS_IOMAP_BASE 104
+#define IOMAP_BYTES 32
+#define TSS_SIZE (TSS_IOMAP_BASE + IOMAP_BYTES + 1)
 
 #define KERNEL_CODE_SEL 0x08
 #define KERNEL_DATA_SEL 0x10
@@ -58,15 +64,21 @@ mb_entry32:
 	movl %ebx, %ebp			/* the multiboot information, for mb_main */
 	movl $STACK0_TOP, %esp
 
-	/* The GDT and a zeroed TSS. */
+	/* The GDT and the TSS: zero, then every port closed but PORT_DEBUGCON and PORT_DEBUG_EXIT. */
 	movl $mb_gdt, %esi
 	movl $GDT_GPA, %edi
 	movl $((mb_gdt_end - mb_gdt) / 4), %ecx
 	rep movsl
 	xorl %eax, %eax
 	movl $TSS_GPA, %edi
-	movl $(TSS_SIZE / 4), %ecx
-	rep stosl
+	movl $TSS_IOMAP_BASE, %ecx
+	rep stosb
+	movw $TSS_IOMAP_BASE, (TSS_GPA + 102)
+	movb $0xff, %al
+	movl $(IOMAP_BYTES + 1), %ecx
+	rep stosb
+	andb $~(1 << (PORT_DEBUGCON % 8)), (TSS_GPA + TSS_IOMAP_BASE + PORT_DEBUGCON / 8)
+	andb $~(0xf << (PORT_DEBUG_EXIT % 8)), (TSS_GPA + TSS_IOMAP_BASE + PORT_DEBUG_EXIT / 8)
 	lgdt mb_gdtr
 
 	/* Page tables: PML4, PDPT and four PDs are six consecutive pages from PML4_GPA. */

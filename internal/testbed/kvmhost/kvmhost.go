@@ -62,7 +62,8 @@ import (
 type Mode string
 
 const (
-	// Auto runs the command directly when the host's /dev/kvm can be opened, else in a VM.
+	// Auto runs the command directly when the host's /dev/kvm can be opened and passes
+	// Config.DirectCheck, else in a VM.
 	Auto Mode = "auto"
 	// Always runs the command in a VM even when the host has /dev/kvm.
 	Always Mode = "always"
@@ -83,6 +84,11 @@ const HostTmpDirEnv = "GODWIT_KVMHOST_HOST_TMPDIR"
 // Config configures a run. The zero value is usable.
 type Config struct {
 	Mode Mode // default Auto
+	// DirectCheck, in Auto mode, decides whether this host's /dev/kvm is good enough to run
+	// the command directly: nil means it is whenever it can be opened. Callers pass a check
+	// that runs the guests they will run (a host's KVM can start a vCPU and still kill the
+	// guest that matters, as PVM did with port I/O at CPL3).
+	DirectCheck func() error
 
 	QEMU   string // qemu-system-x86_64 binary; default: from PATH, installed if missing
 	MemMiB int    // guest RAM; default 6144 (nested guests use memfd RAM out of it)
@@ -166,25 +172,35 @@ func (c *Config) setDefaults() {
 func (c *Config) logf(format string, args ...any) { c.Logf(format, args...) }
 
 // HostHasKVM reports whether /dev/kvm on this host can be opened for use.
-func HostHasKVM() bool {
+func HostHasKVM() bool { return openKVM() == nil }
+
+func openKVM() error {
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
-		return false
+		return err
 	}
-	f.Close()
-	return true
+	return f.Close()
 }
 
-// UseVM reports whether a run with this mode would boot a VM on this host.
-func UseVM(m Mode) bool {
-	switch m {
+// Route says whether a run with cfg boots a VM on this host, and why: the mode, the host's
+// /dev/kvm, or the outcome of cfg.DirectCheck.
+func Route(cfg Config) (vm bool, why string) {
+	switch cfg.Mode {
 	case Always:
-		return true
+		return true, "--nested always"
 	case Never:
-		return false
-	default:
-		return !HostHasKVM()
+		return false, "--nested never"
 	}
+	if err := openKVM(); err != nil {
+		return true, fmt.Sprintf("this host has no usable /dev/kvm (%v)", err)
+	}
+	if cfg.DirectCheck == nil {
+		return false, "/dev/kvm opens here"
+	}
+	if err := cfg.DirectCheck(); err != nil {
+		return true, fmt.Sprintf("/dev/kvm opens here but fails the direct check: %v", err)
+	}
+	return false, "/dev/kvm passes the direct check here"
 }
 
 // Result describes a finished run.
@@ -244,7 +260,7 @@ func Run(ctx context.Context, cfg Config, argv []string) (Result, error) {
 		}
 		cfg.Dir = wd
 	}
-	if !UseVM(cfg.Mode) {
+	if vm, _ := Route(cfg); !vm {
 		return runDirect(ctx, cfg, argv)
 	}
 	// Before preparing, which may take minutes on a fresh machine.
