@@ -134,6 +134,9 @@ func TestIdleGuestTCP(t *testing.T) {
 	if rep.DowntimeMS <= 0 || rep.PauseToAckMS < rep.DowntimeMS-1 || rep.BlackoutMS == nil || *rep.BlackoutMS < rep.DowntimeMS {
 		t.Fatalf("downtime %.3fms, pause->ack %.3fms, blackout %v", rep.DowntimeMS, rep.PauseToAckMS, rep.BlackoutMS)
 	}
+	if err := migration.CheckDowntimeParts(*rep); err != nil {
+		t.Fatal(err)
+	}
 	t.Logf("64 MiB idle over TCP: total %.1fms, downtime %.2fms, blackout %.2fms, %d bytes, pages %+v",
 		rep.TotalMS, rep.DowntimeMS, *rep.BlackoutMS, rep.BytesWire, rep.Pages)
 }

@@ -2,9 +2,12 @@ package migration
 
 import (
 	"errors"
+	"fmt"
+	"math"
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/pages"
+	"github.com/godwit-vm/godwit/migration/wire"
 )
 
 // Results of a migration.
@@ -63,14 +66,58 @@ type RoundReport struct {
 	AckWaitMS float64 `json:"ack_wait_ms"`
 }
 
-// DowntimeParts splits the downtime the way the source sees it, plus the destination's share.
+// DowntimeParts splits the downtime into consecutive spans that add up to it: final round,
+// state and delivery by the source's wall clock, arm, restore and start by the destination's.
+// Delivery ends at the destination's wall clock, so, like the downtime itself, it assumes the
+// two clocks agree (it is clamped at zero where they visibly do not). AckMS is not part of the
+// downtime: it also counts Resumed's way back, after the destination already runs.
 type DowntimeParts struct {
 	FinalRoundMS float64 `json:"final_round_ms"` // pause -> last page written (fetch, read, send)
 	StateMS      float64 `json:"state_ms"`       // save and send state, send Complete
-	AckMS        float64 `json:"ack_ms"`         // Complete sent -> Resumed received
+	DeliveryMS   float64 `json:"delivery_ms"`    // Complete written -> the destination has read it (socket buffers draining, the destination's last placing)
 	ArmMS        float64 `json:"arm_ms"`         // destination, post-copy: discard stale pages, register userfaultfd
 	RestoreMS    float64 `json:"restore_ms"`     // destination: RestoreState
 	StartMS      float64 `json:"start_ms"`       // destination: Start
+	AckMS        float64 `json:"ack_ms"`         // not a part: Complete sent -> Resumed received, on the source
+}
+
+// Sum is the total of the parts that make up the downtime (AckMS excluded).
+func (d DowntimeParts) Sum() float64 {
+	return d.FinalRoundMS + d.StateMS + d.DeliveryMS + d.ArmMS + d.RestoreMS + d.StartMS
+}
+
+// CheckDowntimeParts returns an error when r's downtime parts do not add up to its downtime
+// (within the slack of taking each mark a moment after the event) or one exceeds it. Tests of
+// real migrations call it on their reports.
+func CheckDowntimeParts(r Report) error {
+	const slackMS = 1
+	d := r.Downtime
+	parts := []float64{d.FinalRoundMS, d.StateMS, d.DeliveryMS, d.ArmMS, d.RestoreMS, d.StartMS}
+	for _, p := range parts {
+		if p < 0 || p > r.DowntimeMS+slackMS {
+			return fmt.Errorf("migration: downtime %.3f ms has a part of %.3f ms: %+v", r.DowntimeMS, p, d)
+		}
+	}
+	if sum := d.Sum(); math.Abs(sum-r.DowntimeMS) > slackMS {
+		return fmt.Errorf("migration: downtime parts add up to %.3f ms, the downtime is %.3f ms: %+v", sum, r.DowntimeMS, d)
+	}
+	return nil
+}
+
+// downtimeParts splits the downtime from the source's marks (pause, last page, Complete
+// written, Resumed received) and the destination's Resumed.
+func downtimeParts(pauseAt, finalAt, completeAt, ackAt time.Time, res *wire.Resumed) DowntimeParts {
+	destNanos := int64(res.ArmNanos + res.RestoreNanos + res.StartNanos)
+	delivery := time.Duration(res.ResumeUnixNano - destNanos - completeAt.UnixNano())
+	return DowntimeParts{
+		FinalRoundMS: ms(finalAt.Sub(pauseAt)),
+		StateMS:      ms(completeAt.Sub(finalAt)),
+		DeliveryMS:   ms(max(delivery, 0)),
+		ArmMS:        ms(time.Duration(res.ArmNanos)),
+		RestoreMS:    ms(time.Duration(res.RestoreNanos)),
+		StartMS:      ms(time.Duration(res.StartNanos)),
+		AckMS:        ms(ackAt.Sub(completeAt)),
+	}
 }
 
 // Report describes a migration, from either side.

@@ -754,14 +754,7 @@ func (s *sender) complete(ctx *switchCtx) error {
 	ackAt := s.clock.Now()
 	s.rep.DowntimeMS = ms(time.Duration(res.ResumeUnixNano - ctx.pauseAt.UnixNano()))
 	s.rep.PauseToAckMS = ms(ackAt.Sub(ctx.pauseAt))
-	s.rep.Downtime = DowntimeParts{
-		FinalRoundMS: ms(ctx.finalAt.Sub(ctx.pauseAt)),
-		StateMS:      ms(completeAt.Sub(ctx.finalAt)),
-		AckMS:        ms(ackAt.Sub(completeAt)),
-		ArmMS:        ms(time.Duration(res.ArmNanos)),
-		RestoreMS:    ms(time.Duration(res.RestoreNanos)),
-		StartMS:      ms(time.Duration(res.StartNanos)),
-	}
+	s.rep.Downtime = downtimeParts(ctx.pauseAt, ctx.finalAt, completeAt, ackAt, res)
 
 	if s.switched {
 		return s.postcopy(ctx)

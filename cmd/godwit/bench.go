@@ -91,6 +91,9 @@ func (c *BenchCmd) Run(g *Globals, ctx context.Context) error {
 		if err != nil {
 			meta = bench.Meta{Command: "godwit bench --report-only --out " + c.Out, Host: hostDescription(), QEMU: qemuVersion()}
 		}
+		if meta.Godwit == "" {
+			meta.Godwit = versionLine()
+		}
 		return c.report(g, runs, meta, time.Now())
 	}
 	if len(scen) == 0 {
@@ -169,7 +172,7 @@ func (c *BenchCmd) Run(g *Globals, ctx context.Context) error {
 		return err
 	}
 	meta := bench.Meta{Command: "godwit " + strings.Join(os.Args[1:], " "), Started: start, Duration: time.Since(start),
-		Host: hostDescription(), QEMU: qemuVersion()}
+		Host: hostDescription(), QEMU: qemuVersion(), Godwit: versionLine()}
 	if merr := bench.WriteMeta(c.Out, meta); merr != nil {
 		return merr
 	}
@@ -245,9 +248,24 @@ func listScenarios(g *Globals, suite string, scen []bench.Scenario) error {
 func hostDescription() string {
 	var u unix.Utsname
 	unix.Uname(&u)
-	d := fmt.Sprintf("%d CPUs, Linux %s", runtime.NumCPU(), unix.ByteSliceToString(u.Release[:]))
+	d := fmt.Sprintf("%d CPUs", runtime.NumCPU())
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+				d += " (" + strings.TrimSpace(v) + ")"
+				break
+			}
+		}
+	}
+	d += ", Linux " + unix.ByteSliceToString(u.Release[:])
 	if b, err := os.ReadFile("/proc/cmdline"); err == nil && strings.Contains(string(b), "kvmhost.dir=") {
-		d += ", inside the nested KVM host (tools/kvmhost: QEMU TCG with emulated SVM)"
+		return d + ", inside the nested KVM host (tools/kvmhost: QEMU TCG with emulated SVM)"
+	}
+	// Which KVM runs the guests directly: the module that provides it.
+	for _, m := range []string{"kvm_pvm", "kvm_intel", "kvm_amd"} {
+		if _, err := os.Stat("/sys/module/" + m); err == nil {
+			return d + ", direct KVM (" + m + ")"
+		}
 	}
 	return d
 }

@@ -6,10 +6,12 @@
 //	godwit pause | resume | quit
 //	godwit migrate  live-migrate a VM to another host
 //
-// Every command takes --json for scripts.
+// Every command takes --json for scripts; its JSON objects carry "godwit_version". godwit with no
+// arguments prints this usage; godwit --version prints the version.
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,11 +21,15 @@ import (
 	"syscall"
 
 	"github.com/alecthomas/kong"
+
+	"github.com/godwit-vm/godwit/internal/version"
+	"github.com/godwit-vm/godwit/migration/wire"
 )
 
 // Globals are the flags every command takes.
 type Globals struct {
-	JSON bool `help:"Print machine-readable JSON instead of text."`
+	JSON    bool             `help:"Print machine-readable JSON instead of text."`
+	Version kong.VersionFlag `help:"Print godwit's version (release, commit, Go, migration protocol) and exit."`
 }
 
 // CLI is godwit's command line.
@@ -52,8 +58,14 @@ func main() {
 		kong.Description("godwit runs KVM virtual machines and live-migrates them between hosts."),
 		kong.UsageOnError(),
 		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
+		kong.Vars{"version": versionLine()},
 	)
-	kctx, err := parser.Parse(os.Args[1:])
+	args := os.Args[1:]
+	if len(args) == 0 {
+		// A newcomer's first try: show what there is rather than a parse error.
+		args = []string{"--help"}
+	}
+	kctx, err := parser.Parse(args)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "godwit: %v\n", err)
 		os.Exit(2)
@@ -68,7 +80,7 @@ func main() {
 			os.Exit(ee.code)
 		}
 		if cli.JSON {
-			json.NewEncoder(os.Stdout).Encode(map[string]string{"result": "failed", "error": err.Error()})
+			json.NewEncoder(os.Stdout).Encode(map[string]string{"result": "failed", "error": err.Error(), "godwit_version": version.String()})
 		} else {
 			fmt.Fprintf(os.Stderr, "godwit: %v\n", err)
 		}
@@ -76,9 +88,31 @@ func main() {
 	}
 }
 
-// printJSON writes v indented on stdout.
+// versionLine is what --version prints.
+func versionLine() string {
+	return fmt.Sprintf("%s, migration protocol v%d (accepts v%d..v%d)", version.String(), wire.Version, wire.MinVersion, wire.Version)
+}
+
+// printJSON writes v indented on stdout. An object gets "godwit_version" as its first field, so
+// that every report says which godwit made it.
 func printJSON(v any) error {
-	enc := json.NewEncoder(os.Stdout)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if len(b) > 1 && b[0] == '{' {
+		ver, _ := json.Marshal(version.String())
+		sep := ","
+		if b[1] == '}' {
+			sep = ""
+		}
+		b = append(append([]byte(`{"godwit_version":`), ver...), append([]byte(sep), b[1:]...)...)
+	}
+	var out bytes.Buffer
+	if err := json.Indent(&out, b, "", "  "); err != nil {
+		return err
+	}
+	out.WriteByte('\n')
+	_, err = os.Stdout.Write(out.Bytes())
+	return err
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/godwit-vm/godwit/internal/control"
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/kvm"
+	"github.com/godwit-vm/godwit/internal/version"
 	"github.com/godwit-vm/godwit/internal/vmm"
 )
 
@@ -96,6 +97,13 @@ func TestRunStatsVerifyPauseResumeQuit(t *testing.T) {
 	if s.Heartbeats < 20 || s.State != vmm.StateRunning || s.Workload["pattern"] != "hotcold" {
 		t.Fatalf("stats: %+v", s)
 	}
+	var ver struct {
+		Version string `json:"godwit_version"`
+	}
+	runJSON(t, &ver, "stats", "--json", "--control", sock)
+	if ver.Version != version.String() {
+		t.Fatalf("stats --json: godwit_version %q, want %q", ver.Version, version.String())
+	}
 	var r vmm.VerifyReport
 	runJSON(t, &r, "verify", "--json", "--control", sock)
 	if r.Mismatches != 0 || r.PagesChecked == 0 {
@@ -171,5 +179,17 @@ func TestBadInputIsAClearError(t *testing.T) {
 		if err == nil || !strings.Contains(string(out), c.want) {
 			t.Errorf("godwit %s: %v, output %q; want failure mentioning %q", strings.Join(c.args, " "), err, out, c.want)
 		}
+	}
+}
+
+// TestFirstContact: godwit with no arguments shows its usage, --version its version.
+func TestFirstContact(t *testing.T) {
+	out, err := godwit().CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "Usage: godwit <command>") || !strings.Contains(string(out), "migrate") {
+		t.Fatalf("godwit with no arguments: %v\n%s", err, out)
+	}
+	out, err = godwit("--version").CombinedOutput()
+	if want := version.String() + ", migration protocol v"; err != nil || !strings.HasPrefix(string(out), want) {
+		t.Fatalf("godwit --version: %v: %q, want it to start with %q", err, out, want)
 	}
 }

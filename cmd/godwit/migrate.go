@@ -276,6 +276,7 @@ func printReport(r migration.Report) {
 	if r.Mode == "" {
 		return
 	}
+	fmt.Printf("godwit       %s\n", versionLine())
 	fmt.Printf("mode         %s, %d rounds", r.Mode, r.Rounds)
 	if r.Mode != migration.ModePostcopy {
 		fmt.Printf(", converged %v", r.Converged)
@@ -285,11 +286,12 @@ func printReport(r migration.Report) {
 	}
 	fmt.Println()
 	fmt.Printf("total        %.1f ms\n", r.TotalMS)
-	fmt.Printf("downtime     %.2f ms (final round %.2f, state %.2f, ack %.2f, of which ", r.DowntimeMS, r.Downtime.FinalRoundMS, r.Downtime.StateMS, r.Downtime.AckMS)
+	d := r.Downtime
+	fmt.Printf("downtime     %.2f ms = final round %.2f + state %.2f + delivery %.2f", r.DowntimeMS, d.FinalRoundMS, d.StateMS, d.DeliveryMS)
 	if r.Postcopy != nil {
-		fmt.Printf("post-copy arm %.2f, ", r.Downtime.ArmMS)
+		fmt.Printf(" + post-copy arm %.2f", d.ArmMS)
 	}
-	fmt.Printf("restore %.2f and start %.2f)\n", r.Downtime.RestoreMS, r.Downtime.StartMS)
+	fmt.Printf(" + restore %.2f + start %.2f (Resumed back at the source after %.2f)\n", d.RestoreMS, d.StartMS, r.PauseToAckMS)
 	if r.BlackoutMS != nil {
 		fmt.Printf("blackout     %.2f ms (largest gap in guest heartbeats)\n", *r.BlackoutMS)
 	}

@@ -154,6 +154,9 @@ func TestMigrateAcrossShapedLink(t *testing.T) {
 				}
 				t.Fatalf("migrate: %v, report %+v", err, rep)
 			}
+			if err := migration.CheckDowntimeParts(rep); err != nil {
+				t.Error(err)
+			}
 			if err := <-src.exited; err != nil {
 				t.Fatalf("source process after migrating away: %v %s", err, src.stderr)
 			}
@@ -179,6 +182,9 @@ func TestMigrateThereAndBack(t *testing.T) {
 		logReport(t, fmt.Sprintf("hop %d -> %d", hop.from, hop.to), rep)
 		if err != nil || rep.Result != "ok" {
 			t.Fatalf("hop %d: %v %+v", i, err, rep)
+		}
+		if err := migration.CheckDowntimeParts(rep); err != nil {
+			t.Error(err)
 		}
 		b.verifyClean(t)
 		a = b

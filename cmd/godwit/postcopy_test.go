@@ -47,6 +47,9 @@ func checkArrived(t *testing.T, src, dst *vmProc, rep migration.Report, err erro
 	if rep.Mode != mode {
 		t.Errorf("report mode %q, want %q", rep.Mode, mode)
 	}
+	if err := migration.CheckDowntimeParts(rep); err != nil {
+		t.Error(err)
+	}
 	select {
 	case err := <-src.exited:
 		if err != nil {

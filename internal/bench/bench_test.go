@@ -284,3 +284,29 @@ func mustRE(t *testing.T, s string) *regexp.Regexp {
 	}
 	return re
 }
+
+// TestWorkLost: a guest at 10 units/s that stops for the middle second of a 3 s migration
+// loses that second; an undisturbed one loses nothing; without a rate before there is no figure.
+func TestWorkLost(t *testing.T) {
+	var tl []Sample
+	units := int64(100)
+	for ms := -1000.0; ms <= 3200; ms += 100 {
+		tl = append(tl, Sample{TMS: ms, Units: units})
+		if ms < 1000 || ms >= 2000 {
+			units++ // 1 unit per 100 ms: 10 units/s, but nothing from 1 s to 2 s
+		}
+	}
+	if got := WorkLostMS(Run{TotalMS: 3000, Timeline: tl}); math.Abs(got-1000) > 1e-6 {
+		t.Fatalf("work lost %.3f ms, want 1000", got)
+	}
+	steady := make([]Sample, len(tl))
+	for i := range tl {
+		steady[i] = Sample{TMS: tl[i].TMS, Units: int64(i)}
+	}
+	if got := WorkLostMS(Run{TotalMS: 3000, Timeline: steady}); math.Abs(got) > 1e-6 {
+		t.Fatalf("undisturbed guest lost %.3f ms, want 0", got)
+	}
+	if got := WorkLostMS(Run{TotalMS: 3000, Timeline: tl[10:]}); !math.IsNaN(got) {
+		t.Fatalf("no samples before the migration: work lost %.3f, want NaN", got)
+	}
+}

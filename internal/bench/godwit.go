@@ -272,7 +272,9 @@ func fillFromReport(r *Run, rep *migration.Report) {
 		"expected_downtime_ms": rep.ExpectedDowntimeMS,
 		"final_round_ms":       rep.Downtime.FinalRoundMS,
 		"state_ms":             rep.Downtime.StateMS,
+		"delivery_ms":          rep.Downtime.DeliveryMS,
 		"restore_ms":           rep.Downtime.RestoreMS,
+		"start_ms":             rep.Downtime.StartMS,
 	}
 	if rep.Postcopy != nil {
 		r.Extra["arm_ms"] = rep.Downtime.ArmMS

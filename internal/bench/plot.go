@@ -86,10 +86,11 @@ func shortName(n, tech string) string {
 }
 
 func barsPlot(path, tech string, scen []string, by map[string]map[string]*Summary) error {
-	plots := make([][]*plot.Plot, 2)
+	plots := make([][]*plot.Plot, (len(Metrics)+1)/2)
 	labels := make([]string, len(scen))
 	for i, n := range scen {
-		labels[i] = shortName(n, tech)
+		// One word a line: long names neither overlap nor run past the plot's edge.
+		labels[i] = strings.ReplaceAll(shortName(n, tech), "-", "\n")
 	}
 	for i, m := range Metrics {
 		p := plot.New()
@@ -116,14 +117,29 @@ func barsPlot(path, tech string, scen []string, by map[string]map[string]*Summar
 			p.Add(bc)
 			p.Legend.Add(systemLabel[sys], bc)
 		}
+		// Headroom above the tallest bar keeps the legend (top right) off the bars.
+		top := 0.0
+		for _, sys := range []string{SystemGodwit, SystemQEMU} {
+			for _, n := range scen {
+				if v := get(by[n][sys], m.Key); !math.IsNaN(v) {
+					top = max(top, v)
+				}
+			}
+		}
+		if top > 0 {
+			p.Y.Max = top * 1.35
+		}
 		p.Legend.Top = true
 		p.NominalX(labels...)
-		p.X.Tick.Label.Rotation = -0.35
-		p.X.Tick.Label.XAlign = draw.XLeft
-		p.X.Tick.Label.YAlign = draw.YTop
 		plots[i/2] = append(plots[i/2], p)
 	}
-	return saveTiles(path, plots, 11*vg.Inch, 8*vg.Inch)
+	// plot.Align wants full rows.
+	for i := range plots {
+		for len(plots[i]) < 2 {
+			plots[i] = append(plots[i], nil)
+		}
+	}
+	return saveTiles(path, plots, 11*vg.Inch, vg.Length(len(plots))*4*vg.Inch)
 }
 
 func saveTiles(path string, plots [][]*plot.Plot, width, height vg.Length) error {

@@ -18,6 +18,7 @@ type Meta struct {
 	Duration time.Duration `json:"duration"` // how long it ran
 	Host     string        `json:"host"`     // machine, kernel, whether nested
 	QEMU     string        `json:"qemu"`     // QEMU's version
+	Godwit   string        `json:"godwit"`   // godwit's version
 }
 
 // WriteMeta saves meta in dir (meta.json), for a later --report-only.
@@ -111,8 +112,11 @@ func SummaryTable(runs []Run) string {
 	var b strings.Builder
 	names, by := Summarize(runs)
 	setup := setups(runs)
-	b.WriteString("| scenario | technique | link | total | downtime | blackout | bytes |\n")
-	b.WriteString("|---|---|---|---:|---:|---:|---:|\n")
+	b.WriteString("| scenario | technique | link |")
+	for _, m := range Metrics {
+		b.WriteString(" " + m.Label + " |")
+	}
+	b.WriteString("\n|---|---|---|" + strings.Repeat("---:|", len(Metrics)) + "\n")
 	for _, n := range names {
 		g, q := by[n][SystemGodwit], by[n][SystemQEMU]
 		s := setup[n]
@@ -150,6 +154,9 @@ func writeMarkdown(w io.Writer, runs []Run, meta Meta, plots []string) error {
 	}
 	if meta.Host != "" {
 		fmt.Fprintf(&b, " Host: %s.", meta.Host)
+	}
+	if meta.Godwit != "" {
+		fmt.Fprintf(&b, " %s.", meta.Godwit)
 	}
 	if meta.QEMU != "" {
 		fmt.Fprintf(&b, " QEMU: %s.", meta.QEMU)

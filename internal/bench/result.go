@@ -164,6 +164,7 @@ var Metrics = []Metric{
 		return r.BlackoutMS
 	}},
 	{"bytes", "bytes on the wire", "MiB", func(r Run) float64 { return float64(r.BytesWire) / (1 << 20) }},
+	{"work_lost", "guest work lost", "ms", WorkLostMS},
 }
 
 // Summary is the medians of one scenario on one system.
@@ -247,4 +248,53 @@ func WorkRate(tl []Sample) float64 {
 		return 0
 	}
 	return float64(tl[last].Units-tl[first].Units) / (tl[last].TMS - tl[first].TMS) * 1000
+}
+
+// WorkLostMS is what the migration cost the workload: the time from the migration's start to
+// its end minus the work the guest did meanwhile, in milliseconds at its rate in the second
+// before (WorkRate). A guest the migration does not disturb loses 0; one paused throughout
+// loses the total time. Throttling, downtime and post-copy's demand faults all count. NaN when
+// the timeline does not show the rate before or the work during.
+func WorkLostMS(r Run) float64 {
+	rate := WorkRate(r.Timeline) / 1000 // units per ms
+	if rate <= 0 || r.TotalMS <= 0 {
+		return math.NaN()
+	}
+	var last *Sample
+	for i := range r.Timeline {
+		if r.Timeline[i].Units >= 0 {
+			last = &r.Timeline[i]
+		}
+	}
+	if last == nil || last.TMS <= 0 {
+		return math.NaN()
+	}
+	// The samples may stop short of the end; then the window ends with them.
+	end := min(r.TotalMS, last.TMS)
+	u0, ok0 := unitsAt(r.Timeline, 0)
+	u1, ok1 := unitsAt(r.Timeline, end)
+	if !ok0 || !ok1 {
+		return math.NaN()
+	}
+	return max(end-(u1-u0)/rate, 0)
+}
+
+// unitsAt interpolates the work units at t (ms) between the samples around it.
+func unitsAt(tl []Sample, t float64) (float64, bool) {
+	var prev *Sample
+	for i := range tl {
+		s := &tl[i]
+		if s.Units < 0 {
+			continue
+		}
+		if s.TMS >= t {
+			if prev == nil || s.TMS == prev.TMS {
+				return float64(s.Units), s.TMS == t
+			}
+			f := (t - prev.TMS) / (s.TMS - prev.TMS)
+			return float64(prev.Units) + f*float64(s.Units-prev.Units), true
+		}
+		prev = s
+	}
+	return 0, false
 }
