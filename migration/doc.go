@@ -153,12 +153,13 @@
 // may release its memory; downtime as the destination's resume time minus the source's pause
 // time by wall clock, which assumes the two hosts share a synchronised clock (true on our
 // testbeds, and trivially within one host), so the source also reports its local pause ->
-// acknowledgement time, which needs no shared clock; blackout as the guest's first heartbeat
-// after resume minus its last before pause, when the source implements [ProgressClock] and the
-// destination [FirstProgress]; bytes this side wrote to the connection; pages by kind. Per live
-// round the source also reports how long the acknowledgement took after the round's end
-// (ack_wait_ms: the backlog plus a round trip), and its expected downtime at the decision to
-// stop (expected_downtime_ms), to compare with the downtime measured.
+// acknowledgement time, which needs no shared clock and bounds the downtime, and splits the
+// downtime into consecutive parts that add up to it ([DowntimeParts]); blackout as the guest's
+// first heartbeat after resume minus its last before pause, when the source implements
+// [ProgressClock] and the destination [FirstProgress]; bytes this side wrote to the connection;
+// pages by kind. Per live round the source also reports how long the acknowledgement took after
+// the round's end (ack_wait_ms: the backlog plus a round trip), and its expected downtime at the
+// decision to stop (expected_downtime_ms), to compare with the downtime measured.
 //
 // In post-copy the total time ends at the destination's Filled; downtime runs from the pause to
 // the destination's start as in pre-copy (the missing set replaces the final round). The

@@ -341,7 +341,8 @@ func (rc *receiver) migrate() error {
 	if p != nil {
 		p.started(resumeAt)
 	}
-	rc.rep.DowntimeMS = ms(time.Duration(resumeAt.UnixNano() - complete.PauseUnixNano))
+	// By the wall clocks as on the source, and no shorter than this side's own share of it.
+	rc.rep.DowntimeMS = ms(max(time.Duration(resumeAt.UnixNano()-complete.PauseUnixNano), resumeAt.Sub(t0)))
 	rc.rep.Downtime.ArmMS = ms(tArm.Sub(t0))
 	rc.rep.Downtime.RestoreMS = ms(t1.Sub(tArm))
 	rc.rep.Downtime.StartMS = ms(resumeAt.Sub(t1))

@@ -3,7 +3,6 @@ package migration
 import (
 	"errors"
 	"fmt"
-	"math"
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/pages"
@@ -66,57 +65,71 @@ type RoundReport struct {
 	AckWaitMS float64 `json:"ack_wait_ms"`
 }
 
-// DowntimeParts splits the downtime into consecutive spans that add up to it: final round,
-// state and delivery by the source's wall clock, arm, restore and start by the destination's.
-// Delivery ends at the destination's wall clock, so, like the downtime itself, it assumes the
-// two clocks agree (it is clamped at zero where they visibly do not). AckMS is not part of the
-// downtime: it also counts Resumed's way back, after the destination already runs.
+// DowntimeParts splits the downtime into consecutive spans that add up to it (see
+// splitDowntime): the source's first, the destination's last, delivery between them. The
+// destination's own report has only its parts.
 type DowntimeParts struct {
-	FinalRoundMS float64 `json:"final_round_ms"` // pause -> last page written (fetch, read, send)
-	StateMS      float64 `json:"state_ms"`       // save and send state, send Complete
-	DeliveryMS   float64 `json:"delivery_ms"`    // Complete written -> the destination has read it (socket buffers draining, the destination's last placing)
+	FinalRoundMS float64 `json:"final_round_ms"` // source: pause -> last page written (post-copy: the missing set)
+	StateMS      float64 `json:"state_ms"`       // source: save and send the state, write Complete
+	DeliveryMS   float64 `json:"delivery_ms"`    // Complete written -> read by the destination (the stream's tail in flight and placed)
 	ArmMS        float64 `json:"arm_ms"`         // destination, post-copy: discard stale pages, register userfaultfd
 	RestoreMS    float64 `json:"restore_ms"`     // destination: RestoreState
 	StartMS      float64 `json:"start_ms"`       // destination: Start
-	AckMS        float64 `json:"ack_ms"`         // not a part: Complete sent -> Resumed received, on the source
 }
 
-// Sum is the total of the parts that make up the downtime (AckMS excluded).
+// Sum is the total of the parts.
 func (d DowntimeParts) Sum() float64 {
 	return d.FinalRoundMS + d.StateMS + d.DeliveryMS + d.ArmMS + d.RestoreMS + d.StartMS
 }
 
-// CheckDowntimeParts returns an error when r's downtime parts do not add up to its downtime
-// (within the slack of taking each mark a moment after the event) or one exceeds it. Tests of
-// real migrations call it on their reports.
+// CheckDowntimeParts returns an error when one of r's downtime parts is negative or exceeds
+// the downtime, or when they add up to more than it (or, in the source's report, which has
+// them all, to less). Tests of real migrations call it on their reports.
 func CheckDowntimeParts(r Report) error {
-	const slackMS = 1
+	const epsMS = 1e-3 // rounding: the parts are converted to milliseconds one by one
 	d := r.Downtime
-	parts := []float64{d.FinalRoundMS, d.StateMS, d.DeliveryMS, d.ArmMS, d.RestoreMS, d.StartMS}
-	for _, p := range parts {
-		if p < 0 || p > r.DowntimeMS+slackMS {
-			return fmt.Errorf("migration: downtime %.3f ms has a part of %.3f ms: %+v", r.DowntimeMS, p, d)
+	for _, p := range []float64{d.FinalRoundMS, d.StateMS, d.DeliveryMS, d.ArmMS, d.RestoreMS, d.StartMS} {
+		if p < 0 || p > r.DowntimeMS+epsMS {
+			return fmt.Errorf("migration: %s downtime of %.3f ms has a part of %.3f ms: %+v", r.Side, r.DowntimeMS, p, d)
 		}
 	}
-	if sum := d.Sum(); math.Abs(sum-r.DowntimeMS) > slackMS {
-		return fmt.Errorf("migration: downtime parts add up to %.3f ms, the downtime is %.3f ms: %+v", sum, r.DowntimeMS, d)
+	sum := d.Sum()
+	if sum > r.DowntimeMS+epsMS || (r.Side == "source" && sum < r.DowntimeMS-epsMS) {
+		return fmt.Errorf("migration: %s downtime of %.3f ms has parts that add up to %.3f ms: %+v", r.Side, r.DowntimeMS, sum, d)
 	}
 	return nil
 }
 
-// downtimeParts splits the downtime from the source's marks (pause, last page, Complete
-// written, Resumed received) and the destination's Resumed.
-func downtimeParts(pauseAt, finalAt, completeAt, ackAt time.Time, res *wire.Resumed) DowntimeParts {
-	destNanos := int64(res.ArmNanos + res.RestoreNanos + res.StartNanos)
-	delivery := time.Duration(res.ResumeUnixNano - destNanos - completeAt.UnixNano())
-	return DowntimeParts{
-		FinalRoundMS: ms(finalAt.Sub(pauseAt)),
-		StateMS:      ms(completeAt.Sub(finalAt)),
-		DeliveryMS:   ms(max(delivery, 0)),
-		ArmMS:        ms(time.Duration(res.ArmNanos)),
-		RestoreMS:    ms(time.Duration(res.RestoreNanos)),
-		StartMS:      ms(time.Duration(res.StartNanos)),
-		AckMS:        ms(ackAt.Sub(completeAt)),
+// splitDowntime measures the downtime and its parts from the source's marks (pause, last page
+// written, Complete written, Resumed received) and the destination's Resumed.
+//
+// The whole is the destination's resume minus the source's pause, by their wall clocks, kept
+// within what each side's own clock proves: no less than the destination's parts (taken between
+// reading Complete and resuming), no more than the source's pause to Resumed received. The
+// destination's parts end it; the source's begin it, cut short where they would run into the
+// destination's: a mark taken late (the thread that wrote Complete not scheduled again before
+// the destination had restored) or clocks that disagree must not make two parts overlap.
+// Delivery is the rest, the one span that crosses from one clock to the other. So the parts
+// always add up to the whole. The source's Complete -> Resumed span is no part: it covers the
+// delivery and the destination's parts, and then Resumed's way back after the downtime ended,
+// which on a busy destination can take longer than the whole downtime.
+func splitDowntime(pauseAt, finalAt, completeAt, ackAt time.Time, res *wire.Resumed) (time.Duration, DowntimeParts) {
+	toAck := max(ackAt.Sub(pauseAt), 0)
+	// The peer's figures bounded by the window they happened in, so that nothing overflows.
+	span := func(n uint64) time.Duration { return time.Duration(min(n, uint64(toAck))) }
+	arm, restore, start := span(res.ArmNanos), span(res.RestoreNanos), span(res.StartNanos)
+	dest := arm + restore + start
+	whole := max(min(time.Duration(res.ResumeUnixNano-pauseAt.UnixNano()), toAck), dest)
+	room := whole - dest // for the source's parts and the delivery
+	final := min(max(finalAt.Sub(pauseAt), 0), room)
+	state := min(max(completeAt.Sub(finalAt), 0), room-final)
+	return whole, DowntimeParts{
+		FinalRoundMS: ms(final),
+		StateMS:      ms(state),
+		DeliveryMS:   ms(room - final - state),
+		ArmMS:        ms(arm),
+		RestoreMS:    ms(restore),
+		StartMS:      ms(start),
 	}
 }
 
@@ -127,7 +140,8 @@ func downtimeParts(pauseAt, finalAt, completeAt, ackAt time.Time, res *wire.Resu
 // the destination's resume time minus the source's pause time, both read from wall clocks;
 // this is only meaningful when the two hosts share a synchronised clock (our testbeds do), so
 // the source also records its local pause -> acknowledgement time, which needs no shared clock
-// and bounds the downtime from above by one network trip. Blackout is the guest's first
+// and bounds the downtime from above by one network trip (the source's downtime is kept within
+// that bound, and its parts add up to it: see splitDowntime). Blackout is the guest's first
 // heartbeat after resume minus its last before pause, when both VMMs can report heartbeats.
 // Converged, Reason and the throttle are the source's to know; a destination leaves them zero.
 type Report struct {

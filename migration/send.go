@@ -752,9 +752,9 @@ func (s *sender) complete(ctx *switchCtx) error {
 	s.acked = true
 	s.paused = false
 	ackAt := s.clock.Now()
-	s.rep.DowntimeMS = ms(time.Duration(res.ResumeUnixNano - ctx.pauseAt.UnixNano()))
+	downtime, parts := splitDowntime(ctx.pauseAt, ctx.finalAt, completeAt, ackAt, res)
+	s.rep.DowntimeMS, s.rep.Downtime = ms(downtime), parts
 	s.rep.PauseToAckMS = ms(ackAt.Sub(ctx.pauseAt))
-	s.rep.Downtime = downtimeParts(ctx.pauseAt, ctx.finalAt, completeAt, ackAt, res)
 
 	if s.switched {
 		return s.postcopy(ctx)

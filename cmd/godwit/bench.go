@@ -56,9 +56,10 @@ every 100 ms. report.md has a table per scenario with both systems' medians and 
 godwit/QEMU ratios; the plots are bars per technique, a timeline per scenario and the
 post-copy fault-latency CDF.
 
-It needs KVM, root (network namespaces) and qemu-system-x86. On a machine without /dev/kvm
-run it inside the nested KVM host, where everything runs 10 to 50 times slower (the VMs are
-sized for that: 256 MiB, 64 MiB working sets):
+It needs KVM, root (network namespaces) and qemu-system-x86. tools/kvmhost runs it directly
+where /dev/kvm runs godwit's guest, and in the nested KVM host otherwise, where everything runs
+10 to 50 times slower: most VMs are sized for that (256 MiB, 64 MiB working sets); leave out the
+two large ones (writer-1g, idle-3g) there with --scenario '^([^g]|g[^-])*$'.
 
   go build -o bin/godwit ./cmd/godwit && go run ./tools/kvmhost -- bin/godwit bench --out docs/bench`
 }

@@ -7,7 +7,8 @@
 //	godwit migrate  live-migrate a VM to another host
 //
 // Every command takes --json for scripts; its JSON objects carry "godwit_version". godwit with no
-// arguments prints this usage; godwit --version prints the version.
+// command prints its help on standard error and exits with status 2, as for any other usage
+// error (--help prints it on standard output, status 0); --version prints the version.
 package main
 
 import (
@@ -23,13 +24,12 @@ import (
 	"github.com/alecthomas/kong"
 
 	"github.com/godwit-vm/godwit/internal/version"
-	"github.com/godwit-vm/godwit/migration/wire"
 )
 
 // Globals are the flags every command takes.
 type Globals struct {
 	JSON    bool             `help:"Print machine-readable JSON instead of text."`
-	Version kong.VersionFlag `help:"Print godwit's version (release, commit, Go, migration protocol) and exit."`
+	Version kong.VersionFlag `help:"Print godwit's version (release, Go, commit, migration protocol) and exit."`
 }
 
 // CLI is godwit's command line.
@@ -60,12 +60,12 @@ func main() {
 		kong.ConfigureHelp(kong.HelpOptions{Compact: true}),
 		kong.Vars{"version": versionLine()},
 	)
-	args := os.Args[1:]
-	if len(args) == 0 {
+	if len(os.Args) == 1 {
 		// A newcomer's first try: show what there is rather than a parse error.
-		args = []string{"--help"}
+		usage(parser)
+		os.Exit(2)
 	}
-	kctx, err := parser.Parse(args)
+	kctx, err := parser.Parse(os.Args[1:])
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "godwit: %v\n", err)
 		os.Exit(2)
@@ -80,7 +80,7 @@ func main() {
 			os.Exit(ee.code)
 		}
 		if cli.JSON {
-			json.NewEncoder(os.Stdout).Encode(map[string]string{"result": "failed", "error": err.Error(), "godwit_version": version.String()})
+			printJSON(map[string]string{"result": "failed", "error": err.Error()})
 		} else {
 			fmt.Fprintf(os.Stderr, "godwit: %v\n", err)
 		}
@@ -88,10 +88,20 @@ func main() {
 	}
 }
 
-// versionLine is what --version prints.
-func versionLine() string {
-	return fmt.Sprintf("%s, migration protocol v%d (accepts v%d..v%d)", version.String(), wire.Version, wire.MinVersion, wire.Version)
+// usage prints the full help on standard error.
+func usage(parser *kong.Kong) {
+	parser.Stdout = os.Stderr
+	kctx, err := kong.Trace(parser, nil)
+	if err == nil {
+		err = kctx.PrintUsage(false)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "godwit: %v\n", err)
+	}
 }
+
+// versionLine is what --version prints and what the logs and reports call this godwit.
+func versionLine() string { return version.String() }
 
 // printJSON writes v indented on stdout. An object gets "godwit_version" as its first field, so
 // that every report says which godwit made it.

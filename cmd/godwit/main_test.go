@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"os"
 	"os/exec"
@@ -182,14 +183,41 @@ func TestBadInputIsAClearError(t *testing.T) {
 	}
 }
 
-// TestFirstContact: godwit with no arguments shows its usage, --version its version.
+// TestFirstContact: godwit with no arguments prints its help on standard error and exits 2 (a
+// usage error, like a bad flag); --help prints the same on standard output and exits 0;
+// --version prints the version line.
 func TestFirstContact(t *testing.T) {
-	out, err := godwit().CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "Usage: godwit <command>") || !strings.Contains(string(out), "migrate") {
-		t.Fatalf("godwit with no arguments: %v\n%s", err, out)
+	var stdout, stderr bytes.Buffer
+	cmd := godwit()
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || stdout.Len() != 0 ||
+		!strings.HasPrefix(stderr.String(), "Usage: godwit <command>") || !strings.Contains(stderr.String(), "migrate") {
+		t.Fatalf("godwit with no arguments: %v, stdout %q, stderr %q; want status 2 and the help on stderr", err, &stdout, &stderr)
 	}
-	out, err = godwit("--version").CombinedOutput()
-	if want := version.String() + ", migration protocol v"; err != nil || !strings.HasPrefix(string(out), want) {
-		t.Fatalf("godwit --version: %v: %q, want it to start with %q", err, out, want)
+	help, err := godwit("--help").Output()
+	if err != nil || string(help) != stderr.String() {
+		t.Fatalf("godwit --help: %v, %q; want status 0 and the help on stdout", err, help)
+	}
+	out, err := godwit("--version").Output()
+	if want := version.String() + "\n"; err != nil || string(out) != want {
+		t.Fatalf("godwit --version: %v, %q; want %q", err, out, want)
+	}
+	if !strings.Contains(string(out), ", protocol v") {
+		t.Fatalf("godwit --version %q does not name the migration protocol", out)
+	}
+}
+
+// TestJSONFailureNamesVersion: a failed command's --json object says which godwit failed.
+func TestJSONFailureNamesVersion(t *testing.T) {
+	b, err := godwit("stats", "--json", "--control", "/nonexistent/vm.sock").Output()
+	var r struct {
+		Version string `json:"godwit_version"`
+		Result  string `json:"result"`
+		Error   string `json:"error"`
+	}
+	if err == nil || json.Unmarshal(b, &r) != nil || r.Result != "failed" || r.Version != version.String() || r.Error == "" {
+		t.Fatalf("godwit stats --json on a missing socket: %v, %q; want a failed result with godwit_version %q", err, b, version.String())
 	}
 }

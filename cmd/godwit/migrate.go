@@ -291,7 +291,8 @@ func printReport(r migration.Report) {
 	if r.Postcopy != nil {
 		fmt.Printf(" + post-copy arm %.2f", d.ArmMS)
 	}
-	fmt.Printf(" + restore %.2f + start %.2f (Resumed back at the source after %.2f)\n", d.RestoreMS, d.StartMS, r.PauseToAckMS)
+	// Not a part: it also counts Resumed's way back, after the destination already ran.
+	fmt.Printf(" + restore %.2f + start %.2f (acknowledged %.2f ms after the pause)\n", d.RestoreMS, d.StartMS, r.PauseToAckMS)
 	if r.BlackoutMS != nil {
 		fmt.Printf("blackout     %.2f ms (largest gap in guest heartbeats)\n", *r.BlackoutMS)
 	}

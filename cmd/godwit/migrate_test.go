@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/testbed"
+	"github.com/godwit-vm/godwit/internal/version"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
 )
@@ -112,6 +113,12 @@ func migrate(t testing.TB, src *vmProc, to string, args ...string) (migration.Re
 	var rep migration.Report
 	if jerr := json.Unmarshal(out, &rep); jerr != nil {
 		t.Fatalf("migrate printed %q (%v): %v", out, err, jerr)
+	}
+	var ver struct {
+		Version string `json:"godwit_version"`
+	}
+	if json.Unmarshal(out, &ver); ver.Version != version.String() {
+		t.Errorf("migrate --json: godwit_version %q, want %q", ver.Version, version.String())
 	}
 	return rep, err
 }

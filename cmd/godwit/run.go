@@ -128,7 +128,7 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 		}
 		return fmt.Errorf("--incoming: accept: %w", err)
 	}
-	// Which godwit received it, for matching the two sides' logs (the source's report names its own).
+	// Which godwit receives it, for matching the two sides' logs (the source logs its own).
 	fmt.Fprintf(os.Stderr, "godwit: VM %q: incoming migration from %s; %s\n", c.Name, conn.RemoteAddr(), versionLine())
 	vdst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g)}}
 	dst := arrivingDestination{vdst, func() { p.arriving(vdst.M) }}

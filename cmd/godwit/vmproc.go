@@ -392,6 +392,8 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		rep.Mode = mode
 		return rep, fmt.Errorf("migrate: cannot reach the destination %s: %w (the VM keeps running here)", addr, err)
 	}
+	// Which godwit sends it, for matching the two sides' logs (the destination logs its own).
+	fmt.Fprintf(os.Stderr, "godwit: VM %q: migrating to %s (%s); %s\n", p.name, conn.RemoteAddr(), mode, versionLine())
 	m.ResetHeartbeatGap()
 	o.opts = migration.SendOptions{
 		DowntimeLimit: time.Duration(req.DowntimeLimitMS) * time.Millisecond,

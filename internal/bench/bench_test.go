@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
+	"github.com/godwit-vm/godwit/internal/qemu"
 )
 
 func TestScenarioTableParses(t *testing.T) {
@@ -54,20 +55,37 @@ func TestScenarioTableParses(t *testing.T) {
 	if !contents["text"] || !contents["random"] {
 		t.Errorf("contents %v: want text and random", contents)
 	}
+	// QEMU's guest verifies its memory every qemuVerifyInterval, and a migration must fit
+	// between two verifications: sending what the guest has written at the cap must take
+	// well under that.
+	for _, s := range def {
+		written := float64(s.WSSBytes)
+		if s.Workload == "idle" {
+			written = s.Touch * float64(s.MemBytes)
+		}
+		bps := float64(s.CapBps)
+		if bps == 0 {
+			bps = 1e9 // unshaped: at least a Gbit/s
+		}
+		every := qemuVerifyInterval(max(3*time.Second, s.WarmUp)) // 3 s: --warm-up's default
+		if send := time.Duration(written * 8 / bps * float64(time.Second)); 2*send > every {
+			t.Errorf("%s: %v to send what the guest wrote, QEMU's guest verifies every %v: give it a longer warm-up", s.Name, send, every)
+		}
+	}
 	if got := Select(all, "default", mustRE(t, "postcopy")); len(got) == 0 || !strings.Contains(got[0].Name, "postcopy") {
 		t.Errorf("select postcopy: %v", got)
 	}
 }
 
 func TestParseScenarioErrors(t *testing.T) {
-	good := "a workload=dirty wss=32M rate=20k pattern=hotcold hot-size=0.2 link=500mbit cap=none technique=hybrid hybrid-rounds=3 downtime=100ms suites=quick"
+	good := "a workload=dirty wss=32M rate=20k pattern=hotcold hot-size=0.2 link=500mbit cap=none technique=hybrid hybrid-rounds=3 downtime=100ms warm-up=10s suites=quick"
 	ss, err := ParseScenarios(good)
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := ss[0]
 	if s.WSSBytes != 32<<20 || s.Rate != 20000 || s.HotSize != 0.2 || s.LinkBps != 500_000_000 || s.CapBps != 0 ||
-		s.HybridRounds != 3 || s.DowntimeLimit != 100*time.Millisecond || !s.InSuite("quick") || s.InSuite("default") {
+		s.HybridRounds != 3 || s.DowntimeLimit != 100*time.Millisecond || s.WarmUp != 10*time.Second || !s.InSuite("quick") || s.InSuite("default") {
 		t.Fatalf("parsed %+v", s)
 	}
 	for _, bad := range []string{
@@ -81,6 +99,8 @@ func TestParseScenarioErrors(t *testing.T) {
 		"a wss",
 		"a workload=dirty wss=200M mem=256M",
 		"a mem=4G",
+		"a warm-up=0s",
+		"a warm-up=soon",
 		"a suites=nightly",
 		"a\na",
 	} {
@@ -149,6 +169,8 @@ writer-hybrid-unshaped workload=dirty technique=hybrid link=unshaped`)
 				for j := 0; j < 50; j++ {
 					r.Timeline = append(r.Timeline, Sample{TMS: float64(j*100 - 1000), LinkBytes: int64(max(0, j-10)) << 20, Bytes: -1, Units: int64(j * 10 / int(f))})
 				}
+				lost := f * f * 100 // recorded, as a run records it: godwit 100 ms, QEMU 400
+				r.WorkLostMS = &lost
 				if s.Technique != Precopy {
 					r.Faults = 100
 					// The hybrid's first QEMU run and third godwit run never leave pre-copy.
@@ -211,6 +233,14 @@ func TestReportAndPlots(t *testing.T) {
 		if err != nil || len(b) < 1000 || !strings.Contains(string(b[:min(len(b), 500)]), "<svg") {
 			t.Errorf("%s: %d bytes, %v", p, len(b), err)
 		}
+		svg := string(b)
+		// One legend for the whole figure, above the plots, not one in each plot.
+		if strings.HasPrefix(p, "bars-") && strings.Count(svg, ">godwit<") != 1 {
+			t.Errorf("%s: %d legend entries for godwit, want 1", p, strings.Count(svg, ">godwit<"))
+		}
+		if strings.HasPrefix(p, "timeline-") && !strings.Contains(svg, "work lost: godwit 100 ms, QEMU 400 ms") {
+			t.Errorf("%s: no work lost in the title", p)
+		}
 	}
 	md, err := os.ReadFile(filepath.Join(dir, ReportFile))
 	if err != nil {
@@ -221,7 +251,8 @@ func TestReportAndPlots(t *testing.T) {
 	// godwit/QEMU is 0.50 for total, downtime and bytes in every scenario (blackout: 20+r
 	// against 40+r, medians 21 and 41).
 	for _, want := range []string{
-		"| idle-precopy-1gbit | precopy | 1 Gbit/s | 0.50 | 0.50 | 0.51 | 0.50 |",
+		"| idle-precopy-1gbit | precopy | 1 Gbit/s | 0.50 | 0.50 | 0.51 | 0.50 | 0.25 |",
+		"| guest work lost (ms) | 100.0 | 400.0 | 0.25 |",
 		"| writer-hybrid-unshaped | hybrid | unshaped | 0.50 |",
 		"### writer-postcopy-1gbit",
 		"| total time (ms) | 2100 | 4200 | 0.50 |",
@@ -285,28 +316,139 @@ func mustRE(t *testing.T, s string) *regexp.Regexp {
 	return re
 }
 
-// TestWorkLost: a guest at 10 units/s that stops for the middle second of a 3 s migration
-// loses that second; an undisturbed one loses nothing; without a rate before there is no figure.
-func TestWorkLost(t *testing.T) {
+// guestTimeline samples a guest every 100 ms from -1 s to 4 s whose work rate (units per
+// 100 ms) at each sample's time is rate(t ms); the count starts at 100.
+func guestTimeline(rate func(t float64) float64) []Sample {
 	var tl []Sample
-	units := int64(100)
-	for ms := -1000.0; ms <= 3200; ms += 100 {
-		tl = append(tl, Sample{TMS: ms, Units: units})
-		if ms < 1000 || ms >= 2000 {
-			units++ // 1 unit per 100 ms: 10 units/s, but nothing from 1 s to 2 s
+	u := 100.0
+	for ms := -1000.0; ms <= 4000; ms += 100 {
+		tl = append(tl, Sample{TMS: ms, Units: int64(math.Round(u))})
+		u += rate(ms)
+	}
+	return tl
+}
+
+func TestWorkLost(t *testing.T) {
+	// 10 units/s, none from 1 s to 2 s.
+	stall := guestTimeline(func(t float64) float64 {
+		if t >= 1000 && t < 2000 {
+			return 0
+		}
+		return 1
+	})
+	// Half its pace from 0 to 2 s, then twice it for 0.5 s (a catch-up is not negative loss
+	// where it falls outside the window, and cannot make the loss negative inside it).
+	slow := guestTimeline(func(t float64) float64 {
+		switch {
+		case t >= 0 && t < 2000:
+			return 0.5
+		case t >= 2000 && t < 2500:
+			return 2
+		}
+		return 1
+	})
+	unknown := slices.Clone(stall)
+	for i := range unknown {
+		if tm := unknown[i].TMS; tm > 1000 && tm < 2000 {
+			unknown[i].Units = -1 // a side that did not answer
 		}
 	}
-	if got := WorkLostMS(Run{TotalMS: 3000, Timeline: tl}); math.Abs(got-1000) > 1e-6 {
-		t.Fatalf("work lost %.3f ms, want 1000", got)
+	dip := slices.Clone(stall)
+	dip[25].Units = 3 // the destination's copy of the counter, before it runs
+	for _, c := range []struct {
+		name       string
+		tl         []Sample
+		start, end float64
+		want       float64
+		ok         bool
+	}{
+		{"stall", stall, 0, 3000, 1000, true},
+		{"stall, window past the samples", stall, -5000, 9000, 1000, true},
+		{"stall, window inside it", stall, 1200, 1700, 500, true},
+		{"stall, window before it", stall, 0, 900, 0, true},
+		{"interpolated", stall, 950, 1050, 50, true},
+		{"half pace", slow, 0, 2000, 1000, true},
+		{"catch-up in the window", slow, 2000, 2500, 0, true},
+		{"unknown samples", unknown, 0, 3000, 1000, true},
+		{"a dip", dip, 0, 3000, 1000, true},
+		{"no rate before", stall[10:], 0, 3000, 0, false},
+		{"empty window", stall, 3000, 3000, 0, false},
+		{"no timeline", nil, 0, 3000, 0, false},
+	} {
+		got, ok := WorkLost(c.tl, c.start, c.end)
+		if ok != c.ok || math.Abs(got-c.want) > 1e-6 {
+			t.Errorf("%s: work lost %.3f ms (ok %v), want %.3f (ok %v)", c.name, got, ok, c.want, c.ok)
+		}
 	}
-	steady := make([]Sample, len(tl))
-	for i := range tl {
-		steady[i] = Sample{TMS: tl[i].TMS, Units: int64(i)}
+}
+
+// TestRunWorkLost: a run's window ends at end_ms, not at total_ms, and its figure goes into
+// results.jsonl; runs written without one get it from their timeline.
+func TestRunWorkLost(t *testing.T) {
+	// A stall of 300 ms ending 3.3 s after the migration was issued (the downtime), of a
+	// migration whose total time, counted from later, is 3 s.
+	tl := guestTimeline(func(t float64) float64 {
+		if t >= 3000 && t < 3300 {
+			return 0
+		}
+		return 1
+	})
+	r := Run{Result: ResultOK, TotalMS: 3000, EndMS: 3400, Timeline: tl}
+	r.setWorkLost()
+	if r.WorkLostMS == nil || math.Abs(*r.WorkLostMS-300) > 1e-6 {
+		t.Fatalf("work lost %v, want 300 ms", r.WorkLostMS)
 	}
-	if got := WorkLostMS(Run{TotalMS: 3000, Timeline: steady}); math.Abs(got) > 1e-6 {
-		t.Fatalf("undisturbed guest lost %.3f ms, want 0", got)
+	var b strings.Builder
+	if err := WriteJSONL(&b, r); err != nil {
+		t.Fatal(err)
 	}
-	if got := WorkLostMS(Run{TotalMS: 3000, Timeline: tl[10:]}); !math.IsNaN(got) {
-		t.Fatalf("no samples before the migration: work lost %.3f, want NaN", got)
+	if !strings.Contains(b.String(), `"end_ms":3400,"work_lost_ms":300`) {
+		t.Errorf("results line %s", b.String())
+	}
+	recorded := r
+	recorded.WorkLostMS = new(float64)
+	*recorded.WorkLostMS = 42
+	old := r
+	old.WorkLostMS, old.EndMS = nil, 0
+	for _, c := range []struct {
+		r    Run
+		want float64
+	}{{r, 300}, {recorded, 42}, {old, 0}} {
+		if got := WorkLostMS(c.r); got != c.want {
+			t.Errorf("WorkLostMS %v, want %v", got, c.want)
+		}
+	}
+	old.Result = ResultError
+	if got := WorkLostMS(old); !math.IsNaN(got) {
+		t.Errorf("failed run: work lost %v", got)
+	}
+}
+
+// TestSamplerLastSample: the sampler samples once more when stopped, after whatever the run
+// waited for.
+func TestSamplerLastSample(t *testing.T) {
+	n := 0
+	sm := startSampler(time.Hour, func(time.Time) Sample { n++; return Sample{TMS: float64(n)} })
+	for n == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	if got := sm.stop(); len(got) != 2 || got[1].TMS != 2 {
+		t.Fatalf("samples %+v, want the first and one at stop", got)
+	}
+}
+
+func TestQEMUEnd(t *testing.T) {
+	issued := time.Now()
+	res := &qemu.Result{Total: 5 * time.Second}
+	if got := qemuEnd(res, issued); !got.Equal(issued.Add(5 * time.Second)) {
+		t.Errorf("no events: end %v after issue", got.Sub(issued))
+	}
+	res.Statuses = []qemu.StatusAt{{Status: "active", Time: issued}, {Status: "completed", Time: issued.Add(4900 * time.Millisecond)}}
+	if got := qemuEnd(res, issued); got.Sub(issued) != 4900*time.Millisecond {
+		t.Errorf("completed event: end %v after issue", got.Sub(issued))
+	}
+	res.Resume = issued.Add(5100 * time.Millisecond)
+	if got := qemuEnd(res, issued); got.Sub(issued) != 5100*time.Millisecond {
+		t.Errorf("later RESUME: end %v after issue", got.Sub(issued))
 	}
 }

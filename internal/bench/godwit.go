@@ -181,7 +181,7 @@ func (e *runEnv) godwit(ctx context.Context) error {
 	}
 	e.phase("warming up")
 	select {
-	case <-time.After(e.cfg.WarmUp):
+	case <-time.After(e.warmUp()):
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -211,6 +211,7 @@ func (e *runEnv) godwit(ctx context.Context) error {
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	runErr := cmd.Run()
+	r.EndMS = ms(time.Since(t0))
 	end := e.meter.tx()
 	samples := sm.stop()
 	relative(samples, base)

@@ -14,11 +14,21 @@ import (
 
 // QEMU's guest settings: a heartbeat line per millisecond at most (godwit's guest heartbeats
 // once per unit of work, or per millisecond when idle) and a verification of the whole memory
-// qemuVerifyMS after the start and after the end of each verification (the multiboot guest
+// an interval after the start and after the end of each verification (the multiboot guest
 // verifies on a timer only; the destination's first verification after the migration decides
 // whether the run counts). The migration starts right after the first verification, so that
-// the next one comes qemuVerifyMS later: while it runs, the guest writes nothing.
+// the next one comes an interval later: while it runs, the guest neither writes nor
+// heartbeats, which would count against QEMU's blackout and work lost and spare it dirty pages.
+// qemuVerifyMS is the least interval.
 const qemuVerifyMS = 4000
+
+// qemuVerifyInterval is the run's interval between verifications: at least qemuVerifyMS and
+// at least the warm-up, which makes the first verification end the warm-up (both systems'
+// guests then write for about as long before the migration) and leaves a migration shorter
+// than the warm-up free of verifications.
+func qemuVerifyInterval(warmUp time.Duration) time.Duration {
+	return max(qemuVerifyMS*time.Millisecond, warmUp)
+}
 
 // qemuGuest is the scenario's guest for QEMU's multiboot image: the same workload, content,
 // pattern and working set as godwit's, on one vCPU.
@@ -85,9 +95,11 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	}
 	defer os.RemoveAll(dir)
 	opts := guest.DefaultMultibootOptions()
-	opts.HeartbeatUS, opts.VerifyMS = 1000, qemuVerifyMS
+	verifyEvery := qemuVerifyInterval(e.warmUp())
+	opts.HeartbeatUS, opts.VerifyMS = 1000, uint64(verifyEvery.Milliseconds())
 	e.phase("starting VMs")
-	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	// The start covers the wait for the first verification, an interval after the boot.
+	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute+verifyEvery)
 	defer cancel()
 	// Both QEMUs start at once (each takes seconds in a nested KVM host). The guest's TSC
 	// frequency is measured once, for both sides of this one machine.
@@ -133,7 +145,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	}
 	bootedAt := src.Started.Add(boot)
 	select {
-	case <-time.After(time.Until(bootedAt.Add(e.cfg.WarmUp))):
+	case <-time.After(time.Until(bootedAt.Add(e.warmUp()))):
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -156,7 +168,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		PostcopyAfterPasses: s.HybridRounds + 1,
 		Poll:                20 * time.Millisecond,
 		Timeout:             e.cfg.Timeout,
-		VerifyTimeout:       time.Duration(qemuVerifyMS)*time.Millisecond + 2*time.Minute,
+		VerifyTimeout:       verifyEvery + 2*time.Minute,
 	}
 	if capBytes == 0 {
 		// QEMU caps pre-copy at 128 MiB/s by default; godwit has no cap unless asked.
@@ -181,6 +193,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	time.Sleep(time.Until(t0))
 	base := e.meter.tx()
 	e.phase("migrating")
+	issued := time.Now()
 	res, merr := qemu.Migrate(ctx, src, dst, mc)
 	samples := sm.stop()
 	relative(samples, base)
@@ -194,6 +207,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		return merr
 	}
 	r.TotalMS = ms(res.Total)
+	r.EndMS = ms(qemuEnd(res, issued).Sub(t0))
 	r.DowntimeMS = ms(res.StopToResume)
 	r.BlackoutMS = ms(res.Blackout)
 	r.Extra = map[string]float64{
@@ -232,6 +246,22 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		return merr
 	}
 	return nil
+}
+
+// qemuEnd is when the migration ended for the guest: the later of the source's completion (its
+// MIGRATION event, or the first poll that saw it) and the destination's RESUME. Migrate itself
+// returns only after the destination guest's verification, when the guest has stopped again.
+func qemuEnd(res *qemu.Result, issued time.Time) time.Time {
+	end := issued.Add(res.Total)
+	for _, st := range res.Statuses {
+		if st.Status == "completed" {
+			end = st.Time
+		}
+	}
+	if res.Resume.After(end) {
+		end = res.Resume
+	}
+	return end
 }
 
 type unitAt struct {

@@ -165,11 +165,13 @@ func writeMarkdown(w io.Writer, runs []Run, meta Meta, plots []string) error {
 	b.WriteString(`Every scenario runs on both systems with the same guest (godwit's built-in workload guest;
 QEMU runs its multiboot build), one vCPU, the same testbed link (two network namespaces joined by
 a veth pair, shaped by a token bucket or not) and the same bandwidth cap (godwit --max-bandwidth,
-QEMU max-bandwidth and max-postcopy-bandwidth). VMs are small (256 MiB, 64 MiB working sets) so
-that the suite fits in minutes in the nested KVM host (tools/kvmhost), where everything runs 10
-to 50 times slower than on hardware: absolute figures from there are not either system's speed,
-the ratios are the point. A run counts only if the destination guest then checks every page
-of its memory and finds none wrong (godwit verify; QEMU's guest verifies itself on a timer).
+QEMU max-bandwidth and max-postcopy-bandwidth). Most VMs are small (256 MiB, 64 MiB working
+sets) so that the suite fits in minutes in the nested KVM host (tools/kvmhost), where everything
+runs 10 to 50 times slower than on hardware: absolute figures from there are not either system's
+speed, the ratios are the point. The scenarios with a size in their name (a 2 GiB writer of a
+1 GiB working set, an idle 3 GiB VM) are for direct KVM. A run counts only if the destination
+guest then checks every page of its memory and finds none wrong (godwit verify; QEMU's guest
+verifies itself on a timer).
 
 Definitions: **total** is the migration issued to the source done (godwit: memory released;
 QEMU: completed; godwit's clock starts when its VM process gets the request, so the start of
@@ -179,7 +181,11 @@ report; QEMU: the source's STOP event to the destination's RESUME event); **blac
 largest gap between the guest's heartbeats, timestamped by the host; **bytes** is the system's
 own count of what it sent (godwit: socket writes; QEMU: RAM transferred); **link bytes** is what
 the source's end of the link sent, IP headers included, the same meter for both; **link use**
-is bytes over total time as a share of a raw TCP transfer on the same link just before the run.
+is bytes over total time as a share of a raw TCP transfer on the same link just before the run;
+**guest work lost** is how much less work the guest did from the migration's issue to its end
+than at its own pace in the second before (units of work counted by the guest on both hosts, in
+milliseconds at that pace; 0 for a guest the migration did not slow down): downtime, throttling,
+stalls and post-copy's demand faults all count.
 Values are medians over the repeats; ratios are godwit / QEMU (below 1: godwit takes less).
 
 `)
@@ -268,7 +274,7 @@ func notes(runs []Run) string {
 			continue
 		}
 		if r.Extra["verify_during_migration"] == 1 {
-			ls = append(ls, fmt.Sprintf("%s, QEMU, run %d: the guest verified its memory during the migration (it writes nothing meanwhile).", r.Scenario, r.Repeat+1))
+			ls = append(ls, fmt.Sprintf("%s, QEMU, run %d: the guest verified its memory during the migration (it neither writes nor heartbeats meanwhile: that run's blackout and work lost include the verification; a longer warm-up moves it past the migration).", r.Scenario, r.Repeat+1))
 		}
 		if r.BlackoutMS <= 0 {
 			ls = append(ls, fmt.Sprintf("%s, %s, run %d: the migration report has no blackout figure (not counted in the medians).", r.Scenario, systemLabel[r.System], r.Repeat+1))

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -80,6 +81,16 @@ type Run struct {
 	// Timeline samples bytes and guest progress about every 100 ms, from a second before
 	// the migration to its end.
 	Timeline []Sample `json:"timeline,omitempty"`
+	// EndMS is when the migration ended on the timeline's clock (ms since it was issued):
+	// godwit, when 'godwit migrate' returned (its total time starts only once the VM process
+	// has the request, later than the timeline's 0, so 0 + total_ms would end the window
+	// before the downtime ends); QEMU, the later of the source's completion and the
+	// destination's RESUME event.
+	EndMS float64 `json:"end_ms,omitempty"`
+	// WorkLostMS is the guest work the migration cost over [0, EndMS], in milliseconds of
+	// work at the guest's rate in the second before it (WorkLost); absent where the timeline
+	// cannot tell.
+	WorkLostMS *float64 `json:"work_lost_ms,omitempty"`
 	// WallMS is how long the whole run took (start of the VMs to their end).
 	WallMS float64 `json:"wall_ms"`
 }
@@ -250,51 +261,84 @@ func WorkRate(tl []Sample) float64 {
 	return float64(tl[last].Units-tl[first].Units) / (tl[last].TMS - tl[first].TMS) * 1000
 }
 
-// WorkLostMS is what the migration cost the workload: the time from the migration's start to
-// its end minus the work the guest did meanwhile, in milliseconds at its rate in the second
-// before (WorkRate). A guest the migration does not disturb loses 0; one paused throughout
-// loses the total time. Throttling, downtime and post-copy's demand faults all count. NaN when
-// the timeline does not show the rate before or the work during.
-func WorkLostMS(r Run) float64 {
-	rate := WorkRate(r.Timeline) / 1000 // units per ms
-	if rate <= 0 || r.TotalMS <= 0 {
-		return math.NaN()
+// WorkLost is the guest work a migration cost: how much less the guest did between start and
+// end (ms on the timeline's clock) than it would have at its rate in the second before the
+// migration (WorkRate), in milliseconds of that work. Downtime, throttling, stalls on dirty
+// logging and post-copy's demand faults all count. A guest that kept its pace loses 0 (below 0,
+// noise in the rate, counts as 0); one stopped throughout loses the whole window. Both systems'
+// guests count the same units of work, so the figures compare. The window is clipped to the
+// samples that know the guest's count, and the count is interpolated between them; ok is false
+// where the timeline has no rate before the migration or no such samples in the window.
+func WorkLost(tl []Sample, start, end float64) (lostMS float64, ok bool) {
+	perMS := WorkRate(tl) / 1000
+	if perMS <= 0 {
+		return 0, false
 	}
-	var last *Sample
-	for i := range r.Timeline {
-		if r.Timeline[i].Units >= 0 {
-			last = &r.Timeline[i]
-		}
+	pts := workCounts(tl)
+	if len(pts) < 2 {
+		return 0, false
 	}
-	if last == nil || last.TMS <= 0 {
-		return math.NaN()
+	start, end = max(start, pts[0].TMS), min(end, pts[len(pts)-1].TMS)
+	if end <= start {
+		return 0, false
 	}
-	// The samples may stop short of the end; then the window ends with them.
-	end := min(r.TotalMS, last.TMS)
-	u0, ok0 := unitsAt(r.Timeline, 0)
-	u1, ok1 := unitsAt(r.Timeline, end)
-	if !ok0 || !ok1 {
-		return math.NaN()
-	}
-	return max(end-(u1-u0)/rate, 0)
+	done := unitsAt(pts, end) - unitsAt(pts, start)
+	return max(0, end-start-done/perMS), true
 }
 
-// unitsAt interpolates the work units at t (ms) between the samples around it.
-func unitsAt(tl []Sample, t float64) (float64, bool) {
-	var prev *Sample
-	for i := range tl {
-		s := &tl[i]
+// workCounts are the samples that know the guest's work count. The count only grows: a sample
+// below an earlier one comes from a side that has not caught up (the destination's copy of the
+// counter before it runs), so each gets the largest count so far.
+func workCounts(tl []Sample) []Sample {
+	var pts []Sample
+	for _, s := range tl {
 		if s.Units < 0 {
 			continue
 		}
-		if s.TMS >= t {
-			if prev == nil || s.TMS == prev.TMS {
-				return float64(s.Units), s.TMS == t
-			}
-			f := (t - prev.TMS) / (s.TMS - prev.TMS)
-			return float64(prev.Units) + f*float64(s.Units-prev.Units), true
+		if n := len(pts); n > 0 && s.Units < pts[n-1].Units {
+			s.Units = pts[n-1].Units
 		}
-		prev = s
+		pts = append(pts, s)
 	}
-	return 0, false
+	return pts
+}
+
+// unitsAt interpolates the work count at t between the samples around it (pts ascending in
+// time, t within their span).
+func unitsAt(pts []Sample, t float64) float64 {
+	i, found := slices.BinarySearchFunc(pts, t, func(s Sample, t float64) int { return cmp.Compare(s.TMS, t) })
+	switch {
+	case found || i == 0:
+		return float64(pts[i].Units)
+	case i == len(pts):
+		return float64(pts[i-1].Units)
+	}
+	a, b := pts[i-1], pts[i]
+	return float64(a.Units) + float64(b.Units-a.Units)*(t-a.TMS)/(b.TMS-a.TMS)
+}
+
+// WorkLostMS is the run's guest work lost (ms): the figure it recorded or, for a results.jsonl
+// line without one (and without end_ms), the same from its timeline over [0, total time]; NaN
+// if unknown.
+func WorkLostMS(r Run) float64 {
+	if r.WorkLostMS != nil {
+		return *r.WorkLostMS
+	}
+	if v, ok := WorkLost(r.Timeline, 0, r.TotalMS); ok && r.Result == ResultOK {
+		return v
+	}
+	return math.NaN()
+}
+
+// setWorkLost records the run's work lost over [0, EndMS] (or the total time, if the run has
+// no end).
+func (r *Run) setWorkLost() {
+	end := r.EndMS
+	if end <= 0 {
+		end = r.TotalMS
+	}
+	r.WorkLostMS = nil
+	if v, ok := WorkLost(r.Timeline, 0, end); ok {
+		r.WorkLostMS = &v
+	}
 }

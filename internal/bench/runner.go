@@ -31,8 +31,9 @@ type Config struct {
 	// WorkDir holds the VMs' control and QMP sockets; it must allow Unix sockets (not a 9p
 	// share). Default: os.TempDir().
 	WorkDir string
-	// WarmUp is how long the guest runs on the source before the migration (default 3s; QEMU's
-	// guest also first finishes its first verification of memory, see qemuVerifyMS).
+	// WarmUp is how long the guest runs on the source before the migration (default 3s; a
+	// scenario's own warm-up, if longer, wins; QEMU's guest also first finishes its first
+	// verification of memory, see qemuVerifyInterval).
 	WarmUp time.Duration
 	// RawTCPBytes is the size of the raw TCP transfer before each run (default 32 MiB).
 	RawTCPBytes int64
@@ -170,6 +171,7 @@ func runScenario(ctx context.Context, cfg *Config, s Scenario, index, count int,
 					if r.TotalMS > 0 && r.RawTCPBps > 0 {
 						r.LinkUse = float64(r.BytesWire) / (r.TotalMS / 1000) / r.RawTCPBps
 					}
+					r.setWorkLost()
 				}
 			}
 			r.WallMS = ms(time.Since(t0))
@@ -222,6 +224,10 @@ func nextPort() int {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
+// warmUp is how long the run's guest runs before the migration: the suite's warm-up or the
+// scenario's, whichever is longer.
+func (e *runEnv) warmUp() time.Duration { return max(e.cfg.WarmUp, e.s.WarmUp) }
+
 // linkMeter reads the transmit counter of a host's end of the link.
 type linkMeter struct{ h *netlink.Handle }
 
@@ -252,7 +258,8 @@ func (m *linkMeter) tx() int64 {
 
 func (m *linkMeter) close() { m.h.Close() }
 
-// sampler calls f about every period from now until stop, collecting samples.
+// sampler calls f about every period from now until stop, and once more at stop, collecting
+// samples: the last one is taken after whatever the caller waited for has ended.
 type sampler struct {
 	quit    chan struct{}
 	done    chan struct{}
@@ -269,6 +276,7 @@ func startSampler(period time.Duration, f func(time.Time) Sample) *sampler {
 			sm.samples = append(sm.samples, f(time.Now()))
 			select {
 			case <-sm.quit:
+				sm.samples = append(sm.samples, f(time.Now()))
 				return
 			case <-t.C:
 			}

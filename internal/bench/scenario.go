@@ -44,6 +44,13 @@ type Scenario struct {
 	LinkBps int64 `json:"link_bps"`
 	CapBps  int64 `json:"cap_bps"`
 
+	// WarmUp is the least time the guest runs on the source before the migration (the
+	// suite's --warm-up wins if longer; 0: just that): a big working set written at a modest
+	// rate needs time to fill. It also spaces QEMU's guest's self-verifications (see
+	// qemuVerifyInterval), so a scenario whose migration outlasts 4 s sets one longer than its
+	// migration.
+	WarmUp time.Duration `json:"warm_up,omitempty"`
+
 	Technique     string        `json:"technique"`
 	Prepage       string        `json:"prepage,omitempty"`
 	HybridRounds  int           `json:"hybrid_rounds,omitempty"`
@@ -99,7 +106,11 @@ func (s Scenario) Options() string {
 	if s.Technique != Precopy {
 		o += ", prepage " + s.Prepage
 	}
-	return o + ", cap " + s.Cap()
+	o += ", cap " + s.Cap()
+	if s.WarmUp > 0 {
+		o += fmt.Sprintf(", warm-up at least %v", s.WarmUp)
+	}
+	return o
 }
 
 func sizeText(n uint64) string {
@@ -230,6 +241,11 @@ func parseScenario(f []string) (Scenario, error) {
 		case "downtime":
 			s.DowntimeLimit, err = time.ParseDuration(v)
 			if err == nil && s.DowntimeLimit <= 0 {
+				err = fmt.Errorf("want a positive duration")
+			}
+		case "warm-up":
+			s.WarmUp, err = time.ParseDuration(v)
+			if err == nil && s.WarmUp <= 0 {
 				err = fmt.Errorf("want a positive duration")
 			}
 		case "auto-converge":
