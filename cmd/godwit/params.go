@@ -65,15 +65,9 @@ func (c *RunCmd) paramsBuilder() (func(uint32) ([]byte, error), error) {
 	if err != nil {
 		return nil, err
 	}
-	// Lay the VM out once here so that size errors show before KVM is touched.
-	if _, err := guest.NewParams(cfg, uint64(c.Mem), c.VCPUs, 1); err != nil {
+	build, err := guest.ParamsBuilder(cfg, uint64(c.Mem), c.VCPUs)
+	if err != nil {
 		return nil, fmt.Errorf("--mem %s with --vcpus %d: %w", formatBytes(uint64(c.Mem)), c.VCPUs, err)
 	}
-	return func(tscKHz uint32) ([]byte, error) {
-		p, err := guest.NewParams(cfg, uint64(c.Mem), c.VCPUs, uint64(tscKHz))
-		if err != nil {
-			return nil, err
-		}
-		return guest.EncodeParams(p)
-	}, nil
+	return build, nil
 }

@@ -219,6 +219,22 @@ func NewParams(cfg Config, memBytes uint64, vcpus int, tscKHz uint64) (*Params, 
 	return p, nil
 }
 
+// ParamsBuilder lays the VM out now, so that size errors show before KVM is touched, and
+// returns the function the VMM calls for the params page once it knows the guest's TSC
+// frequency (vmm.Config.Params).
+func ParamsBuilder(cfg Config, memBytes uint64, vcpus int) (func(tscKHz uint32) ([]byte, error), error) {
+	if _, err := NewParams(cfg, memBytes, vcpus, 1); err != nil {
+		return nil, err
+	}
+	return func(tscKHz uint32) ([]byte, error) {
+		p, err := NewParams(cfg, memBytes, vcpus, uint64(tscKHz))
+		if err != nil {
+			return nil, err
+		}
+		return EncodeParams(p)
+	}, nil
+}
+
 // Validate checks everything the guest checks before it runs, so that a bad params page is
 // refused by the VMM with an error instead of by the guest with a panic.
 func (p *Params) Validate() error {

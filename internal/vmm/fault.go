@@ -120,17 +120,13 @@ func (m *Machine) faultReport(v *vcpu) error {
 	return f
 }
 
-// readGuest reads guest RAM at gpa once it is present, waiting a bounded time on a post-copy
-// destination (a crash report must not hang on a page that never comes).
+// readGuest reads guest RAM at gpa for a crash report, waiting a bounded time on a post-copy
+// destination (a report must not hang on a page that never comes).
 func (m *Machine) readGuest(gpa uint64, b []byte) error {
 	if !m.mem.Contains(gpa, uint64(len(b))) {
 		return fmt.Errorf("0x%x+%d is outside guest memory", gpa, len(b))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := m.ensurePresent(ctx, gpa, uint64(len(b))); err != nil {
-		return err
-	}
-	_, err := m.mem.ReadAt(b, int64(gpa))
-	return err
+	return m.readPresent(ctx, gpa, b)
 }

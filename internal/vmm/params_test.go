@@ -24,14 +24,5 @@ func testParams(memBytes uint64, vcpus int, w workload) (func(uint32) ([]byte, e
 	if w.touch > 0 {
 		c.TouchPermille = uint64(w.touch * 1000)
 	}
-	if _, err := guest.NewParams(c, memBytes, vcpus, 1); err != nil {
-		return nil, err
-	}
-	return func(tsc uint32) ([]byte, error) {
-		p, err := guest.NewParams(c, memBytes, vcpus, uint64(tsc))
-		if err != nil {
-			return nil, err
-		}
-		return guest.EncodeParams(p)
-	}, nil
+	return guest.ParamsBuilder(c, memBytes, vcpus)
 }

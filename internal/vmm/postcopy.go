@@ -76,6 +76,16 @@ func (m *Machine) ensurePresent(ctx context.Context, gpa, size uint64) error {
 	}
 }
 
+// readPresent reads guest RAM at gpa into b through the memfd, once ensurePresent has the
+// pages here.
+func (m *Machine) readPresent(ctx context.Context, gpa uint64, b []byte) error {
+	if err := m.ensurePresent(ctx, gpa, uint64(len(b))); err != nil {
+		return err
+	}
+	_, err := m.mem.ReadAt(b, int64(gpa))
+	return err
+}
+
 // disarmPostcopy ends demand paging once every page is here.
 func (m *Machine) disarmPostcopy() error {
 	pc := m.pc.Load()

@@ -164,11 +164,7 @@ func (p *pvDevice) heartbeat(v *vcpu) guest.Command {
 // post-copy destination it may still be on its way; ctx bounds the wait).
 func (p *pvDevice) readMailbox(ctx context.Context, id int, off, n int) ([]byte, error) {
 	b := make([]byte, n)
-	gpa := mailboxGPA(id) + uint64(off)
-	if err := p.m.ensurePresent(ctx, gpa, uint64(n)); err != nil {
-		return nil, err
-	}
-	if _, err := p.m.mem.ReadAt(b, int64(gpa)); err != nil {
+	if err := p.m.readPresent(ctx, mailboxGPA(id)+uint64(off), b); err != nil {
 		return nil, err
 	}
 	return b, nil

@@ -32,18 +32,13 @@ func SelfCheck(ctx context.Context, device string) (SelfCheckResult, error) {
 	const memBytes = 32 << 20
 	c := guest.DefaultConfig()
 	c.WSSPages = 256
-	if _, err := guest.NewParams(c, memBytes, 1, 1); err != nil {
+	params, err := guest.ParamsBuilder(c, memBytes, 1)
+	if err != nil {
 		return r, fmt.Errorf("vmm: self-check params: %w", err)
 	}
 	m, err := New(Config{
 		Name: "self-check", MemBytes: memBytes, VCPUs: 1, KVMDevice: device, Image: guest.Image,
-		Params: func(tsc uint32) ([]byte, error) {
-			p, err := guest.NewParams(c, memBytes, 1, uint64(tsc))
-			if err != nil {
-				return nil, err
-			}
-			return guest.EncodeParams(p)
-		},
+		Params: params,
 	})
 	if err != nil {
 		return r, err
