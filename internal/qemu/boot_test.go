@@ -73,3 +73,43 @@ func TestBootTCG(t *testing.T) {
 		t.Fatalf("last line %q, want exit 0", l.Text)
 	}
 }
+
+// TestBootAcrossThePCIHole gives QEMU's pc machine less room below 4 GiB than the guest has
+// RAM (max-ram-below-4g), as a guest of 3.5 GiB or more always has, and checks that the image
+// uses the RAM above 4 GiB as the end of its one slice: the boot line counts it, the workload
+// writes every page, and the verification finds them all.
+func TestBootAcrossThePCIHole(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	opts := guest.DefaultMultibootOptions()
+	opts.HeartbeatUS = 20000
+	opts.VerifyMS = 1500
+	opts.ExitMS = 3000
+	cfg := guest.DefaultConfig()
+	cfg.Content = guest.ContentRandom
+	cfg.Pattern = guest.PatternSequential
+	vm, err := Start(ctx, Config{MemMiB: 96, Guest: cfg, Options: opts, TCG: true, Name: "hole",
+		Args: []string{"-machine", "max-ram-below-4g=64M"}, Log: testLog(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Close()
+	if _, err := vm.WaitBoot(ctx); err != nil {
+		t.Fatal(err)
+	}
+	boot, _, err := vm.Console.WaitKind(ctx, 0, KindBoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mem, high := boot.Fields["mem"], boot.Fields["high"]; mem != 96<<20 || high != 32<<20 {
+		t.Fatalf("boot line %q: want mem=%d high=%d", boot.Text, 96<<20, 32<<20)
+	}
+	v, err := vm.Console.NextVerify(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pages := boot.Fields["pages"]
+	if v.Mismatches != 0 || v.Pages != pages || v.Versioned != pages {
+		t.Fatalf("verification %+v: want all %d data pages checked and written, no mismatch", v, pages)
+	}
+}

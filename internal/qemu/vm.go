@@ -26,9 +26,10 @@ const DefaultBinary = "qemu-system-x86_64"
 // provide (plain "host" aborts here setting MSR 0x10a).
 const CPU = "host,-arch-capabilities,-la57"
 
-// MaxMemMiB is the largest guest the multiboot image supports: its page tables map the low
-// 4 GiB, and QEMU's pc machine keeps RAM below 4 GiB contiguous only up to 3 GiB.
-const MaxMemMiB = 3 << 10
+// MaxMemMiB is the largest guest the multiboot image supports: what godwit's guest supports.
+// Its page tables join the RAM QEMU's pc machine puts above 4 GiB to the RAM below its PCI
+// hole, so that the workload sees one contiguous slice as under godwit.
+const MaxMemMiB = guest.MaxMemory >> 20
 
 // Config describes one QEMU process running the built-in guest.
 type Config struct {

@@ -11,8 +11,12 @@
  *   - a TSS whose I/O permission bitmap opens the ports the image uses at CPL3 (debugcon's byte
  *     port and the four bytes of isa-debug-exit's 32-bit one): some KVM hosts (PVM) drop
  *     RFLAGS.IOPL on guest entry, and then every in/out at CPL3 is checked against it;
- *   - identity page tables at PML4_GPA with the U/S bit at every level: one PML4 entry, four
- *     PDPT entries, 2048 2 MiB pages covering the low 4 GiB (QEMU's RAM below 4 GiB);
+ *   - page tables at PML4_GPA with the U/S bit at every level: one PML4 entry, MAX_PDS PDPT
+ *     entries, 2 MiB pages covering MAX_PDS GiB of virtual memory. QEMU's pc machine puts RAM
+ *     that does not fit below its PCI hole (from 3 GiB on) above 4 GiB, but the workload wants
+ *     one contiguous slice, so virtual addresses below the end of low RAM map to themselves and
+ *     those from there on map to RAM from 4 GiB up. The workload's "guest physical" addresses
+ *     are these virtual ones; nothing in the image touches the hole;
  *   - CR4 = PAE|OSFXSR|OSXMMEXCPT, EFER.LME, CR0 = PE|MP|ET|NE|PG;
  *
  * then jumps to 64-bit mode and irets to mb_user_entry at CPL3 with IOPL 3 and interrupts off,
@@ -81,24 +85,44 @@ mb_entry32:
 	andb $~(0xf << (PORT_DEBUG_EXIT % 8)), (TSS_GPA + TSS_IOMAP_BASE + PORT_DEBUG_EXIT / 8)
 	lgdt mb_gdtr
 
-	/* Page tables: PML4, PDPT and four PDs are six consecutive pages from PML4_GPA. */
+	/*
+	 * Page tables: PML4, PDPT and MAX_PDS PDs are consecutive pages from PML4_GPA. Low RAM
+	 * ends at mem_upper + 1 MiB rounded up to a 2 MiB page: QEMU's mem_upper leaves out the
+	 * firmware's last 128 KiB, and low RAM that RAM above 4 GiB follows ends at 3 GiB (or
+	 * at the machine's max-ram-below-4g).
+	 */
+	movl 8(%ebp), %ebx		/* multiboot mem_upper, KiB above 1 MiB */
+	addl $1024, %ebx
+	shll $10, %ebx
+	addl $0x1fffff, %ebx
+	andl $0xffe00000, %ebx
 	xorl %eax, %eax
 	movl $PML4_GPA, %edi
-	movl $(6 * PAGE_SIZE / 4), %ecx
+	movl $((2 + MAX_PDS) * PAGE_SIZE / 4), %ecx
 	rep stosl
 	movl $(PDPT_GPA | 7), PML4_GPA	/* present, writable, user */
 	movl $(PD_BASE_GPA | 7), %eax
 	movl $PDPT_GPA, %edi
-	movl $4, %ecx
+	movl $MAX_PDS, %ecx
 1:	movl %eax, (%edi)
 	addl $PAGE_SIZE, %eax
 	addl $8, %edi
 	loop 1b
-	movl $0x87, %eax		/* present, writable, user, 2 MiB page */
+	movl $0x87, %eax		/* present, writable, user, 2 MiB page; EDX:EAX is the PDE */
+	xorl %edx, %edx
 	movl $PD_BASE_GPA, %edi
-	movl $2048, %ecx
-2:	movl %eax, (%edi)
+	movl $(MAX_PDS * 512), %ecx
+2:	testl %edx, %edx
+	jnz 3f
+	leal -0x87(%eax), %esi
+	cmpl %ebx, %esi
+	jne 3f
+	movl $0x87, %eax		/* the end of low RAM: go on at 4 GiB */
+	movl $1, %edx
+3:	movl %eax, (%edi)
+	movl %edx, 4(%edi)
 	addl $0x200000, %eax
+	adcl $0, %edx
 	addl $8, %edi
 	loop 2b
 
@@ -117,16 +141,16 @@ mb_entry32:
 
 bad_loader:
 	movl $bad_loader_msg, %esi
-3:	movb (%esi), %al
+5:	movb (%esi), %al
 	testb %al, %al
-	jz 4f
+	jz 6f
 	outb %al, $PORT_DEBUGCON
 	incl %esi
-	jmp 3b
-4:	movl $2, %eax
+	jmp 5b
+6:	movl $2, %eax
 	outl %eax, $PORT_DEBUG_EXIT
 	hlt
-	jmp 4b
+	jmp 6b
 
 	.code64
 entry64:

@@ -33,6 +33,10 @@ uint32_t godwit_qemu_in(uint16_t port);
 void godwit_qemu_out(uint16_t port, uint32_t val);
 void godwit_qemu_tick(void);
 
+/*
+ * The workload's addresses are virtual here: mb.S maps them to QEMU's RAM, contiguous across
+ * the PCI hole below 4 GiB.
+ */
 static inline void *gpa_ptr(uint64_t gpa)
 {
 	return (void *)(uintptr_t)gpa;

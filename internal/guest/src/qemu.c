@@ -3,8 +3,9 @@
  * guest itself at CPL3, so that QEMU can run the same workload code (workload.c, compiled with
  * -DGODWIT_QEMU) with nothing but its stock devices.
  *
- * mb_main (entered from mb.S at CPL3) reads the multiboot information: the memory size and the
- * command line. The command line carries the workload as key=value words (decimal numbers; the
+ * mb_main (entered from mb.S at CPL3) reads the multiboot information: the memory size (low RAM,
+ * and from the memory map the RAM above 4 GiB, which mb.S maps right after it) and the command
+ * line. The command line carries the workload as key=value words (decimal numbers; the
  * Go side, guest.MultibootCmdline, writes them):
  *
  *   workload content pattern seed rate batch wss touch idle_us hot hot_prob pool   (guest.Config)
@@ -20,7 +21,7 @@
  *
  * The paravirtual ports become text on isa-debugcon (port 0xe9), one line per event:
  *
- *   godwit-qemu boot mem=BYTES pages=N wss=N tsc_khz=K scrubbed=N
+ *   godwit-qemu boot mem=BYTES high=BYTES pages=N wss=N tsc_khz=K scrubbed=N
  *   console TEXT                           the guest's console text (its start message)
  *   hb UNITS                               a heartbeat; UNITS is the work done so far
  *   verify-begin SEQ                       a verification pass starts
@@ -44,11 +45,17 @@
 #define MBI_FLAGS 0
 #define MBI_MEM_UPPER 8
 #define MBI_CMDLINE 16
+#define MBI_MMAP_LENGTH 44
+#define MBI_MMAP_ADDR 48
 #define MBI_HAS_MEMORY (1u << 0)
 #define MBI_HAS_CMDLINE (1u << 2)
+#define MBI_HAS_MMAP (1u << 6)
+#define MMAP_RAM 1
 
 #define MIN_MEMORY (16ULL << 20)
-#define MAPPED_MEMORY (4ULL << 30) /* what mb.S's page tables map */
+#define MAPPED_MEMORY ((uint64_t)MAX_PDS << 30) /* what mb.S's page tables map */
+#define HIGH_RAM_GPA (4ULL << 30)
+#define HUGE_PAGE (2ULL << 20)
 
 void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa);
 void __attribute__((noreturn)) mb_main(uint32_t mbi);
@@ -139,6 +146,33 @@ static void __attribute__((noreturn)) fail(const char *what, const char *detail,
 static inline uint64_t mb_u32(uint32_t addr)
 {
 	return *(const volatile uint32_t *)(uintptr_t)addr;
+}
+
+static inline uint64_t mb_u64(uint32_t addr)
+{
+	return mb_u32(addr) | mb_u32(addr + 4) << 32;
+}
+
+/*
+ * The bytes of RAM the loader's memory map has from 4 GiB on, in one range: QEMU puts there
+ * what does not fit below its PCI hole. Each entry is a 32-bit size (not counting itself), then
+ * a 64-bit base, a 64-bit length and a 32-bit type.
+ */
+static uint64_t high_ram(uint32_t mbi, uint32_t flags)
+{
+	if (!(flags & MBI_HAS_MMAP))
+		return 0;
+	uint32_t at = (uint32_t)mb_u32(mbi + MBI_MMAP_ADDR);
+	uint32_t end = at + (uint32_t)mb_u32(mbi + MBI_MMAP_LENGTH);
+	while (at < end) {
+		uint32_t size = (uint32_t)mb_u32(at);
+		if (size < 20)
+			fail("multiboot memory map entry too short:", 0, size);
+		if (mb_u64(at + 4) == HIGH_RAM_GPA && mb_u32(at + 20) == MMAP_RAM)
+			return mb_u64(at + 12) & ~(uint64_t)(PAGE_SIZE - 1);
+		at += size + 4;
+	}
+	return 0;
 }
 
 static inline uint64_t mbox(uint64_t off)
@@ -366,7 +400,18 @@ void mb_main(uint32_t mbi)
 	if (flags & MBI_HAS_CMDLINE)
 		parse_cmdline((const char *)(uintptr_t)mb_u32(mbi + MBI_CMDLINE), v);
 
-	uint64_t mem = ((mb_u32(mbi + MBI_MEM_UPPER) + 1024) * 1024) & ~(uint64_t)(PAGE_SIZE - 1);
+	/*
+	 * Low RAM, then (as mb.S maps it) the RAM above 4 GiB right after it. QEMU's mem_upper
+	 * leaves out the firmware's last 128 KiB below the end of low RAM; when RAM goes on
+	 * above 4 GiB, low RAM ends at the 2 MiB page mb.S rounded up to (at 3 GiB, or at
+	 * max-ram-below-4g), and the workload takes the firmware's pages too, as it does the
+	 * tables SeaBIOS leaves elsewhere.
+	 */
+	uint64_t low = ((mb_u32(mbi + MBI_MEM_UPPER) + 1024) * 1024) & ~(uint64_t)(PAGE_SIZE - 1);
+	uint64_t high = high_ram(mbi, flags);
+	if (high)
+		low = (low + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+	uint64_t mem = low + high;
 	if (mem < MIN_MEMORY || mem > MAPPED_MEMORY)
 		fail("memory size out of range:", 0, mem);
 	if (v[K_VCPUS] != 1)
@@ -425,6 +470,8 @@ void mb_main(uint32_t mbi)
 
 	put_s("godwit-qemu boot mem=");
 	put_u(mem);
+	put_s(" high=");
+	put_u(high);
 	put_s(" pages=");
 	put_u(data_pages);
 	put_s(" wss=");
