@@ -59,7 +59,7 @@ post-copy fault-latency CDF.
 It needs KVM, root (network namespaces) and qemu-system-x86. tools/kvmhost runs it directly
 where /dev/kvm runs godwit's guest, and in the nested KVM host otherwise, where everything runs
 10 to 50 times slower: most VMs are sized for that (256 MiB, 64 MiB working sets); leave out the
-two large ones (writer-1g, idle-3g) there with --scenario '^([^g]|g[^-])*$'.
+two large ones (writer-1g, idle-4g) there with --scenario '^([^g]|g[^-])*$'.
 
   go build -o bin/godwit ./cmd/godwit && go run ./tools/kvmhost -- bin/godwit bench --out docs/bench`
 }

@@ -98,7 +98,7 @@ func TestParseScenarioErrors(t *testing.T) {
 		"a colour=blue",
 		"a wss",
 		"a workload=dirty wss=200M mem=256M",
-		"a mem=4G",
+		"a mem=65G",
 		"a warm-up=0s",
 		"a warm-up=soon",
 		"a suites=nightly",

@@ -169,7 +169,7 @@ QEMU max-bandwidth and max-postcopy-bandwidth). Most VMs are small (256 MiB, 64 
 sets) so that the suite fits in minutes in the nested KVM host (tools/kvmhost), where everything
 runs 10 to 50 times slower than on hardware: absolute figures from there are not either system's
 speed, the ratios are the point. The scenarios with a size in their name (a 2 GiB writer of a
-1 GiB working set, an idle 3 GiB VM) are for direct KVM. A run counts only if the destination
+1 GiB working set, an idle 4 GiB VM) are for direct KVM. A run counts only if the destination
 guest then checks every page of its memory and finds none wrong (godwit verify; QEMU's guest
 verifies itself on a timer).
 

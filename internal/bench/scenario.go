@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/godwit-vm/godwit/internal/guest"
 )
 
 // Systems a scenario runs on.
@@ -278,8 +280,8 @@ func parseScenario(f []string) (Scenario, error) {
 	if s.Workload == "dirty" && (s.WSSBytes < 4096 || s.WSSBytes > s.MemBytes/2) {
 		return s, fmt.Errorf("%s: working set %d bytes: want a page to half of the memory", s.Name, s.WSSBytes)
 	}
-	if s.MemBytes < 16<<20 || s.MemBytes > 3<<30 {
-		return s, fmt.Errorf("%s: memory %d bytes: want 16 MiB to 3 GiB (QEMU's multiboot guest maps the low 4 GiB)", s.Name, s.MemBytes)
+	if s.MemBytes < guest.MinMemory || s.MemBytes > guest.MaxMemory {
+		return s, fmt.Errorf("%s: memory %d bytes: want %d MiB to %d GiB", s.Name, s.MemBytes, guest.MinMemory>>20, guest.MaxMemory>>30)
 	}
 	return s, nil
 }
