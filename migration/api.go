@@ -77,7 +77,9 @@ type ProgressClock interface {
 	LastProgress() time.Time
 }
 
-// Destination is an empty VM being filled. The engine calls it from one goroutine.
+// Destination is an empty VM being filled. The engine calls it from one goroutine, except
+// that with extra page streams (ReceiveOptions.AcceptStream) WritePages and ZeroPages of
+// different pages may run on several goroutines at once, one per connection.
 type Destination interface {
 	Prepare(d Description) error // create memory with the layout (all zero)
 	// WritePages copies len(src)/PageSize pages into region r starting at page first.

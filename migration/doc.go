@@ -53,6 +53,12 @@
 // party (the agents, fencing the destination until the source confirms) and is left to the
 // layer above.
 //
+// Pre-copy pages may travel on several connections (SendOptions.Streams): the source reads
+// pages on its one goroutine and hands each batch to a lane per connection, which classifies,
+// checksums and writes it; the destination places what each connection carries on a goroutine
+// of its own. The round barrier above is what keeps this correct: a page is in a round once,
+// and no round begins before every page of the one before was placed. See streams.go.
+//
 // # Post-copy and hybrid (SendOptions.Mode)
 //
 //	source                                            destination

@@ -25,6 +25,13 @@ type ReceiveOptions struct {
 	// destination's vCPUs blocked on missing pages and Receive fails.
 	LinkTimeout time.Duration
 	Reconnect   Reconnector
+	// AcceptStream returns the next connection that arrives for this migration's extra page
+	// streams (SendOptions.Streams); the engine checks that it belongs to this migration and
+	// closes it when Receive returns. Unset: the destination takes one connection only.
+	// StreamWait bounds the wait for them and for the pages they carry; default
+	// DefaultStreamWait.
+	AcceptStream func(ctx context.Context) (io.ReadWriter, error)
+	StreamWait   time.Duration
 }
 
 // Receive fills dst from a pre-copy stream on conn and starts it. It returns a report, also on
@@ -50,6 +57,9 @@ func Receive(ctx context.Context, dst Destination, conn io.ReadWriter, opts Rece
 	}
 	if opts.LinkTimeout <= 0 {
 		opts.LinkTimeout = DefaultLinkTimeout
+	}
+	if opts.StreamWait <= 0 {
+		opts.StreamWait = DefaultStreamWait
 	}
 	rc := &receiver{
 		dst:   dst,
@@ -94,6 +104,9 @@ type receiver struct {
 	wdesc    *wire.Description
 	caps     wire.Caps
 	pc       *pcRecv // after Resumed in post-copy
+
+	streams    *recvStreams // extra page connections, once announced
+	finalPages uint64       // pages of the final round, as its Round announced them
 }
 
 func (rc *receiver) run(parent context.Context) (*Report, error) {
@@ -126,6 +139,7 @@ func (rc *receiver) run(parent context.Context) (*Report, error) {
 	rc.intr.hold()
 	setDeadline(rc.conn, time.Time{})
 	var bw, br int64
+	br += rc.closeStreams()
 	if rc.pc != nil {
 		bw, br = rc.pc.close()
 	}
@@ -219,6 +233,9 @@ func (rc *receiver) migrate() error {
 	if demandPaging {
 		supported |= wire.CapPostcopy
 	}
+	if rc.opts.AcceptStream != nil {
+		supported |= wire.CapStreams
+	}
 	accepted := hello.Caps & supported
 	rc.caps = accepted
 	rc.wdesc = &hello.Desc
@@ -242,7 +259,14 @@ func (rc *receiver) migrate() error {
 			return err
 		}
 		switch m := m.(type) {
+		case *wire.Streams:
+			if err := rc.acceptStreams(m); err != nil {
+				return err
+			}
 		case *wire.Round:
+			if m.Final {
+				rc.finalPages = m.Pages
+			}
 			rc.endRound()
 			rc.phase = fmt.Sprintf("round %d", m.N)
 			if m.Final {
@@ -253,13 +277,20 @@ func (rc *receiver) migrate() error {
 			rc.round = &rc.rep.RoundDetails[len(rc.rep.RoundDetails)-1]
 			rc.roundAt, rc.roundB0 = rc.clock.Now(), rc.r.BytesRead()
 		case *wire.PageBatch:
-			if err := rc.place(m); err != nil {
+			if err := rc.place(m, &rc.counts); err != nil {
 				return err
 			}
 			rc.round.Pages += m.Pages
 		case *wire.RoundEnd:
-			// Placing is synchronous, so every page of the round is in the VM now. The
-			// source waits for this before it pauses: answer at once.
+			// Placing is synchronous, so every page of the round is in the VM now (with
+			// extra streams, once their readers have placed the rest). The source waits for
+			// this before it pauses: answer at once.
+			if rc.streams != nil {
+				if err := rc.awaitStreams(m.Pages, rc.round.Pages); err != nil {
+					return err
+				}
+				rc.round.Pages = m.Pages
+			}
 			placed := rc.round.Pages
 			rc.endRound()
 			if err := rc.w.WriteRoundAck(&wire.RoundAck{N: m.N, Pages: placed}); err != nil {
@@ -296,10 +327,16 @@ func (rc *receiver) migrate() error {
 				}()
 			}
 		case *wire.Section:
+			if err := rc.finishFinal(); err != nil {
+				return err
+			}
 			rc.endRound()
 			rc.phase = "state"
 			secs = append(secs, Section{ID: m.ID, Version: m.Version, Data: m.Data})
 		case *wire.Complete:
+			if err := rc.finishFinal(); err != nil {
+				return err
+			}
 			rc.endRound()
 			complete = m
 		default:
@@ -398,6 +435,20 @@ func (rc *receiver) migrate() error {
 	return nil
 }
 
+// finishFinal waits, with extra streams, until the final round's pages are all placed: the
+// state may not be restored before.
+func (rc *receiver) finishFinal() error {
+	if rc.streams == nil || rc.round == nil || !rc.round.Final {
+		return nil
+	}
+	if err := rc.awaitStreams(rc.finalPages, rc.round.Pages); err != nil {
+		return err
+	}
+	rc.round.Pages = rc.finalPages
+	rc.streams.done.Store(true)
+	return nil
+}
+
 // endRound closes the statistics of the current round.
 func (rc *receiver) endRound() {
 	if rc.round != nil {
@@ -408,17 +459,17 @@ func (rc *receiver) endRound() {
 }
 
 // place writes a batch's pages into the destination.
-func (rc *receiver) place(b *wire.PageBatch) error {
+func (rc *receiver) place(b *wire.PageBatch, counts *pages.Counters) error {
 	r := int(b.Region)
 	var err error
 	for sp := range b.Spans {
 		switch sp.Enc {
 		case wire.EncRaw:
 			err = rc.vmm(fmt.Sprintf("WritePages(region %d, page %d, %d pages)", r, sp.First, sp.Count), rc.dst.WritePages(r, sp.First, sp.Data))
-			rc.counts.Add(pages.Raw, sp.Count)
+			counts.Add(pages.Raw, sp.Count)
 		case wire.EncZero:
 			err = rc.vmm(fmt.Sprintf("ZeroPages(region %d, page %d, %d pages)", r, sp.First, sp.Count), rc.dst.ZeroPages(r, sp.First, sp.Count))
-			rc.counts.Add(pages.Zero, sp.Count)
+			counts.Add(pages.Zero, sp.Count)
 		default:
 			// The Reader refuses encodings that were not negotiated, and this version
 			// negotiates none beyond zero and raw.

@@ -169,6 +169,9 @@ type Report struct {
 	Warnings           []string `json:"warnings,omitempty"` // problems after the point of no return
 	// Postcopy is set when the migration switched to post-copy (modes postcopy and hybrid).
 	Postcopy *PostcopyReport `json:"postcopy,omitempty"`
+	// Streams is each connection's share of the pages when they took several
+	// (SendOptions.Streams); empty with one.
+	Streams []StreamReport `json:"streams,omitempty"`
 }
 
 // PostcopyReport describes the post-copy phase. The source's report carries the destination's

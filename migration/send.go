@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -81,6 +82,13 @@ type SendOptions struct {
 	// the handshake and the copy, rejoins over conn (or, if conn is nil or fails, over
 	// Reconnect) and finishes the post-copy.
 	ResumeID string
+
+	// Streams is the number of connections pre-copy pages travel on (see streams.go): the
+	// main one and Streams-1 more, opened with DialStream, which the engine closes when Send
+	// returns. 0 or 1: the main connection only. A destination that cannot take more
+	// (ReceiveOptions.AcceptStream unset) declines, and the pages take the main connection.
+	Streams    int
+	DialStream func(ctx context.Context) (io.ReadWriter, error)
 }
 
 // Progress is a snapshot for a progress display, delivered after every round and at most
@@ -146,6 +154,14 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 			return bad(errors.New("migration: resume needs a connection or a Reconnect"))
 		}
 		resumeID = &id
+	}
+	switch {
+	case opts.Streams < 0 || opts.Streams > wire.MaxStreams:
+		return bad(fmt.Errorf("migration: %d streams: want 1..%d", opts.Streams, wire.MaxStreams))
+	case opts.Streams > 1 && opts.Mode != ModePrecopy:
+		return bad(fmt.Errorf("%w (mode %s, %d streams)", errNoStreams, opts.Mode, opts.Streams))
+	case opts.Streams > 1 && opts.DialStream == nil:
+		return bad(fmt.Errorf("migration: %d streams need DialStream", opts.Streams))
 	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit
@@ -226,6 +242,9 @@ type sender struct {
 	spans    []span // the runs of pages in buf[:used*ps], all of region
 	cls      pages.Classifier
 	limit    limiter
+	limitMu  sync.Mutex // lanes share the limiter
+	lanes    []*lane    // with extra streams: one per connection, the main one first
+	free     chan *lane // idle lanes
 	policy   *PrecopyPolicy
 	sent     uint64 // pages in all batches
 	round    int
@@ -299,6 +318,10 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	s.intr = interruptOnDone(s.lctx, s.conn)
 
 	err := s.migrate()
+	if err != nil && s.lanes != nil {
+		// No lane may write on the main connection while an Error frame goes out.
+		s.closeStreams()
+	}
 	switch {
 	case err != nil && !s.acked:
 		err = s.fail(parent, err)
@@ -338,12 +361,15 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	}
 	s.lcancel(nil)
 	s.cancel(nil)
+	if err == nil {
+		s.closeStreams()
+	}
 
 	s.rep.TotalMS = ms(s.clock.Now().Sub(s.start))
 	if s.filled {
 		s.rep.TotalMS = ms(s.filledAt.Sub(s.start))
 	}
-	s.rep.BytesWire = s.bytesW + s.w.Written()
+	s.rep.BytesWire = s.written()
 	s.rep.BytesRead = s.bytesR + s.r.BytesRead()
 	s.rep.Pages = pageCounts(&s.cls.Counters)
 	s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
@@ -511,6 +537,9 @@ func (s *sender) migrate() error {
 	if s.post {
 		offered |= wire.CapPostcopy
 	}
+	if s.opts.Streams > 1 {
+		offered |= wire.CapStreams
+	}
 	s.sampleProgress(true)
 
 	// The handshake strictly alternates (preamble, preamble, Hello, Welcome), so it works on
@@ -546,6 +575,13 @@ func (s *sender) migrate() error {
 		return fmt.Errorf("%w: mode %s needs post-copy, and the destination does not support it (it declined the capability: its VMM cannot demand-page); migrate with mode %s", ErrNoPostcopy, s.opts.Mode, ModePrecopy)
 	}
 	s.startReader()
+	if welcome.Caps&wire.CapStreams != 0 {
+		if err := s.openStreams(); err != nil {
+			return err
+		}
+	} else if s.opts.Streams > 1 {
+		s.rep.Warnings = append(s.rep.Warnings, fmt.Sprintf("migration: the destination takes one connection only; %d streams asked for", s.opts.Streams))
+	}
 	ctx := &switchCtx{heartbeats: heartbeats && welcome.Caps&wire.CapBlackout != 0, pc: pc}
 
 	if s.opts.Mode == ModePostcopy {
@@ -926,8 +962,8 @@ func (s *sender) sendRound(n int, p *roundPlan, final bool) error {
 	if err := s.w.WriteRound(&wire.Round{N: uint32(n), Final: final, Pages: p.pages}); err != nil {
 		return err
 	}
-	t0, b0, sent0 := s.clock.Now(), s.w.Written(), s.sent
-	for {
+	t0, b0, sent0 := s.clock.Now(), s.written(), s.sent
+	for s.lanes == nil {
 		if err := s.fill(p); err != nil {
 			return err
 		}
@@ -935,6 +971,11 @@ func (s *sender) sendRound(n int, p *roundPlan, final bool) error {
 			break
 		}
 		if err := s.flush(); err != nil {
+			return err
+		}
+	}
+	if s.lanes != nil {
+		if err := s.sendLanes(p); err != nil {
 			return err
 		}
 	}
@@ -951,7 +992,7 @@ func (s *sender) sendRound(n int, p *roundPlan, final bool) error {
 	s.roundAt, s.endAt = t0, end
 	s.rep.Rounds = n
 	s.rep.RoundDetails = append(s.rep.RoundDetails, RoundReport{
-		Round: n, Final: final, Pages: p.pages, Bytes: uint64(s.w.Written() - b0),
+		Round: n, Final: final, Pages: p.pages, Bytes: uint64(s.written() - b0),
 		DurationMS: ms(end.Sub(t0)), Throttle: s.throttle,
 	})
 	return nil
@@ -1045,7 +1086,7 @@ func (s *sender) report(force bool) {
 		remaining = s.rep.RoundDetails[n-1].DirtyPages
 	}
 	p := Progress{
-		Phase: s.phase, Round: s.round, BytesWire: s.bytesW + s.w.Written(),
+		Phase: s.phase, Round: s.round, BytesWire: s.written(),
 		DirtyRate: s.last.DirtyRate, PagesRemaining: remaining,
 		ExpectedDowntime: s.last.ExpectedDowntime, Throttle: s.throttle,
 		Elapsed: now.Sub(s.start),

@@ -176,6 +176,36 @@ func TestMigrateAcrossShapedLink(t *testing.T) {
 	}
 }
 
+// TestMigrateWithStreams moves a heavy writer across the unshaped namespace link on four
+// connections: every connection carries pages, the report lists them, and the destination
+// verifies its memory.
+func TestMigrateWithStreams(t *testing.T) {
+	requireKVM(t)
+	tb := newTestbed(t, 0)
+	to := fmt.Sprintf("tcp:%s:7000", tb.Host(1).Addr())
+	src := startVM(t, tb.Host(0), "src", "--mem", "512M", "--workload", "dirty", "--wss", "128M", "--rate", "max", "--pattern", "random", "--content", "random")
+	dst := startVM(t, tb.Host(1), "dst", "--incoming", to)
+	src.waitHeartbeats(t, 1500) // 64 pages each: the working set written about three times
+	rep, err := migrate(t, src, to, "--streams", "4", "--auto-converge")
+	logReport(t, "4 streams", rep)
+	if err != nil || rep.Result != "ok" {
+		t.Fatalf("migrate: %v, report %+v", err, rep)
+	}
+	if len(rep.Streams) != 4 {
+		t.Fatalf("report lists %d streams, want 4: %+v", len(rep.Streams), rep.Streams)
+	}
+	for _, st := range rep.Streams {
+		if st.Pages == 0 || st.Bytes == 0 {
+			t.Errorf("stream %d carried nothing: %+v", st.Index, rep.Streams)
+		}
+	}
+	t.Logf("streams %+v", rep.Streams)
+	if err := <-src.exited; err != nil {
+		t.Fatalf("source process after migrating away: %v %s", err, src.stderr)
+	}
+	dst.verifyClean(t)
+}
+
 func TestMigrateThereAndBack(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, 0)

@@ -134,6 +134,8 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	dst := arrivingDestination{vdst, func() { p.arriving(vdst.M) }}
 	opts := migration.ReceiveOptions{
 		LinkTimeout: c.LinkTimeout,
+		// The source's extra page connections arrive on the same port.
+		AcceptStream: func(ctx context.Context) (io.ReadWriter, error) { return acc.next(ctx) },
 		Reconnect: func(ctx context.Context) (io.ReadWriter, error) {
 			fmt.Fprintf(os.Stderr, "godwit: VM %q: the link to the source broke during post-copy; waiting for it to reconnect on %s\n", c.Name, ln.Addr())
 			acc.closeAccepted() // the engine has given up on them

@@ -294,6 +294,7 @@ type MigrateRequest struct {
 	HybridAfterMS     int64  `json:"hybrid_after_ms,omitempty"`
 	LinkTimeoutMS     int64  `json:"link_timeout_ms,omitempty"`
 	ReconnectWindowMS int64  `json:"reconnect_window_ms,omitempty"` // redial the same address this long; 0 = not at all
+	Streams           int    `json:"streams,omitempty"`             // precopy: connections for the pages; 0 = 1
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
 	Resume bool `json:"resume,omitempty"`
@@ -357,6 +358,9 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if mode != migration.ModePrecopy && mode != migration.ModePostcopy && mode != migration.ModeHybrid {
 		return nil, badRequest(fmt.Errorf("migrate: mode %q: want precopy, postcopy or hybrid", req.Mode))
 	}
+	if req.Streams < 0 || req.Streams > 64 || (req.Streams > 1 && mode != migration.ModePrecopy) {
+		return nil, badRequest(fmt.Errorf("migrate: streams %d: want 1..64, and more than 1 only with mode precopy", req.Streams))
+	}
 	if req.SampleBeforeMS < 0 || (req.SampleBeforeMS > 0 && mode != migration.ModePostcopy) {
 		return nil, badRequest(fmt.Errorf("migrate: sample_before_ms %d: want 0, or a positive time with mode postcopy", req.SampleBeforeMS))
 	}
@@ -408,6 +412,13 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		HybridRounds:  req.HybridRounds,
 		HybridAfter:   time.Duration(req.HybridAfterMS) * time.Millisecond,
 		LinkTimeout:   time.Duration(req.LinkTimeoutMS) * time.Millisecond,
+		Streams:       req.Streams,
+		DialStream: func(ctx context.Context) (io.ReadWriter, error) {
+			var d net.Dialer
+			dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			return d.DialContext(dctx, "tcp", addr)
+		},
 	}
 	if mode != migration.ModePrecopy {
 		o.opts.Reconnect = o.reconnect

@@ -2,6 +2,8 @@ package vmm
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"net"
 	"testing"
 	"time"
@@ -11,7 +13,7 @@ import (
 
 // migrateLocal migrates src to a new machine over loopback TCP and returns the destination
 // and both reports.
-func migrateLocal(t *testing.T, src *Machine, opts migration.SendOptions) (*Machine, *migration.Report, *migration.Report) {
+func migrateLocal(t testing.TB, src *Machine, opts migration.SendOptions) (*Machine, *migration.Report, *migration.Report) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -33,12 +35,16 @@ func migrateLocal(t *testing.T, src *Machine, opts migration.SendOptions) (*Mach
 			return
 		}
 		defer c.Close()
-		rep, err := migration.Receive(ctx, dst, c, migration.ReceiveOptions{})
+		rep, err := migration.Receive(ctx, dst, c, migration.ReceiveOptions{AcceptStream: func(context.Context) (io.ReadWriter, error) { return ln.Accept() }})
 		done <- result{rep, err}
 	}()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
+	}
+	opts.DialStream = func(ctx context.Context) (io.ReadWriter, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", ln.Addr().String())
 	}
 	srep, serr := migration.Send(ctx, MigrationSource{M: src}, c, opts)
 	c.Close()
@@ -54,15 +60,20 @@ func TestPrecopyMigrationOnRealKVM(t *testing.T) {
 	for _, w := range []workload{
 		{kind: "idle", content: "text", touch: 0.3},
 		{kind: "dirty", content: "random", pattern: "random", wssMiB: 16, rate: 20000},
+		{kind: "dirty", content: "random", pattern: "random", wssMiB: 32, streams: 4},
 	} {
-		t.Run(w.kind, func(t *testing.T) {
+		name := w.kind
+		if w.streams > 1 {
+			name = fmt.Sprintf("%s-%d-streams", w.kind, w.streams)
+		}
+		t.Run(name, func(t *testing.T) {
 			src := newMachine(t, 128, 2, w)
 			if err := src.Start(); err != nil {
 				t.Fatal(err)
 			}
 			waitHeartbeats(t, src, 50)
 			before := src.Stats()
-			dst, srep, _ := migrateLocal(t, src, migration.SendOptions{DowntimeLimit: 300 * time.Millisecond, AutoConverge: true})
+			dst, srep, _ := migrateLocal(t, src, migration.SendOptions{DowntimeLimit: 300 * time.Millisecond, AutoConverge: true, Streams: w.streams})
 			if st, _ := src.State(); st != StatePaused {
 				t.Fatalf("source after a migration: %s, want paused (the destination owns the guest)", st)
 			}
@@ -74,6 +85,14 @@ func TestPrecopyMigrationOnRealKVM(t *testing.T) {
 			t.Logf("%s: %d rounds, %d bytes, downtime %.1f ms, blackout %.1f ms, pages %+v; destination verified %d pages",
 				w.kind, srep.Rounds, srep.BytesWire, srep.DowntimeMS, *srep.BlackoutMS, srep.Pages, r.PagesChecked)
 			t.Logf("downtime parts %+v; rounds %+v", srep.Downtime, srep.RoundDetails)
+			if len(srep.Streams) != w.streams && w.streams > 1 {
+				t.Fatalf("%d streams reported, want %d", len(srep.Streams), w.streams)
+			}
+			for _, st := range srep.Streams {
+				if st.Pages == 0 {
+					t.Errorf("stream %d carried no page: %+v", st.Index, srep.Streams)
+				}
+			}
 		})
 	}
 }

@@ -25,6 +25,7 @@ type workload struct {
 	kind, content, pattern string
 	wssMiB, rate           uint64 // rate: pages/s over all vCPUs, 0 = max
 	touch                  float64
+	streams                int // migration tests: connections for the pages
 }
 
 func newMachine(t testing.TB, memMiB uint64, vcpus int, w workload) *Machine {

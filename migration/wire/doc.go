@@ -16,6 +16,9 @@
 //	               on Switch and Lacking. No byte of an existing frame changed meaning and a peer
 //	               only sees the new frames after accepting CapPostcopy, which no earlier build
 //	               accepts, so the version stays 1.
+//	1  2026-12-02  extra page connections under CapStreams: Streams (0x14) and Join (0x15); with
+//	               Streams, RoundEnd and Complete count the pages of all connections. New
+//	               frames behind a new capability again: the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -152,6 +155,18 @@
 //	  page set part: the pages the destination still lacks. Whatever the source sent on the
 //	  broken connection and is not in this set arrived; what is in it goes again.
 //
+//	Streams (source -> destination, 0x14, CapStreams, after Welcome and before Round 1)
+//	  16-byte migration id (random), u16 extra connections (1..MaxStreams-1). From now on
+//	  page batches of every round may also arrive on those connections, and the pages of
+//	  RoundEnd and Complete count all of them: only the engine, which reads every
+//	  connection, can check those counts
+//
+//	Join (source -> destination, 0x15, the first frame of an extra page connection, after the
+//	preambles, instead of Hello)
+//	  16-byte migration id (the Streams frame's), u16 index (1..the count announced). Page
+//	  batches follow, nothing else; the source closes the connection when it is done. A Join
+//	  that names another migration, or an index taken, is answered with Error
+//
 //	Error (either direction, 0x7f, the last frame a side sends)
 //	  u16 code (ErrCode*), u16 message length (at most MaxErrorMessage), message
 //
@@ -214,7 +229,10 @@
 //	Hello (Round PageBatch* RoundEnd)* Round[final] PageBatch* State* Complete DoneAck
 //	Hello (Round PageBatch* RoundEnd)* Switch[more]* Switch State* Complete Post DoneAck
 //	Rejoin Post DoneAck                                              (a rejoining connection)
+//	Join PageBatch*                                                  (an extra page connection)
 //	Post = (PageBatch | Keepalive)* [PushEnd Keepalive*]
+//
+// with an optional Streams right after Hello on the main connection (CapStreams).
 //
 // and at the source:
 //
@@ -224,7 +242,8 @@
 //
 // where the post-copy frames (Switch, Rejoin, Lacking, PushEnd, Keepalive, Filled, Stats and
 // Request) need CapPostcopy, and a rejoining connection's Reader is told so with
-// [Reader.Rejoining].
+// [Reader.Rejoining]; Streams and Join need CapStreams, and an extra page connection's Reader
+// is told so with [Reader.PageStream].
 //
 // Round numbers rise by one from 1; a RoundEnd names the round it closes and the pages the
 // destination received in it; RoundAck numbers rise by one from 1; State frames with FlagMore

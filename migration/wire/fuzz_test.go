@@ -26,10 +26,16 @@ func drain(t *testing.T, data []byte, side Side) { drainFrom(t, data, side, fals
 
 // drainFrom is drain, on a rejoining connection when rejoin is set.
 func drainFrom(t *testing.T, data []byte, side Side, rejoin bool) {
+	drainConn(t, data, side, rejoin, false)
+}
+
+// drainConn is drain on any kind of connection: a rejoining one (rejoin) or an extra page
+// stream (pageStream, at the destination).
+func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool) {
 	r := NewReader(bytes.NewReader(data), side)
 	r.SetOffered(KnownCaps)
 	r.SetCaps(KnownCaps)
-	if side == AtSource || rejoin {
+	if side == AtSource || rejoin || pageStream {
 		d := testDesc()
 		r.SetDescription(&d)
 	}
@@ -40,6 +46,10 @@ func drainFrom(t *testing.T, data []byte, side Side, rejoin bool) {
 	if rejoin {
 		r.Rejoining()
 	}
+	if pageStream {
+		r.PageStream()
+	}
+	joined, streams := false, false
 	// What the Reader promises about rounds, recomputed from the messages it returned.
 	var round *Round
 	var roundPages uint64
@@ -78,10 +88,20 @@ func drainFrom(t *testing.T, data []byte, side Side, rejoin bool) {
 		switch m := m.(type) {
 		case *PageBatch:
 			checkBatch(t, m, r.Description())
-			if round == nil && !post {
+			if round == nil && !post && !joined {
 				t.Fatalf("page batch outside a round")
 			}
 			roundPages += m.Pages
+		case *Join:
+			if !pageStream || joined {
+				t.Fatalf("join accepted on a connection that is not a fresh page stream")
+			}
+			joined = true
+		case *Streams:
+			if pageStream || streams || round != nil {
+				t.Fatalf("streams accepted after round %+v (streams before: %v)", round, streams)
+			}
+			streams = true
 		case *Switch:
 			post = true
 			checkSet(&m.PageSet)
@@ -105,7 +125,7 @@ func drainFrom(t *testing.T, data []byte, side Side, rejoin bool) {
 			}
 			round, roundPages = m, 0
 		case *RoundEnd:
-			if round == nil || round.Final || m.N != round.N || m.Pages != roundPages {
+			if round == nil || round.Final || m.N != round.N || (!streams && m.Pages != roundPages) {
 				t.Fatalf("round end %+v accepted in round %+v after %d pages", m, round, roundPages)
 			}
 		case *RoundAck:
@@ -162,6 +182,33 @@ func FuzzReaderRejoin(f *testing.F) {
 		}
 		drainFrom(t, data, side, true)
 	})
+}
+
+// FuzzReaderPageStream reads an extra page connection at the destination.
+func FuzzReaderPageStream(f *testing.F) {
+	f.Add(pageStream(f))
+	f.Fuzz(func(t *testing.T, data []byte) { drainConn(t, data, AtDestination, false, true) })
+}
+
+// pageStream is an extra page connection: preamble, Join, two batches.
+func pageStream(t testing.TB) []byte {
+	var buf bytes.Buffer
+	w := NewWriter(&buf)
+	w.WritePreamble()
+	w.WriteJoin(&Join{ID: testID, Index: 2})
+	var b OutBatch
+	b.Reset(0, testPS)
+	b.Add(3, EncRaw, page(3))
+	b.Add(4, EncZero, nil)
+	if err := w.WritePages(&b); err != nil {
+		t.Fatal(err)
+	}
+	b.Reset(1, testPS)
+	b.Add(0, EncRaw, page(5))
+	if err := w.WritePages(&b); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }
 
 // FuzzFrames gets past the checksum: the input is a list of (type, flags, u16 length, payload)
@@ -418,4 +465,14 @@ func FuzzDecodeStats(f *testing.F) {
 func FuzzDecodeRejoin(f *testing.F) {
 	fuzzDecoder(f, [][]byte{AppendRejoin(nil, &Rejoin{ID: testID, Attempt: 3})}, DecodeRejoin,
 		func(m *Rejoin) []byte { return AppendRejoin(nil, m) })
+}
+
+func FuzzDecodeStreams(f *testing.F) {
+	fuzzDecoder(f, [][]byte{AppendStreams(nil, &Streams{ID: testID, Count: 3})}, DecodeStreams,
+		func(m *Streams) []byte { return AppendStreams(nil, m) })
+}
+
+func FuzzDecodeJoin(f *testing.F) {
+	fuzzDecoder(f, [][]byte{AppendJoin(nil, &Join{ID: testID, Index: 2})}, DecodeJoin,
+		func(m *Join) []byte { return AppendJoin(nil, m) })
 }

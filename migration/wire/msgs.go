@@ -808,3 +808,45 @@ func DecodeRejoin(p []byte) (*Rejoin, error) {
 	}
 	return m, nil
 }
+
+// AppendStreams appends a Streams payload.
+func AppendStreams(b []byte, m *Streams) []byte {
+	b = append(b, m.ID[:]...)
+	return le.AppendUint16(b, m.Count)
+}
+
+// DecodeStreams decodes a Streams payload.
+func DecodeStreams(p []byte) (*Streams, error) {
+	c := &cursor{p: p, t: TypeStreams}
+	m := &Streams{}
+	copy(m.ID[:], c.take(len(m.ID), "migration id"))
+	m.Count = c.u16("stream count")
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	if m.Count == 0 || m.Count >= MaxStreams {
+		return nil, &FrameError{Type: TypeStreams, Kind: ErrMalformed, Detail: fmt.Sprintf("%d extra streams, want 1..%d", m.Count, MaxStreams-1)}
+	}
+	return m, nil
+}
+
+// AppendJoin appends a Join payload.
+func AppendJoin(b []byte, m *Join) []byte {
+	b = append(b, m.ID[:]...)
+	return le.AppendUint16(b, m.Index)
+}
+
+// DecodeJoin decodes a Join payload.
+func DecodeJoin(p []byte) (*Join, error) {
+	c := &cursor{p: p, t: TypeJoin}
+	m := &Join{}
+	copy(m.ID[:], c.take(len(m.ID), "migration id"))
+	m.Index = c.u16("stream index")
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	if m.Index == 0 || m.Index >= MaxStreams {
+		return nil, &FrameError{Type: TypeJoin, Kind: ErrMalformed, Detail: fmt.Sprintf("stream index %d, want 1..%d", m.Index, MaxStreams-1)}
+	}
+	return m, nil
+}

@@ -38,6 +38,8 @@ const (
 	stPost                  // destination: post-copy, after Complete or Rejoin
 	stRejoin                // destination: a rejoining connection, nothing yet
 	stLacking               // source: a rejoining connection, before the end of the Lacking set
+	stJoin                  // destination: an extra page connection, nothing yet
+	stPages                 // destination: an extra page connection after Join
 	stEnd                   // either: the peer's last frame was read; only EOF may follow
 )
 
@@ -72,6 +74,10 @@ func (s state) expecting() string {
 		return "rejoin"
 	case stLacking:
 		return "lacking"
+	case stJoin:
+		return "join"
+	case stPages:
+		return "page batch"
 	}
 	return "end of stream"
 }
@@ -80,6 +86,9 @@ func (s state) expecting() string {
 func (r *Reader) expecting() string {
 	if r.st == stResumed && r.caps&CapPostcopy != 0 {
 		return "request, keepalive, filled, stats or done"
+	}
+	if r.st == stStream && r.caps&CapStreams != 0 && r.streams == 0 {
+		return "streams or round 1"
 	}
 	return r.st.expecting()
 }
@@ -121,6 +130,9 @@ type Reader struct {
 	stats    bool // source: Stats read
 	set      setState
 	switchID MigrationID
+
+	// Extra page connections (CapStreams).
+	streams uint16 // main connection at the destination: extra connections announced
 }
 
 // setState follows a page set (Switch or Lacking) across its frames.
@@ -198,6 +210,11 @@ func (r *Reader) Rejoining() {
 		r.st = stLacking
 	}
 }
+
+// PageStream prepares a destination-side Reader on an extra page connection (CapStreams; call
+// it after ReadPreamble, with the layout and capabilities of the main connection set by
+// SetDescription and SetCaps): it expects Join, then page batches only.
+func (r *Reader) PageStream() { r.st = stJoin }
 
 // ReadPreamble reads the peer's preamble and settles the protocol version.
 func (r *Reader) ReadPreamble() (uint32, error) {
@@ -368,6 +385,9 @@ func (r *Reader) accept(t Type) error {
 			return fmt.Errorf("%s, but post-copy was not negotiated", t)
 		}
 	}
+	if r.caps&CapStreams == 0 && (t == TypeStreams || t == TypeJoin) {
+		return fmt.Errorf("%s, but extra streams were not negotiated", t)
+	}
 	ok := false
 	switch r.side {
 	case AtDestination:
@@ -377,7 +397,11 @@ func (r *Reader) accept(t Type) error {
 		case TypeRound:
 			ok = r.st == stStream || r.st == stRoundEnd
 		case TypePageBatch:
-			ok = r.st == stRound || r.st == stFinal || (r.st == stPost && !r.pushEnd)
+			ok = r.st == stRound || r.st == stFinal || (r.st == stPost && !r.pushEnd) || r.st == stPages
+		case TypeStreams:
+			ok = r.st == stStream && r.streams == 0
+		case TypeJoin:
+			ok = r.st == stJoin
 		case TypeRoundEnd:
 			ok = r.st == stRound
 		case TypeSwitch:
@@ -481,7 +505,9 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 		if m.N != r.round {
 			return nil, false, bad(ErrOrder, "end of round %d inside round %d", m.N, r.round)
 		}
-		if m.Pages != r.roundPages {
+		// With extra streams the round's pages arrive on several connections: the engine
+		// counts them.
+		if r.streams == 0 && m.Pages != r.roundPages {
 			return nil, false, bad(ErrMalformed, "source sent %d pages in round %d, this side received %d", m.Pages, m.N, r.roundPages)
 		}
 		r.st = stRoundEnd
@@ -503,7 +529,7 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 		if err != nil {
 			return nil, false, err
 		}
-		if c.Pages != r.pages || c.Sections != r.sections {
+		if (r.streams == 0 && c.Pages != r.pages) || c.Sections != r.sections {
 			return nil, false, bad(ErrMalformed, "source sent %d pages and %d state sections, this side received %d and %d", c.Pages, c.Sections, r.pages, r.sections)
 		}
 		r.st = stComplete
@@ -563,6 +589,20 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 			return nil, false, err
 		}
 		r.stats = true
+		return m, false, nil
+	case TypeStreams:
+		m, err := DecodeStreams(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.streams = m.Count
+		return m, false, nil
+	case TypeJoin:
+		m, err := DecodeJoin(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.st = stPages
 		return m, false, nil
 	case TypeRejoin:
 		m, err := DecodeRejoin(p)

@@ -30,6 +30,7 @@ const (
 	MaxMemory       = 1 << 46   // bytes of guest memory in all regions together (64 TiB)
 	MaxSectionSize  = 256 << 20 // bytes in one reassembled state section
 	MaxSections     = 1 << 16   // state sections in one migration
+	MaxStreams      = 64        // connections of one migration carrying pages (CapStreams)
 	MaxErrorMessage = 4096      // bytes of an Error frame's message
 	HashSize        = 16        // bytes of a dedup reference (128-bit page hash)
 	// MaxSetRuns is how many runs one Switch or Lacking frame holds at most.
@@ -50,6 +51,8 @@ const (
 	TypePageBatch Type = 0x11
 	TypeRoundEnd  Type = 0x12
 	TypeRoundAck  Type = 0x13
+	TypeStreams   Type = 0x14
+	TypeJoin      Type = 0x15
 	TypeState     Type = 0x20
 	TypeComplete  Type = 0x30
 	TypeResumed   Type = 0x31
@@ -80,6 +83,10 @@ func (t Type) String() string {
 		return "round end"
 	case TypeRoundAck:
 		return "round ack"
+	case TypeStreams:
+		return "streams"
+	case TypeJoin:
+		return "join"
 	case TypeState:
 		return "state"
 	case TypeComplete:
@@ -114,7 +121,7 @@ func (t Type) String() string {
 
 func (t Type) known() bool {
 	switch t {
-	case TypeHello, TypeWelcome, TypeRound, TypePageBatch, TypeRoundEnd, TypeRoundAck, TypeState,
+	case TypeHello, TypeWelcome, TypeRound, TypePageBatch, TypeRoundEnd, TypeRoundAck, TypeStreams, TypeJoin, TypeState,
 		TypeComplete, TypeResumed, TypeDone, TypeDoneAck, TypeRequest, TypeSwitch, TypePushEnd,
 		TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking, TypeError:
 		return true
@@ -150,9 +157,10 @@ const (
 	CapDedup      Caps = 1 << 2 // EncDedup pages (reserved)
 	CapDelta      Caps = 1 << 3 // EncDelta pages (reserved)
 	CapPostcopy   Caps = 1 << 4 // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
+	CapStreams    Caps = 1 << 5 // pre-copy pages on extra connections: Streams, Join
 
 	// KnownCaps is every capability this version can accept.
-	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy
+	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams
 )
 
 // Encoding is how one page travels in a PageBatch.
@@ -298,8 +306,9 @@ type Request struct {
 	Runs   []Run
 }
 
-// MigrationID names one post-copy migration: chosen at random by the source, carried by its
-// Switch frames and presented again by its Rejoin frame on every new connection.
+// MigrationID names one migration: chosen at random by the source, carried by its Switch
+// frames and presented again by its Rejoin frame on every new connection (post-copy), and by
+// the Streams frame and each extra connection's Join (CapStreams).
 type MigrationID [16]byte
 
 func (id MigrationID) String() string { return fmt.Sprintf("%x", id[:]) }
@@ -385,6 +394,19 @@ type Rejoin struct {
 	Attempt uint32 // 1 for the first reconnection, +1 for each
 }
 
+// Streams announces the extra page connections of a pre-copy migration (CapStreams): Count
+// connections will open with Join, naming ID, and carry page batches beside this one.
+type Streams struct {
+	ID    MigrationID
+	Count uint16 // extra connections: 1..MaxStreams-1
+}
+
+// Join is the first frame of an extra page connection, instead of Hello.
+type Join struct {
+	ID    MigrationID // the Streams frame's
+	Index uint16      // 1..Count; the main connection is 0
+}
+
 // Lacking answers Rejoin: the pages the destination still does not have.
 type Lacking struct {
 	PageSet
@@ -410,3 +432,5 @@ func (*Filled) Type() Type    { return TypeFilled }
 func (*Stats) Type() Type     { return TypeStats }
 func (*Rejoin) Type() Type    { return TypeRejoin }
 func (*Lacking) Type() Type   { return TypeLacking }
+func (*Streams) Type() Type   { return TypeStreams }
+func (*Join) Type() Type      { return TypeJoin }

@@ -322,3 +322,14 @@ func (w *Writer) WriteStats(m *Stats) error {
 func (w *Writer) WriteRejoin(m *Rejoin) error {
 	return w.frame(TypeRejoin, 0, func(b []byte) []byte { return AppendRejoin(b, m) })
 }
+
+// WriteStreams announces the extra page connections (CapStreams), after Welcome and before the
+// first Round.
+func (w *Writer) WriteStreams(m *Streams) error {
+	return w.frame(TypeStreams, 0, func(b []byte) []byte { return AppendStreams(b, m) })
+}
+
+// WriteJoin opens an extra page connection (instead of Hello).
+func (w *Writer) WriteJoin(m *Join) error {
+	return w.frame(TypeJoin, 0, func(b []byte) []byte { return AppendJoin(b, m) })
+}

@@ -1,0 +1,456 @@
+package migration
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/godwit-vm/godwit/migration/pages"
+	"github.com/godwit-vm/godwit/migration/wire"
+)
+
+// Several page streams (SendOptions.Streams, CapStreams).
+//
+// A pre-copy migration may carry its pages over several connections: the main one, which also
+// carries everything else, and Streams-1 extra ones that carry page batches only. The source
+// announces them on the main connection (Streams, with a random migration id) and opens each
+// with Join, naming the id and its index; the destination takes them from its AcceptStream
+// and refuses a connection that names another id. Each connection has a lane on the source
+// (a buffer, a batch, a writer: the pages are classified, checksummed and written by their own
+// goroutine) and a reader goroutine on the destination, which places what it reads.
+//
+// Pages of one round may go on any connection and arrive in any order, because no page is in
+// a round twice and a round never starts before the destination acknowledged the previous one
+// (RoundAck), that is, before every page of it was placed: an older copy of a page can never
+// overtake a newer one. The destination counts the pages placed on all connections and
+// acknowledges a round when the count reaches its RoundEnd's; it restores the state only after
+// the final round's count (its Round's) is complete. So the round barrier the single
+// connection already had is all the ordering the streams need.
+
+// DefaultStreamWait bounds the destination's wait for the extra connections the source
+// announced, and for the pages they carry once the main connection says how many to expect.
+const DefaultStreamWait = 10 * time.Second
+
+// StreamReport is one connection's share of the page traffic.
+type StreamReport struct {
+	Index  int     `json:"index"` // 0: the main connection
+	Bytes  int64   `json:"bytes"` // page batch bytes written (source) or read (destination)
+	Pages  uint64  `json:"pages"`
+	BusyMS float64 `json:"busy_ms"` // time spent classifying and writing (source) or placing (destination)
+}
+
+// lane is one connection's share of the source's page traffic. The sender's goroutine reads
+// pages into an idle lane, and a goroutine of the lane's own classifies and writes them; a lane
+// comes back to the sender's free queue when its batch is out.
+type lane struct {
+	index   int
+	conn    io.ReadWriter // extra connections only: the main one belongs to the caller
+	w       *wire.Writer
+	intr    *interrupter
+	buf     []byte
+	spans   []span
+	used    int
+	region  uint32
+	batch   wire.OutBatch
+	scratch []byte
+	cls     pages.Classifier
+	pages   uint64 // in all batches written
+	bytes   int64
+	busy    time.Duration
+	err     error
+
+	roundPages uint64 // pages written since sendLanes started
+}
+
+// openStreams announces the extra connections, dials them and opens each with Join.
+func (s *sender) openStreams() error {
+	s.phase = "opening streams"
+	if _, err := rand.Read(s.id[:]); err != nil {
+		return fmt.Errorf("migration: choosing a migration id: %w", err)
+	}
+	extra := s.opts.Streams - 1
+	if err := s.w.WriteStreams(&wire.Streams{ID: s.id, Count: uint16(extra)}); err != nil {
+		return err
+	}
+	s.free = make(chan *lane, s.opts.Streams)
+	s.lanes = append(s.lanes, s.newLane(0, nil, s.w))
+	for i := 1; i <= extra; i++ {
+		conn, err := s.opts.DialStream(s.ctx)
+		if err != nil {
+			return fmt.Errorf("migration: opening stream %d of %d: %w", i, s.opts.Streams, err)
+		}
+		ln := s.newLane(i, conn, wire.NewWriter(conn))
+		s.lanes = append(s.lanes, ln)
+		ln.intr = interruptOnDone(s.lctx, conn)
+		if err := ln.w.WritePreamble(); err != nil {
+			return fmt.Errorf("migration: stream %d: %w", i, err)
+		}
+		if _, err := wire.NewReader(conn, wire.AtSource).ReadPreamble(); err != nil {
+			return fmt.Errorf("migration: stream %d: %w", i, err)
+		}
+		if err := ln.w.WriteJoin(&wire.Join{ID: s.id, Index: uint16(i)}); err != nil {
+			return fmt.Errorf("migration: stream %d: %w", i, err)
+		}
+	}
+	for _, ln := range s.lanes {
+		s.free <- ln
+	}
+	return nil
+}
+
+func (s *sender) newLane(i int, conn io.ReadWriter, w *wire.Writer) *lane {
+	return &lane{index: i, conn: conn, w: w, buf: make([]byte, s.bufPages*s.ps), cls: pages.Classifier{Encoders: s.cls.Encoders}}
+}
+
+// closeStreams closes the extra connections once no lane uses them and adds the lanes'
+// figures to the report.
+func (s *sender) closeStreams() {
+	if s.lanes == nil {
+		return
+	}
+	for _, ln := range s.lanes {
+		if ln.conn != nil {
+			setDeadline(ln.conn, longAgo) // a lane still writing stops now
+		}
+	}
+	s.idleLanes()
+	for _, ln := range s.lanes {
+		if ln.conn != nil {
+			ln.intr.hold()
+			closeConn(ln.conn)
+			s.bytesW += ln.w.Written()
+		}
+		s.rep.Streams = append(s.rep.Streams, StreamReport{Index: ln.index, Bytes: ln.bytes, Pages: ln.pages, BusyMS: ms(ln.busy)})
+	}
+	s.lanes = nil // counted in bytesW now
+}
+
+// written is what this side has written to all its connections so far.
+func (s *sender) written() int64 {
+	n := s.bytesW + s.w.Written()
+	for _, ln := range s.lanes {
+		if ln.conn != nil {
+			n += ln.w.Written()
+		}
+	}
+	return n
+}
+
+// idleLanes waits until every lane is back in the free queue (and leaves them there). It
+// returns the first lane error, if any.
+func (s *sender) idleLanes() error {
+	var err error
+	for range s.lanes {
+		ln := <-s.free
+		if ln.err != nil && err == nil {
+			err = ln.err
+		}
+		defer func() { s.free <- ln }()
+	}
+	return err
+}
+
+// sendLanes sends the plan's pages over the lanes: the sender's goroutine reads the next pages
+// into an idle lane and hands it to a goroutine that classifies and writes them. It returns
+// once every lane is idle again, so that the caller may write on the main connection.
+func (s *sender) sendLanes(p *roundPlan) error {
+	// Pages read ahead while the last acknowledgement was awaited go first, on the main
+	// connection, before any lane writes on it.
+	sent0, b0 := s.sent, s.w.Written()
+	if err := s.flush(); err != nil {
+		return err
+	}
+	s.lanes[0].pages += s.sent - sent0
+	s.lanes[0].bytes += s.w.Written() - b0
+	var err error
+	for err == nil {
+		var ln *lane
+		select {
+		case ln = <-s.free:
+		case <-s.lctx.Done():
+			err = context.Cause(s.lctx)
+			continue
+		}
+		if err = ln.err; err != nil {
+			s.free <- ln
+			break
+		}
+		if err = s.fillLane(p, ln); err != nil || ln.used == 0 {
+			s.free <- ln
+			break
+		}
+		go s.flushLane(ln)
+		s.report(false)
+	}
+	if err != nil {
+		// Stop every lane still writing before the caller writes an Error frame on the main
+		// connection: cancelling interrupts every connection's blocked I/O, and err stays
+		// the reason.
+		s.cancel(err)
+		s.idleLanes()
+		return err
+	}
+	if err := s.idleLanes(); err != nil {
+		return err
+	}
+	for _, ln := range s.lanes {
+		s.sent += ln.roundPages
+		ln.roundPages = 0
+		for k := range pages.NumKinds {
+			s.cls.Counters.Add(pages.Kind(k), ln.cls.Counters.Get(pages.Kind(k)))
+		}
+		ln.cls.Counters = pages.Counters{}
+	}
+	return nil
+}
+
+// fillLane reads the plan's next pages into the idle lane ln, as fill does for the main buffer.
+func (s *sender) fillLane(p *roundPlan, ln *lane) error {
+	ln.used, ln.spans = 0, ln.spans[:0]
+	for ; p.r < len(p.set); p.r, p.next = p.r+1, 0 {
+		n, bm := s.regionPages(p.r), p.set[p.r]
+		for ln.used < s.bufPages {
+			first, ok := bm.next(p.next, n, true)
+			if !ok {
+				break
+			}
+			end, _ := bm.next(first, n, false)
+			k := min(end-first, uint64(s.bufPages-ln.used))
+			dst := ln.buf[ln.used*s.ps : (ln.used+int(k))*s.ps]
+			if err := s.src.ReadPages(p.r, first, dst); err != nil {
+				return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", p.r, first, k), err)
+			}
+			ln.spans = append(ln.spans, span{first: first, count: k})
+			ln.used += int(k)
+			p.next = first + k
+		}
+		if ln.used > 0 {
+			ln.region = uint32(p.r)
+			return nil
+		}
+	}
+	return nil
+}
+
+// flushLane classifies and writes the lane's pages as one batch, paced by the shared
+// bandwidth cap, and puts the lane back in the free queue.
+func (s *sender) flushLane(ln *lane) {
+	t0 := time.Now()
+	defer func() {
+		ln.busy += time.Since(t0)
+		s.free <- ln
+	}()
+	ln.batch.Reset(ln.region, s.ps)
+	ln.scratch = ln.scratch[:0]
+	off := 0
+	for _, sp := range ln.spans {
+		for i := range sp.count {
+			pg := ln.buf[off : off+s.ps]
+			off += s.ps
+			kind, data := ln.cls.Classify(pages.Ref{Region: int(ln.region), Index: sp.first + i}, pg, &ln.scratch)
+			ln.batch.Add(sp.first+i, wire.Encoding(kind), data)
+		}
+	}
+	n := ln.batch.PayloadLen() + wire.HeaderSize
+	s.limitMu.Lock()
+	err := s.limit.wait(s.lctx, n)
+	s.limitMu.Unlock()
+	if err == nil {
+		err = ln.w.WritePages(&ln.batch)
+	}
+	if err != nil {
+		if ln.index > 0 {
+			err = fmt.Errorf("stream %d: %w", ln.index, err)
+		}
+		ln.err = err
+		return
+	}
+	ln.pages += uint64(ln.batch.Pages())
+	ln.roundPages += uint64(ln.batch.Pages())
+	ln.bytes += int64(n)
+	ln.batch.Reset(ln.region, s.ps)
+}
+
+// recvStreams is the destination's side of the extra connections.
+type recvStreams struct {
+	placed  atomic.Uint64 // pages placed by the stream readers and not yet accounted to a round
+	signal  chan struct{} // a page batch was placed (buffered, coalescing)
+	wg      sync.WaitGroup
+	streams []*recvStream
+	done    atomic.Bool // the main connection needs nothing more from them
+}
+
+type recvStream struct {
+	index  int
+	conn   io.ReadWriter
+	r      *wire.Reader
+	counts pages.Counters
+	pages  uint64
+	busy   time.Duration
+}
+
+// acceptStreams takes the extra connections the source announced from AcceptStream and
+// starts a reader on each. A connection that names another migration, or an index taken
+// already, is answered with an Error frame and closed; the wait for the right ones goes on,
+// bounded by StreamWait.
+func (rc *receiver) acceptStreams(m *wire.Streams) error {
+	rc.phase = "accepting streams"
+	if rc.opts.AcceptStream == nil {
+		return fmt.Errorf("%w: the source announced %d extra streams, which were not negotiated", ErrProtocol, m.Count)
+	}
+	rs := &recvStreams{signal: make(chan struct{}, 1)}
+	rc.streams = rs
+	ctx, cancel := context.WithTimeoutCause(rc.ctx, rc.opts.StreamWait,
+		fmt.Errorf("%w: %d of the source's %d extra streams did not connect within %v", ErrTimeout, 0, m.Count, rc.opts.StreamWait))
+	defer cancel()
+	taken := make([]bool, m.Count+1)
+	for len(rs.streams) < int(m.Count) {
+		conn, err := rc.opts.AcceptStream(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("%w: %d of the source's %d extra streams did not connect within %v", ErrTimeout, int(m.Count)-len(rs.streams), m.Count, rc.opts.StreamWait)
+			}
+			return fmt.Errorf("migration: accepting stream: %w", err)
+		}
+		st, err := rc.joinStream(ctx, conn, m, taken)
+		if err != nil {
+			rc.rep.Warnings = append(rc.rep.Warnings, fmt.Sprintf("migration: refused a connection: %v", err))
+			closeConn(conn)
+			continue
+		}
+		rs.streams = append(rs.streams, st)
+	}
+	for _, st := range rs.streams {
+		rs.wg.Add(1)
+		go rc.readStream(st)
+	}
+	return nil
+}
+
+// joinStream does the handshake of one extra connection: preambles, then Join.
+func (rc *receiver) joinStream(ctx context.Context, conn io.ReadWriter, m *wire.Streams, taken []bool) (*recvStream, error) {
+	stop := context.AfterFunc(ctx, func() { setDeadline(conn, longAgo) })
+	defer stop()
+	defer setDeadline(conn, time.Time{})
+	setDeadline(conn, time.Now().Add(rc.opts.StreamWait))
+	r := wire.NewReader(conn, wire.AtDestination)
+	w := wire.NewWriter(conn)
+	_, err := r.ReadPreamble()
+	if werr := w.WritePreamble(); err == nil {
+		err = werr
+	}
+	if err != nil {
+		return nil, err
+	}
+	r.SetDescription(rc.wdesc)
+	r.SetCaps(rc.caps)
+	r.PageStream()
+	msg, err := r.Next()
+	if err != nil {
+		return nil, err
+	}
+	j, ok := msg.(*wire.Join)
+	if !ok {
+		return nil, unexpected(msg, "join")
+	}
+	refuse := func(format string, args ...any) (*recvStream, error) {
+		err := fmt.Errorf(format, args...)
+		w.WriteError(wire.ErrCodeProtocol, err.Error())
+		return nil, err
+	}
+	if j.ID != m.ID {
+		return refuse("stream of migration %s, this one is %s", j.ID, m.ID)
+	}
+	if int(j.Index) > int(m.Count) || taken[j.Index] {
+		return refuse("stream index %d: taken or beyond the %d announced", j.Index, m.Count)
+	}
+	taken[j.Index] = true
+	return &recvStream{index: int(j.Index), conn: conn, r: r}, nil
+}
+
+// readStream places the page batches of one extra connection until it ends.
+func (rc *receiver) readStream(st *recvStream) {
+	rs := rc.streams
+	defer rs.wg.Done()
+	for {
+		msg, err := st.r.Next()
+		if err != nil {
+			if !rs.done.Load() {
+				rc.cancel(fmt.Errorf("migration: stream %d: %w", st.index, err))
+			}
+			return
+		}
+		b := msg.(*wire.PageBatch) // the Reader accepts nothing else after Join
+		t0 := time.Now()
+		if err := rc.place(b, &st.counts); err != nil {
+			rc.cancel(fmt.Errorf("migration: stream %d: %w", st.index, err))
+			return
+		}
+		st.busy += time.Since(t0)
+		st.pages += b.Pages
+		rs.placed.Add(b.Pages)
+		select {
+		case rs.signal <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// awaitStreams waits until the stream readers have placed want pages beyond those the main
+// connection carried in this round (have), and accounts them to it.
+func (rc *receiver) awaitStreams(want, have uint64) error {
+	rs := rc.streams
+	if want < have {
+		return fmt.Errorf("%w: the main connection carried %d pages of a round of %d", ErrProtocol, have, want)
+	}
+	need := want - have
+	t := time.NewTimer(rc.opts.StreamWait)
+	defer t.Stop()
+	for {
+		got := rs.placed.Load()
+		if got > need {
+			return fmt.Errorf("%w: the streams carried %d pages, the round has %d beyond the main connection's", ErrProtocol, got, need)
+		}
+		if got == need {
+			rs.placed.Add(-need)
+			return nil
+		}
+		select {
+		case <-rs.signal:
+		case <-t.C:
+			return fmt.Errorf("%w: the streams placed %d of %d pages within %v", ErrTimeout, got, need, rc.opts.StreamWait)
+		case <-rc.ctx.Done():
+			return context.Cause(rc.ctx)
+		}
+	}
+}
+
+// closeStreams stops the readers, closes the extra connections and adds their figures.
+func (rc *receiver) closeStreams() (bytesRead int64) {
+	rs := rc.streams
+	if rs == nil {
+		return 0
+	}
+	rs.done.Store(true)
+	for _, st := range rs.streams {
+		setDeadline(st.conn, longAgo)
+	}
+	rs.wg.Wait()
+	for _, st := range rs.streams {
+		closeConn(st.conn)
+		for k := range pages.NumKinds {
+			rc.counts.Add(pages.Kind(k), st.counts.Get(pages.Kind(k)))
+		}
+		bytesRead += st.r.BytesRead()
+		rc.rep.Streams = append(rc.rep.Streams, StreamReport{Index: st.index, Bytes: st.r.BytesRead(), Pages: st.pages, BusyMS: ms(st.busy)})
+	}
+	return bytesRead
+}
+
+// errNoStreams is returned for options that ask for streams where they cannot be used.
+var errNoStreams = errors.New("migration: extra streams carry pre-copy pages only; post-copy and hybrid use one connection")

@@ -1,0 +1,227 @@
+package migration_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/godwit-vm/godwit/migration"
+	mt "github.com/godwit-vm/godwit/migration/migrationtest"
+	"github.com/godwit-vm/godwit/migration/wire"
+)
+
+// streamNet is a loopback listener that serves the main connection and the extra streams of
+// one migration, as a destination host's listening port does.
+type streamNet struct {
+	ln    net.Listener
+	conns chan net.Conn
+	// dial wraps each extra connection the source opens (nil: as is).
+	dial func(c net.Conn) net.Conn
+}
+
+func newStreamNet(t *testing.T) *streamNet {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &streamNet{ln: ln, conns: make(chan net.Conn, 16)}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				close(n.conns)
+				return
+			}
+			n.conns <- c
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+	return n
+}
+
+func (n *streamNet) dialStream(ctx context.Context) (io.ReadWriter, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", n.ln.Addr().String())
+	if err != nil || n.dial == nil {
+		return c, err
+	}
+	return n.dial(c), nil
+}
+
+func (n *streamNet) accept(ctx context.Context) (io.ReadWriter, error) {
+	select {
+	case c, ok := <-n.conns:
+		if !ok {
+			return nil, net.ErrClosed
+		}
+		return c, nil
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+}
+
+// pair dials the main connection.
+func (n *streamNet) pair(t *testing.T) (net.Conn, net.Conn) {
+	c, err := net.Dial("tcp", n.ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, <-n.conns
+}
+
+func streamOptions(n *streamNet, streams int) (migration.SendOptions, migration.ReceiveOptions) {
+	return migration.SendOptions{Streams: streams, DialStream: n.dialStream, DowntimeLimit: 50 * time.Millisecond, BatchBytes: 256 << 10},
+		migration.ReceiveOptions{AcceptStream: n.accept, StreamWait: 5 * time.Second}
+}
+
+// TestStreamsWithWriter migrates a guest with a writer over four TCP connections: every
+// connection carries pages, the destination matches the source, and both reports list the
+// four streams with the pages each carried.
+func TestStreamsWithWriter(t *testing.T) {
+	n := newStreamNet(t)
+	g := newGuest(32*MiB, 21)
+	ctx, stop := context.WithCancel(t.Context())
+	wait := g.RunWriter(ctx, mt.WriterConfig{Rate: 20000, WorkingSet: 1024, Seed: 22})
+	d := mt.NewDest()
+	so, ro := streamOptions(n, 4)
+	so.MaxBandwidth = 256 * MiB
+	sc, dc := n.pair(t)
+	s, r := migrate(t.Context(), g, d, sc, dc, so, ro)
+	stop()
+	wait()
+	checkOK(t, g, d, s, r)
+	if len(s.rep.Streams) != 4 || len(r.rep.Streams) != 3 {
+		t.Fatalf("streams: source reports %d, destination %d (extra ones); want 4 and 3", len(s.rep.Streams), len(r.rep.Streams))
+	}
+	var sent uint64
+	for _, st := range s.rep.Streams {
+		if st.Pages == 0 || st.Bytes == 0 {
+			t.Errorf("stream %d carried nothing: %+v", st.Index, st)
+		}
+		sent += st.Pages
+	}
+	var rounds uint64
+	for _, rr := range s.rep.RoundDetails {
+		rounds += rr.Pages
+	}
+	if sent != rounds {
+		t.Errorf("the streams carried %d pages, the rounds %d", sent, rounds)
+	}
+	t.Logf("%d rounds, downtime %.2f ms, streams %+v", s.rep.Rounds, s.rep.DowntimeMS, s.rep.Streams)
+}
+
+// TestStreamsDeclined: a destination without AcceptStream takes everything on the main
+// connection, and the source says so.
+func TestStreamsDeclined(t *testing.T) {
+	n := newStreamNet(t)
+	g := newGuest(8*MiB, 23)
+	d := mt.NewDest()
+	so, _ := streamOptions(n, 3)
+	sc, dc := n.pair(t)
+	s, r := migrate(t.Context(), g, d, sc, dc, so, migration.ReceiveOptions{})
+	checkOK(t, g, d, s, r)
+	if len(s.rep.Streams) != 0 || len(s.rep.Warnings) != 1 || !strings.Contains(s.rep.Warnings[0], "one connection") {
+		t.Fatalf("streams %+v, warnings %q; want none and a warning", s.rep.Streams, s.rep.Warnings)
+	}
+}
+
+// TestStreamOfAnotherMigrationRefused: a connection that joins with another migration's id
+// is refused and closed, and the migration goes on with its own streams.
+func TestStreamOfAnotherMigrationRefused(t *testing.T) {
+	n := newStreamNet(t)
+	refused := make(chan error, 1)
+	go func() {
+		c, err := net.Dial("tcp", n.ln.Addr().String())
+		if err != nil {
+			refused <- err
+			return
+		}
+		defer c.Close()
+		w := wire.NewWriter(c)
+		w.WritePreamble()
+		r := wire.NewReader(c, wire.AtSource)
+		if _, err := r.ReadPreamble(); err != nil {
+			refused <- err
+			return
+		}
+		w.WriteJoin(&wire.Join{ID: wire.MigrationID{1, 2, 3}, Index: 1})
+		_, err = r.Next()
+		refused <- err
+	}()
+	// The stranger connects first.
+	deadline := time.Now().Add(5 * time.Second)
+	for len(n.conns) == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	g := newGuest(8*MiB, 24)
+	d := mt.NewDest()
+	so, ro := streamOptions(n, 2)
+	sc, dc := tcpDial(t, n)
+	s, r := migrate(t.Context(), g, d, sc, dc, so, ro)
+	checkOK(t, g, d, s, r)
+	err := <-refused
+	var pe *wire.PeerError
+	if !errors.As(err, &pe) || !strings.Contains(pe.Error(), "stream of migration") {
+		t.Fatalf("the stranger got %v, want an Error frame naming the migration", err)
+	}
+	if len(r.rep.Warnings) != 1 || !strings.Contains(r.rep.Warnings[0], "refused") {
+		t.Fatalf("destination warnings %q, want the refusal", r.rep.Warnings)
+	}
+}
+
+// tcpDial dials the main connection when a stranger's connection may be queued first: the
+// destination's main connection is the one the source dialled, found by its address.
+func tcpDial(t *testing.T, n *streamNet) (net.Conn, net.Conn) {
+	stranger := <-n.conns
+	c, d := n.pair(t)
+	n.conns <- stranger // the destination accepts it among the streams
+	return c, d
+}
+
+// TestStreamCutFailsCleanly cuts one extra stream in the middle of the first round: both sides
+// fail, and the source runs on with its memory unchanged.
+func TestStreamCutFailsCleanly(t *testing.T) {
+	n := newStreamNet(t)
+	var cut atomic.Bool
+	n.dial = func(c net.Conn) net.Conn { return &cutAfter{Conn: c, left: 1 << 20, cut: &cut} }
+	g := newGuest(32*MiB, 25)
+	want := append([]byte(nil), g.Memory(0)...)
+	d := mt.NewDest()
+	so, ro := streamOptions(n, 3)
+	sc, dc := n.pair(t)
+	s, r := migrate(t.Context(), g, d, sc, dc, so, ro)
+	if !cut.Load() {
+		t.Fatal("no stream was cut")
+	}
+	checkSourceIntact(t, g, s, migration.ResultFailed, want)
+	if r.err == nil || r.rep.Result != migration.ResultFailed || d.State() != "aborted" {
+		t.Fatalf("destination: %v, result %q, state %q; want a failure and state aborted", r.err, r.rep.Result, d.State())
+	}
+	t.Logf("source: %v\ndestination: %v", s.err, r.err)
+}
+
+// cutAfter closes the connection once left bytes have been written through it.
+type cutAfter struct {
+	net.Conn
+	left int
+	cut  *atomic.Bool
+}
+
+func (c *cutAfter) Write(p []byte) (int, error) {
+	if c.left <= 0 {
+		c.cut.Store(true)
+		c.Conn.Close()
+		return 0, net.ErrClosed
+	}
+	if len(p) > c.left {
+		p = p[:c.left]
+	}
+	n, err := c.Conn.Write(p)
+	c.left -= n
+	return n, err
+}
