@@ -64,6 +64,18 @@ type pcRecv struct {
 	reconnects int
 	lastBreak  error
 	pushEnd    *wire.PushEnd
+	faultLink  context.CancelCauseFunc // guarded by wmu: ends the first link, whose fault channel it is
+}
+
+// breakLink ends the link the fault channel belonged to (the first one): a fault channel that
+// broke takes its link with it, and recovery goes on over the main connection.
+func (p *pcRecv) breakLink(err error) {
+	p.wmu.Lock()
+	c := p.faultLink
+	p.wmu.Unlock()
+	if c != nil {
+		c(err)
+	}
 }
 
 func newPCRecv(rc *receiver, pd PostcopyDestination) *pcRecv {
@@ -166,6 +178,9 @@ func (p *pcRecv) attach(conn io.ReadWriter, w *wire.Writer, r *wire.Reader, watc
 	rc := p.rc
 	p.wmu.Lock()
 	p.lctx, p.lcancel = context.WithCancelCause(rc.ctx)
+	if p.faultLink == nil {
+		p.faultLink = p.lcancel // the link the fault channel belongs to
+	}
 	p.conn, p.w, p.r, p.owned = conn, w, r, owned
 	p.intr = interruptOnDone(p.lctx, conn)
 	ctx, cancel := p.lctx, p.lcancel
@@ -364,15 +379,16 @@ func (p *pcRecv) serve() error {
 		}
 		switch m := m.(type) {
 		case *wire.PageBatch:
-			if err := p.place(m); err != nil {
+			if err := p.place(m, &p.rc.counts); err != nil {
 				return err
 			}
 		case *wire.Keepalive:
 		case *wire.PushEnd:
 			p.pushEnd = m
-			if n := p.missingCount(); n != 0 {
+			if n := p.missingCount(); n != 0 && p.rc.streams == nil {
 				return fmt.Errorf("%w: the source ended its push, and %d pages are still missing", ErrProtocol, n)
 			}
+			// With a fault channel, requested pages may still be on their way on it.
 		case *wire.DoneAck:
 			if !p.doneSent.Load() {
 				return fmt.Errorf("%w: done ack before done", ErrProtocol)
@@ -393,14 +409,16 @@ func (p *pcRecv) missingCount() uint64 {
 // place installs a batch's pages that are still missing (a page present already, or never
 // missing, is never overwritten: the running guest may have changed it) and completes the
 // migration when the last one is in.
-func (p *pcRecv) place(b *wire.PageBatch) error {
+func (p *pcRecv) place(b *wire.PageBatch, counts *pages.Counters) error {
 	r := int(b.Region)
 	ps := int(p.ps)
 	for sp := range b.Spans {
 		if sp.Enc != wire.EncRaw && sp.Enc != wire.EncZero {
 			return fmt.Errorf("%w: %s page %d in region %d has no decoder", ErrProtocol, sp.Enc, sp.First, r)
 		}
-		// Only this goroutine clears missing bits, so the runs found here stay missing.
+		// The main connection's reader and the fault channel's may both place a page: the
+		// Destination keeps the first copy (both are the source's final one), and only the
+		// pages this call cleared below count.
 		var runs [][2]uint64
 		p.mu.Lock()
 		bm := p.missing[r]
@@ -421,20 +439,21 @@ func (p *pcRecv) place(b *wire.PageBatch) error {
 			if sp.Enc == wire.EncRaw {
 				off := int(first-sp.First) * ps
 				err = p.rc.vmm(fmt.Sprintf("PlacePages(region %d, page %d, %d pages)", r, first, n), p.pd.PlacePages(r, first, sp.Data[off:off+int(n)*ps]))
-				p.rc.counts.Add(pages.Raw, n)
 			} else {
 				err = p.rc.vmm(fmt.Sprintf("PlaceZero(region %d, page %d, %d pages)", r, first, n), p.pd.PlaceZero(r, first, n))
-				p.rc.counts.Add(pages.Zero, n)
 			}
 			if err != nil {
 				return err
 			}
-			got += n
 		}
 		now := time.Now()
 		p.mu.Lock()
 		for _, run := range runs {
 			for pg := run[0]; pg < run[0]+run[1]; pg++ {
+				if !bm.Has(pg) {
+					continue // the other reader placed it meanwhile
+				}
+				got++
 				bm.Clear(pg)
 				k := PageRef{r, pg}
 				if at, ok := p.faultAt[k]; ok {
@@ -442,6 +461,11 @@ func (p *pcRecv) place(b *wire.PageBatch) error {
 					delete(p.faultAt, k)
 				}
 			}
+		}
+		if sp.Enc == wire.EncRaw {
+			counts.Add(pages.Raw, got)
+		} else {
+			counts.Add(pages.Zero, got)
 		}
 		p.remaining -= got
 		p.placed += got

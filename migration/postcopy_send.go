@@ -534,21 +534,33 @@ func (s *sender) takeStats(m *wire.Stats) {
 	p.DestinationReconnects = int(m.Reconnects)
 }
 
-// pushDemanded sends the requested pages that are still pending (those sent already are on
-// their way), first come first served, one batch of one region at a time.
+// pushDemanded sends the requested pages that are still pending, first come first served, one
+// batch of one region at a time. A requested page sent already is on its way on the main
+// connection, maybe behind a backlog of pushed pages: with a fault channel it goes again
+// there (the destination keeps whichever copy comes first; both are the final one), without
+// one it is dropped.
 func (s *sender) pushDemanded() error {
 	r := -1
 	var batch []uint64
+	var again uint64
 	rest := s.demanded[:0]
 	for _, p := range s.demanded {
+		valid := p.Region >= 0 && p.Region < len(s.pending) && p.Page < s.sizes[p.Region]
+		pending := valid && s.pending[p.Region].Has(p.Page)
 		switch {
-		case p.Region < 0 || p.Region >= len(s.pending) || !s.pending[p.Region].Has(p.Page):
+		case !valid || (!pending && s.fault == nil):
 			// sent already: drop
-		case (r == -1 || p.Region == r) && len(batch) < s.bufPages:
+		case (r == -1 || p.Region == r) && len(batch) < s.bufPages && !slices.Contains(batch, p.Page):
 			r = p.Region
-			s.pending[r].Clear(p.Page)
-			s.prepager.Demanded(p)
+			if pending {
+				s.pending[r].Clear(p.Page)
+				s.prepager.Demanded(p)
+			} else {
+				again++
+			}
 			batch = append(batch, p.Page)
+		case p.Region == r && slices.Contains(batch, p.Page):
+			// asked twice: in this batch already
 		default:
 			rest = append(rest, p)
 		}
@@ -557,9 +569,14 @@ func (s *sender) pushDemanded() error {
 	if len(batch) == 0 {
 		return nil
 	}
-	s.remaining -= uint64(len(batch))
-	s.pcr.PagesDemanded += uint64(len(batch))
-	return s.sendPages(r, batch)
+	s.remaining -= uint64(len(batch)) - again
+	s.pcr.PagesDemanded += uint64(len(batch)) - again
+	s.pcr.PagesResent += again
+	w := s.w
+	if s.fault != nil {
+		w = s.fault.w
+	}
+	return s.sendPages(r, batch, w)
 }
 
 // pushNext sends the next batch the prepaging policy offers; false when it offers none.
@@ -593,11 +610,11 @@ func (s *sender) pushNext() (bool, error) {
 	}
 	s.remaining -= uint64(len(batch))
 	s.pcr.PagesPushed += uint64(len(batch))
-	return true, s.sendPages(r, batch)
+	return true, s.sendPages(r, batch, s.w)
 }
 
-// sendPages reads the given pages of region r and writes them as one batch.
-func (s *sender) sendPages(r int, batch []uint64) error {
+// sendPages reads the given pages of region r and writes them as one batch on w.
+func (s *sender) sendPages(r int, batch []uint64, w *wire.Writer) error {
 	slices.Sort(batch)
 	s.discard()
 	for i := 0; i < len(batch); {
@@ -616,7 +633,7 @@ func (s *sender) sendPages(r int, batch []uint64) error {
 	}
 	s.region = uint32(r)
 	s.linkSent += uint64(len(batch))
-	return s.flush()
+	return s.flushOn(w)
 }
 
 // reconnect replaces the broken connection: it calls Reconnect until a new connection
@@ -675,6 +692,7 @@ func (s *sender) dropLink() {
 		setDeadline(s.conn, time.Time{})
 	}
 	s.ownConn = false
+	s.closeFault() // requested pages take the new connection
 }
 
 var errLinkDropped = errors.New("migration: connection replaced")

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync/atomic"
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/pages"
@@ -105,8 +106,9 @@ type receiver struct {
 	caps     wire.Caps
 	pc       *pcRecv // after Resumed in post-copy
 
-	streams    *recvStreams // extra page connections, once announced
-	finalPages uint64       // pages of the final round, as its Round announced them
+	streams    *recvStreams           // extra page connections, once announced
+	pcPlace    atomic.Pointer[pcRecv] // post-copy, from before Start: where the fault channel's pages go
+	finalPages uint64                 // pages of the final round, as its Round announced them
 }
 
 func (rc *receiver) run(parent context.Context) (*Report, error) {
@@ -370,6 +372,7 @@ func (rc *receiver) migrate() error {
 	var p *pcRecv
 	if rc.missing != nil {
 		p = newPCRecv(rc, pd)
+		rc.pcPlace.Store(p)
 	}
 	if err := rc.vmm("Start", rc.dst.Start()); err != nil {
 		return err

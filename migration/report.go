@@ -197,6 +197,12 @@ type PostcopyReport struct {
 	// DestinationReconnects is the destination's count (source report only): it differs from
 	// Reconnects when a connection attempt failed half-way.
 	DestinationReconnects int `json:"destination_reconnects"`
+	// FaultChannelBytes is what the fault channel carried (source report; 0 without one):
+	// the pages the destination asked for, on a connection of their own.
+	FaultChannelBytes int64 `json:"fault_channel_bytes,omitempty"`
+	// PagesResent are requested pages sent again on the fault channel because their first copy
+	// was still on its way behind the push.
+	PagesResent uint64 `json:"pages_resent,omitempty"`
 
 	// Guest progress (heartbeats per second): in the second before the pause on the source,
 	// on the destination from start until every page is present, and in the second after.

@@ -89,6 +89,10 @@ type SendOptions struct {
 	// (ReceiveOptions.AcceptStream unset) declines, and the pages take the main connection.
 	Streams    int
 	DialStream func(ctx context.Context) (io.ReadWriter, error)
+	// FaultChannel (post-copy and hybrid, with DialStream) sends the pages the destination
+	// asks for on a connection of their own, so that they never wait behind pushed pages in
+	// the main connection's buffers. A destination without AcceptStream declines it.
+	FaultChannel bool
 }
 
 // Progress is a snapshot for a progress display, delivered after every round and at most
@@ -231,25 +235,27 @@ type sender struct {
 	phase  string
 	start  time.Time
 
-	desc     Description
-	ps       int
-	bufPages int
-	buf      []byte
-	scratch  []byte
-	batch    wire.OutBatch
-	region   uint32
-	used     int    // pages of buf holding data of the next batch
-	spans    []span // the runs of pages in buf[:used*ps], all of region
-	cls      pages.Classifier
-	limit    limiter
-	limitMu  sync.Mutex // lanes share the limiter
-	lanes    []*lane    // with extra streams: one per connection, the main one first
-	free     chan *lane // idle lanes
-	policy   *PrecopyPolicy
-	sent     uint64 // pages in all batches
-	round    int
-	lastProg time.Time
-	last     Decision // the policy's latest estimates, for progress
+	desc       Description
+	ps         int
+	bufPages   int
+	buf        []byte
+	scratch    []byte
+	batch      wire.OutBatch
+	region     uint32
+	used       int    // pages of buf holding data of the next batch
+	spans      []span // the runs of pages in buf[:used*ps], all of region
+	cls        pages.Classifier
+	limit      limiter
+	limitMu    sync.Mutex // lanes share the limiter
+	lanes      []*lane    // with extra streams: one per connection, the main one first
+	free       chan *lane // idle lanes
+	fault      *lane      // post-copy: the connection for requested pages, if any
+	faultBytes int64      // written on fault channels closed so far
+	policy     *PrecopyPolicy
+	sent       uint64 // pages in all batches
+	round      int
+	lastProg   time.Time
+	last       Decision // the policy's latest estimates, for progress
 
 	// Timing of the live rounds, for the policy.
 	roundAt time.Time     // the last round's first write
@@ -318,7 +324,7 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	s.intr = interruptOnDone(s.lctx, s.conn)
 
 	err := s.migrate()
-	if err != nil && s.lanes != nil {
+	if err != nil && (s.lanes != nil || s.fault != nil) {
 		// No lane may write on the main connection while an Error frame goes out.
 		s.closeStreams()
 	}
@@ -537,7 +543,7 @@ func (s *sender) migrate() error {
 	if s.post {
 		offered |= wire.CapPostcopy
 	}
-	if s.opts.Streams > 1 {
+	if s.opts.Streams > 1 || (s.post && s.opts.FaultChannel && s.opts.DialStream != nil) {
 		offered |= wire.CapStreams
 	}
 	s.sampleProgress(true)
@@ -575,11 +581,16 @@ func (s *sender) migrate() error {
 		return fmt.Errorf("%w: mode %s needs post-copy, and the destination does not support it (it declined the capability: its VMM cannot demand-page); migrate with mode %s", ErrNoPostcopy, s.opts.Mode, ModePrecopy)
 	}
 	s.startReader()
-	if welcome.Caps&wire.CapStreams != 0 {
+	switch {
+	case welcome.Caps&wire.CapStreams != 0 && s.post:
+		if err := s.openFault(); err != nil {
+			return err
+		}
+	case welcome.Caps&wire.CapStreams != 0:
 		if err := s.openStreams(); err != nil {
 			return err
 		}
-	} else if s.opts.Streams > 1 {
+	case s.opts.Streams > 1:
 		s.rep.Warnings = append(s.rep.Warnings, fmt.Sprintf("migration: the destination takes one connection only; %d streams asked for", s.opts.Streams))
 	}
 	ctx := &switchCtx{heartbeats: heartbeats && welcome.Caps&wire.CapBlackout != 0, pc: pc}
@@ -1039,7 +1050,10 @@ func (s *sender) discard() {
 // flush classifies the pages in the batch buffer and writes them as one batch, paced by the
 // bandwidth cap. Classification waits until here so that pages read ahead and then discarded
 // are never counted (and never seen by an encoder that keeps history).
-func (s *sender) flush() error {
+func (s *sender) flush() error { return s.flushOn(s.w) }
+
+// flushOn is flush on the writer w (the main connection's, or the fault channel's).
+func (s *sender) flushOn(w *wire.Writer) error {
 	if s.used == 0 {
 		return nil
 	}
@@ -1059,7 +1073,10 @@ func (s *sender) flush() error {
 	if err := s.limit.wait(s.lctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
 		return err
 	}
-	if err := s.w.WritePages(&s.batch); err != nil {
+	if err := w.WritePages(&s.batch); err != nil {
+		if w != s.w {
+			return fmt.Errorf("the fault channel: %w", err)
+		}
 		return err
 	}
 	s.sent += uint64(s.batch.Pages())

@@ -70,37 +70,74 @@ type lane struct {
 // openStreams announces the extra connections, dials them and opens each with Join.
 func (s *sender) openStreams() error {
 	s.phase = "opening streams"
-	if _, err := rand.Read(s.id[:]); err != nil {
-		return fmt.Errorf("migration: choosing a migration id: %w", err)
-	}
-	extra := s.opts.Streams - 1
-	if err := s.w.WriteStreams(&wire.Streams{ID: s.id, Count: uint16(extra)}); err != nil {
+	s.lanes = append(s.lanes, s.newLane(0, nil, s.w))
+	extra, err := s.openExtra(s.opts.Streams - 1)
+	s.lanes = append(s.lanes, extra...)
+	if err != nil {
 		return err
 	}
 	s.free = make(chan *lane, s.opts.Streams)
-	s.lanes = append(s.lanes, s.newLane(0, nil, s.w))
-	for i := 1; i <= extra; i++ {
-		conn, err := s.opts.DialStream(s.ctx)
-		if err != nil {
-			return fmt.Errorf("migration: opening stream %d of %d: %w", i, s.opts.Streams, err)
-		}
-		ln := s.newLane(i, conn, wire.NewWriter(conn))
-		s.lanes = append(s.lanes, ln)
-		ln.intr = interruptOnDone(s.lctx, conn)
-		if err := ln.w.WritePreamble(); err != nil {
-			return fmt.Errorf("migration: stream %d: %w", i, err)
-		}
-		if _, err := wire.NewReader(conn, wire.AtSource).ReadPreamble(); err != nil {
-			return fmt.Errorf("migration: stream %d: %w", i, err)
-		}
-		if err := ln.w.WriteJoin(&wire.Join{ID: s.id, Index: uint16(i)}); err != nil {
-			return fmt.Errorf("migration: stream %d: %w", i, err)
-		}
-	}
 	for _, ln := range s.lanes {
 		s.free <- ln
 	}
 	return nil
+}
+
+// openFault opens the post-copy fault channel: one extra connection that carries the pages
+// the destination asked for, so that they never queue behind the push on the main one.
+func (s *sender) openFault() error {
+	s.phase = "opening the fault channel"
+	extra, err := s.openExtra(1)
+	if len(extra) > 0 {
+		s.fault = extra[0]
+	}
+	return err
+}
+
+// openExtra announces count extra connections with a fresh id, dials them and opens each with
+// Join. The lanes it returns (also on failure: those dialled) belong to the caller.
+func (s *sender) openExtra(count int) ([]*lane, error) {
+	var id wire.MigrationID
+	if _, err := rand.Read(id[:]); err != nil {
+		return nil, fmt.Errorf("migration: choosing a migration id: %w", err)
+	}
+	if err := s.w.WriteStreams(&wire.Streams{ID: id, Count: uint16(count)}); err != nil {
+		return nil, err
+	}
+	var lanes []*lane
+	for i := 1; i <= count; i++ {
+		conn, err := s.opts.DialStream(s.ctx)
+		if err != nil {
+			return lanes, fmt.Errorf("migration: opening stream %d of %d: %w", i, count+1, err)
+		}
+		ln := s.newLane(i, conn, wire.NewWriter(conn))
+		lanes = append(lanes, ln)
+		ln.intr = interruptOnDone(s.lctx, conn)
+		if err := ln.w.WritePreamble(); err != nil {
+			return lanes, fmt.Errorf("migration: stream %d: %w", i, err)
+		}
+		if _, err := wire.NewReader(conn, wire.AtSource).ReadPreamble(); err != nil {
+			return lanes, fmt.Errorf("migration: stream %d: %w", i, err)
+		}
+		if err := ln.w.WriteJoin(&wire.Join{ID: id, Index: uint16(i)}); err != nil {
+			return lanes, fmt.Errorf("migration: stream %d: %w", i, err)
+		}
+	}
+	return lanes, nil
+}
+
+// closeFault closes the fault channel (after a broken link: requested pages take the new
+// main connection) and counts what it carried.
+func (s *sender) closeFault() {
+	f := s.fault
+	if f == nil {
+		return
+	}
+	s.fault = nil
+	f.intr.hold()
+	closeConn(f.conn)
+	s.bytesW += f.w.Written()
+	s.faultBytes += f.w.Written()
 }
 
 func (s *sender) newLane(i int, conn io.ReadWriter, w *wire.Writer) *lane {
@@ -110,6 +147,12 @@ func (s *sender) newLane(i int, conn io.ReadWriter, w *wire.Writer) *lane {
 // closeStreams closes the extra connections once no lane uses them and adds the lanes'
 // figures to the report.
 func (s *sender) closeStreams() {
+	if s.fault != nil || s.faultBytes > 0 {
+		s.closeFault()
+		if s.pcr != nil {
+			s.pcr.FaultChannelBytes = s.faultBytes
+		}
+	}
 	if s.lanes == nil {
 		return
 	}
@@ -133,6 +176,9 @@ func (s *sender) closeStreams() {
 // written is what this side has written to all its connections so far.
 func (s *sender) written() int64 {
 	n := s.bytesW + s.w.Written()
+	if s.fault != nil {
+		n += s.fault.w.Written()
+	}
 	for _, ln := range s.lanes {
 		if ln.conn != nil {
 			n += ln.w.Written()
@@ -380,6 +426,15 @@ func (rc *receiver) readStream(st *recvStream) {
 	for {
 		msg, err := st.r.Next()
 		if err != nil {
+			if p := rc.pcPlace.Load(); p != nil {
+				// Post-copy: a broken fault channel is a broken link. The source rejoins
+				// (or the migration strands) on the main connection; requested pages take
+				// it from then on.
+				if !p.isComplete() {
+					p.breakLink(fmt.Errorf("migration: the fault channel broke: %w", err))
+				}
+				return
+			}
 			if !rs.done.Load() {
 				rc.cancel(fmt.Errorf("migration: stream %d: %w", st.index, err))
 			}
@@ -387,7 +442,13 @@ func (rc *receiver) readStream(st *recvStream) {
 		}
 		b := msg.(*wire.PageBatch) // the Reader accepts nothing else after Join
 		t0 := time.Now()
-		if err := rc.place(b, &st.counts); err != nil {
+		if p := rc.pcPlace.Load(); p != nil {
+			// The fault channel of a post-copy: demanded pages.
+			if err := p.place(b, &st.counts); err != nil {
+				rc.cancel(fmt.Errorf("migration: stream %d: %w", st.index, err))
+				return
+			}
+		} else if err := rc.place(b, &st.counts); err != nil {
 			rc.cancel(fmt.Errorf("migration: stream %d: %w", st.index, err))
 			return
 		}

@@ -29,6 +29,7 @@ type MigrateCmd struct {
 	HybridAfter     time.Duration `name:"hybrid-after" default:"0" placeholder:"DURATION" help:"hybrid: switch to post-copy once pre-copy has run this long; 0 = no time bound."`
 	LinkTimeout     time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"postcopy, hybrid: after the switch, a link on which nothing arrives for this long (both sides send keepalives) is broken, and recovery begins (see --reconnect-window). Default ${default}."`
 	ReconnectWindow time.Duration `name:"reconnect-window" default:"30s" placeholder:"DURATION" help:"postcopy, hybrid: when the link breaks after the switch, redial the destination at the same address for this long. Past it the migration is interrupted: the VM stays paused here with its memory and waits for 'godwit migrate --resume'. 0 = do not redial. Default ${default}."`
+	FaultChannel    bool          `name:"fault-channel" default:"true" negatable:"" help:"postcopy, hybrid: send the pages the destination asks for on a TCP connection of their own, so that they never wait behind pushed pages in the main connection's buffers (--no-fault-channel: one connection for both, to compare). Default ${default}."`
 	Resume          bool          `help:"Finish this VM's interrupted post-copy migration: connect to the same destination at --to (its old or a new address) and carry on where the link broke. Takes no other option than --to (and --json); the migration keeps the ones it started with."`
 	// Pre-copy.
 	DowntimeLimit time.Duration `default:"300ms" placeholder:"DURATION" help:"precopy, hybrid: stop and copy once the expected downtime is within this. Default ${default}."`
@@ -47,7 +48,7 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 	}
 	if c.Resume {
 		var extra []string
-		for _, f := range []string{"mode", "prepage", "sample-before", "hybrid-rounds", "hybrid-after", "link-timeout", "reconnect-window",
+		for _, f := range []string{"mode", "prepage", "sample-before", "hybrid-rounds", "hybrid-after", "link-timeout", "reconnect-window", "fault-channel",
 			"downtime-limit", "max-bandwidth", "auto-converge", "force", "timeout", "streams"} {
 			if set(f) {
 				extra = append(extra, "--"+f)
@@ -187,6 +188,7 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 			req.SampleBeforeMS = c.SampleBefore.Milliseconds()
 			req.LinkTimeoutMS = c.LinkTimeout.Milliseconds()
 			req.ReconnectWindowMS = c.ReconnectWindow.Milliseconds()
+			req.NoFaultChannel = !c.FaultChannel
 		}
 		if c.Mode == migration.ModeHybrid {
 			req.HybridRounds = c.HybridRounds

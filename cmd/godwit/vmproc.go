@@ -295,6 +295,7 @@ type MigrateRequest struct {
 	LinkTimeoutMS     int64  `json:"link_timeout_ms,omitempty"`
 	ReconnectWindowMS int64  `json:"reconnect_window_ms,omitempty"` // redial the same address this long; 0 = not at all
 	Streams           int    `json:"streams,omitempty"`             // precopy: connections for the pages; 0 = 1
+	NoFaultChannel    bool   `json:"no_fault_channel,omitempty"`    // postcopy, hybrid: requested pages on the main connection
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
 	Resume bool `json:"resume,omitempty"`
@@ -413,6 +414,7 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		HybridAfter:   time.Duration(req.HybridAfterMS) * time.Millisecond,
 		LinkTimeout:   time.Duration(req.LinkTimeoutMS) * time.Millisecond,
 		Streams:       req.Streams,
+		FaultChannel:  !req.NoFaultChannel,
 		DialStream: func(ctx context.Context) (io.ReadWriter, error) {
 			var d net.Dialer
 			dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
