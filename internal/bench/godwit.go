@@ -141,6 +141,9 @@ func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
 	if s.Technique == Precopy {
 		// QEMU's pre-copy never gives up; neither does godwit's with --force.
 		a = append(a, "--force")
+		if s.Streams > 1 {
+			a = append(a, "--streams", strconv.Itoa(s.Streams))
+		}
 	}
 	if s.CapBps > 0 {
 		a = append(a, "--max-bandwidth", strconv.FormatInt(s.CapBps, 10)+"bit")

@@ -166,6 +166,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		// godwit's hybrid switches after N rounds (the full pass and N-1 dirty passes); QEMU
 		// counts dirty-bitmap syncs, one at the start and one after each pass.
 		PostcopyAfterPasses: s.HybridRounds + 1,
+		MultifdChannels:     s.Streams,
 		Poll:                20 * time.Millisecond,
 		Timeout:             e.cfg.Timeout,
 		VerifyTimeout:       verifyEvery + 2*time.Minute,

@@ -143,7 +143,7 @@ func runScenario(ctx context.Context, cfg *Config, s Scenario, index, count int,
 			r := newRun(s, sys, rep)
 			event(sys, rep, "start", nil)
 			t0 := time.Now()
-			if r.RawTCPBps, err = tb.MeasureTCP(cfg.RawTCPBytes); err != nil {
+			if r.RawTCPBps, err = tb.MeasureTCPConns(cfg.RawTCPBytes, max(1, s.Streams)); err != nil {
 				r.fail(fmt.Errorf("raw TCP baseline: %w", err))
 			} else {
 				phase := func(p string) {

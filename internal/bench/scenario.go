@@ -58,6 +58,9 @@ type Scenario struct {
 	HybridRounds  int           `json:"hybrid_rounds,omitempty"`
 	DowntimeLimit time.Duration `json:"downtime_limit"`
 	AutoConverge  bool          `json:"auto_converge"`
+	// Streams is the number of connections pre-copy pages take: godwit's --streams, QEMU's
+	// multifd channels (1: neither), and the raw TCP baseline's connections.
+	Streams int `json:"streams,omitempty"`
 
 	Suites []string `json:"suites"`
 }
@@ -109,6 +112,9 @@ func (s Scenario) Options() string {
 		o += ", prepage " + s.Prepage
 	}
 	o += ", cap " + s.Cap()
+	if s.Streams > 1 {
+		o += fmt.Sprintf(", %d streams (QEMU: multifd with %d channels; raw TCP: %d connections)", s.Streams, s.Streams, s.Streams)
+	}
 	if s.WarmUp > 0 {
 		o += fmt.Sprintf(", warm-up at least %v", s.WarmUp)
 	}
@@ -252,10 +258,15 @@ func parseScenario(f []string) (Scenario, error) {
 			}
 		case "auto-converge":
 			s.AutoConverge, err = strconv.ParseBool(v)
+		case "streams":
+			s.Streams, err = strconv.Atoi(v)
+			if err == nil && (s.Streams < 1 || s.Streams > 64) {
+				err = fmt.Errorf("want 1..64")
+			}
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
-				if _, err = oneOf(x, "default", "quick"); err != nil {
+				if _, err = oneOf(x, "default", "quick", "streams"); err != nil {
 					break
 				}
 			}
@@ -279,6 +290,9 @@ func parseScenario(f []string) (Scenario, error) {
 	}
 	if s.Workload == "dirty" && (s.WSSBytes < 4096 || s.WSSBytes > s.MemBytes/2) {
 		return s, fmt.Errorf("%s: working set %d bytes: want a page to half of the memory", s.Name, s.WSSBytes)
+	}
+	if s.Streams > 1 && s.Technique != Precopy {
+		return s, fmt.Errorf("%s: streams=%d: several connections carry pre-copy only", s.Name, s.Streams)
 	}
 	if s.MemBytes < guest.MinMemory || s.MemBytes > guest.MaxMemory {
 		return s, fmt.Errorf("%s: memory %d bytes: want %d MiB to %d GiB", s.Name, s.MemBytes, guest.MinMemory>>20, guest.MaxMemory>>30)

@@ -34,6 +34,8 @@ type MigrateConfig struct {
 	// after PostcopyAfter if that is set and comes first.
 	PostcopyAfterPasses int
 	PostcopyAfter       time.Duration
+	// MultifdChannels above 1 turns on multifd (pre-copy) with that many channels.
+	MultifdChannels int
 	// Poll is the query-migrate interval (default 20 ms); Timeout bounds the migration
 	// (default 5 minutes) and VerifyTimeout the destination guest's verification after it
 	// (default 2 minutes).
@@ -184,6 +186,12 @@ func Migrate(ctx context.Context, src, dst *VM, cfg MigrateConfig) (*Result, err
 
 	post := cfg.Mode != Precopy
 	caps := map[string]bool{"postcopy-ram": post, "events": true}
+	if cfg.MultifdChannels > 1 {
+		if post {
+			return nil, errors.New("qemu: multifd is for pre-copy here")
+		}
+		caps["multifd"] = true
+	}
 	if err := setCapabilities(mctx, dst, caps); err != nil {
 		return nil, err
 	}
@@ -199,6 +207,13 @@ func Migrate(ctx context.Context, src, dst *VM, cfg MigrateConfig) (*Result, err
 	}
 	if cfg.MaxPostcopyBandwidth > 0 {
 		params["max-postcopy-bandwidth"] = cfg.MaxPostcopyBandwidth
+	}
+	if cfg.MultifdChannels > 1 {
+		// Both ends must agree on the channel count.
+		params["multifd-channels"] = cfg.MultifdChannels
+		if err := dst.QMP.Execute(mctx, "migrate-set-parameters", map[string]any{"multifd-channels": cfg.MultifdChannels}, nil); err != nil {
+			return nil, fmt.Errorf("qemu %s: %w", dst.Name, err)
+		}
 	}
 	if len(params) > 0 {
 		if err := src.QMP.Execute(mctx, "migrate-set-parameters", params, nil); err != nil {
