@@ -149,9 +149,18 @@
 // CPUs shared by both ends and four busy simulated vCPUs) the push ran at about half the rate
 // it had with megabytes queued; at 1 Gbit/s the total time stayed within 1.06x of the raw TCP
 // rate. Without root the buffer cannot exceed net.core.rmem_max (208 KiB by default), which
-// caps the window on long fat links. A second connection for requested pages would remove the
-// trade-off; the wire does not have one yet. Nothing else on the wire changed: the destination
+// caps the window on long fat links. Nothing else on the wire changed: the destination
 // acknowledges nothing more than before.
+//
+// The fault channel (SendOptions.FaultChannel, with CapStreams) removes the trade-off: the
+// source opens one extra connection at the handshake and writes requested pages there, so they
+// queue behind nothing but other requested pages. A requested page that was pushed already
+// goes again on it (its first copy may still sit behind the push; the destination keeps
+// whichever arrives first, and both are the final copy). The destination places what the
+// channel carries on a goroutine of its own. A channel that breaks is a broken link: the
+// source rejoins over the main connection as above, without a fault channel from then on. In
+// TestPostcopyFaultChannel (links with 1 MiB of buffer at 50 MiB/s, a fake clock) fault
+// service p50 falls from 10.2 ms to 1.4 ms and p99 from 21 ms to 2.2 ms.
 //
 // # Metrics
 //

@@ -122,6 +122,25 @@ func (r *Region) WriteAt(b []byte, off int64) (int, error) {
 	return n, nil
 }
 
+// FillAt writes guest memory through the mapping, after allocating the pages of the range in
+// one MADV_POPULATE_WRITE call (Linux 5.14; where it is refused, the copy faults them in).
+// Unlike pwrite, which holds the memfd's inode lock, several goroutines filling different
+// ranges allocate in parallel: where allocating fresh memory is the cost (a host that takes
+// back freed memory, as one that reports free pages to its own host does), that is what lets
+// several streams receive faster than one. Only for memory nobody demand-pages: a Go copy
+// into a page userfaultfd still holds back would block the thread.
+func (r *Region) FillAt(b []byte, off int64) error {
+	if off < 0 || off+int64(len(b)) > int64(len(r.Mem)) {
+		return fmt.Errorf("guestmem: fill %q at %d+%d: outside its %d bytes", r.Name, off, len(b), len(r.Mem))
+	}
+	dst := r.Mem[off : off+int64(len(b))]
+	if len(dst) > 0 && off%PageSize == 0 && len(dst)%PageSize == 0 {
+		unix.Madvise(dst, unix.MADV_POPULATE_WRITE)
+	}
+	copy(dst, b)
+	return nil
+}
+
 func (r *Region) markDirty(off, n uint64) {
 	if n == 0 {
 		return

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
@@ -152,6 +153,8 @@ type MigrationDestination struct {
 	faults       chan migration.Fault // Faults, made on first use
 	faultsGiven  bool                 // handed to the machine's post-copy, which closes it
 	faultsClosed bool
+
+	writing atomic.Int32 // WritePages calls in progress (several with extra streams)
 }
 
 var (
@@ -206,6 +209,12 @@ func (d *MigrationDestination) WritePages(r int, first uint64, src []byte) error
 	}
 	if d.M.pc.Load() != nil { // armed: a pwrite would hide a missing page from userfaultfd
 		return d.PlacePages(r, first, src)
+	}
+	// Alone, pwrite is the cheapest way in. While another stream's pages are being written
+	// too, the mapping lets both allocate at once (pwrite serialises on the memfd).
+	defer d.writing.Add(-1)
+	if d.writing.Add(1) > 1 {
+		return mem.FillAt(src, int64(first*guest.PageSize))
 	}
 	_, err = mem.WriteAt(src, int64(first*guest.PageSize))
 	return err
