@@ -238,12 +238,7 @@ type sender struct {
 	desc       Description
 	ps         int
 	bufPages   int
-	buf        []byte
-	scratch    []byte
-	batch      wire.OutBatch
-	region     uint32
-	used       int    // pages of buf holding data of the next batch
-	spans      []span // the runs of pages in buf[:used*ps], all of region
+	pageBuf    // the next batch of the main connection
 	cls        pages.Classifier
 	limit      limiter
 	limitMu    sync.Mutex // lanes share the limiter
@@ -1016,29 +1011,60 @@ func (s *sender) fill(p *roundPlan) error {
 	if s.used > 0 {
 		return nil
 	}
+	return s.readInto(p, &s.pageBuf)
+}
+
+// pageBuf holds the pages read for one batch and the batch they are encoded into.
+type pageBuf struct {
+	buf     []byte
+	used    int    // pages of buf holding data of the next batch
+	spans   []span // the runs of pages in buf[:used*ps], all of region
+	region  uint32
+	batch   wire.OutBatch
+	scratch []byte
+}
+
+// readInto reads the plan's next pages into the empty b: up to a buffer's worth, all of one
+// region, since a batch names one region. It leaves b empty at the plan's end.
+func (s *sender) readInto(p *roundPlan, b *pageBuf) error {
 	for ; p.r < len(p.set); p.r, p.next = p.r+1, 0 {
 		n, bm := s.regionPages(p.r), p.set[p.r]
-		for s.used < s.bufPages {
+		for b.used < s.bufPages {
 			first, ok := bm.next(p.next, n, true)
 			if !ok {
 				break
 			}
 			end, _ := bm.next(first, n, false)
-			k := min(end-first, uint64(s.bufPages-s.used))
-			dst := s.buf[s.used*s.ps : (s.used+int(k))*s.ps]
+			k := min(end-first, uint64(s.bufPages-b.used))
+			dst := b.buf[b.used*s.ps : (b.used+int(k))*s.ps]
 			if err := s.src.ReadPages(p.r, first, dst); err != nil {
 				return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", p.r, first, k), err)
 			}
-			s.spans = append(s.spans, span{first: first, count: k})
-			s.used += int(k)
+			b.spans = append(b.spans, span{first: first, count: k})
+			b.used += int(k)
 			p.next = first + k
 		}
-		if s.used > 0 {
-			s.region = uint32(p.r)
+		if b.used > 0 {
+			b.region = uint32(p.r)
 			return nil
 		}
 	}
 	return nil
+}
+
+// encode classifies b's pages (ps bytes each) with cls into b.batch.
+func (b *pageBuf) encode(cls *pages.Classifier, ps int) {
+	b.batch.Reset(b.region, ps)
+	b.scratch = b.scratch[:0]
+	off := 0
+	for _, sp := range b.spans {
+		for i := range sp.count {
+			pg := b.buf[off : off+ps]
+			off += ps
+			kind, data := cls.Classify(pages.Ref{Region: int(b.region), Index: sp.first + i}, pg, &b.scratch)
+			b.batch.Add(sp.first+i, wire.Encoding(kind), data)
+		}
+	}
 }
 
 // discard forgets the pages in the batch buffer.
@@ -1060,16 +1086,7 @@ func (s *sender) flushOn(w *wire.Writer) error {
 	if err := s.linkErr(); err != nil {
 		return err
 	}
-	s.batch.Reset(s.region, s.ps)
-	off := 0
-	for _, sp := range s.spans {
-		for i := range sp.count {
-			pg := s.buf[off : off+s.ps]
-			off += s.ps
-			kind, data := s.cls.Classify(pages.Ref{Region: int(s.region), Index: sp.first + i}, pg, &s.scratch)
-			s.batch.Add(sp.first+i, wire.Encoding(kind), data)
-		}
-	}
+	s.encode(&s.cls, s.ps)
 	if err := s.limit.wait(s.lctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@
 package migration
 
 import (
+	"net"
 	"syscall"
 	"time"
 
@@ -49,9 +50,17 @@ func setTCPOpt(conn any, opt, v int) (old int, ok bool) {
 	return old, ok
 }
 
-// control runs f on conn's file descriptor, if conn is a socket; it reports whether it could
-// and f succeeded.
+// control runs f on conn's file descriptor, if conn is a socket or wraps one; it reports
+// whether it could and f succeeded.
 func control(conn any, f func(fd int) error) bool {
+	// A wrapped connection (TLS) tunes the socket it wraps.
+	for {
+		w, ok := conn.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		conn = w.NetConn()
+	}
 	sc, isSock := conn.(syscall.Conn)
 	if !isSock {
 		return false

@@ -48,21 +48,16 @@ type StreamReport struct {
 // pages into an idle lane, and a goroutine of the lane's own classifies and writes them; a lane
 // comes back to the sender's free queue when its batch is out.
 type lane struct {
-	index   int
-	conn    io.ReadWriter // extra connections only: the main one belongs to the caller
-	w       *wire.Writer
-	intr    *interrupter
-	buf     []byte
-	spans   []span
-	used    int
-	region  uint32
-	batch   wire.OutBatch
-	scratch []byte
-	cls     pages.Classifier
-	pages   uint64 // in all batches written
-	bytes   int64
-	busy    time.Duration
-	err     error
+	index int
+	conn  io.ReadWriter // extra connections only: the main one belongs to the caller
+	w     *wire.Writer
+	intr  *interrupter
+	pageBuf
+	cls   pages.Classifier
+	pages uint64 // in all batches written
+	bytes int64
+	busy  time.Duration
+	err   error
 
 	roundPages uint64 // pages written since sendLanes started
 }
@@ -141,7 +136,7 @@ func (s *sender) closeFault() {
 }
 
 func (s *sender) newLane(i int, conn io.ReadWriter, w *wire.Writer) *lane {
-	return &lane{index: i, conn: conn, w: w, buf: make([]byte, s.bufPages*s.ps), cls: pages.Classifier{Encoders: s.cls.Encoders}}
+	return &lane{index: i, conn: conn, w: w, pageBuf: pageBuf{buf: make([]byte, s.bufPages*s.ps)}, cls: pages.Classifier{Encoders: s.cls.Encoders}}
 }
 
 // closeStreams closes the extra connections once no lane uses them and adds the lanes'
@@ -255,32 +250,10 @@ func (s *sender) sendLanes(p *roundPlan) error {
 	return nil
 }
 
-// fillLane reads the plan's next pages into the idle lane ln, as fill does for the main buffer.
+// fillLane reads the plan's next pages into the idle lane ln.
 func (s *sender) fillLane(p *roundPlan, ln *lane) error {
 	ln.used, ln.spans = 0, ln.spans[:0]
-	for ; p.r < len(p.set); p.r, p.next = p.r+1, 0 {
-		n, bm := s.regionPages(p.r), p.set[p.r]
-		for ln.used < s.bufPages {
-			first, ok := bm.next(p.next, n, true)
-			if !ok {
-				break
-			}
-			end, _ := bm.next(first, n, false)
-			k := min(end-first, uint64(s.bufPages-ln.used))
-			dst := ln.buf[ln.used*s.ps : (ln.used+int(k))*s.ps]
-			if err := s.src.ReadPages(p.r, first, dst); err != nil {
-				return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", p.r, first, k), err)
-			}
-			ln.spans = append(ln.spans, span{first: first, count: k})
-			ln.used += int(k)
-			p.next = first + k
-		}
-		if ln.used > 0 {
-			ln.region = uint32(p.r)
-			return nil
-		}
-	}
-	return nil
+	return s.readInto(p, &ln.pageBuf)
 }
 
 // flushLane classifies and writes the lane's pages as one batch, paced by the shared
@@ -291,17 +264,7 @@ func (s *sender) flushLane(ln *lane) {
 		ln.busy += time.Since(t0)
 		s.free <- ln
 	}()
-	ln.batch.Reset(ln.region, s.ps)
-	ln.scratch = ln.scratch[:0]
-	off := 0
-	for _, sp := range ln.spans {
-		for i := range sp.count {
-			pg := ln.buf[off : off+s.ps]
-			off += s.ps
-			kind, data := ln.cls.Classify(pages.Ref{Region: int(ln.region), Index: sp.first + i}, pg, &ln.scratch)
-			ln.batch.Add(sp.first+i, wire.Encoding(kind), data)
-		}
-	}
+	ln.encode(&ln.cls, s.ps)
 	n := ln.batch.PayloadLen() + wire.HeaderSize
 	s.limitMu.Lock()
 	err := s.limit.wait(s.lctx, n)

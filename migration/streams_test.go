@@ -249,20 +249,7 @@ func TestPostcopyFaultChannel(t *testing.T) {
 			}
 			c.so = migration.SendOptions{Mode: migration.ModePostcopy, SampleBefore: 100 * time.Millisecond, FaultChannel: channel}
 			if channel {
-				extra := make(chan net.Conn, 1)
-				c.so.DialStream = func(ctx context.Context) (io.ReadWriter, error) {
-					a, b := mt.Link(link)
-					extra <- b
-					return a, nil
-				}
-				c.ro.AcceptStream = func(ctx context.Context) (io.ReadWriter, error) {
-					select {
-					case b := <-extra:
-						return b, nil
-					case <-ctx.Done():
-						return nil, context.Cause(ctx)
-					}
-				}
+				c.so.DialStream, c.ro.AcceptStream = streamLinks(link, nil)
 			}
 			s, r := c.run(t)
 			checkPostcopyOK(t, c, s, r)
@@ -296,21 +283,8 @@ func TestPostcopyFaultChannelBreaks(t *testing.T) {
 			vcpu:   &mt.VCPUConfig{Pages: mt.LocalityPattern(10, 0, 2048, 600, 16), Think: 200 * time.Microsecond},
 		}
 		var cut atomic.Bool
-		extra := make(chan net.Conn, 1)
-		c.so = migration.SendOptions{Mode: migration.ModePostcopy, SampleBefore: 100 * time.Millisecond, FaultChannel: true,
-			DialStream: func(ctx context.Context) (io.ReadWriter, error) {
-				a, b := mt.Link(link)
-				extra <- b
-				return &cutAfter{Conn: a, left: 6 << 10, cut: &cut}, nil
-			}}
-		c.ro.AcceptStream = func(ctx context.Context) (io.ReadWriter, error) {
-			select {
-			case b := <-extra:
-				return b, nil
-			case <-ctx.Done():
-				return nil, context.Cause(ctx)
-			}
-		}
+		c.so = migration.SendOptions{Mode: migration.ModePostcopy, SampleBefore: 100 * time.Millisecond, FaultChannel: true}
+		c.so.DialStream, c.ro.AcceptStream = streamLinks(link, func(a net.Conn) net.Conn { return &cutAfter{Conn: a, left: 6 << 10, cut: &cut} })
 		c.so.Reconnect, c.ro.Reconnect = reconnectors(link)
 		s, r := c.run(t)
 		if !cut.Load() {
@@ -322,4 +296,27 @@ func TestPostcopyFaultChannelBreaks(t *testing.T) {
 		}
 		t.Logf("faults %d, p50 %.0f µs, reconnects %d", s.rep.Postcopy.DemandFaults, s.rep.Postcopy.FaultLatencyP50US, s.rep.Postcopy.Reconnects)
 	})
+}
+
+// streamLinks returns a DialStream and an AcceptStream that make in-memory links for extra
+// connections (the source's end wrapped by wrap, if set).
+func streamLinks(link mt.LinkConfig, wrap func(net.Conn) net.Conn) (dial, accept func(context.Context) (io.ReadWriter, error)) {
+	extra := make(chan net.Conn, 1)
+	dial = func(ctx context.Context) (io.ReadWriter, error) {
+		a, b := mt.Link(link)
+		extra <- b
+		if wrap != nil {
+			return wrap(a), nil
+		}
+		return a, nil
+	}
+	accept = func(ctx context.Context) (io.ReadWriter, error) {
+		select {
+		case b := <-extra:
+			return b, nil
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		}
+	}
+	return dial, accept
 }

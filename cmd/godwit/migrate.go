@@ -14,13 +14,14 @@ import (
 	"github.com/alecthomas/kong"
 	"golang.org/x/sys/unix"
 
+	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/migration"
 )
 
 // MigrateCmd is 'godwit migrate'.
 type MigrateCmd struct {
 	ControlFlag
-	To   string `required:"" placeholder:"tcp:HOST:PORT" help:"The destination: a 'godwit run --incoming' waiting there. With --resume: where that destination now listens (its old or a new address)."`
+	To   string `required:"" placeholder:"tcp:HOST:PORT|unix:PATH" help:"The destination: a 'godwit run --incoming' waiting there (unix:PATH: on this host). With --resume: where that destination now listens (its old or a new address)."`
 	Mode string `default:"precopy" placeholder:"MODE" help:"precopy: copy memory while the VM runs here, then stop it and copy the rest (until the very end the VM can run here again, and does on any failure). postcopy: move the vCPUs at once; the destination runs the VM and fetches each page it touches from here while the rest is pushed (short downtime; from the switch on the VM needs both hosts until every page has arrived). hybrid: pre-copy rounds, then switch to post-copy (see --hybrid-rounds, --hybrid-after). Default ${default}."`
 	// Post-copy and hybrid.
 	Prepage         string        `default:"sequential" placeholder:"POLICY" help:"postcopy, hybrid: the order in which the pages the destination has not asked for are pushed after the switch (pages it asks for always go first): sequential (ascending addresses), bubble (outward from the latest demand faults), hot (the pages most written before and most faulted after the switch first), none (push nothing: every page comes by demand). Default ${default}."`
@@ -43,7 +44,7 @@ type MigrateCmd struct {
 // validate checks the flags for contradictions. set tells whether a flag was given on the
 // command line (by its name without dashes).
 func (c *MigrateCmd) validate(set func(string) bool) error {
-	if _, err := parseTCPAddr(c.To); err != nil {
+	if _, err := transport.Parse(c.To); err != nil {
 		return fmt.Errorf("--to: %w", err)
 	}
 	if c.Resume {

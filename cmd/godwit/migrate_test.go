@@ -206,6 +206,26 @@ func TestMigrateWithStreams(t *testing.T) {
 	dst.verifyClean(t)
 }
 
+// TestMigrateOverUnixSocket moves a writer between two VM processes of one host over a Unix
+// socket, with two streams, and the destination verifies its memory.
+func TestMigrateOverUnixSocket(t *testing.T) {
+	requireKVM(t)
+	tb := newTestbed(t, 0)
+	to := "unix:" + filepath.Join(t.TempDir(), "incoming.sock")
+	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "dirty", "--wss", "32M", "--rate", "20k", "--pattern", "random", "--content", "random")
+	dst := startVM(t, tb.Host(0), "dst", "--incoming", to)
+	src.waitHeartbeats(t, 200)
+	rep, err := migrate(t, src, to, "--streams", "2")
+	logReport(t, "unix socket", rep)
+	if err != nil || rep.Result != "ok" || len(rep.Streams) != 2 {
+		t.Fatalf("migrate: %v, report %+v", err, rep)
+	}
+	if err := <-src.exited; err != nil {
+		t.Fatalf("source process after migrating away: %v %s", err, src.stderr)
+	}
+	dst.verifyClean(t)
+}
+
 func TestMigrateThereAndBack(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, 0)

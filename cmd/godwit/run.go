@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
+	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
 )
@@ -38,7 +39,7 @@ type RunCmd struct {
 	VCPUs     int    `name:"vcpus" default:"1" help:"Number of vCPUs; each runs the workload on its own slice of memory."`
 	Control   string `placeholder:"PATH" help:"Control socket to serve (default /run/godwit/NAME.sock)."`
 	KVMDevice string `name:"kvm-device" default:"/dev/kvm" help:"The KVM device."`
-	Incoming  string `placeholder:"tcp:HOST:PORT" help:"Wait for a VM migrated to this address instead of booting one; its size and workload come from the source. The listener stays open until the migration ends, for a post-copy source that reconnects."`
+	Incoming  string `placeholder:"tcp:HOST:PORT|unix:PATH" help:"Wait for a VM migrated to this address (unix:PATH: a Unix socket, for a migration within this host) instead of booting one; its size and workload come from the source. The listener stays open until the migration ends, for a post-copy source that reconnects."`
 	// LinkTimeout is the destination's side of 'migrate --link-timeout'.
 	LinkTimeout time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"With --incoming, in post-copy: a link on which nothing arrives for this long is broken; then the VM waits for the source to reconnect. Give the same value as the source's 'migrate --link-timeout'. Default ${default}."`
 	WorkloadFlags
@@ -97,7 +98,7 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 // stays open until the migration ends: after a switch to post-copy, a source whose link broke
 // reconnects on it (the engine checks that the new connection belongs to the same migration).
 func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
-	addr, err := parseTCPAddr(c.Incoming)
+	addr, err := transport.Parse(c.Incoming)
 	if err != nil {
 		return fmt.Errorf("--incoming: %w", err)
 	}
@@ -109,7 +110,7 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 		return err
 	}
 	defer p.close()
-	ln, err := net.Listen("tcp", addr)
+	ln, err := addr.Listen()
 	if err != nil {
 		return fmt.Errorf("--incoming: %w", err)
 	}

@@ -11,11 +11,11 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/control"
+	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
 )
@@ -317,7 +317,7 @@ type outgoing struct {
 	opts   migration.SendOptions // as the migration started; a resume reuses them
 
 	mu          sync.Mutex
-	addr        string // where to (re)dial: the destination's current address
+	addr        transport.Address // where to (re)dial: the destination's current address
 	cur         *sendRun
 	switched    bool          // past the switch to post-copy: the VM must never run here again
 	brokenSince time.Time     // when the link broke, while the reconnector redials
@@ -348,9 +348,9 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if err := json.Unmarshal(body, &req); err != nil {
 		return nil, fmt.Errorf("migrate: bad request: %w", err)
 	}
-	addr, err := parseTCPAddr(req.To)
+	addr, err := transport.Parse(req.To)
 	if err != nil {
-		return nil, fmt.Errorf("migrate: --to: %w", err)
+		return nil, badRequest(fmt.Errorf("migrate: --to: %w", err))
 	}
 	if req.Resume {
 		return p.resumeOut(ctx, addr, emit)
@@ -385,10 +385,7 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	p.out = o
 	p.mu.Unlock()
 
-	var d net.Dialer
-	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-	conn, err := d.DialContext(dctx, "tcp", addr)
-	dcancel()
+	conn, err := addr.Dial(ctx)
 	if err != nil {
 		p.mu.Lock()
 		p.out = nil
@@ -416,10 +413,7 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		Streams:       req.Streams,
 		FaultChannel:  !req.NoFaultChannel,
 		DialStream: func(ctx context.Context) (io.ReadWriter, error) {
-			var d net.Dialer
-			dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			defer cancel()
-			return d.DialContext(dctx, "tcp", addr)
+			return addr.Dial(ctx)
 		},
 	}
 	if mode != migration.ModePrecopy {
@@ -533,7 +527,7 @@ func (o *outgoing) follow(ctx context.Context, emit func(any), r *sendRun) (any,
 // resumeOut gives the migration the destination's new address: a post-copy migration in
 // flight dials it at its next reconnection (at once if it is reconnecting now), and one that
 // failed after the switch is resumed there.
-func (p *vmProcess) resumeOut(ctx context.Context, addr string, emit func(any)) (any, error) {
+func (p *vmProcess) resumeOut(ctx context.Context, addr transport.Address, emit func(any)) (any, error) {
 	p.mu.Lock()
 	o := p.out
 	p.mu.Unlock()
@@ -570,10 +564,7 @@ func (p *vmProcess) resumeOut(ctx context.Context, addr string, emit func(any)) 
 	if id == "" {
 		return nil, fmt.Errorf("migrate --resume: the migration of VM %q cannot be resumed: its report names no migration id (%v)", p.name, r.err)
 	}
-	var d net.Dialer
-	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-	conn, err := d.DialContext(dctx, "tcp", addr)
-	dcancel()
+	conn, err := addr.Dial(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("migrate --resume: cannot reach the destination at %s: %w (the migration stays interrupted; the VM stays paused here)", addr, err)
 	}
@@ -651,9 +642,8 @@ func (o *outgoing) reconnect(ctx context.Context) (io.ReadWriter, error) {
 		addr, deadline := o.addr, o.brokenSince.Add(window)
 		o.mu.Unlock()
 		if time.Now().Before(deadline) {
-			var d net.Dialer
 			dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			c, err := d.DialContext(dctx, "tcp", addr)
+			c, err := addr.Dial(dctx)
 			cancel()
 			if err == nil {
 				o.mu.Lock()
@@ -701,7 +691,7 @@ func (o *outgoing) isSwitched() bool {
 func (o *outgoing) address() string {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return o.addr
+	return o.addr.String()
 }
 
 // holding returns a non-nil error when the VM ran away by post-copy and only its memory is held
@@ -726,19 +716,6 @@ func (p *vmProcess) holding() error {
 
 func failedReport(start time.Time, msg string) *migration.Report {
 	return &migration.Report{Side: "source", Result: "failed", Error: msg, Mode: "precopy", TotalMS: float64(time.Since(start).Microseconds()) / 1000}
-}
-
-// parseTCPAddr accepts tcp:HOST:PORT (and HOST:PORT) and returns HOST:PORT.
-func parseTCPAddr(s string) (string, error) {
-	a := strings.TrimPrefix(s, "tcp:")
-	if a == s && strings.Contains(s, "://") {
-		return "", fmt.Errorf("%q: want tcp:HOST:PORT", s)
-	}
-	host, port, err := net.SplitHostPort(a)
-	if err != nil || port == "" {
-		return "", fmt.Errorf("%q: want tcp:HOST:PORT", s)
-	}
-	return net.JoinHostPort(host, port), nil
 }
 
 func conflict(err error) error {

@@ -21,6 +21,16 @@ func (w *testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// shortRun is the image's settings for a test: a heartbeat line every 20 ms, a verification
+// every verifyMS, and the exit after exitMS.
+func shortRun(verifyMS, exitMS uint64) guest.MultibootOptions {
+	opts := guest.DefaultMultibootOptions()
+	opts.HeartbeatUS = 20000
+	opts.VerifyMS = verifyMS
+	opts.ExitMS = exitMS
+	return opts
+}
+
 func smallGuest() guest.Config {
 	cfg := guest.DefaultConfig()
 	cfg.WSSPages = 2048
@@ -35,11 +45,7 @@ func TestBootTCG(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	opts := guest.DefaultMultibootOptions()
-	opts.HeartbeatUS = 20000
-	opts.VerifyMS = 1000
-	opts.ExitMS = 4000
-	vm, err := Start(ctx, Config{MemMiB: 64, Guest: smallGuest(), Options: opts, TCG: true, Name: "tcg", Log: testLog(t)})
+	vm, err := Start(ctx, Config{MemMiB: 64, Guest: smallGuest(), Options: shortRun(1000, 4000), TCG: true, Name: "tcg", Log: testLog(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,14 +87,10 @@ func TestBootTCG(t *testing.T) {
 func TestBootAcrossThePCIHole(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	opts := guest.DefaultMultibootOptions()
-	opts.HeartbeatUS = 20000
-	opts.VerifyMS = 1500
-	opts.ExitMS = 3000
 	cfg := guest.DefaultConfig()
 	cfg.Content = guest.ContentRandom
 	cfg.Pattern = guest.PatternSequential
-	vm, err := Start(ctx, Config{MemMiB: 96, Guest: cfg, Options: opts, TCG: true, Name: "hole",
+	vm, err := Start(ctx, Config{MemMiB: 96, Guest: cfg, Options: shortRun(1500, 3000), TCG: true, Name: "hole",
 		Args: []string{"-machine", "max-ram-below-4g=64M"}, Log: testLog(t)})
 	if err != nil {
 		t.Fatal(err)

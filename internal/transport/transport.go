@@ -1,0 +1,93 @@
+// Package transport names where a migration connects and makes its connections: TCP between
+// hosts, Unix sockets within one (and, with them, file descriptor passing later). Every
+// connection of a migration (the main one, extra page streams, a fault channel, a reconnection)
+// is made from the same Address, so that they all reach the same listener.
+//
+// The engine tunes the sockets it is given (TCP_NOTSENT_LOWAT, the receive window): it finds
+// the socket behind any net.Conn that has one, wrapped or not, and leaves the options a socket
+// does not have (a Unix socket has no TCP ones) alone.
+package transport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+)
+
+// Networks.
+const (
+	TCP  = "tcp"
+	Unix = "unix"
+)
+
+// DialTimeout bounds each Dial unless ctx ends sooner.
+const DialTimeout = 10 * time.Second
+
+// Address is a migration endpoint: tcp:HOST:PORT or unix:PATH.
+type Address struct {
+	Network string // TCP or Unix
+	Addr    string // HOST:PORT, or the socket's path
+}
+
+// Parse reads tcp:HOST:PORT, HOST:PORT (TCP) or unix:PATH.
+func Parse(s string) (Address, error) {
+	if p, ok := strings.CutPrefix(s, "unix:"); ok {
+		if p == "" {
+			return Address{}, fmt.Errorf("%q: want unix:PATH with a path", s)
+		}
+		return Address{Unix, p}, nil
+	}
+	a := strings.TrimPrefix(s, "tcp:")
+	if a == s && strings.Contains(s, "://") {
+		return Address{}, fmt.Errorf("%q: want tcp:HOST:PORT or unix:PATH", s)
+	}
+	host, port, err := net.SplitHostPort(a)
+	if err != nil || port == "" {
+		return Address{}, fmt.Errorf("%q: want tcp:HOST:PORT or unix:PATH", s)
+	}
+	return Address{TCP, net.JoinHostPort(host, port)}, nil
+}
+
+func (a Address) String() string { return a.Network + ":" + a.Addr }
+
+// Dial connects to a, for at most DialTimeout.
+func (a Address) Dial(ctx context.Context) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, DialTimeout)
+	defer cancel()
+	var d net.Dialer
+	return d.DialContext(ctx, a.Network, a.Addr)
+}
+
+// Listen listens on a. A Unix socket's path is taken over if a stale socket file is there
+// (no listener answers it), and refused if anything else is.
+func (a Address) Listen() (net.Listener, error) {
+	if a.Network == Unix {
+		if err := removeStale(a.Addr); err != nil {
+			return nil, err
+		}
+	}
+	return net.Listen(a.Network, a.Addr)
+}
+
+// removeStale removes path if it is a Unix socket nobody listens on.
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("transport: %s exists and is not a socket", path)
+	}
+	if c, err := net.DialTimeout(Unix, path, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("transport: %s: another process listens there", path)
+	}
+	return os.Remove(path)
+}
