@@ -212,10 +212,11 @@ func TestMigrateOverUnixSocket(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, 0)
 	to := "unix:" + filepath.Join(t.TempDir(), "incoming.sock")
-	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "dirty", "--wss", "32M", "--rate", "20k", "--pattern", "random", "--content", "random")
+	// A rate the nested host's slow link keeps up with too.
+	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "dirty", "--wss", "32M", "--rate", "2k", "--pattern", "random", "--content", "random")
 	dst := startVM(t, tb.Host(0), "dst", "--incoming", to)
 	src.waitHeartbeats(t, 200)
-	rep, err := migrate(t, src, to, "--streams", "2")
+	rep, err := migrate(t, src, to, "--streams", "2", "--auto-converge")
 	logReport(t, "unix socket", rep)
 	if err != nil || rep.Result != "ok" || len(rep.Streams) != 2 {
 		t.Fatalf("migrate: %v, report %+v", err, rep)
