@@ -548,9 +548,9 @@ func (s *sender) pushDemanded() error {
 		valid := p.Region >= 0 && p.Region < len(s.pending) && p.Page < s.sizes[p.Region]
 		pending := valid && s.pending[p.Region].Has(p.Page)
 		switch {
-		case !valid || (!pending && s.fault == nil):
-			// sent already: drop
-		case (r == -1 || p.Region == r) && len(batch) < s.bufPages && !slices.Contains(batch, p.Page):
+		case !valid || (!pending && s.fault == nil) || (p.Region == r && slices.Contains(batch, p.Page)):
+			// sent already, or asked twice and in this batch already: drop
+		case (r == -1 || p.Region == r) && len(batch) < s.bufPages:
 			r = p.Region
 			if pending {
 				s.pending[r].Clear(p.Page)
@@ -559,8 +559,6 @@ func (s *sender) pushDemanded() error {
 				again++
 			}
 			batch = append(batch, p.Page)
-		case p.Region == r && slices.Contains(batch, p.Page):
-			// asked twice: in this batch already
 		default:
 			rest = append(rest, p)
 		}

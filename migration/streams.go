@@ -68,14 +68,13 @@ func (s *sender) openStreams() error {
 	s.lanes = append(s.lanes, s.newLane(0, nil, s.w))
 	extra, err := s.openExtra(s.opts.Streams - 1)
 	s.lanes = append(s.lanes, extra...)
-	if err != nil {
-		return err
-	}
-	s.free = make(chan *lane, s.opts.Streams)
+	// Idle from the start, also when a dial failed: closeStreams waits for every lane.
+	s.free = make(chan *lane, len(s.lanes))
 	for _, ln := range s.lanes {
+		ln.buf = make([]byte, s.bufPages*s.ps)
 		s.free <- ln
 	}
-	return nil
+	return err
 }
 
 // openFault opens the post-copy fault channel: one extra connection that carries the pages
@@ -135,8 +134,9 @@ func (s *sender) closeFault() {
 	s.faultBytes += f.w.Written()
 }
 
+// newLane makes a lane without its buffer: the fault channel writes from the sender's.
 func (s *sender) newLane(i int, conn io.ReadWriter, w *wire.Writer) *lane {
-	return &lane{index: i, conn: conn, w: w, pageBuf: pageBuf{buf: make([]byte, s.bufPages*s.ps)}, cls: pages.Classifier{Encoders: s.cls.Encoders}}
+	return &lane{index: i, conn: conn, w: w, cls: pages.Classifier{Encoders: s.cls.Encoders}}
 }
 
 // closeStreams closes the extra connections once no lane uses them and adds the lanes'
@@ -314,8 +314,7 @@ func (rc *receiver) acceptStreams(m *wire.Streams) error {
 	}
 	rs := &recvStreams{signal: make(chan struct{}, 1)}
 	rc.streams = rs
-	ctx, cancel := context.WithTimeoutCause(rc.ctx, rc.opts.StreamWait,
-		fmt.Errorf("%w: %d of the source's %d extra streams did not connect within %v", ErrTimeout, 0, m.Count, rc.opts.StreamWait))
+	ctx, cancel := context.WithTimeout(rc.ctx, rc.opts.StreamWait)
 	defer cancel()
 	taken := make([]bool, m.Count+1)
 	for len(rs.streams) < int(m.Count) {

@@ -320,3 +320,30 @@ func streamLinks(link mt.LinkConfig, wrap func(net.Conn) net.Conn) (dial, accept
 	}
 	return dial, accept
 }
+
+// TestStreamDialFails: the source cannot open its third connection; both sides fail, and the
+// source runs on with its memory unchanged.
+func TestStreamDialFails(t *testing.T) {
+	n := newStreamNet(t)
+	g := newGuest(8*MiB, 26)
+	want := append([]byte(nil), g.Memory(0)...)
+	d := mt.NewDest()
+	so, ro := streamOptions(n, 3)
+	dials := 0
+	so.DialStream = func(ctx context.Context) (io.ReadWriter, error) {
+		if dials++; dials == 2 {
+			return nil, errors.New("no route to the destination")
+		}
+		return n.dialStream(ctx)
+	}
+	ro.StreamWait = time.Second
+	sc, dc := n.pair(t)
+	s, r := migrate(t.Context(), g, d, sc, dc, so, ro)
+	checkSourceIntact(t, g, s, migration.ResultFailed, want)
+	if !strings.Contains(s.err.Error(), "opening stream 2 of 3: no route") {
+		t.Fatalf("source error %v, want the failed dial", s.err)
+	}
+	if r.err == nil || d.State() != "aborted" {
+		t.Fatalf("destination: %v, state %q; want a failure and state aborted", r.err, d.State())
+	}
+}
