@@ -250,6 +250,8 @@ func (s *sender) switchover(ctx *switchCtx, unsent []Bitmap, reason string) erro
 	s.remaining = s.count(missing)
 	s.pcr.MissingAtStart = s.remaining
 	s.switched = true
+	// The caller learns of the switch before the destination can run the VM.
+	s.report(true)
 	err := writeSet(missing, s.sizes, func(ps *wire.PageSet, more bool) error {
 		return s.w.WriteSwitch(&wire.Switch{ID: s.id, PageSet: *ps}, more)
 	})
@@ -638,6 +640,7 @@ func (s *sender) sendPages(r int, batch []uint64, w *wire.Writer) error {
 // rejoins the migration or the context ends.
 func (s *sender) reconnect() error {
 	s.phase = "reconnecting"
+	s.recovering = true
 	s.report(true)
 	s.dropLink()
 	backoff := 50 * time.Millisecond
@@ -658,6 +661,7 @@ func (s *sender) reconnect() error {
 			if err = s.rejoin(conn, true); err == nil {
 				s.pcr.Reconnects++
 				s.phase = "postcopy"
+				s.recovering = false
 				s.report(true)
 				return nil
 			}

@@ -652,3 +652,22 @@ func TestHybridAfter(t *testing.T) {
 		}
 	})
 }
+
+// TestProgressJSON: a progress line survives the trip through JSON, stage and all, as it does
+// between the VM process and 'godwit migrate'.
+func TestProgressJSON(t *testing.T) {
+	for _, st := range []migration.Stage{migration.StageLive, migration.StageSwitched, migration.StageRecovering} {
+		b, err := json.Marshal(migration.Progress{Phase: "x", Stage: st, Round: 3})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var p migration.Progress
+		if err := json.Unmarshal(b, &p); err != nil || p.Stage != st || p.Round != 3 {
+			t.Fatalf("%s: %s decodes to %+v, %v", st, b, p, err)
+		}
+	}
+	var p migration.Progress
+	if err := json.Unmarshal([]byte(`{"stage":"sideways"}`), &p); err == nil {
+		t.Fatal("an unknown stage decoded")
+	}
+}

@@ -98,7 +98,8 @@ type SendOptions struct {
 // Progress is a snapshot for a progress display, delivered after every round and at most
 // every 250ms during one.
 type Progress struct {
-	Phase            string        `json:"phase"`
+	Phase            string        `json:"phase"` // for display: what the sender does now
+	Stage            Stage         `json:"stage"` // for callers that act on where it stands
 	Round            int           `json:"round"`
 	BytesWire        int64         `json:"bytes_wire"`
 	DirtyRate        float64       `json:"dirty_rate"` // pages/s during the last finished round
@@ -113,6 +114,48 @@ type Progress struct {
 	PagesDemanded uint64 `json:"pages_demanded,omitempty"`
 	Requested     uint64 `json:"pages_requested,omitempty"`
 	Reconnects    int    `json:"reconnects,omitempty"`
+}
+
+// Stage is where a migration stands for the source VM, in a Progress: what a caller may still
+// do with it (Phase says what the sender is doing, for display).
+type Stage int
+
+const (
+	// StageLive: the switch to post-copy has not begun (pre-copy, sampling). A failure or a
+	// cancellation leaves the VM running here.
+	StageLive Stage = iota
+	// StageSwitched: the Switch is on its way or sent; the VM runs at the destination, which
+	// needs this host's memory: it must never run here again, and Send does not give up while
+	// it has a Reconnector.
+	StageSwitched
+	// StageRecovering: switched, and the link broke; Send is reconnecting and rejoining.
+	StageRecovering
+)
+
+func (st Stage) String() string {
+	switch st {
+	case StageLive:
+		return "live"
+	case StageSwitched:
+		return "switched"
+	case StageRecovering:
+		return "recovering"
+	}
+	return fmt.Sprintf("stage(%d)", int(st))
+}
+
+// MarshalText names the stage in JSON progress.
+func (st Stage) MarshalText() ([]byte, error) { return []byte(st.String()), nil }
+
+// UnmarshalText reads a stage's name.
+func (st *Stage) UnmarshalText(b []byte) error {
+	for s := StageLive; s <= StageRecovering; s++ {
+		if string(b) == s.String() {
+			*st = s
+			return nil
+		}
+	}
+	return fmt.Errorf("migration: unknown stage %q", b)
 }
 
 // Send migrates src over conn with pre-copy and returns a report, also on failure (then with
@@ -269,41 +312,42 @@ type sender struct {
 	ended        atomic.Uint32 // the last live round whose end marker is (being) written
 
 	// Post-copy. The connection may be replaced (Reconnect): conn0 is the caller's.
-	conn0     io.ReadWriter
-	lowat0    bool // conn0's TCP_NOTSENT_LOWAT was changed from lowat0Old
-	lowat0Old int
-	ownConn   bool       // conn came from Reconnect: the engine closes it
-	watch     *readWatch // conn's reads, for the link watchdog
-	lctx      context.Context
-	lcancel   context.CancelCauseFunc // ends the current connection only (after the switch)
-	postLink  atomic.Bool             // the reader goroutine reports errors as link failures
-	post      bool                    // mode postcopy or hybrid
-	switched  bool                    // the Switch was sent
-	resumeID  *wire.MigrationID
-	id        wire.MigrationID
-	caps      wire.Caps
-	wdesc     *wire.Description
-	sizes     []uint64
-	heat      [][]uint32 // PrepageHot: dirty counts before the switch
-	pcr       *PostcopyReport
-	prog      ProgressCounter
-	samples   []progressSample
-	pending   []Bitmap // pages the destination lacks that were not sent on this connection
-	remaining uint64   // pages in pending
-	linkSent  uint64   // pages sent on this connection (not confirmed)
-	prepager  Prepager
-	carry     *PageRef
-	dq        demandQueue
-	demanded  []PageRef
-	pushEnded bool
-	filled    bool // the destination has every page: the source may release its memory
-	filledAt  time.Time
-	breaks    int
-	lastBreak error
-	neverBack bool // the context ended while reconnecting
-	attempts  int  // Rejoin frames sent
-	bytesW    int64
-	bytesR    int64 // of connections replaced
+	conn0      io.ReadWriter
+	lowat0     bool // conn0's TCP_NOTSENT_LOWAT was changed from lowat0Old
+	lowat0Old  int
+	ownConn    bool       // conn came from Reconnect: the engine closes it
+	watch      *readWatch // conn's reads, for the link watchdog
+	lctx       context.Context
+	lcancel    context.CancelCauseFunc // ends the current connection only (after the switch)
+	postLink   atomic.Bool             // the reader goroutine reports errors as link failures
+	post       bool                    // mode postcopy or hybrid
+	switched   bool                    // the Switch was sent
+	recovering bool                    // switched, and the link broke: reconnecting
+	resumeID   *wire.MigrationID
+	id         wire.MigrationID
+	caps       wire.Caps
+	wdesc      *wire.Description
+	sizes      []uint64
+	heat       [][]uint32 // PrepageHot: dirty counts before the switch
+	pcr        *PostcopyReport
+	prog       ProgressCounter
+	samples    []progressSample
+	pending    []Bitmap // pages the destination lacks that were not sent on this connection
+	remaining  uint64   // pages in pending
+	linkSent   uint64   // pages sent on this connection (not confirmed)
+	prepager   Prepager
+	carry      *PageRef
+	dq         demandQueue
+	demanded   []PageRef
+	pushEnded  bool
+	filled     bool // the destination has every page: the source may release its memory
+	filledAt   time.Time
+	breaks     int
+	lastBreak  error
+	neverBack  bool // the context ended while reconnecting
+	attempts   int  // Rejoin frames sent
+	bytesW     int64
+	bytesR     int64 // of connections replaced
 }
 
 func (s *sender) run(parent context.Context) (*Report, error) {
@@ -1124,6 +1168,12 @@ func (s *sender) report(force bool) {
 		DirtyRate: s.last.DirtyRate, PagesRemaining: remaining,
 		ExpectedDowntime: s.last.ExpectedDowntime, Throttle: s.throttle,
 		Elapsed: now.Sub(s.start),
+	}
+	switch {
+	case s.recovering:
+		p.Stage = StageRecovering
+	case s.switched:
+		p.Stage = StageSwitched
 	}
 	if s.pcr != nil {
 		p.PagesRemaining = s.remaining

@@ -266,7 +266,7 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 }
 
 func progressLine(p migration.Progress) string {
-	if p.PagesPushed+p.PagesDemanded > 0 || p.Phase == "postcopy" || p.Phase == "reconnecting" || p.Phase == "rejoin" {
+	if p.Stage != migration.StageLive || p.PagesPushed+p.PagesDemanded > 0 {
 		s := fmt.Sprintf("post-copy  %s sent  pushed %d  demanded %d pages (%d requested)  remaining %d pages",
 			formatBytes(uint64(p.BytesWire)), p.PagesPushed, p.PagesDemanded, p.Requested, p.PagesRemaining)
 		if p.Reconnects > 0 {

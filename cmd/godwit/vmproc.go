@@ -7,10 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
+	"github.com/godwit-vm/godwit/migration/outgoing"
 )
 
 // vmProcess is one 'godwit run' process: a control socket and the machine behind it. The
@@ -30,10 +30,10 @@ type vmProcess struct {
 
 	mu       sync.Mutex
 	m        *vmm.Machine
-	incoming string            // address while waiting for an incoming migration
-	arrive   bool              // the machine runs but its incoming migration is not over
-	inReport *migration.Report // the migration that brought the machine here
-	out      *outgoing         // the outgoing migration in flight, or held after a failed post-copy
+	incoming string              // address while waiting for an incoming migration
+	arrive   bool                // the machine runs but its incoming migration is not over
+	inReport *migration.Report   // the migration that brought the machine here
+	out      *outgoing.Migration // the outgoing migration in flight, or stranded after the switch
 
 	quit     chan vmm.VerifyReport  // the guest verified and exited on request
 	migrated chan *migration.Report // the machine moved away
@@ -265,14 +265,8 @@ func (p *vmProcess) register() {
 		if o == nil {
 			return nil, conflict(errors.New("no migration in progress"))
 		}
-		if o.isSwitched() {
-			return nil, conflict(fmt.Errorf("the migration of VM %q has switched to post-copy and cannot be cancelled: the VM runs at the destination and needs this host's memory until every page has arrived", p.name))
-		}
-		o.mu.Lock()
-		r := o.cur
-		o.mu.Unlock()
-		if r != nil {
-			r.cancel(context.Canceled)
+		if err := o.Cancel(context.Canceled); err != nil {
+			return nil, conflict(fmt.Errorf("VM %q: %w", p.name, err))
 		}
 		return map[string]string{"cancelled": "requested"}, nil
 	})
@@ -299,43 +293,6 @@ type MigrateRequest struct {
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
 	Resume bool `json:"resume,omitempty"`
-}
-
-// minResumeWindow is how long a resume request's address is redialled when the migration's
-// own reconnect window is shorter (or 0).
-const minResumeWindow = 10 * time.Second
-
-// outgoing is the migration of this process's VM to another host. It lives in the VM process,
-// not in the request that started it: after a switch to post-copy it outlives a client that
-// goes away, and a post-copy that failed after the switch stays here, the VM paused with its
-// memory, until 'migrate --resume' finishes it.
-type outgoing struct {
-	p      *vmProcess
-	m      *vmm.Machine
-	start  time.Time
-	window time.Duration
-	opts   migration.SendOptions // as the migration started; a resume reuses them
-
-	mu          sync.Mutex
-	addr        transport.Address // where to (re)dial: the destination's current address
-	cur         *sendRun
-	switched    bool          // past the switch to post-copy: the VM must never run here again
-	brokenSince time.Time     // when the link broke, while the reconnector redials
-	kick        chan struct{} // a resume request brought an address
-	emit        func(any)     // the attached client's progress, if any
-	last        migration.Progress
-	recovered   int // reconnections and resumes that succeeded
-	resumes     int
-}
-
-// sendRun is one call of migration.Send: the first, and one per resume.
-type sendRun struct {
-	at     time.Time // when Send was called
-	cancel context.CancelCauseFunc
-	done   chan struct{} // closed once Send returned and rep, err are final
-	rep    *migration.Report
-	err    error
-	gaveUp error // the reconnect window passed: why
 }
 
 // migrateOut starts an outgoing migration (or, with Resume, resumes the interrupted one) and
@@ -372,156 +329,94 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if err := p.stillArriving("migrating it on"); err != nil {
 		return nil, err
 	}
-	o := &outgoing{p: p, m: m, start: start, addr: addr, kick: make(chan struct{}, 1),
-		window: time.Duration(req.ReconnectWindowMS) * time.Millisecond}
+	cfg := outgoing.Config{
+		Source: vmm.MigrationSource{M: m},
+		To:     addr,
+		Options: migration.SendOptions{
+			DowntimeLimit: time.Duration(req.DowntimeLimitMS) * time.Millisecond,
+			MaxBandwidth:  req.MaxBandwidth,
+			AutoConverge:  req.AutoConverge,
+			Force:         req.Force,
+			Timeout:       time.Duration(req.TimeoutMS) * time.Millisecond,
+			Mode:          mode,
+			Prepage:       req.Prepage,
+			SampleBefore:  time.Duration(req.SampleBeforeMS) * time.Millisecond,
+			HybridRounds:  req.HybridRounds,
+			HybridAfter:   time.Duration(req.HybridAfterMS) * time.Millisecond,
+			LinkTimeout:   time.Duration(req.LinkTimeoutMS) * time.Millisecond,
+			Streams:       req.Streams,
+			FaultChannel:  !req.NoFaultChannel,
+		},
+		ReconnectWindow: time.Duration(req.ReconnectWindowMS) * time.Millisecond,
+		Release:         func() { m.Close() },
+		Note: func(msg string) {
+			if strings.HasPrefix(msg, "migrating to ") {
+				// Which godwit sends it, for matching the two sides' logs (the destination
+				// logs its own).
+				msg += "; " + versionLine()
+			}
+			fmt.Fprintf(os.Stderr, "godwit: VM %q: %s\n", p.name, msg)
+		},
+		ResumeHint: fmt.Sprintf("godwit migrate --control %s --resume --to tcp:HOST:PORT", p.srv.Path()),
+		Start:      start,
+	}
 	p.mu.Lock()
 	if old := p.out; old != nil {
 		p.mu.Unlock()
-		if old.isSwitched() {
-			return nil, conflict(fmt.Errorf("migrate: VM %q is in a post-copy migration to %s; to finish it use 'godwit migrate --resume --to tcp:HOST:PORT'", p.name, old.address()))
+		if old.State().Switched() {
+			return nil, conflict(fmt.Errorf("migrate: VM %q is in a post-copy migration to %s; to finish it use 'godwit migrate --resume --to tcp:HOST:PORT'", p.name, old.Address()))
 		}
 		return nil, conflict(errors.New("migrate: a migration of this VM is already in progress"))
 	}
+	m.ResetHeartbeatGap()
+	o := outgoing.Start(cfg)
 	p.out = o
 	p.mu.Unlock()
-
-	conn, err := addr.Dial(ctx)
-	if err != nil {
-		p.mu.Lock()
-		p.out = nil
-		p.mu.Unlock()
-		rep := failedReport(start, "cannot reach the destination: "+err.Error())
-		rep.Mode = mode
-		return rep, fmt.Errorf("migrate: cannot reach the destination %s: %w (the VM keeps running here)", addr, err)
-	}
-	// Which godwit sends it, for matching the two sides' logs (the destination logs its own).
-	fmt.Fprintf(os.Stderr, "godwit: VM %q: migrating to %s (%s); %s\n", p.name, conn.RemoteAddr(), mode, versionLine())
-	m.ResetHeartbeatGap()
-	o.opts = migration.SendOptions{
-		DowntimeLimit: time.Duration(req.DowntimeLimitMS) * time.Millisecond,
-		MaxBandwidth:  req.MaxBandwidth,
-		AutoConverge:  req.AutoConverge,
-		Force:         req.Force,
-		Timeout:       time.Duration(req.TimeoutMS) * time.Millisecond,
-		Progress:      o.progress,
-		Mode:          mode,
-		Prepage:       req.Prepage,
-		SampleBefore:  time.Duration(req.SampleBeforeMS) * time.Millisecond,
-		HybridRounds:  req.HybridRounds,
-		HybridAfter:   time.Duration(req.HybridAfterMS) * time.Millisecond,
-		LinkTimeout:   time.Duration(req.LinkTimeoutMS) * time.Millisecond,
-		Streams:       req.Streams,
-		FaultChannel:  !req.NoFaultChannel,
-		DialStream: func(ctx context.Context) (io.ReadWriter, error) {
-			return addr.Dial(ctx)
-		},
-	}
-	if mode != migration.ModePrecopy {
-		o.opts.Reconnect = o.reconnect
-	}
-	return o.follow(ctx, emit, o.send(conn, o.opts))
+	go p.settle(o)
+	return p.follow(ctx, o, emit)
 }
 
-// send starts one call of migration.Send on conn, in the process's context (see outgoing).
-func (o *outgoing) send(conn net.Conn, opts migration.SendOptions) *sendRun {
-	ctx, cancel := context.WithCancelCause(context.Background())
-	r := &sendRun{at: time.Now(), cancel: cancel, done: make(chan struct{})}
-	o.mu.Lock()
-	o.cur = r
-	o.mu.Unlock()
-	go func() {
-		rep, err := migration.Send(ctx, vmm.MigrationSource{M: o.m}, conn, opts)
-		conn.Close()
-		o.finish(r, rep, err)
-		cancel(nil)
-	}()
-	return r
-}
-
-// finish settles what becomes of the VM here once Send returned.
-func (o *outgoing) finish(r *sendRun, rep *migration.Report, err error) {
-	if rep == nil {
-		rep = failedReport(o.start, "")
-		rep.Mode = o.opts.Mode
-	}
-	engineTotal := rep.TotalMS
-	stranded := err != nil && errors.Is(err, migration.ErrStranded)
-	o.mu.Lock()
-	if stranded {
-		o.switched = true
-	}
-	if rep.Postcopy != nil && o.recovered > rep.Postcopy.Reconnects {
-		// A resume is a recovery too; the engine counts only those of its own call.
-		rep.Postcopy.Reconnects = o.recovered
-	}
-	gaveUp := r.gaveUp
-	o.mu.Unlock()
-	p := o.p
-	switch {
-	case err == nil:
-		// The destination runs the guest and has every page: release everything here. Total
-		// time ends now; after a post-copy it ended when the destination had every page (the
-		// engine's figure, from its call), since the source may release its memory from then on
-		// and only waits for the destination's figures.
-		o.m.Close()
-		rep.TotalMS = float64(time.Since(o.start).Microseconds()) / 1000
-		if rep.Postcopy != nil && rep.TotalMS > 0 {
-			rep.TotalMS = float64(r.at.Sub(o.start).Microseconds())/1000 + engineTotal
-		}
-		p.mu.Lock()
-		p.out = nil
-		p.mu.Unlock()
+// settle acts on the migration's end for good: after a success the process ends (the memory
+// was released already), after a failure the VM runs on here and may migrate again. A stranded
+// migration stays in p.out: the process holds the VM's memory and says so.
+func (p *vmProcess) settle(o *outgoing.Migration) {
+	<-o.Done()
+	rep, _ := o.Result()
+	p.forget(o)
+	if o.State() == outgoing.Succeeded {
 		select {
 		case p.migrated <- rep:
 		default:
 		}
-	case stranded:
-		if gaveUp != nil {
-			// The reconnect window, not the caller, ended it.
-			rep.Result = migration.ResultFailed
-		}
-		rep.TotalMS = float64(time.Since(o.start).Microseconds()) / 1000
-		err = fmt.Errorf("migrate: %w; the VM stays paused here with its memory, waiting for 'godwit migrate --control %s --resume --to tcp:HOST:PORT' (the destination's old or new address)",
-			err, p.srv.Path())
-		rep.Error = err.Error()
-		fmt.Fprintf(os.Stderr, "godwit: VM %q: %v\n", o.m.Name(), err)
-		// p.out stays: the process holds the VM's memory, and says so.
-	default:
-		if rep.Result == "" || rep.Result == migration.ResultOK {
-			rep.Result = migration.ResultFailed
-		}
-		rep.TotalMS = float64(time.Since(o.start).Microseconds()) / 1000
-		err = fmt.Errorf("migrate: %w (the VM keeps running here)", err)
-		p.mu.Lock()
-		p.out = nil
-		p.mu.Unlock()
 	}
-	r.rep, r.err = rep, err
-	close(r.done)
 }
 
-// follow streams a run's progress to a client until it ends or the client goes away (which
-// cancels the migration before the switch to post-copy, and only detaches after it).
-func (o *outgoing) follow(ctx context.Context, emit func(any), r *sendRun) (any, error) {
-	o.mu.Lock()
-	o.emit = emit
-	o.mu.Unlock()
-	defer func() {
-		o.mu.Lock()
-		o.emit = nil
-		o.mu.Unlock()
-	}()
-	select {
-	case <-r.done:
-		return r.rep, r.err
-	case <-ctx.Done():
-		if !o.isSwitched() {
-			r.cancel(errors.New("the client went away"))
-			<-r.done
-			return r.rep, r.err
-		}
+// forget drops o, over for good, so that the VM may migrate again.
+func (p *vmProcess) forget(o *outgoing.Migration) {
+	p.mu.Lock()
+	if p.out == o {
+		p.out = nil
+	}
+	p.mu.Unlock()
+}
+
+// follow streams the migration's progress to a client until its current call of Send ends, or
+// the client goes away (which cancels the migration before the switch to post-copy, and only
+// detaches after it).
+func (p *vmProcess) follow(ctx context.Context, o *outgoing.Migration, emit func(any)) (any, error) {
+	stop := o.Watch(func(pr migration.Progress) { emit(pr) })
+	defer stop()
+	rep, err := o.Wait(ctx)
+	if o.State().Over() {
+		p.forget(o) // before the client hears of it: it may migrate again at once
+	}
+	if errors.Is(err, outgoing.ErrDetached) {
 		return nil, errors.New("migrate: client went away; the post-copy migration goes on")
 	}
+	if err != nil {
+		err = fmt.Errorf("migrate: %w", err)
+	}
+	return rep, err
 }
 
 // resumeOut gives the migration the destination's new address: a post-copy migration in
@@ -534,164 +429,15 @@ func (p *vmProcess) resumeOut(ctx context.Context, addr transport.Address, emit 
 	if o == nil {
 		return nil, conflict(fmt.Errorf("migrate --resume: VM %q has no interrupted migration to resume", p.name))
 	}
-	o.mu.Lock()
-	r, switched := o.cur, o.switched
-	o.mu.Unlock()
-	if r == nil {
-		return nil, conflict(fmt.Errorf("migrate --resume: the migration of VM %q is only starting: there is nothing to resume", p.name))
-	}
-	select {
-	case <-r.done:
-	default:
-		// In flight.
-		if !switched {
-			return nil, conflict(fmt.Errorf("migrate --resume: the migration of VM %q has not switched to post-copy: there is nothing to resume (it goes on; cancel it with Ctrl-C on its 'migrate')", p.name))
+	if err := o.Resume(ctx, addr); err != nil {
+		err = fmt.Errorf("migrate --resume: VM %q: %w", p.name, err)
+		var se *outgoing.StateError
+		if errors.As(err, &se) {
+			return nil, conflict(err)
 		}
-		o.mu.Lock()
-		o.addr = addr
-		o.mu.Unlock()
-		select {
-		case o.kick <- struct{}{}:
-		default:
-		}
-		return o.follow(ctx, emit, r)
+		return nil, err
 	}
-	// Stranded: Send failed after the switch. Resume it at addr.
-	id := ""
-	if r.rep != nil && r.rep.Postcopy != nil {
-		id = r.rep.Postcopy.MigrationID
-	}
-	if id == "" {
-		return nil, fmt.Errorf("migrate --resume: the migration of VM %q cannot be resumed: its report names no migration id (%v)", p.name, r.err)
-	}
-	conn, err := addr.Dial(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("migrate --resume: cannot reach the destination at %s: %w (the migration stays interrupted; the VM stays paused here)", addr, err)
-	}
-	o.mu.Lock()
-	if o.cur != r {
-		o.mu.Unlock()
-		conn.Close()
-		return nil, conflict(errors.New("migrate --resume: another resume of this migration is under way"))
-	}
-	o.addr = addr
-	o.recovered++
-	o.resumes++
-	o.brokenSince = time.Time{}
-	o.mu.Unlock()
-	fmt.Fprintf(os.Stderr, "godwit: VM %q: resuming the post-copy migration %s at %s\n", o.m.Name(), id, addr)
-	opts := o.opts
-	opts.ResumeID = id
-	return o.follow(ctx, emit, o.send(conn, opts))
-}
-
-// progress passes the engine's progress to the attached client.
-func (o *outgoing) progress(pr migration.Progress) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	switch pr.Phase {
-	case "postcopy", "reconnecting", "rejoin", "waiting for post-copy stats":
-		o.switched = true
-	}
-	if pr.Phase == "postcopy" {
-		o.brokenSince = time.Time{} // the link works (again)
-	}
-	o.last = pr
-	if o.emit != nil {
-		o.emit(pr)
-	}
-}
-
-// note shows a recovery step on the attached client's progress line and on the VM process's
-// standard error.
-func (o *outgoing) note(format string, args ...any) {
-	msg := fmt.Sprintf(format, args...)
-	fmt.Fprintf(os.Stderr, "godwit: VM %q: %s\n", o.m.Name(), msg)
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.emit != nil {
-		pr := o.last
-		pr.Phase = msg
-		pr.Elapsed = time.Since(o.start)
-		o.emit(pr)
-	}
-}
-
-// reconnect is the source's migration.Reconnector, called by the engine after the link broke
-// during post-copy (and again if a new connection fails to rejoin). It redials the
-// destination's current address until the reconnect window, counted from the break, has
-// passed; a resume request brings a new address at any time and opens a new window. When the
-// window passes it ends the migration's Send (which then fails, stranded: the VM stays paused
-// here, and a resume can finish it).
-func (o *outgoing) reconnect(ctx context.Context) (io.ReadWriter, error) {
-	o.mu.Lock()
-	o.switched = true
-	r := o.cur
-	if o.brokenSince.IsZero() {
-		o.brokenSince = time.Now()
-		o.mu.Unlock()
-		if o.window > 0 {
-			o.note("the link to the destination %s broke after the switch to post-copy; redialling for %v", o.address(), o.window)
-		}
-	} else {
-		o.mu.Unlock()
-	}
-	window := o.window
-	for attempt := 1; ; attempt++ {
-		o.mu.Lock()
-		addr, deadline := o.addr, o.brokenSince.Add(window)
-		o.mu.Unlock()
-		if time.Now().Before(deadline) {
-			dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			c, err := addr.Dial(dctx)
-			cancel()
-			if err == nil {
-				o.mu.Lock()
-				o.recovered++
-				o.mu.Unlock()
-				o.note("reconnected to %s (attempt %d)", addr, attempt)
-				return c, nil
-			}
-		} else {
-			why := fmt.Errorf("could not reach the destination at %s within the reconnect window of %v", addr, window)
-			if window == 0 {
-				why = errors.New("the link broke and automatic redialling is off (--reconnect-window 0)")
-			}
-			o.note("%v; the VM stays paused here", why)
-			o.mu.Lock()
-			r.gaveUp = why
-			o.mu.Unlock()
-			r.cancel(why)
-			return nil, why
-		}
-		t := time.NewTimer(250 * time.Millisecond)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return nil, context.Cause(ctx)
-		case <-o.kick:
-			o.mu.Lock()
-			addr = o.addr
-			// A new window, at least minResumeWindow long, from now.
-			o.brokenSince = time.Now().Add(max(window, minResumeWindow) - window)
-			o.mu.Unlock()
-			o.note("resuming: dialling %s", addr)
-		case <-t.C:
-		}
-		t.Stop()
-	}
-}
-
-func (o *outgoing) isSwitched() bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.switched
-}
-
-func (o *outgoing) address() string {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.addr.String()
+	return p.follow(ctx, o, emit)
 }
 
 // holding returns a non-nil error when the VM ran away by post-copy and only its memory is held
@@ -700,22 +446,17 @@ func (p *vmProcess) holding() error {
 	p.mu.Lock()
 	o := p.out
 	p.mu.Unlock()
-	if o == nil || !o.isSwitched() {
+	if o == nil {
 		return nil
 	}
-	o.mu.Lock()
-	r := o.cur
-	o.mu.Unlock()
-	select {
-	case <-r.done:
-		return conflict(fmt.Errorf("VM %q runs at the destination since its switch to post-copy, and the migration failed after the switch (%v); this process holds the VM's memory, paused: it must not run here again; finish the migration with 'godwit migrate --resume'", p.name, r.err))
-	default:
+	switch o.State() {
+	case outgoing.Stranded:
+		_, err := o.Result()
+		return conflict(fmt.Errorf("VM %q runs at the destination since its switch to post-copy, and the migration failed after the switch (%v); this process holds the VM's memory, paused: it must not run here again; finish the migration with 'godwit migrate --resume'", p.name, err))
+	case outgoing.Switched, outgoing.Recovering:
+		return conflict(fmt.Errorf("VM %q runs at the destination since its switch to post-copy to %s; this process serves its memory until every page has arrived: it must not run here again", p.name, o.Address()))
 	}
-	return conflict(fmt.Errorf("VM %q runs at the destination since its switch to post-copy to %s; this process serves its memory until every page has arrived: it must not run here again", p.name, o.address()))
-}
-
-func failedReport(start time.Time, msg string) *migration.Report {
-	return &migration.Report{Side: "source", Result: "failed", Error: msg, Mode: "precopy", TotalMS: float64(time.Since(start).Microseconds()) / 1000}
+	return nil
 }
 
 func conflict(err error) error {
