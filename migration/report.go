@@ -172,6 +172,9 @@ type Report struct {
 	// Streams is each connection's share of the pages when they took several
 	// (SendOptions.Streams); empty with one.
 	Streams []StreamReport `json:"streams,omitempty"`
+	// StreamsChosen says how many streams AutoStreams chose, and why, when the caller left
+	// the choice to the engine (SendOptions.Streams 0).
+	StreamsChosen string `json:"streams_chosen,omitempty"`
 }
 
 // PostcopyReport describes the post-copy phase. The source's report carries the destination's

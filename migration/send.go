@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -85,8 +86,10 @@ type SendOptions struct {
 
 	// Streams is the number of connections pre-copy pages travel on (see streams.go): the
 	// main one and Streams-1 more, opened with DialStream, which the engine closes when Send
-	// returns. 0 or 1: the main connection only. A destination that cannot take more
-	// (ReceiveOptions.AcceptStream unset) declines, and the pages take the main connection.
+	// returns. 1: the main connection only. 0: chosen by AutoStreams when DialStream is set
+	// (else 1), and the choice reported (Report.StreamsChosen). A destination that cannot
+	// take more (ReceiveOptions.AcceptStream unset) declines, and the pages take the main
+	// connection.
 	Streams    int
 	DialStream func(ctx context.Context) (io.ReadWriter, error)
 	// FaultChannel (post-copy and hybrid, with DialStream) sends the pages the destination
@@ -209,6 +212,11 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		return bad(fmt.Errorf("%w (mode %s, %d streams)", errNoStreams, opts.Mode, opts.Streams))
 	case opts.Streams > 1 && opts.DialStream == nil:
 		return bad(fmt.Errorf("migration: %d streams need DialStream", opts.Streams))
+	}
+	chosen := ""
+	if opts.Streams == 0 && opts.Mode == ModePrecopy && opts.DialStream != nil && resumeID == nil {
+		opts.Streams, chosen = AutoStreams(runtime.NumCPU(), opts.MaxBandwidth)
+		rep.StreamsChosen = chosen
 	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit
@@ -629,6 +637,8 @@ func (s *sender) migrate() error {
 		if err := s.openStreams(); err != nil {
 			return err
 		}
+	case s.opts.Streams > 1 && s.rep.StreamsChosen != "":
+		s.rep.StreamsChosen += "; the destination takes one connection only"
 	case s.opts.Streams > 1:
 		s.rep.Warnings = append(s.rep.Warnings, fmt.Sprintf("migration: the destination takes one connection only; %d streams asked for", s.opts.Streams))
 	}

@@ -3,8 +3,10 @@ package migration_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -347,5 +349,46 @@ func TestStreamDialFails(t *testing.T) {
 	}
 	if r.err == nil || d.State() != "aborted" {
 		t.Fatalf("destination: %v, state %q; want a failure and state aborted", r.err, d.State())
+	}
+}
+
+// TestAutoStreams: with Streams 0 and DialStream set, the engine chooses the streams from the
+// CPUs, uses them and says so; a bandwidth cap one connection reaches takes one.
+func TestAutoStreams(t *testing.T) {
+	for _, c := range []struct {
+		cpus int
+		bw   int64
+		want int
+	}{{1, 0, 2}, {2, 0, 2}, {4, 0, 4}, {64, 0, 8}, {8, 100 << 20, 1}, {8, 1 << 30, 8}} {
+		if n, why := migration.AutoStreams(c.cpus, c.bw); n != c.want || !strings.Contains(why, "auto") {
+			t.Errorf("AutoStreams(%d CPUs, %d B/s) = %d (%s), want %d", c.cpus, c.bw, n, why, c.want)
+		}
+	}
+	n := newStreamNet(t)
+	g := newGuest(16*MiB, 26)
+	d := mt.NewDest()
+	so, ro := streamOptions(n, 0)
+	sc, dc := n.pair(t)
+	s, r := migrate(t.Context(), g, d, sc, dc, so, ro)
+	checkOK(t, g, d, s, r)
+	want, _ := migration.AutoStreams(runtime.NumCPU(), 0)
+	if len(s.rep.Streams) != want || !strings.HasPrefix(s.rep.StreamsChosen, fmt.Sprint(want)) || len(s.rep.Warnings) != 0 {
+		t.Fatalf("streams %d, chosen %q, warnings %q; want %d chosen", len(s.rep.Streams), s.rep.StreamsChosen, s.rep.Warnings, want)
+	}
+	// Without DialStream, or with a destination that takes one connection: one, no warning.
+	d2 := mt.NewDest()
+	so.DialStream = nil
+	sc, dc = n.pair(t)
+	s, r = migrate(t.Context(), newGuest(4*MiB, 27), d2, sc, dc, so, ro)
+	if s.err != nil || len(s.rep.Streams) != 0 || s.rep.StreamsChosen != "" {
+		t.Fatalf("without DialStream: %v, streams %d, chosen %q", s.err, len(s.rep.Streams), s.rep.StreamsChosen)
+	}
+	so.DialStream, ro.AcceptStream = n.dialStream, nil
+	sc, dc = n.pair(t)
+	g3, d3 := newGuest(4*MiB, 28), mt.NewDest()
+	s, r = migrate(t.Context(), g3, d3, sc, dc, so, ro)
+	checkOK(t, g3, d3, s, r)
+	if len(s.rep.Streams) != 0 || !strings.Contains(s.rep.StreamsChosen, "one connection only") || len(s.rep.Warnings) != 0 {
+		t.Fatalf("destination without streams: streams %d, chosen %q, warnings %q", len(s.rep.Streams), s.rep.StreamsChosen, s.rep.Warnings)
 	}
 }

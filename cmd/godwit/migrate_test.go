@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -241,6 +242,9 @@ func TestMigrateThereAndBack(t *testing.T) {
 		if err != nil || rep.Result != "ok" {
 			t.Fatalf("hop %d: %v %+v", i, err, rep)
 		}
+		if n, _ := migration.AutoStreams(runtime.NumCPU(), 0); rep.StreamsChosen == "" || len(rep.Streams) != n {
+			t.Errorf("hop %d: streams chosen %q, %d listed; want the engine's choice of %d", i, rep.StreamsChosen, len(rep.Streams), n)
+		}
 		if err := migration.CheckDowntimeParts(rep); err != nil {
 			t.Error(err)
 		}
@@ -278,8 +282,9 @@ func pipe(w, r net.Conn, tamper tamperFunc) {
 	w.Close()
 }
 
-// proxy forwards one connection from a listener in host h to target, passing the source's
-// bytes through toDst and the destination's through toSrc.
+// proxy forwards the connections from a listener in host h to target, passing the first
+// one's bytes from the source through toDst and from the destination through toSrc; the
+// others (the extra page streams) pass unchanged.
 func proxy(t *testing.T, h *testbed.Host, port int, target string, toDst, toSrc tamperFunc) string {
 	t.Helper()
 	var ln net.Listener
@@ -291,18 +296,23 @@ func proxy(t *testing.T, h *testbed.Host, port int, target string, toDst, toSrc 
 	}
 	t.Cleanup(func() { ln.Close() })
 	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
+		for first := true; ; first = false {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			var d net.Conn
+			h.Do(func() (err error) { d, err = net.Dial("tcp", target); return err })
+			if d == nil {
+				c.Close()
+				continue
+			}
+			if !first {
+				toDst, toSrc = pass, pass
+			}
+			go pipe(c, d, toSrc)
+			go pipe(d, c, toDst)
 		}
-		var d net.Conn
-		h.Do(func() (err error) { d, err = net.Dial("tcp", target); return err })
-		if d == nil {
-			c.Close()
-			return
-		}
-		go pipe(c, d, toSrc)
-		pipe(d, c, toDst)
 	}()
 	return fmt.Sprintf("tcp:%s:%d", h.Addr(), port)
 }

@@ -288,7 +288,7 @@ type MigrateRequest struct {
 	HybridAfterMS     int64  `json:"hybrid_after_ms,omitempty"`
 	LinkTimeoutMS     int64  `json:"link_timeout_ms,omitempty"`
 	ReconnectWindowMS int64  `json:"reconnect_window_ms,omitempty"` // redial the same address this long; 0 = not at all
-	Streams           int    `json:"streams,omitempty"`             // precopy: connections for the pages; 0 = 1
+	Streams           int    `json:"streams,omitempty"`             // precopy: connections for the pages; 0 = chosen by the engine
 	NoFaultChannel    bool   `json:"no_fault_channel,omitempty"`    // postcopy, hybrid: requested pages on the main connection
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
