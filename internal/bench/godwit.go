@@ -141,7 +141,7 @@ func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
 	if s.Technique == Precopy {
 		// QEMU's pre-copy never gives up; neither does godwit's with --force.
 		a = append(a, "--force")
-		if s.Streams > 1 {
+		if s.Streams > 0 { // else the engine chooses
 			a = append(a, "--streams", strconv.Itoa(s.Streams))
 		}
 	}

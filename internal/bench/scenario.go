@@ -59,7 +59,8 @@ type Scenario struct {
 	DowntimeLimit time.Duration `json:"downtime_limit"`
 	AutoConverge  bool          `json:"auto_converge"`
 	// Streams is the number of connections pre-copy pages take: godwit's --streams, QEMU's
-	// multifd channels (1: neither), and the raw TCP baseline's connections.
+	// multifd channels (1: neither), and the raw TCP baseline's connections. 0: each
+	// system's default (godwit's engine chooses, QEMU takes one connection, raw TCP one).
 	Streams int `json:"streams,omitempty"`
 
 	Suites []string `json:"suites"`
