@@ -8,7 +8,6 @@ import (
 	"io"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/pages"
@@ -38,51 +37,6 @@ const (
 // setChunkRuns is how many runs the engine puts in one Switch or Lacking frame. Tests lower it
 // to exercise continuation.
 var setChunkRuns = wire.MaxSetRuns
-
-// readWatch records when bytes last arrived on a connection, for the link watchdog.
-// It also counts the bytes read, for the destination's receive window.
-type readWatch struct {
-	r    io.Reader
-	last atomic.Int64 // Unix ns
-	n    atomic.Int64 // bytes read
-}
-
-func (w *readWatch) Read(p []byte) (int, error) {
-	n, err := w.r.Read(p)
-	if n > 0 {
-		w.last.Store(time.Now().UnixNano())
-		w.n.Add(int64(n))
-	}
-	return n, err
-}
-
-// watchLink cancels ctx with ErrLinkTimeout once nothing has arrived on w for timeout. It
-// returns when ctx is done. Timeouts use the time package, like every engine timeout.
-func watchLink(ctx context.Context, cancel context.CancelCauseFunc, w *readWatch, timeout time.Duration) {
-	w.last.Store(time.Now().UnixNano())
-	go func() {
-		t := time.NewTicker(max(timeout/4, time.Millisecond))
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case now := <-t.C:
-				if idle := now.Sub(time.Unix(0, w.last.Load())); idle > timeout {
-					cancel(fmt.Errorf("%w: nothing from the peer for %v", ErrLinkTimeout, idle.Round(time.Millisecond)))
-					return
-				}
-			}
-		}
-	}()
-}
-
-// closeConn closes c if it can be closed.
-func closeConn(c any) {
-	if cl, ok := c.(io.Closer); ok {
-		cl.Close()
-	}
-}
 
 // demandQueue carries the destination's requests from the reader goroutine to the pusher
 // without ever blocking the reader (which must keep reading for the link watchdog).
@@ -253,7 +207,7 @@ func (s *sender) switchover(ctx *switchCtx, unsent []Bitmap, reason string) erro
 	// The caller learns of the switch before the destination can run the VM.
 	s.report(true)
 	err := writeSet(missing, s.sizes, func(ps *wire.PageSet, more bool) error {
-		return s.w.WriteSwitch(&wire.Switch{ID: s.id, PageSet: *ps}, more)
+		return s.link.w.WriteSwitch(&wire.Switch{ID: s.id, PageSet: *ps}, more)
 	})
 	if err != nil {
 		return err
@@ -374,8 +328,8 @@ func (s *sender) postcopy(ctx *switchCtx) error {
 		return err
 	}
 	if ctx != nil { // a resume's connection is watched (and set up) since its rejoin
-		watchLink(s.lctx, s.lcancel, s.watch, s.opts.LinkTimeout)
-		s.lowLatency(s.conn, true)
+		s.link.watchdog(s.opts.LinkTimeout)
+		s.lowLatency(s.link.conn, true)
 	}
 	s.report(true)
 	for {
@@ -385,7 +339,7 @@ func (s *sender) postcopy(ctx *switchCtx) error {
 				s.blackout(ctx, done)
 			}
 			s.phase = "done ack"
-			return s.w.WriteDoneAck()
+			return s.link.w.WriteDoneAck()
 		}
 		if s.filled {
 			return err // the destination has everything: a warning
@@ -426,8 +380,8 @@ func (s *sender) newPrepager() error {
 
 // linkErr is why the current connection (or the migration) ended, if it has.
 func (s *sender) linkErr() error {
-	if s.lctx.Err() != nil {
-		return context.Cause(s.lctx)
+	if s.link.ctx.Err() != nil {
+		return context.Cause(s.link.ctx)
 	}
 	return nil
 }
@@ -436,7 +390,7 @@ func (s *sender) linkErr() error {
 func (s *sender) serve() (*wire.Done, error) {
 	keep := time.NewTicker(max(s.opts.LinkTimeout/4, time.Millisecond))
 	defer keep.Stop()
-	lastWritten := s.w.Written()
+	lastWritten := s.link.w.Written()
 	var doneWait <-chan time.Time
 	// PrepageNone: the push starts once no request has come for NoneIdle.
 	idle := time.NewTimer(NoneIdle)
@@ -467,14 +421,14 @@ func (s *sender) serve() (*wire.Done, error) {
 		}
 		if s.remaining == 0 && !s.pushEnded {
 			s.pushEnded = true
-			if err := s.w.WritePushEnd(&wire.PushEnd{Pushed: s.pcr.PagesPushed, Demanded: s.pcr.PagesDemanded}); err != nil {
+			if err := s.link.w.WritePushEnd(&wire.PushEnd{Pushed: s.pcr.PagesPushed, Demanded: s.pcr.PagesDemanded}); err != nil {
 				return nil, err
 			}
 			s.report(true)
 		}
 		select {
 		case <-s.dq.signal:
-		case in := <-s.inbox:
+		case in := <-s.link.inbox:
 			if in.err != nil {
 				return nil, in.err
 			}
@@ -500,12 +454,12 @@ func (s *sender) serve() (*wire.Done, error) {
 				return nil, unexpected(m, "filled, stats or done")
 			}
 		case <-keep.C:
-			if s.w.Written() == lastWritten {
-				if err := s.w.WriteKeepalive(); err != nil {
+			if s.link.w.Written() == lastWritten {
+				if err := s.link.w.WriteKeepalive(); err != nil {
 					return nil, err
 				}
 			}
-			lastWritten = s.w.Written()
+			lastWritten = s.link.w.Written()
 			s.report(false)
 		case <-idle.C:
 			if idler != nil {
@@ -513,8 +467,8 @@ func (s *sender) serve() (*wire.Done, error) {
 			}
 		case <-doneWait:
 			return nil, fmt.Errorf("%w: no post-copy stats and done from the destination within %v of filled", ErrTimeout, s.opts.DoneWait)
-		case <-s.lctx.Done():
-			return nil, context.Cause(s.lctx)
+		case <-s.link.ctx.Done():
+			return nil, context.Cause(s.link.ctx)
 		}
 	}
 }
@@ -572,7 +526,7 @@ func (s *sender) pushDemanded() error {
 	s.remaining -= uint64(len(batch)) - again
 	s.pcr.PagesDemanded += uint64(len(batch)) - again
 	s.pcr.PagesResent += again
-	w := s.w
+	w := s.link.w
 	if s.fault != nil {
 		w = s.fault.w
 	}
@@ -610,7 +564,7 @@ func (s *sender) pushNext() (bool, error) {
 	}
 	s.remaining -= uint64(len(batch))
 	s.pcr.PagesPushed += uint64(len(batch))
-	return true, s.sendPages(r, batch, s.w)
+	return true, s.sendPages(r, batch, s.link.w)
 }
 
 // sendPages reads the given pages of region r and writes them as one batch on w.
@@ -677,39 +631,27 @@ func (s *sender) reconnect() error {
 
 // dropLink stops everything that uses the current connection and closes it if the engine owns it.
 func (s *sender) dropLink() {
-	s.lcancel(errLinkDropped)
-	if s.readerDone != nil {
-		setDeadline(s.conn, longAgo)
-		<-s.readerDone
-		s.readerDone = nil
-	}
-	s.intr.hold()
-	s.bytesW += s.w.Written()
-	s.bytesR += s.r.BytesRead()
-	s.w = wire.NewWriter(io.Discard)
-	s.r = wire.NewReader(eofReader{}, wire.AtSource)
-	if s.ownConn {
-		closeConn(s.conn)
+	l := s.link
+	l.cancel(errLinkDropped)
+	l.intr.hold()
+	l.stopReader()
+	s.bytesW += l.w.Written()
+	s.bytesR += l.r.BytesRead()
+	if l.owned {
+		closeConn(l.conn)
 	} else {
-		setDeadline(s.conn, time.Time{})
+		setDeadline(l.conn, time.Time{})
 	}
-	s.ownConn = false
+	s.link = l.dropped()
 	s.closeFault() // requested pages take the new connection
 }
-
-var errLinkDropped = errors.New("migration: connection replaced")
-
-type eofReader struct{}
-
-func (eofReader) Read([]byte) (int, error) { return 0, io.EOF }
 
 // rejoin runs the reconnection handshake on conn (preamble both ways, Rejoin, the
 // destination's Lacking set) and makes conn the current connection.
 func (s *sender) rejoin(conn io.ReadWriter, owned bool) error {
 	s.attempts++
-	w := wire.NewWriter(conn)
-	watch := &readWatch{r: conn}
-	r := wire.NewReader(watch, wire.AtSource)
+	l := newLink(conn, owned)
+	w, r := l.w, l.r
 	r.SetDescription(s.wdesc)
 	r.SetOffered(s.caps)
 	r.SetCaps(s.caps)
@@ -749,13 +691,12 @@ func (s *sender) rejoin(conn io.ReadWriter, owned bool) error {
 		s.bytesR += r.BytesRead()
 		return err
 	}
-	s.conn, s.w, s.r, s.watch, s.ownConn = conn, w, r, watch, owned
+	l.start(s.ctx)
+	s.link = l
 	s.rep.ProtocolVersion = r.Version()
-	s.lctx, s.lcancel = context.WithCancelCause(s.ctx)
-	s.intr = interruptOnDone(s.lctx, conn)
 	s.postLink.Store(true)
 	s.startReader()
-	watchLink(s.lctx, s.lcancel, s.watch, s.opts.LinkTimeout)
+	s.link.watchdog(s.opts.LinkTimeout)
 	s.lowLatency(conn, !owned)
 	// The destination's word is what counts: pages sent on the broken connection that it does
 	// not have go again, whatever the source thought.
@@ -787,10 +728,10 @@ func (s *sender) resumePostcopy() error {
 	s.caps = wire.CapPostcopy
 	wd := toWire(s.desc)
 	s.wdesc = &wd
-	s.intr.hold() // rejoin sets up the connection's own
+	s.link.intr.hold() // rejoin sets up the connection's own
 	err := errors.New("no connection")
-	if s.conn != nil {
-		err = s.rejoin(s.conn, false)
+	if s.link.conn != nil {
+		err = s.rejoin(s.link.conn, false)
 	}
 	if err != nil {
 		if s.opts.Reconnect == nil || s.ctx.Err() != nil {

@@ -238,23 +238,16 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	}
 	s := &sender{
 		src:      src,
-		conn:     conn,
+		link:     newLink(conn, false),
 		conn0:    conn,
 		opts:     opts,
 		clock:    opts.Clock,
 		rep:      rep,
 		post:     opts.Mode != ModePrecopy,
 		resumeID: resumeID,
-		watch:    &readWatch{r: conn},
 	}
 	s.dq.signal = make(chan struct{}, 1)
 	s.prog, _ = src.(ProgressCounter)
-	s.w = wire.NewWriter(io.Discard)
-	s.r = wire.NewReader(eofReader{}, wire.AtSource)
-	if conn != nil {
-		s.w = wire.NewWriter(conn)
-		s.r = wire.NewReader(s.watch, wire.AtSource)
-	}
 	return s.run(ctx)
 }
 
@@ -273,16 +266,13 @@ const stateBytesPerComponent = 16 << 10
 
 type sender struct {
 	src   Source
-	conn  io.ReadWriter
 	opts  SendOptions
 	clock Clock
-	w     *wire.Writer
-	r     *wire.Reader
+	link  *link // the current connection
 	rep   *Report
 
 	ctx    context.Context
 	cancel context.CancelCauseFunc
-	intr   *interrupter
 	phase  string
 	start  time.Time
 
@@ -314,23 +304,17 @@ type sender struct {
 	throttle int
 	acked    bool
 
-	inbox        chan inbound
-	readerDone   chan struct{}
 	completeSent atomic.Bool
 	ended        atomic.Uint32 // the last live round whose end marker is (being) written
 
-	// Post-copy. The connection may be replaced (Reconnect): conn0 is the caller's.
+	// Post-copy. The link may be replaced (Reconnect): conn0 is the caller's connection.
 	conn0      io.ReadWriter
 	lowat0     bool // conn0's TCP_NOTSENT_LOWAT was changed from lowat0Old
 	lowat0Old  int
-	ownConn    bool       // conn came from Reconnect: the engine closes it
-	watch      *readWatch // conn's reads, for the link watchdog
-	lctx       context.Context
-	lcancel    context.CancelCauseFunc // ends the current connection only (after the switch)
-	postLink   atomic.Bool             // the reader goroutine reports errors as link failures
-	post       bool                    // mode postcopy or hybrid
-	switched   bool                    // the Switch was sent
-	recovering bool                    // switched, and the link broke: reconnecting
+	postLink   atomic.Bool // the reader goroutine reports errors as link failures
+	post       bool        // mode postcopy or hybrid
+	switched   bool        // the Switch was sent
+	recovering bool        // switched, and the link broke: reconnecting
 	resumeID   *wire.MigrationID
 	id         wire.MigrationID
 	caps       wire.Caps
@@ -367,8 +351,7 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 		defer cancel()
 	}
 	s.ctx, s.cancel = context.WithCancelCause(ctx)
-	s.lctx, s.lcancel = context.WithCancelCause(s.ctx)
-	s.intr = interruptOnDone(s.lctx, s.conn)
+	s.link.start(s.ctx)
 
 	err := s.migrate()
 	if err != nil && (s.lanes != nil || s.fault != nil) {
@@ -391,28 +374,11 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	}
 
 	// Leave conn as we found it: no interruption pending, reader goroutine gone, no deadline.
-	s.intr.hold()
-	if s.readerDone != nil {
-		select {
-		case <-s.readerDone:
-		default:
-			if setDeadline(s.conn, longAgo) {
-				<-s.readerDone
-			} else if s.ownConn {
-				closeConn(s.conn)
-				<-s.readerDone
-			}
-		}
-	}
-	setDeadline(s.conn, time.Time{})
-	if s.ownConn {
-		closeConn(s.conn)
-	}
+	s.link.release()
 	setDeadline(s.conn0, time.Time{})
 	if s.lowat0 {
 		setNotSentLowat(s.conn0, s.lowat0Old)
 	}
-	s.lcancel(nil)
 	s.cancel(nil)
 	if err == nil {
 		s.closeStreams()
@@ -423,7 +389,7 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 		s.rep.TotalMS = ms(s.filledAt.Sub(s.start))
 	}
 	s.rep.BytesWire = s.written()
-	s.rep.BytesRead = s.bytesR + s.r.BytesRead()
+	s.rep.BytesRead = s.bytesR + s.link.r.BytesRead()
 	s.rep.Pages = pageCounts(&s.cls.Counters)
 	s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
 	return s.rep, err
@@ -433,12 +399,12 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 func (s *sender) fail(parent context.Context, err error) error {
 	interrupted := s.ctx.Err() != nil
 	var we *wire.WriteError
-	if !interrupted && s.readerDone != nil && errors.As(err, &we) {
+	if !interrupted && s.link.readerDone != nil && errors.As(err, &we) {
 		// A write failed without a known cause. If the destination aborted, its Error frame
 		// may be arriving right now: give the reader goroutine a moment to deliver the reason.
 		t := time.NewTimer(200 * time.Millisecond)
 		select {
-		case <-s.readerDone:
+		case <-s.link.readerDone:
 		case <-t.C:
 		}
 		t.Stop()
@@ -484,16 +450,16 @@ func (s *sender) fail(parent context.Context, err error) error {
 	// Tell the destination why, unless it told us. Interruption set the deadline in the past;
 	// give the Error frame a moment. A conn without deadlines is written to only if it was
 	// not interrupted (it might block forever otherwise).
-	s.intr.hold()
+	s.link.intr.hold()
 	// After a version or magic mismatch the peer cannot parse our frames: say nothing.
-	if !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && s.w.Err() == nil {
-		if setDeadline(s.conn, time.Now().Add(time.Second)) || !interrupted {
+	if !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && s.link.w.Err() == nil {
+		if setDeadline(s.link.conn, time.Now().Add(time.Second)) || !interrupted {
 			stop := s.drain()
-			s.w.WriteError(errorCode(err, "source"), err.Error())
+			s.link.w.WriteError(errorCode(err, "source"), err.Error())
 			stop()
 		}
 	}
-	setDeadline(s.conn, longAgo) // unblock the reader goroutine
+	setDeadline(s.link.conn, longAgo) // unblock the reader goroutine
 
 	if len(restore) > 0 {
 		err = errors.Join(append([]error{err}, restore...)...)
@@ -510,14 +476,14 @@ func (s *sender) fail(parent context.Context, err error) error {
 // stopped (an interruption's deadline stops it) and conn has deadlines, by which the
 // returned function stops it again.
 func (s *sender) drain() (stop func()) {
-	if s.readerDone != nil {
+	if s.link.readerDone != nil {
 		select {
-		case <-s.readerDone:
+		case <-s.link.readerDone:
 		default:
 			return func() {} // the reader goroutine still reads
 		}
 	}
-	if _, ok := s.conn.(deadliner); !ok {
+	if _, ok := s.link.conn.(deadliner); !ok {
 		return func() {}
 	}
 	done := make(chan struct{})
@@ -525,13 +491,13 @@ func (s *sender) drain() (stop func()) {
 		defer close(done)
 		buf := make([]byte, 4096)
 		for {
-			if _, err := s.conn.Read(buf); err != nil {
+			if _, err := s.link.conn.Read(buf); err != nil {
 				return
 			}
 		}
 	}()
 	return func() {
-		setDeadline(s.conn, longAgo)
+		setDeadline(s.link.conn, longAgo)
 		<-done
 	}
 }
@@ -598,10 +564,10 @@ func (s *sender) migrate() error {
 	// The handshake strictly alternates (preamble, preamble, Hello, Welcome), so it works on
 	// unbuffered transports too, and a version mismatch stops both sides before the Hello.
 	t0 := s.clock.Now()
-	if err := s.w.WritePreamble(); err != nil {
+	if err := s.link.w.WritePreamble(); err != nil {
 		return err
 	}
-	v, err := s.r.ReadPreamble()
+	v, err := s.link.r.ReadPreamble()
 	if err != nil {
 		return err
 	}
@@ -609,13 +575,13 @@ func (s *sender) migrate() error {
 	// whatever delayed its start. An upper bound that the round acknowledgements refine.
 	s.rtt = s.clock.Now().Sub(t0)
 	s.rep.ProtocolVersion = v
-	if err := s.w.WriteHello(&wire.Hello{Caps: offered, Desc: wd}); err != nil {
+	if err := s.link.w.WriteHello(&wire.Hello{Caps: offered, Desc: wd}); err != nil {
 		return err
 	}
-	s.r.SetOffered(offered)
-	s.r.SetDescription(&wd)
+	s.link.r.SetOffered(offered)
+	s.link.r.SetDescription(&wd)
 	s.wdesc = &wd
-	m, err := s.r.Next()
+	m, err := s.link.r.Next()
 	if err != nil {
 		return err
 	}
@@ -818,7 +784,7 @@ func (s *sender) complete(ctx *switchCtx) error {
 	}
 	for i := range secs {
 		ws := wire.Section{ID: secs[i].ID, Version: secs[i].Version, Data: secs[i].Data}
-		if err := s.w.WriteSection(&ws, 0); err != nil {
+		if err := s.link.w.WriteSection(&ws, 0); err != nil {
 			return err
 		}
 	}
@@ -827,7 +793,7 @@ func (s *sender) complete(ctx *switchCtx) error {
 	}
 	// Mark before writing: the destination may answer before WriteComplete returns.
 	s.completeSent.Store(true)
-	if err := s.w.WriteComplete(&wire.Complete{PauseUnixNano: ctx.pauseAt.UnixNano(), Pages: s.sent, Sections: uint32(len(secs))}); err != nil {
+	if err := s.link.w.WriteComplete(&wire.Complete{PauseUnixNano: ctx.pauseAt.UnixNano(), Pages: s.sent, Sections: uint32(len(secs))}); err != nil {
 		return err
 	}
 	completeAt := s.clock.Now()
@@ -867,7 +833,7 @@ func (s *sender) complete(ctx *switchCtx) error {
 	// Acknowledge even without Done: the destination keeps running either way, and DoneAck
 	// tells it that the source will not run again.
 	s.phase = "done ack"
-	return errors.Join(err, s.w.WriteDoneAck())
+	return errors.Join(err, s.link.w.WriteDoneAck())
 }
 
 // blackout computes the blackout from the destination's Done.
@@ -883,8 +849,8 @@ func (s *sender) blackout(ctx *switchCtx, done *wire.Done) {
 func (s *sender) startReader() {
 	inbox := make(chan inbound, 4)
 	done := make(chan struct{})
-	s.inbox, s.readerDone = inbox, done
-	r, lcancel := s.r, s.lcancel
+	s.link.inbox, s.link.readerDone = inbox, done
+	r, lcancel := s.link.r, s.link.cancel // this link's, not its successor's
 	go func() {
 		defer close(done)
 		// After the switch, the connection may fail without failing the migration.
@@ -941,7 +907,7 @@ func (s *sender) await(timeout time.Duration, what string) (wire.Msg, error) {
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {
-	case in := <-s.inbox:
+	case in := <-s.link.inbox:
 		return in.msg, in.err
 	case <-t.C:
 		return nil, fmt.Errorf("%w: no %s from the destination within %v", ErrTimeout, what, timeout)
@@ -961,7 +927,7 @@ func (s *sender) awaitRoundAck(rr *RoundReport) (time.Time, error) {
 	defer t.Stop()
 	var in inbound
 	select {
-	case in = <-s.inbox:
+	case in = <-s.link.inbox:
 	case <-t.C:
 		return time.Time{}, fmt.Errorf("%w: the destination did not acknowledge round %d (%d pages) within %v of its end", ErrTimeout, rr.Round, rr.Pages, s.opts.AckTimeout)
 	case <-s.ctx.Done():
@@ -1019,7 +985,7 @@ type span struct{ first, count uint64 }
 // sendRound sends the pages of p as round n; a live round ends with its end marker.
 func (s *sender) sendRound(n int, p *roundPlan, final bool) error {
 	s.round = n
-	if err := s.w.WriteRound(&wire.Round{N: uint32(n), Final: final, Pages: p.pages}); err != nil {
+	if err := s.link.w.WriteRound(&wire.Round{N: uint32(n), Final: final, Pages: p.pages}); err != nil {
 		return err
 	}
 	t0, b0, sent0 := s.clock.Now(), s.written(), s.sent
@@ -1045,7 +1011,7 @@ func (s *sender) sendRound(n int, p *roundPlan, final bool) error {
 		// backlog, and that wait belongs to the acknowledgement, not to sending. Marked
 		// before it too: the acknowledgement may arrive before the write returns.
 		s.ended.Store(uint32(n))
-		if err := s.w.WriteRoundEnd(&wire.RoundEnd{N: uint32(n), Pages: s.sent - sent0}); err != nil {
+		if err := s.link.w.WriteRoundEnd(&wire.RoundEnd{N: uint32(n), Pages: s.sent - sent0}); err != nil {
 			return err
 		}
 	}
@@ -1130,7 +1096,7 @@ func (s *sender) discard() {
 // flush classifies the pages in the batch buffer and writes them as one batch, paced by the
 // bandwidth cap. Classification waits until here so that pages read ahead and then discarded
 // are never counted (and never seen by an encoder that keeps history).
-func (s *sender) flush() error { return s.flushOn(s.w) }
+func (s *sender) flush() error { return s.flushOn(s.link.w) }
 
 // flushOn is flush on the writer w (the main connection's, or the fault channel's).
 func (s *sender) flushOn(w *wire.Writer) error {
@@ -1141,11 +1107,11 @@ func (s *sender) flushOn(w *wire.Writer) error {
 		return err
 	}
 	s.encode(&s.cls, s.ps)
-	if err := s.limit.wait(s.lctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
+	if err := s.limit.wait(s.link.ctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
 		return err
 	}
 	if err := w.WritePages(&s.batch); err != nil {
-		if w != s.w {
+		if w != s.link.w {
 			return fmt.Errorf("the fault channel: %w", err)
 		}
 		return err

@@ -87,7 +87,7 @@ type lane struct {
 // openStreams announces the extra connections, dials them and opens each with Join.
 func (s *sender) openStreams() error {
 	s.phase = "opening streams"
-	s.lanes = append(s.lanes, s.newLane(0, nil, s.w))
+	s.lanes = append(s.lanes, s.newLane(0, nil, s.link.w))
 	extra, err := s.openExtra(s.opts.Streams - 1)
 	s.lanes = append(s.lanes, extra...)
 	// Idle from the start, also when a dial failed: closeStreams waits for every lane.
@@ -117,7 +117,7 @@ func (s *sender) openExtra(count int) ([]*lane, error) {
 	if _, err := rand.Read(id[:]); err != nil {
 		return nil, fmt.Errorf("migration: choosing a migration id: %w", err)
 	}
-	if err := s.w.WriteStreams(&wire.Streams{ID: id, Count: uint16(count)}); err != nil {
+	if err := s.link.w.WriteStreams(&wire.Streams{ID: id, Count: uint16(count)}); err != nil {
 		return nil, err
 	}
 	var lanes []*lane
@@ -128,7 +128,7 @@ func (s *sender) openExtra(count int) ([]*lane, error) {
 		}
 		ln := s.newLane(i, conn, wire.NewWriter(conn))
 		lanes = append(lanes, ln)
-		ln.intr = interruptOnDone(s.lctx, conn)
+		ln.intr = interruptOnDone(s.link.ctx, conn)
 		if err := ln.w.WritePreamble(); err != nil {
 			return lanes, fmt.Errorf("migration: stream %d: %w", i, err)
 		}
@@ -192,7 +192,7 @@ func (s *sender) closeStreams() {
 
 // written is what this side has written to all its connections so far.
 func (s *sender) written() int64 {
-	n := s.bytesW + s.w.Written()
+	n := s.bytesW + s.link.w.Written()
 	if s.fault != nil {
 		n += s.fault.w.Written()
 	}
@@ -224,19 +224,19 @@ func (s *sender) idleLanes() error {
 func (s *sender) sendLanes(p *roundPlan) error {
 	// Pages read ahead while the last acknowledgement was awaited go first, on the main
 	// connection, before any lane writes on it.
-	sent0, b0 := s.sent, s.w.Written()
+	sent0, b0 := s.sent, s.link.w.Written()
 	if err := s.flush(); err != nil {
 		return err
 	}
 	s.lanes[0].pages += s.sent - sent0
-	s.lanes[0].bytes += s.w.Written() - b0
+	s.lanes[0].bytes += s.link.w.Written() - b0
 	var err error
 	for err == nil {
 		var ln *lane
 		select {
 		case ln = <-s.free:
-		case <-s.lctx.Done():
-			err = context.Cause(s.lctx)
+		case <-s.link.ctx.Done():
+			err = context.Cause(s.link.ctx)
 			continue
 		}
 		if err = ln.err; err != nil {
@@ -289,7 +289,7 @@ func (s *sender) flushLane(ln *lane) {
 	ln.encode(&ln.cls, s.ps)
 	n := ln.batch.PayloadLen() + wire.HeaderSize
 	s.limitMu.Lock()
-	err := s.limit.wait(s.lctx, n)
+	err := s.limit.wait(s.link.ctx, n)
 	s.limitMu.Unlock()
 	if err == nil {
 		err = ln.w.WritePages(&ln.batch)
