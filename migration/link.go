@@ -11,11 +11,12 @@ import (
 	"github.com/godwit-vm/godwit/migration/wire"
 )
 
-// link is the connection the sender's protocol runs on: the caller's, or after a broken
-// post-copy link one from Reconnect. It owns what belongs to one connection: its writer and
-// reader, the watch on its reads (for the watchdog and the destination's receive window), the
-// context that ends with it, the interruption that unblocks its I/O then, and the goroutine
-// that reads it. Replacing the connection is replacing the link.
+// link is the connection a side's protocol runs on: the caller's, or after a broken post-copy
+// link one from Reconnect (the source) or the listener (the destination). It owns what belongs
+// to one connection: its writer and reader, the watch on its reads (for the watchdog and the
+// destination's receive window), the context that ends with it, the interruption that
+// unblocks its I/O then, and on the source the goroutine that reads it. Replacing the
+// connection is replacing the link.
 type link struct {
 	conn  io.ReadWriter // nil: none (a resume that must dial first)
 	owned bool          // from Reconnect: the engine closes it
@@ -27,17 +28,17 @@ type link struct {
 	cancel context.CancelCauseFunc
 	intr   *interrupter
 
-	inbox      chan inbound  // what the reader goroutine read
+	inbox      chan inbound  // source: what the reader goroutine read
 	readerDone chan struct{} // closed when the reader goroutine stopped; nil before it started
 }
 
-// newLink wraps conn in a writer and a reader; start gives it a context.
-func newLink(conn io.ReadWriter, owned bool) *link {
+// newLink wraps conn in a writer and a reader for side; start gives it a context.
+func newLink(conn io.ReadWriter, owned bool, side wire.Side) *link {
 	if conn == nil {
-		return &link{w: wire.NewWriter(io.Discard), r: wire.NewReader(eofReader{}, wire.AtSource), watch: &readWatch{r: eofReader{}}}
+		return &link{w: wire.NewWriter(io.Discard), r: wire.NewReader(eofReader{}, side), watch: &readWatch{r: eofReader{}}}
 	}
 	l := &link{conn: conn, owned: owned, w: wire.NewWriter(conn), watch: &readWatch{r: conn}}
-	l.r = wire.NewReader(l.watch, wire.AtSource)
+	l.r = wire.NewReader(l.watch, side)
 	return l
 }
 
@@ -92,7 +93,7 @@ func (l *link) release() {
 // dropped is what is left of a link replaced after it broke: its context, ended, so that
 // whatever still checks it stops; writes go nowhere, reads end.
 func (l *link) dropped() *link {
-	d := newLink(nil, false)
+	d := newLink(nil, false, wire.AtSource)
 	d.ctx, d.cancel, d.intr = l.ctx, l.cancel, l.intr
 	return d
 }

@@ -36,15 +36,10 @@ type pcRecv struct {
 	placed     uint64
 	duplicates uint64 // pages received that were present already
 
-	// The current connection. w and lcancel are guarded by wmu (held while writing).
+	// The current connection: nil between a break and the next rejoin. Guarded by wmu (held
+	// while writing); read without it by the goroutine that attaches and detaches it.
 	wmu      sync.Mutex
-	w        *wire.Writer
-	lcancel  context.CancelCauseFunc
-	lctx     context.Context
-	conn     io.ReadWriter
-	owned    bool
-	r        *wire.Reader
-	intr     *interrupter
+	link     *link
 	links    sync.WaitGroup
 	bytesW   int64
 	bytesR   int64
@@ -153,8 +148,8 @@ func (p *pcRecv) run(blackout bool, fp FirstProgress) error {
 			return err
 		}
 	}
-	rc.intr.hold() // each connection gets its own, on its own context
-	p.attach(rc.conn, rc.w, rc.r, rc.watch, false)
+	rc.link.intr.hold() // from now on on the link's own context
+	p.attach(rc.link)
 	for {
 		err := p.serve()
 		p.detach()
@@ -173,24 +168,23 @@ func (p *pcRecv) run(blackout bool, fp FirstProgress) error {
 	}
 }
 
-// attach makes conn the current connection and starts its goroutines.
-func (p *pcRecv) attach(conn io.ReadWriter, w *wire.Writer, r *wire.Reader, watch *readWatch, owned bool) {
+// attach makes l the current connection and starts its goroutines.
+func (p *pcRecv) attach(l *link) {
 	rc := p.rc
 	p.wmu.Lock()
-	p.lctx, p.lcancel = context.WithCancelCause(rc.ctx)
+	l.start(rc.ctx)
 	if p.faultLink == nil {
-		p.faultLink = p.lcancel // the link the fault channel belongs to
+		p.faultLink = l.cancel // the link the fault channel belongs to
 	}
-	p.conn, p.w, p.r, p.owned = conn, w, r, owned
-	p.intr = interruptOnDone(p.lctx, conn)
-	ctx, cancel := p.lctx, p.lcancel
+	p.link = l
+	ctx := l.ctx
 	p.wmu.Unlock()
 	p.doneSent.Store(false)
-	watchLink(ctx, cancel, watch, rc.opts.LinkTimeout)
+	l.watchdog(rc.opts.LinkTimeout)
 	p.links.Add(3)
 	go p.keepalive(ctx)
 	go p.finish(ctx)
-	go p.window(ctx, conn, watch)
+	go p.window(ctx, l.conn, l.watch)
 	// Everything faulted (before, or on an old connection) and still missing is asked for
 	// again; the fault goroutine asks for new faults on this connection from now on.
 	p.mu.Lock()
@@ -209,22 +203,20 @@ var errNoLink = errors.New("migration: no connection")
 // detach ends the current connection's goroutines and closes it if the engine owns it.
 func (p *pcRecv) detach() {
 	p.wmu.Lock()
-	p.lcancel(errLinkDropped)
+	l := p.link
+	l.cancel(errLinkDropped)
 	p.wmu.Unlock()
 	p.links.Wait()
-	p.intr.hold()
+	l.intr.hold()
 	p.wmu.Lock()
-	if p.owned { // the first connection's counts are the receiver's own
-		p.bytesW += p.w.Written()
-		p.bytesR += p.r.BytesRead()
-	}
-	p.w, p.r = nil, nil
-	if p.owned {
-		closeConn(p.conn)
+	if l.owned { // the first connection's counts are the receiver's own
+		p.bytesW += l.w.Written()
+		p.bytesR += l.r.BytesRead()
+		closeConn(l.conn)
 	} else {
-		setDeadline(p.conn, time.Time{})
+		setDeadline(l.conn, time.Time{})
 	}
-	p.owned = false
+	p.link = nil
 	p.wmu.Unlock()
 }
 
@@ -242,12 +234,12 @@ func (p *pcRecv) close() (w, r int64) {
 func (p *pcRecv) write(f func(w *wire.Writer) error) error {
 	p.wmu.Lock()
 	defer p.wmu.Unlock()
-	if p.w == nil {
+	if p.link == nil {
 		return errNoLink // before the first connection is attached: attach asks again
 	}
-	err := f(p.w)
+	err := f(p.link.w)
 	if err != nil {
-		p.lcancel(err)
+		p.link.cancel(err)
 	}
 	return err
 }
@@ -367,11 +359,12 @@ func (p *pcRecv) finish(ctx context.Context) {
 
 // serve reads the current connection: it places pages until the source's DoneAck.
 func (p *pcRecv) serve() error {
+	l := p.link
 	for {
-		m, err := p.r.Next()
+		m, err := l.r.Next()
 		if err != nil {
-			if p.lctx.Err() != nil && !errors.Is(err, wire.ErrPeer) {
-				if cause := context.Cause(p.lctx); cause != errLinkDropped {
+			if l.ctx.Err() != nil && !errors.Is(err, wire.ErrPeer) {
+				if cause := context.Cause(l.ctx); cause != errLinkDropped {
 					return cause
 				}
 			}
@@ -697,9 +690,8 @@ func (p *pcRecv) reconnect() error {
 // connection and every page faulted and still missing is requested again.
 func (p *pcRecv) accept(ctx context.Context, conn io.ReadWriter) error {
 	rc := p.rc
-	w := wire.NewWriter(conn)
-	watch := &readWatch{r: conn}
-	r := wire.NewReader(watch, wire.AtDestination)
+	l := newLink(conn, true, wire.AtDestination)
+	w, r := l.w, l.r
 	r.SetDescription(rc.wdesc)
 	r.SetCaps(rc.caps)
 	intr := interruptOnDone(ctx, conn)
@@ -738,7 +730,7 @@ func (p *pcRecv) accept(ctx context.Context, conn io.ReadWriter) error {
 		p.bytesR += r.BytesRead()
 		return err
 	}
-	p.attach(conn, w, r, watch, true)
+	p.attach(l)
 	return nil
 }
 

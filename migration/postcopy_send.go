@@ -650,7 +650,7 @@ func (s *sender) dropLink() {
 // destination's Lacking set) and makes conn the current connection.
 func (s *sender) rejoin(conn io.ReadWriter, owned bool) error {
 	s.attempts++
-	l := newLink(conn, owned)
+	l := newLink(conn, owned, wire.AtSource)
 	w, r := l.w, l.r
 	r.SetDescription(s.wdesc)
 	r.SetOffered(s.caps)

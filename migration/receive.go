@@ -64,14 +64,11 @@ func Receive(ctx context.Context, dst Destination, conn io.ReadWriter, opts Rece
 	}
 	rc := &receiver{
 		dst:   dst,
-		conn:  conn,
+		link:  newLink(conn, false, wire.AtDestination),
 		opts:  opts,
 		clock: opts.Clock,
-		w:     wire.NewWriter(conn),
-		watch: &readWatch{r: conn},
 		rep:   &Report{Side: "destination", Mode: "precopy"},
 	}
-	rc.r = wire.NewReader(rc.watch, wire.AtDestination)
 	return rc.run(ctx)
 }
 
@@ -80,16 +77,13 @@ type receiver struct {
 	// not started or already collected).
 	discarded chan error
 	dst       Destination
-	conn      io.ReadWriter
+	link      *link // the caller's connection; after a post-copy's first break, pcRecv has its own
 	opts      ReceiveOptions
 	clock     Clock
-	w         *wire.Writer
-	r         *wire.Reader
 	rep       *Report
 
 	ctx      context.Context
 	cancel   context.CancelCauseFunc
-	intr     *interrupter
 	phase    string
 	prepared bool
 	resumed  bool // Resumed was written: the source may consider the migration done
@@ -99,7 +93,6 @@ type receiver struct {
 	roundB0  int64
 
 	// Post-copy.
-	watch    *readWatch
 	switchID wire.MigrationID
 	missing  []Bitmap // the Switch set, once one arrived
 	wdesc    *wire.Description
@@ -120,7 +113,7 @@ func (rc *receiver) run(parent context.Context) (*Report, error) {
 		defer cancel()
 	}
 	rc.ctx, rc.cancel = context.WithCancelCause(ctx)
-	rc.intr = interruptOnDone(rc.ctx, rc.conn)
+	rc.link.start(rc.ctx)
 
 	err := rc.migrate()
 	var pe *wire.PeerError
@@ -138,8 +131,8 @@ func (rc *receiver) run(parent context.Context) (*Report, error) {
 	default:
 		err = rc.fail(parent, err)
 	}
-	rc.intr.hold()
-	setDeadline(rc.conn, time.Time{})
+	rc.link.intr.hold()
+	setDeadline(rc.link.conn, time.Time{})
 	var bw, br int64
 	br += rc.closeStreams()
 	if rc.pc != nil {
@@ -148,8 +141,8 @@ func (rc *receiver) run(parent context.Context) (*Report, error) {
 	rc.cancel(nil)
 
 	rc.rep.TotalMS = ms(rc.clock.Now().Sub(start))
-	rc.rep.BytesWire = bw + rc.w.Written()
-	rc.rep.BytesRead = br + rc.r.BytesRead()
+	rc.rep.BytesWire = bw + rc.link.w.Written()
+	rc.rep.BytesRead = br + rc.link.r.BytesRead()
 	rc.rep.Pages = pageCounts(&rc.counts)
 	return rc.rep, err
 }
@@ -171,11 +164,11 @@ func (rc *receiver) fail(parent context.Context, err error) error {
 	if rc.prepared {
 		rc.dst.Abort()
 	}
-	rc.intr.hold()
+	rc.link.intr.hold()
 	// After a version or magic mismatch the peer cannot parse our frames: say nothing.
-	if !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && rc.w.Err() == nil {
-		if setDeadline(rc.conn, time.Now().Add(time.Second)) || !interrupted {
-			if rc.w.WriteError(errorCode(err, "destination"), err.Error()) == nil {
+	if !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && rc.link.w.Err() == nil {
+		if setDeadline(rc.link.conn, time.Now().Add(time.Second)) || !interrupted {
+			if rc.link.w.WriteError(errorCode(err, "destination"), err.Error()) == nil {
 				rc.linger()
 			}
 		}
@@ -190,12 +183,12 @@ func (rc *receiver) fail(parent context.Context, err error) error {
 // reset, and a reset discards the Error frame at the source before it is read. So: send FIN,
 // then read and discard until the source closes or a second passes.
 func (rc *receiver) linger() {
-	cw, ok := rc.conn.(interface{ CloseWrite() error })
-	if !ok || !setDeadline(rc.conn, time.Now().Add(time.Second)) {
+	cw, ok := rc.link.conn.(interface{ CloseWrite() error })
+	if !ok || !setDeadline(rc.link.conn, time.Now().Add(time.Second)) {
 		return
 	}
 	cw.CloseWrite()
-	io.Copy(io.Discard, rc.conn)
+	io.Copy(io.Discard, rc.link.conn)
 }
 
 func (rc *receiver) vmm(op string, err error) error {
@@ -209,15 +202,15 @@ func (rc *receiver) migrate() error {
 	rc.phase = "handshake"
 	// Read the source's preamble first, then answer with ours even if the versions do not
 	// match, so that the source reports the mismatch as well.
-	v, err := rc.r.ReadPreamble()
-	if werr := rc.w.WritePreamble(); err == nil && werr != nil {
+	v, err := rc.link.r.ReadPreamble()
+	if werr := rc.link.w.WritePreamble(); err == nil && werr != nil {
 		return werr
 	}
 	if err != nil {
 		return err
 	}
 	rc.rep.ProtocolVersion = v
-	m, err := rc.r.Next()
+	m, err := rc.link.r.Next()
 	if err != nil {
 		return err
 	}
@@ -247,8 +240,8 @@ func (rc *receiver) migrate() error {
 	if err := rc.vmm("Prepare", rc.dst.Prepare(desc)); err != nil {
 		return err
 	}
-	rc.r.SetCaps(accepted)
-	if err := rc.w.WriteWelcome(&wire.Welcome{Caps: accepted}); err != nil {
+	rc.link.r.SetCaps(accepted)
+	if err := rc.link.w.WriteWelcome(&wire.Welcome{Caps: accepted}); err != nil {
 		return err
 	}
 
@@ -256,7 +249,7 @@ func (rc *receiver) migrate() error {
 	var secs []Section
 	var complete *wire.Complete
 	for complete == nil {
-		m, err := rc.r.Next()
+		m, err := rc.link.r.Next()
 		if err != nil {
 			return err
 		}
@@ -277,7 +270,7 @@ func (rc *receiver) migrate() error {
 			rc.rep.RoundDetails = append(rc.rep.RoundDetails, RoundReport{Round: int(m.N), Final: m.Final})
 			rc.rep.Rounds = int(m.N)
 			rc.round = &rc.rep.RoundDetails[len(rc.rep.RoundDetails)-1]
-			rc.roundAt, rc.roundB0 = rc.clock.Now(), rc.r.BytesRead()
+			rc.roundAt, rc.roundB0 = rc.clock.Now(), rc.link.r.BytesRead()
 		case *wire.PageBatch:
 			if err := rc.place(m, &rc.counts); err != nil {
 				return err
@@ -295,7 +288,7 @@ func (rc *receiver) migrate() error {
 			}
 			placed := rc.round.Pages
 			rc.endRound()
-			if err := rc.w.WriteRoundAck(&wire.RoundAck{N: m.N, Pages: placed}); err != nil {
+			if err := rc.link.w.WriteRoundAck(&wire.RoundAck{N: m.N, Pages: placed}); err != nil {
 				return err
 			}
 		case *wire.Switch:
@@ -387,7 +380,7 @@ func (rc *receiver) migrate() error {
 	rc.rep.Downtime.RestoreMS = ms(t1.Sub(tArm))
 	rc.rep.Downtime.StartMS = ms(resumeAt.Sub(t1))
 	rc.phase = "resumed"
-	err = rc.w.WriteResumed(&wire.Resumed{
+	err = rc.link.w.WriteResumed(&wire.Resumed{
 		ResumeUnixNano: resumeAt.UnixNano(),
 		ArmNanos:       uint64(tArm.Sub(t0)),
 		RestoreNanos:   uint64(t1.Sub(tArm)),
@@ -415,7 +408,7 @@ func (rc *receiver) migrate() error {
 		}
 	}
 	rc.phase = "done"
-	if err := rc.w.WriteDone(&wire.Done{FirstProgressUnixNano: first}); err != nil {
+	if err := rc.link.w.WriteDone(&wire.Done{FirstProgressUnixNano: first}); err != nil {
 		return err
 	}
 
@@ -423,8 +416,8 @@ func (rc *receiver) migrate() error {
 	ctx, cancel := context.WithTimeoutCause(rc.ctx, rc.opts.DoneAckWait,
 		fmt.Errorf("%w: no done ack from the source within %v", ErrTimeout, rc.opts.DoneAckWait))
 	defer cancel()
-	stop := context.AfterFunc(ctx, func() { setDeadline(rc.conn, longAgo) })
-	m, err = rc.r.Next()
+	stop := context.AfterFunc(ctx, func() { setDeadline(rc.link.conn, longAgo) })
+	m, err = rc.link.r.Next()
 	stop()
 	if err != nil {
 		if ctx.Err() != nil {
@@ -455,7 +448,7 @@ func (rc *receiver) finishFinal() error {
 // endRound closes the statistics of the current round.
 func (rc *receiver) endRound() {
 	if rc.round != nil {
-		rc.round.Bytes = uint64(rc.r.BytesRead() - rc.roundB0)
+		rc.round.Bytes = uint64(rc.link.r.BytesRead() - rc.roundB0)
 		rc.round.DurationMS = ms(rc.clock.Now().Sub(rc.roundAt))
 		rc.round = nil
 	}

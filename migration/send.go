@@ -238,7 +238,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	}
 	s := &sender{
 		src:      src,
-		link:     newLink(conn, false),
+		link:     newLink(conn, false, wire.AtSource),
 		conn0:    conn,
 		opts:     opts,
 		clock:    opts.Clock,

@@ -206,11 +206,14 @@ func TestCancelLive(t *testing.T) {
 func TestPostcopyRecovers(t *testing.T) {
 	g, d := newGuest(8*MiB, 5), mt.NewPostcopyDest()
 	dst := newDestination(t, d, 1)
-	var m *outgoing.Migration
+	var started atomic.Pointer[outgoing.Migration] // written before Start's sockets carry anything the race detector sees
 	var refused atomic.Value
 	d.Hook = func(op string, n int) error {
 		if op == "PlacePages" && n == 10 {
-			if err := m.Cancel(errors.New("operator")); err != nil {
+			for started.Load() == nil {
+				time.Sleep(time.Millisecond)
+			}
+			if err := started.Load().Cancel(errors.New("operator")); err != nil {
 				refused.Store(err)
 			}
 			dst.cut()
@@ -219,9 +222,10 @@ func TestPostcopyRecovers(t *testing.T) {
 	}
 	var notes []string
 	var mu sync.Mutex
-	m = outgoing.Start(outgoing.Config{Source: g, To: dst.addrs[0], ReconnectWindow: 10 * time.Second,
+	m := outgoing.Start(outgoing.Config{Source: g, To: dst.addrs[0], ReconnectWindow: 10 * time.Second,
 		Options: migration.SendOptions{Mode: migration.ModePostcopy, BatchBytes: 16 << 10, LinkTimeout: 2 * time.Second},
 		Note:    func(s string) { mu.Lock(); notes = append(notes, s); mu.Unlock() }})
+	started.Store(m)
 	var w watcher
 	defer w.watch(m)()
 	rep, err := m.Wait(t.Context())
