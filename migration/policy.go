@@ -13,6 +13,9 @@ const (
 	SendRound   Action = iota // send the pages dirtied during the last round, as a new live round
 	StopAndCopy               // pause, send the last dirty set and the state, complete
 	GiveUp                    // stop migrating; the source keeps running
+	// SwitchToPostcopy (hybrid only): pause and switch; the pages not sent yet follow after
+	// the destination has started. SwitchReason says why.
+	SwitchToPostcopy
 )
 
 func (a Action) String() string {
@@ -23,6 +26,8 @@ func (a Action) String() string {
 		return "stop and copy"
 	case GiveUp:
 		return "give up"
+	case SwitchToPostcopy:
+		return "switch to post-copy"
 	}
 	return fmt.Sprintf("action %d", int(a))
 }
@@ -40,6 +45,12 @@ type PolicyConfig struct {
 	// SwitchCost is the paused time that does not depend on the link: saving state on the
 	// source, restoring it and starting on the destination. 0 counts none.
 	SwitchCost time.Duration
+	// Hybrid switches to post-copy where pre-copy would not stop now: when it would give up or
+	// force a stop, after HybridRounds live rounds, or once it has run for HybridAfter (0: no
+	// time bound). It never gives up.
+	Hybrid       bool
+	HybridRounds int
+	HybridAfter  time.Duration
 }
 
 // Observation is what the driver saw during the live round it just finished.
@@ -61,6 +72,8 @@ type Observation struct {
 	Lag time.Duration
 	// RTT is the shortest round trip to the destination measured so far (0 if unknown).
 	RTT time.Duration
+	// Since is how long pre-copy has run, for HybridAfter.
+	Since time.Duration
 }
 
 // Decision is the policy's answer to an Observation, with the estimates behind it.
@@ -76,6 +89,7 @@ type Decision struct {
 	LinkRate         float64       // pages/s the link carries at Bandwidth
 	Converged        bool          // StopAndCopy because the expected downtime fits the limit
 	Reason           string        // for GiveUp, or for a forced StopAndCopy: why it did not converge
+	SwitchReason     string        // for SwitchToPostcopy: why hybrid switches now
 }
 
 // stallRounds is how many consecutive rounds the dirty set may fail to shrink, with no throttle
@@ -136,6 +150,26 @@ func (p *PrecopyPolicy) Throttle() int { return p.throttle }
 
 // Step takes the observation of a finished live round and decides what comes next.
 func (p *PrecopyPolicy) Step(o Observation) Decision {
+	d := p.precopy(o)
+	if !p.cfg.Hybrid || d.Converged {
+		return d
+	}
+	switch {
+	case d.Action != SendRound:
+		d.SwitchReason = "not converging: " + d.Reason
+	case o.Round >= max(p.cfg.HybridRounds, 1):
+		d.SwitchReason = fmt.Sprintf("after %d live rounds", o.Round)
+	case p.cfg.HybridAfter > 0 && o.Since >= p.cfg.HybridAfter:
+		d.SwitchReason = fmt.Sprintf("pre-copy ran for %v (limit %v)", o.Since.Round(time.Millisecond), p.cfg.HybridAfter)
+	default:
+		return d
+	}
+	d.Action = SwitchToPostcopy
+	return d
+}
+
+// precopy is Step's pre-copy decision.
+func (p *PrecopyPolicy) precopy(o Observation) Decision {
 	p.bytes += o.Bytes
 	p.elapsed += o.Elapsed
 	d := Decision{Action: SendRound, Throttle: p.throttle}

@@ -204,3 +204,38 @@ func TestPolicyProjectsTheLag(t *testing.T) {
 		t.Fatalf("decision %+v, want a dirty rate of 1000 pages/s and 100ms", d)
 	}
 }
+
+// TestPolicyHybridSwitches: hybrid switches after HybridRounds, after HybridAfter, or where
+// pre-copy would give up; a guest that converges first still stops and copies.
+func TestPolicyHybridSwitches(t *testing.T) {
+	hybrid := func(rounds int, after time.Duration) *migration.PrecopyPolicy {
+		return migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096, Hybrid: true, HybridRounds: rounds, HybridAfter: after})
+	}
+	// A guest dirtying at a third of the link rate needs several rounds: two rounds switch.
+	ds := link(hybrid(2, 0), 262144, 30000, 10000)
+	if last := ds[len(ds)-1]; len(ds) != 2 || last.Action != migration.SwitchToPostcopy || last.SwitchReason != "after 2 live rounds" {
+		t.Fatalf("%d decisions, last %+v; want a switch after round 2", len(ds), last)
+	}
+	// An idle guest converges in round 1: no switch.
+	if ds := link(hybrid(2, 0), 262144, 30000, 0); len(ds) != 1 || ds[0].Action != migration.StopAndCopy || !ds[0].Converged {
+		t.Fatalf("idle guest under hybrid: %+v", ds)
+	}
+	// A guest faster than the link: where pre-copy would give up, hybrid switches.
+	ds = link(hybrid(100, 0), 262144, 30000, 300000)
+	last := ds[len(ds)-1]
+	if last.Action != migration.SwitchToPostcopy || !strings.HasPrefix(last.SwitchReason, "not converging: ") || last.Reason == "" {
+		t.Fatalf("%d decisions, last %+v; want a switch for not converging", len(ds), last)
+	}
+	// The time bound: pre-copy that has run for HybridAfter switches.
+	p := hybrid(100, time.Second)
+	d := p.Step(migration.Observation{Round: 1, Pages: 1000, Bytes: 1000 * 4096, Elapsed: time.Second, Dirty: 5000, Since: 1500 * time.Millisecond})
+	if d.Action != migration.SwitchToPostcopy || !strings.Contains(d.SwitchReason, "pre-copy ran for 1.5s (limit 1s)") {
+		t.Fatalf("decision %+v; want a switch for the time bound", d)
+	}
+	// Pre-copy alone never switches.
+	for _, d := range link(migration.NewPrecopyPolicy(migration.PolicyConfig{PageSize: 4096}), 262144, 30000, 300000) {
+		if d.Action == migration.SwitchToPostcopy {
+			t.Fatalf("pre-copy switched: %+v", d)
+		}
+	}
+}

@@ -544,6 +544,9 @@ func (s *sender) migrate() error {
 		Force:         s.opts.Force,
 		StateBytes:    uint64(len(s.desc.Devices)) * stateBytesPerComponent,
 		SwitchCost:    s.opts.SwitchCost,
+		Hybrid:        s.opts.Mode == ModeHybrid,
+		HybridRounds:  s.opts.HybridRounds,
+		HybridAfter:   s.opts.HybridAfter,
 	})
 	if s.resumeID != nil {
 		return s.resumePostcopy()
@@ -671,26 +674,15 @@ func (s *sender) migrate() error {
 		d = s.policy.Step(Observation{
 			Round: s.round, Pages: rr.Pages, Bytes: rr.Bytes, Elapsed: ackAt.Sub(s.roundAt),
 			Dirty: rr.DirtyPages, DirtyTime: dirtyTime, Lag: s.clock.Now().Sub(fetchAt), RTT: s.rtt,
+			Since: s.clock.Now().Sub(s.start),
 		})
 		s.last = d
 		s.report(true)
-		if s.opts.Mode == ModeHybrid && !d.Converged {
-			// Hybrid never gives up and never forces a long stop-and-copy: it switches.
-			reason := ""
-			switch {
-			case d.Action != SendRound:
-				reason = "not converging: " + d.Reason
-			case s.round >= s.opts.HybridRounds:
-				reason = fmt.Sprintf("after %d live rounds", s.round)
-			case s.opts.HybridAfter > 0 && s.clock.Now().Sub(s.start) >= s.opts.HybridAfter:
-				reason = fmt.Sprintf("pre-copy ran for %v (limit %v)", s.clock.Now().Sub(s.start).Round(time.Millisecond), s.opts.HybridAfter)
-			}
-			if reason != "" {
-				s.rep.Reason = d.Reason
-				s.rep.ExpectedDowntimeMS = ms(d.ExpectedDowntime)
-				s.discard()
-				return s.switchover(ctx, dirty, reason)
-			}
+		if d.Action == SwitchToPostcopy {
+			s.rep.Reason = d.Reason
+			s.rep.ExpectedDowntimeMS = ms(d.ExpectedDowntime)
+			s.discard()
+			return s.switchover(ctx, dirty, d.SwitchReason)
 		}
 		if d.Action == GiveUp {
 			s.rep.Reason = d.Reason
