@@ -194,6 +194,12 @@ type ProgressCounter interface {
 	ProgressCount() uint64
 }
 
+// DirtyTracker is an optional Source capability: how it learns of dirty pages (a KVM dirty
+// ring, bitmaps), for the report.
+type DirtyTracker interface {
+	DirtyTracking() string
+}
+
 // Reconnector gives the engine a new connection after the link broke during post-copy, when
 // neither side may give up: the source holds the only complete copy of memory, the
 // destination runs the vCPUs. The source's implementation dials the destination again (its

@@ -175,6 +175,8 @@ type Report struct {
 	// StreamsChosen says how many streams AutoStreams chose, and why, when the caller left
 	// the choice to the engine (SendOptions.Streams 0).
 	StreamsChosen string `json:"streams_chosen,omitempty"`
+	// DirtyTracking is how the source learned of dirty pages (DirtyTracker), if it says.
+	DirtyTracking string `json:"dirty_tracking,omitempty"`
 }
 
 // PostcopyReport describes the post-copy phase. The source's report carries the destination's

@@ -248,6 +248,9 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	}
 	s.dq.signal = make(chan struct{}, 1)
 	s.prog, _ = src.(ProgressCounter)
+	if dt, ok := src.(DirtyTracker); ok {
+		rep.DirtyTracking = dt.DirtyTracking()
+	}
 	return s.run(ctx)
 }
 
@@ -395,6 +398,10 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	return s.rep, err
 }
 
+// peerErrorGrace is how long a source whose write failed waits for the destination's Error
+// frame, which says why, before it takes the write's error for the reason.
+const peerErrorGrace = 200 * time.Millisecond
+
 // fail turns err into the report's outcome and leaves the source running.
 func (s *sender) fail(parent context.Context, err error) error {
 	interrupted := s.ctx.Err() != nil
@@ -402,7 +409,7 @@ func (s *sender) fail(parent context.Context, err error) error {
 	if !interrupted && s.link.readerDone != nil && errors.As(err, &we) {
 		// A write failed without a known cause. If the destination aborted, its Error frame
 		// may be arriving right now: give the reader goroutine a moment to deliver the reason.
-		t := time.NewTimer(200 * time.Millisecond)
+		t := time.NewTimer(peerErrorGrace)
 		select {
 		case <-s.link.readerDone:
 		case <-t.C:

@@ -251,11 +251,27 @@ func (s *sender) sendLanes(p *roundPlan) error {
 		s.report(false)
 	}
 	if err != nil {
+		// A write that failed without a known cause may be the destination aborting: its
+		// Error frame, on the main connection, says why; give the reader a moment to deliver
+		// it before the write's error becomes the reason (as fail does for the main
+		// connection alone).
+		var we *wire.WriteError
+		if errors.As(err, &we) && s.ctx.Err() == nil {
+			t := time.NewTimer(peerErrorGrace)
+			select {
+			case <-s.ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+		}
 		// Stop every lane still writing before the caller writes an Error frame on the main
-		// connection: cancelling interrupts every connection's blocked I/O, and err stays
-		// the reason.
+		// connection: cancelling interrupts every connection's blocked I/O, and the first
+		// cause stays the reason.
 		s.cancel(err)
 		s.idleLanes()
+		if s.ctx.Err() != nil {
+			err = context.Cause(s.ctx)
+		}
 		return err
 	}
 	if err := s.idleLanes(); err != nil {

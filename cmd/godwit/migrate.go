@@ -313,6 +313,9 @@ func printReport(r migration.Report) {
 	}
 	fmt.Printf("wire         %s (%.0f Mbit/s over the total time)\n", formatBytes(uint64(r.BytesWire)), mbps)
 	fmt.Printf("pages        raw %d, zero %d, holes skipped %d\n", r.Pages.Raw, r.Pages.Zero, r.Pages.Hole)
+	if r.DirtyTracking != "" {
+		fmt.Printf("dirty log    %s\n", r.DirtyTracking)
+	}
 	if r.StreamsChosen != "" {
 		fmt.Printf("streams      %s\n", r.StreamsChosen)
 	}

@@ -42,6 +42,8 @@ type RunCmd struct {
 	Incoming  string `placeholder:"tcp:HOST:PORT|unix:PATH" help:"Wait for a VM migrated to this address (unix:PATH: a Unix socket, for a migration within this host) instead of booting one; its size and workload come from the source. The listener stays open until the migration ends, for a post-copy source that reconnects."`
 	// LinkTimeout is the destination's side of 'migrate --link-timeout'.
 	LinkTimeout time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"With --incoming, in post-copy: a link on which nothing arrives for this long is broken; then the VM waits for the source to reconnect. Give the same value as the source's 'migrate --link-timeout'. Default ${default}."`
+	// DirtyTracking is vmm.Config.DirtyTracking.
+	DirtyTracking string `name:"dirty-tracking" enum:"auto,ring,bitmap" default:"auto" help:"How a migration away from this VM learns of the pages the guest writes: ring, KVM's dirty ring (its cost follows the pages written), or bitmap, KVM's dirty bitmap (its cost follows the memory's size, written or not); auto takes the ring where KVM offers it. The migration report says which (${enum})."`
 	WorkloadFlags
 }
 
@@ -76,7 +78,7 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 	m, err := vmm.New(vmm.Config{
 		Name: c.Name, MemBytes: uint64(c.Mem), VCPUs: c.VCPUs, KVMDevice: c.KVMDevice,
 		Image: guest.Image, Params: params, Workload: c.workloadDescription(),
-		Console: consolePrinter(g),
+		Console: consolePrinter(g), DirtyTracking: c.DirtyTracking,
 	})
 	if err != nil {
 		return err
@@ -131,7 +133,7 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	}
 	// Which godwit receives it, for matching the two sides' logs (the source logs its own).
 	fmt.Fprintf(os.Stderr, "godwit: VM %q: incoming migration from %s; %s\n", c.Name, conn.RemoteAddr(), versionLine())
-	vdst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g)}}
+	vdst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g), DirtyTracking: c.DirtyTracking}}
 	dst := arrivingDestination{vdst, func() { p.arriving(vdst.M) }}
 	opts := migration.ReceiveOptions{
 		LinkTimeout: c.LinkTimeout,

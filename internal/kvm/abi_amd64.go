@@ -204,6 +204,7 @@ var (
 	ioGetXCRs             = ioc(iocRead, 0xa6, 392)
 	ioSetXCRs             = ioc(iocWrite, 0xa7, 392)
 	ioClearDirtyLog       = ioc(iocRead|iocWrite, 0xc0, 24)
+	ioResetDirtyRings     = ioc(iocNone, 0xc7, 0)
 )
 
 // Capabilities (KVM_CAP_*) godwit asks about.
@@ -221,6 +222,7 @@ const (
 	CapImmediateExit            = 136
 	CapManualDirtyLogProtect2   = 168
 	CapDirtyLogRing             = 192
+	CapDirtyLogRingAcqRel       = 223
 	dirtyLogManualProtectEnable = 1
 )
 
@@ -238,6 +240,7 @@ const (
 	ExitFailEntry     = 9
 	ExitIntr          = 10
 	ExitInternalError = 17
+	ExitDirtyRingFull = 31
 	ExitSystemEvent   = 24
 )
 
@@ -285,3 +288,19 @@ func exitName(reason uint32) string {
 	}
 	return "reason " + strconv.FormatUint(uint64(reason), 10)
 }
+
+// dirtyGFN mirrors struct kvm_dirty_gfn, one entry of a vCPU's dirty ring.
+type dirtyGFN struct {
+	Flags  uint32 // dirtyGFNDirty when KVM filled it, dirtyGFNReset once harvested
+	Slot   uint32 // address space << 16 | slot
+	Offset uint64 // page within the slot
+}
+
+const (
+	dirtyGFNDirty = 1 << 0 // KVM_DIRTY_GFN_F_DIRTY
+	dirtyGFNReset = 1 << 1 // KVM_DIRTY_GFN_F_RESET
+	// dirtyLogPageOffset is KVM_DIRTY_LOG_PAGE_OFFSET on x86: the ring's page offset in the
+	// vCPU's mmap.
+	dirtyLogPageOffset = 64
+	dirtyGFNSize       = 16
+)

@@ -26,11 +26,15 @@ func TestStructSizes(t *testing.T) {
 		{"kvm_dirty_log", unsafe.Sizeof(dirtyLog{}), 16},
 		{"kvm_clear_dirty_log", unsafe.Sizeof(clearDirtyLog{}), 24},
 		{"kvm_enable_cap", unsafe.Sizeof(enableCap{}), 104},
+		{"kvm_dirty_gfn", unsafe.Sizeof(dirtyGFN{}), dirtyGFNSize},
 		{"io exit", unsafe.Sizeof(IOExit{}), 16},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s: size %d, want %d", c.name, c.got, c.want)
 		}
+	}
+	if ioResetDirtyRings != 0xAEC7 {
+		t.Errorf("KVM_RESET_DIRTY_RINGS %#x, want 0xaec7", ioResetDirtyRings)
 	}
 	if ioRun != 0xAE80 || ioGetRegs != 0x8090AE81 || ioSetSregs != 0x4138AE84 || ioClearDirtyLog != 0xC018AEC0 || ioEnableCap != 0x4068AEA3 {
 		t.Errorf("ioctl numbers: run %#x getregs %#x setsregs %#x clear %#x enablecap %#x", ioRun, ioGetRegs, ioSetSregs, ioClearDirtyLog, ioEnableCap)

@@ -11,10 +11,11 @@ import (
 // VCPU is one virtual CPU. Run must be called from a single OS thread (the caller locks it);
 // Kick may be called from any thread.
 type VCPU struct {
-	vm  *VM
-	id  int
-	fd  int
-	run runPage
+	vm   *VM
+	id   int
+	fd   int
+	run  runPage
+	ring *dirtyRing // with VM.EnableDirtyRing
 }
 
 // ID is the vCPU's index.
@@ -22,6 +23,9 @@ func (c *VCPU) ID() int { return c.id }
 
 // Close unmaps and releases the vCPU.
 func (c *VCPU) Close() error {
+	if c.ring != nil {
+		unix.Munmap(c.ring.mem)
+	}
 	unix.Munmap(c.run)
 	return unix.Close(c.fd)
 }

@@ -9,8 +9,9 @@ import (
 
 // VM is a KVM virtual machine.
 type VM struct {
-	sys *System
-	fd  int
+	sys       *System
+	fd        int
+	ringBytes int // each vCPU's dirty ring, once EnableDirtyRing succeeded
 }
 
 // System returns the device the VM was created on.
@@ -81,6 +82,50 @@ func (v *VM) EnableManualDirtyLogProtect() error {
 	return nil
 }
 
+// DirtyRingMax is the largest dirty ring a vCPU may have, in bytes, and whether KVM offers
+// the ring with acquire/release ordering (KVM_CAP_DIRTY_LOG_RING_ACQ_REL); 0 when it offers
+// no ring.
+func (v *VM) DirtyRingMax() (bytes int, acqRel bool) {
+	if n := v.CheckExtension(CapDirtyLogRingAcqRel); n > 0 {
+		return n, true
+	}
+	return v.CheckExtension(CapDirtyLogRing), false
+}
+
+// EnableDirtyRing gives every vCPU created from now on a dirty ring of bytes (a power of two,
+// at least a page, at most DirtyRingMax): with dirty logging on, KVM appends each page a vCPU
+// dirties to that vCPU's ring instead of a bitmap, and KVM_GET_DIRTY_LOG is refused. It must
+// be called before the first vCPU is created.
+func (v *VM) EnableDirtyRing(bytes int) error {
+	max, acqRel := v.DirtyRingMax()
+	if bytes <= 0 || bytes&(bytes-1) != 0 || bytes < unix.Getpagesize() || bytes > max {
+		return fmt.Errorf("kvm: dirty ring of %d bytes: want a power of two from %d to %d", bytes, unix.Getpagesize(), max)
+	}
+	which := CapDirtyLogRing
+	if acqRel {
+		which = CapDirtyLogRingAcqRel
+	}
+	c := enableCap{Cap: uint32(which), Args: [4]uint64{uint64(bytes)}}
+	if err := ioctlPtr(v.fd, ioEnableCap, &c); err != nil {
+		return fmt.Errorf("kvm: KVM_ENABLE_CAP dirty ring (%d bytes): %w", bytes, err)
+	}
+	v.ringBytes = bytes
+	return nil
+}
+
+// DirtyRingBytes is each vCPU's dirty ring (0: none).
+func (v *VM) DirtyRingBytes() int { return v.ringBytes }
+
+// ResetDirtyRings write-protects again every page whose ring entry was harvested (marked
+// reset), so that its next write is logged, and recycles those entries. It returns how many.
+func (v *VM) ResetDirtyRings() (int, error) {
+	n, err := ioctl(v.fd, ioResetDirtyRings, 0)
+	if err != nil {
+		return 0, fmt.Errorf("kvm: KVM_RESET_DIRTY_RINGS: %w", err)
+	}
+	return int(n), nil
+}
+
 // GetDirtyLog fills bitmap (one bit per page of the slot, 64-bit words) with the slot's dirty
 // pages. Without manual protection it also clears the log and re-protects the pages.
 func (v *VM) GetDirtyLog(slot uint32, bitmap []uint64) error {
@@ -138,5 +183,15 @@ func (v *VM) CreateVCPU(id int) (*VCPU, error) {
 		unix.Close(int(fd))
 		return nil, fmt.Errorf("kvm: mmap kvm_run of vCPU %d (%d bytes): %w", id, v.sys.runSize, err)
 	}
-	return &VCPU{vm: v, id: id, fd: int(fd), run: runPage(run)}, nil
+	c := &VCPU{vm: v, id: id, fd: int(fd), run: runPage(run)}
+	if v.ringBytes > 0 {
+		ring, err := unix.Mmap(int(fd), int64(dirtyLogPageOffset*unix.Getpagesize()), v.ringBytes, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			unix.Munmap(run)
+			unix.Close(int(fd))
+			return nil, fmt.Errorf("kvm: mmap dirty ring of vCPU %d (%d bytes): %w", id, v.ringBytes, err)
+		}
+		c.ring = newDirtyRing(ring)
+	}
+	return c, nil
 }

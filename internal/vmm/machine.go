@@ -44,6 +44,11 @@ type Config struct {
 	Workload map[string]any
 	// Console receives the guest's console text, one message per call.
 	Console func(vcpu int, text string)
+	// DirtyTracking is how dirty logging learns of the guest's writes: DirtyRing, DirtyBitmap,
+	// or "" / DirtyAuto for the ring where KVM offers it. DirtyRingBytes is each vCPU's ring
+	// (0: the largest KVM offers, up to MaxDirtyRingBytes).
+	DirtyTracking  string
+	DirtyRingBytes int
 }
 
 // State of the machine's vCPUs.
@@ -73,6 +78,8 @@ type Machine struct {
 	// life guards the KVM objects and memory against release while readers use them.
 	life     sync.RWMutex
 	released bool
+
+	ring *dirtyRing // nil: dirty tracking by bitmap
 
 	mu       sync.Mutex
 	state    State
@@ -133,10 +140,7 @@ func New(cfg Config) (*Machine, error) {
 		vcpuEvents:  m.sys.CheckExtension(kvm.CapVCPUEvents) > 0,
 		adjustClock: m.sys.CheckExtension(kvm.CapAdjustClock) > 0,
 	}
-	if m.sys.CheckExtension(kvm.CapManualDirtyLogProtect2) == 0 {
-		return nil, errors.New("vmm: KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, which dirty tracking needs")
-	}
-	if err = m.vm.EnableManualDirtyLogProtect(); err != nil {
+	if err = m.setUpDirtyTracking(); err != nil {
 		return nil, err
 	}
 	if m.mem, err = guestmem.NewRegion("ram", 0, cfg.MemBytes); err != nil {
@@ -531,6 +535,12 @@ func (v *vcpu) loop() {
 				return
 			}
 		case kvm.ExitIntr:
+		case kvm.ExitDirtyRingFull:
+			// KVM will not enter the guest again until the ring has room.
+			if err := v.m.harvestDirtyFull(); err != nil {
+				v.m.fail(err)
+				return
+			}
 		default:
 			v.m.fail(fmt.Errorf("vmm: guest crashed: %w", v.kvm.ExitError(reason)))
 			return

@@ -57,12 +57,17 @@ func (s MigrationSource) Populated() ([]migration.Bitmap, error) {
 	return []migration.Bitmap{migration.Bitmap(b)}, nil
 }
 
-// StartDirtyLog turns on KVM's dirty log for guest RAM. With manual protection, pages are
-// write-protected again only when FetchDirty clears them, right before they are read.
+// StartDirtyLog turns on KVM's dirty log for guest RAM (see dirty.go). Pages are
+// write-protected again only when FetchDirty takes them, right before they are read.
 func (s MigrationSource) StartDirtyLog() error {
 	m := s.M
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.ring != nil {
+		if err := m.startRing(); err != nil {
+			return err
+		}
+	}
 	if err := m.vm.SetMemorySlot(kvm.MemorySlot{Slot: ramSlot, Mem: m.mem.Mem, LogDirty: true}); err != nil {
 		return err
 	}
@@ -72,10 +77,18 @@ func (s MigrationSource) StartDirtyLog() error {
 }
 
 // FetchDirty returns the pages the guest or the VMM wrote since the last call and re-arms
-// tracking for them (KVM_CLEAR_DIRTY_LOG) before the caller reads them, so a write that races
-// with the read is caught in the next round.
+// tracking for them (KVM_CLEAR_DIRTY_LOG, or KVM_RESET_DIRTY_RINGS) before the caller reads
+// them, so a write that races with the read is caught in the next round.
 func (s MigrationSource) FetchDirty() ([]migration.Bitmap, error) {
 	m := s.M
+	if m.ring != nil {
+		b, err := m.fetchRing()
+		if err != nil {
+			return nil, err
+		}
+		m.mem.TakeVMMDirty(b)
+		return []migration.Bitmap{migration.Bitmap(b)}, nil
+	}
 	pages := m.mem.Pages()
 	b := guestmem.NewBitmap(pages)
 	if err := m.vm.GetDirtyLog(ramSlot, b); err != nil {
@@ -99,8 +112,14 @@ func (s MigrationSource) StopDirtyLog() error {
 		return err
 	}
 	m.logDirty = false
+	if m.ring != nil {
+		return m.stopRing()
+	}
 	return nil
 }
+
+// DirtyTracking says how the source tracks dirty pages (migration.DirtyTracker).
+func (s MigrationSource) DirtyTracking() string { return s.M.DirtyTracking() }
 
 // ReadPages reads through the memfd (pread): it never faults pages in through the mapping, so
 // reading a page that was punched meanwhile costs no memory.

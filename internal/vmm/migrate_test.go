@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/godwit-vm/godwit/internal/kvm"
 	"github.com/godwit-vm/godwit/migration"
 )
 
@@ -56,17 +58,40 @@ func migrateLocal(t testing.TB, src *Machine, opts migration.SendOptions) (*Mach
 	return dst.M, srep, r.rep
 }
 
+// TestPrecopyMigrationOnRealKVM migrates idle and writing guests with each kind of dirty
+// tracking: the dirty ring (KVM's default here), bitmaps, and a ring so small that the
+// writer fills it between harvests, so that the vCPUs exit with KVM_EXIT_DIRTY_RING_FULL
+// again and again; every destination verifies its memory.
 func TestPrecopyMigrationOnRealKVM(t *testing.T) {
+	ringMax := 0
+	if sys, err := kvm.Open(""); err == nil {
+		if vm, err := sys.CreateVM(); err == nil {
+			ringMax, _ = vm.DirtyRingMax()
+			vm.Close()
+		}
+		sys.Close()
+	}
 	for _, w := range []workload{
 		{kind: "idle", content: "text", touch: 0.3},
 		{kind: "dirty", content: "random", pattern: "random", wssMiB: 16, rate: 20000},
+		{kind: "dirty", content: "random", pattern: "random", wssMiB: 16, rate: 20000, tracking: DirtyBitmap},
+		{kind: "dirty", content: "random", pattern: "random", wssMiB: 32, tracking: DirtyRing, ringBytes: MinDirtyRingBytes},
 		{kind: "dirty", content: "random", pattern: "random", wssMiB: 32, streams: 4},
 	} {
 		name := w.kind
 		if w.streams > 1 {
 			name = fmt.Sprintf("%s-%d-streams", w.kind, w.streams)
 		}
+		if w.tracking != "" {
+			name += "-" + w.tracking
+		}
+		if w.ringBytes > 0 {
+			name += fmt.Sprintf("-%d", w.ringBytes)
+		}
 		t.Run(name, func(t *testing.T) {
+			if w.tracking == DirtyRing && ringMax < MinDirtyRingBytes {
+				t.Fatalf("this KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING %d bytes)", ringMax)
+			}
 			src := newMachine(t, 128, 2, w)
 			if err := src.Start(); err != nil {
 				t.Fatal(err)
@@ -92,6 +117,18 @@ func TestPrecopyMigrationOnRealKVM(t *testing.T) {
 				if st.Pages == 0 {
 					t.Errorf("stream %d carried no page: %+v", st.Index, srep.Streams)
 				}
+			}
+			ss := src.Stats()
+			t.Logf("dirty tracking %s: %d entries harvested, %d ring-full exits", ss.DirtyTracking, ss.DirtyRingHarvested, ss.DirtyRingFullExits)
+			wantRing := w.tracking == DirtyRing || (w.tracking == "" && ringMax >= MinDirtyRingBytes)
+			if strings.HasPrefix(srep.DirtyTracking, DirtyRing) != wantRing || srep.DirtyTracking != ss.DirtyTracking {
+				t.Errorf("report says dirty tracking %q, stats %q; want the ring: %v", srep.DirtyTracking, ss.DirtyTracking, wantRing)
+			}
+			if wantRing && w.kind == "dirty" && ss.DirtyRingHarvested == 0 {
+				t.Errorf("a writer migrated with the dirty ring, and no entry was harvested")
+			}
+			if w.ringBytes > 0 && ss.DirtyRingFullExits == 0 {
+				t.Errorf("a ring of %d bytes never filled under a writer at full speed", w.ringBytes)
 			}
 		})
 	}

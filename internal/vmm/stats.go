@@ -30,12 +30,16 @@ type Stats struct {
 	// including the gap across the migration that brought the machine here.
 	MaxHeartbeatGapMS float64 `json:"max_heartbeat_gap_ms"`
 	// MigrationGapMS is the heartbeat gap across the incoming migration (0 if none).
-	MigrationGapMS float64       `json:"migration_gap_ms,omitempty"`
-	PagesWritten   uint64        `json:"pages_written"`
-	WorkUnits      uint64        `json:"work_units"`
-	ThrottlePct    int           `json:"throttle_pct"`
-	DirtyLogging   bool          `json:"dirty_logging"`
-	LastVerify     *VerifyReport `json:"last_verify,omitempty"`
+	MigrationGapMS float64 `json:"migration_gap_ms,omitempty"`
+	PagesWritten   uint64  `json:"pages_written"`
+	WorkUnits      uint64  `json:"work_units"`
+	ThrottlePct    int     `json:"throttle_pct"`
+	DirtyLogging   bool    `json:"dirty_logging"`
+	DirtyTracking  string  `json:"dirty_tracking"`
+	// With the dirty ring: entries harvested and ring-full exits since the machine started.
+	DirtyRingHarvested uint64        `json:"dirty_ring_harvested,omitempty"`
+	DirtyRingFullExits uint64        `json:"dirty_ring_full_exits,omitempty"`
+	LastVerify         *VerifyReport `json:"last_verify,omitempty"`
 	// Postcopy holds the figures of the machine's demand paging (the incoming post-copy),
 	// while it runs and after.
 	Postcopy *PostcopyStats `json:"postcopy,omitempty"`
@@ -94,6 +98,10 @@ func (m *Machine) Stats() Stats {
 	s.Console = append([]string(nil), p.console...)
 	m.mu.Lock()
 	s.DirtyLogging = m.logDirty
+	s.DirtyTracking = m.DirtyTracking()
+	if m.ring != nil {
+		s.DirtyRingHarvested, s.DirtyRingFullExits = m.ring.harvested.Load(), m.ring.fullExits.Load()
+	}
 	m.mu.Unlock()
 	return s
 }

@@ -25,7 +25,9 @@ type workload struct {
 	kind, content, pattern string
 	wssMiB, rate           uint64 // rate: pages/s over all vCPUs, 0 = max
 	touch                  float64
-	streams                int // migration tests: connections for the pages
+	streams                int    // migration tests: connections for the pages
+	tracking               string // Config.DirtyTracking
+	ringBytes              int    // Config.DirtyRingBytes
 }
 
 func newMachine(t testing.TB, memMiB uint64, vcpus int, w workload) *Machine {
@@ -38,7 +40,8 @@ func newMachine(t testing.TB, memMiB uint64, vcpus int, w workload) *Machine {
 	var console []string
 	m, err := New(Config{
 		Name: t.Name(), MemBytes: memMiB << 20, VCPUs: vcpus, Image: guest.Image, Params: params,
-		Console: func(id int, s string) { console = append(console, fmt.Sprintf("%d: %s", id, s)) },
+		Console:       func(id int, s string) { console = append(console, fmt.Sprintf("%d: %s", id, s)) },
+		DirtyTracking: w.tracking, DirtyRingBytes: w.ringBytes,
 	})
 	if err != nil {
 		t.Fatal(err)
