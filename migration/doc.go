@@ -21,10 +21,11 @@
 //	      policy
 //	  round n: the dirty set, round end  -------->   WritePages / ZeroPages
 //	                         <--------------------   round ack
-//	Pause, FetchDirty, StopDirtyLog
+//	Pause, FetchDirty
 //	final round: last dirty set  ---------------->   WritePages / ZeroPages
 //	SaveState -> state sections, Complete  ------>   RestoreState, Start
 //	                         <--------------------   Resumed (resume time)
+//	StopDirtyLog
 //	                         <--------------------   Done (first guest heartbeat)
 //	DoneAck  ------------------------------------>
 //
@@ -53,6 +54,13 @@
 // party (the agents, fencing the destination until the source confirms) and is left to the
 // layer above.
 //
+// The stop window holds only work that follows what changed: the last fetch of the dirty log
+// (with a KVM dirty ring, the VMM harvests the pages written since the previous fetch) and
+// those pages. What follows the memory's size happens outside it: a pure post-copy finds the
+// populated pages before the pause, with logging on from before the walk so that the last
+// fetch adds what the guest wrote meanwhile, and logging is stopped only after Resumed (a
+// paused VM dirties nothing; stopping costs the VMM a memslot update over all of memory).
+//
 // Pre-copy pages may travel on several connections (SendOptions.Streams): the source reads
 // pages on its one goroutine and hands each batch to a lane per connection, which classifies,
 // checksums and writes it; the destination places what each connection carries on a goroutine
@@ -65,11 +73,13 @@
 //	[hybrid: pre-copy rounds as above, until HybridRounds, HybridAfter or the policy gives up;
 //	 converged earlier: stop and copy as above]
 //	[postcopy, PrepageHot or SampleBefore: sample the dirty log and progress while running]
-//	Pause, last FetchDirty, StopDirtyLog
-//	Switch: the missing set  ------------------->   (postcopy: every populated page;
-//	                                                 hybrid: unsent dirty pages)
+//	[postcopy: StartDirtyLog, then Populated, while running]
+//	Pause, last FetchDirty
+//	Switch: the missing set  ------------------->   (postcopy: populated pages and the last
+//	                                                 dirty ones; hybrid: unsent dirty pages)
 //	SaveState -> state, Complete  -------------->   ArmPostcopy(missing), RestoreState, Start
 //	                         <-------------------   Resumed          (the point of no return)
+//	StopDirtyLog
 //	push missing pages in prepaging order;          vCPUs fault on missing pages: Faults ->
 //	requested pages first  <---------------------   Request (at once, no batching delay)
 //	PageBatch...  ------------------------------>   PlacePages / PlaceZero (missing pages only)

@@ -151,6 +151,28 @@ func (s *sender) switchover(ctx *switchCtx, unsent []Bitmap, reason string) erro
 		}
 	}
 
+	var populated []Bitmap
+	if unsent == nil {
+		// Pure post-copy: the destination lacks every page with data (holes stay holes: its
+		// fresh memory reads as zero there). Finding them walks the memory, so it happens
+		// before the pause, with logging on from before the walk: what the guest writes
+		// meanwhile comes with the final fetch.
+		if !s.logging {
+			if err := s.vmm("StartDirtyLog", s.src.StartDirtyLog()); err != nil {
+				return err
+			}
+			s.logging = true
+		}
+		set, err := s.src.Populated()
+		if err := s.vmm("Populated", err); err != nil {
+			return err
+		}
+		if err := checkBitmaps("Populated", set, &s.desc.Layout); err != nil {
+			return err
+		}
+		populated = set
+	}
+
 	s.phase = "switch"
 	if err := s.live(); err != nil {
 		return err
@@ -179,23 +201,13 @@ func (s *sender) switchover(ctx *switchCtx, unsent []Bitmap, reason string) erro
 		}
 		if unsent != nil {
 			missing = union(unsent, last)
+		} else {
+			missing = union(populated, last)
 		}
-		if err := s.vmm("StopDirtyLog", s.src.StopDirtyLog()); err != nil {
-			return err
-		}
-		s.logging = false
+		// Logging stays on until the destination runs the VM (stopLogging): ending it is
+		// work that follows the memory's size, and a paused VM dirties nothing.
 	}
-	if missing == nil {
-		// Pure post-copy: every page with data. Holes stay holes: the destination's fresh
-		// memory reads as zero there.
-		set, err := s.src.Populated()
-		if err := s.vmm("Populated", err); err != nil {
-			return err
-		}
-		if err := checkBitmaps("Populated", set, &s.desc.Layout); err != nil {
-			return err
-		}
-		missing = cloneBitmaps(set)
+	if unsent == nil {
 		for r, bm := range missing {
 			s.cls.Counters.Add(pages.Hole, s.sizes[r]-bm.Count(s.sizes[r]))
 		}
