@@ -23,7 +23,7 @@ import (
 // BenchCmd is 'godwit bench'.
 type BenchCmd struct {
 	Quick      bool          `help:"Run the quick suite (a few scenarios; about 2 minutes in the nested KVM host) instead of the default one (about 10 minutes there): --suite quick."`
-	Suite      string        `default:"default" enum:"default,quick,streams" placeholder:"SUITE" help:"The scenario suite: default, quick, or streams (the link-speed scenarios on the unshaped link with 1 to 8 connections: godwit --streams, QEMU multifd, raw TCP over as many; direct KVM only, about 15 minutes). Default ${default}."`
+	Suite      string        `default:"default" enum:"default,quick,streams,downtime" placeholder:"SUITE" help:"The scenario suite: default, quick, streams (the link-speed scenarios on the unshaped link with 1 to 8 connections: godwit --streams, QEMU multifd, raw TCP over as many; direct KVM only, about 15 minutes), or downtime (idle VMs of 1, 4 and 16 GiB by pre-copy and post-copy: the stop window against the memory's size; direct KVM only). Default ${default}."`
 	Scenario   string        `placeholder:"REGEX" help:"Run only the scenarios of the suite whose names match this regular expression (see --list)."`
 	Repeat     int           `default:"1" placeholder:"N" help:"Runs of each scenario on each system; the report shows medians. Default ${default}."`
 	Out        string        `default:"bench-results" placeholder:"DIR" help:"Directory for results.jsonl, report.md, the plots (SVG) and bench.log. Default ${default}."`

@@ -267,7 +267,7 @@ func parseScenario(f []string) (Scenario, error) {
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
-				if _, err = oneOf(x, "default", "quick", "streams"); err != nil {
+				if _, err = oneOf(x, "default", "quick", "streams", "downtime"); err != nil {
 					break
 				}
 			}

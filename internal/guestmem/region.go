@@ -25,10 +25,19 @@ type Region struct {
 	// missing under userfaultfd (see the package doc of internal/demand); use ReadAt then.
 	Mem []byte
 
-	fd       int
-	mu       sync.Mutex
-	vmmDirty Bitmap // pages the VMM wrote since the last TakeVMMDirty
+	fd int
+	mu sync.Mutex
+	// The pages the VMM wrote since the last TakeVMMDirty: as runs while they are few, so
+	// that taking them costs what was written, not the region's size; as a bitmap (and no
+	// runs) once there are more than maxDirtyRuns.
+	vmmRuns  []pageRun
+	vmmDirty Bitmap
 }
+
+type pageRun struct{ first, n uint64 }
+
+// maxDirtyRuns bounds the runs a Region keeps of the VMM's writes before it takes a bitmap.
+const maxDirtyRuns = 4096
 
 // NewRegion creates a zero-filled region of size bytes at gpa. Untouched pages stay holes in the
 // memfd, so they use no host memory until written.
@@ -58,7 +67,7 @@ func mapRegion(name string, gpa, size uint64, fd int) (*Region, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("guestmem: mmap %q (%d bytes): %w", name, size, err)
 	}
-	return &Region{Name: name, GPA: gpa, Size: size, Mem: mem, fd: fd, vmmDirty: NewBitmap(size / PageSize)}, nil
+	return &Region{Name: name, GPA: gpa, Size: size, Mem: mem, fd: fd}, nil
 }
 
 // Fd returns the memfd (still owned by the region).
@@ -148,16 +157,34 @@ func (r *Region) markDirty(off, n uint64) {
 	first := off / PageSize
 	last := (off + n - 1) / PageSize
 	r.mu.Lock()
-	r.vmmDirty.SetRange(first, last-first+1)
-	r.mu.Unlock()
+	defer r.mu.Unlock()
+	switch {
+	case r.vmmDirty != nil:
+		r.vmmDirty.SetRange(first, last-first+1)
+	case len(r.vmmRuns) < maxDirtyRuns:
+		r.vmmRuns = append(r.vmmRuns, pageRun{first, last - first + 1})
+	default:
+		r.vmmDirty = NewBitmap(r.Pages())
+		for _, run := range r.vmmRuns {
+			r.vmmDirty.SetRange(run.first, run.n)
+		}
+		r.vmmRuns = r.vmmRuns[:0]
+		r.vmmDirty.SetRange(first, last-first+1)
+	}
 }
 
 // TakeVMMDirty ORs the pages the VMM wrote since the previous call into dst and forgets them.
 func (r *Region) TakeVMMDirty(dst Bitmap) {
 	r.mu.Lock()
-	dst.Or(r.vmmDirty)
-	r.vmmDirty.Clear()
-	r.mu.Unlock()
+	defer r.mu.Unlock()
+	for _, run := range r.vmmRuns {
+		dst.SetRange(run.first, run.n)
+	}
+	r.vmmRuns = r.vmmRuns[:0]
+	if r.vmmDirty != nil {
+		dst.Or(r.vmmDirty)
+		r.vmmDirty = nil
+	}
 }
 
 // Populated returns the pages that may hold data: everything that is not a hole of the memfd.

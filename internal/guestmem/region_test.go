@@ -193,3 +193,30 @@ func BenchmarkPopulated(b *testing.B) {
 	b.ReportMetric(popNS/float64(b.N), "populated-ns/op")
 	b.ReportMetric(walkNS/popNS, "walk/populated")
 }
+
+// TestVMMDirtyManyWrites: past maxDirtyRuns separate writes the region keeps a bitmap; every
+// page written is still taken once, and the next take is empty.
+func TestVMMDirtyManyWrites(t *testing.T) {
+	r, err := NewRegion("many", 0, 128<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	const writes = 3 * maxDirtyRuns
+	for i := range uint64(writes) {
+		if err := r.WriteGPA(i*2*PageSize, []byte{1}); err != nil { // every other page
+			t.Fatal(err)
+		}
+	}
+	d := NewBitmap(r.Pages())
+	r.TakeVMMDirty(d)
+	if d.Count() != writes || !d.Test(0) || d.Test(1) || !d.Test(2*(writes-1)) {
+		t.Fatalf("VMM dirty = %d pages, want the %d written", d.Count(), writes)
+	}
+	d.Clear()
+	r.WriteGPA(7*PageSize, []byte{1})
+	r.TakeVMMDirty(d)
+	if d.Count() != 1 || !d.Test(7) {
+		t.Fatalf("after a take, one write: %d pages dirty", d.Count())
+	}
+}
