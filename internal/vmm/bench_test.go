@@ -301,7 +301,8 @@ func BenchmarkStopWindow(b *testing.B) {
 	}
 }
 
-// BenchmarkIdleDowntime migrates idle VMs (a thousandth of memory touched) of 1 to 16 GiB
+// BenchmarkIdleDowntime migrates idle VMs (a thousandth of memory touched, and a 4 GiB one
+// half touched) of 1 to 16 GiB
 // over loopback, by pre-copy and by post-copy, with each kind of dirty tracking, and reports
 // the downtime and its final part (pre-copy: the last dirty set; post-copy: the switch set).
 // An idle VM has almost nothing to send in the stop window: what grows with the size there is
@@ -314,11 +315,16 @@ func BenchmarkIdleDowntime(b *testing.B) {
 	requireKVM(b)
 	for _, mode := range []string{migration.ModePrecopy, migration.ModePostcopy} {
 		for _, tracking := range []string{DirtyRing, DirtyBitmap} {
-			for _, gib := range []uint64{1, 4, 16} {
-				b.Run(fmt.Sprintf("%s/%s/%dGiB", mode, tracking, gib), func(b *testing.B) {
+			for _, c := range []struct {
+				gib   uint64
+				touch float64
+				name  string
+			}{{1, 0.001, "1GiB"}, {4, 0.001, "4GiB"}, {16, 0.001, "16GiB"}, {4, 0.5, "4GiB-half-touched"}} {
+				gib := c.gib
+				b.Run(fmt.Sprintf("%s/%s/%s", mode, tracking, c.name), func(b *testing.B) {
 					var downtime, final []float64
 					for i := 0; i < b.N; i++ {
-						src := newMachine(b, gib<<10, 1, workload{kind: "idle", content: "random", touch: 0.001, tracking: tracking})
+						src := newMachine(b, gib<<10, 1, workload{kind: "idle", content: "random", touch: c.touch, tracking: tracking})
 						if err := src.Start(); err != nil {
 							b.Fatal(err)
 						}

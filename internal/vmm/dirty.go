@@ -45,8 +45,10 @@ type dirtyRing struct {
 func (m *Machine) setUpDirtyTracking() error {
 	want := m.cfg.DirtyTracking
 	max, _ := m.vm.DirtyRingMax()
+	auto := false
 	switch want {
 	case "", DirtyAuto:
+		auto = true
 		if max >= MinDirtyRingBytes {
 			want = DirtyRing
 		} else {
@@ -60,21 +62,25 @@ func (m *Machine) setUpDirtyTracking() error {
 	default:
 		return fmt.Errorf("vmm: dirty tracking %q: want %s, %s or %s", want, DirtyAuto, DirtyRing, DirtyBitmap)
 	}
-	if want == DirtyBitmap {
-		if m.sys.CheckExtension(kvm.CapManualDirtyLogProtect2) == 0 {
-			return errors.New("vmm: KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, which dirty tracking by bitmap needs")
+	if want == DirtyRing {
+		bytes := m.cfg.DirtyRingBytes
+		if bytes == 0 {
+			bytes = min(max, MaxDirtyRingBytes)
 		}
-		return m.vm.EnableManualDirtyLogProtect()
+		err := m.vm.EnableDirtyRing(bytes)
+		if err == nil {
+			m.ring = &dirtyRing{bytes: bytes}
+			return nil
+		}
+		if !auto {
+			return fmt.Errorf("vmm: %w", err)
+		}
+		// Offered but refused: bitmaps do the job too.
 	}
-	bytes := m.cfg.DirtyRingBytes
-	if bytes == 0 {
-		bytes = min(max, MaxDirtyRingBytes)
+	if m.sys.CheckExtension(kvm.CapManualDirtyLogProtect2) == 0 {
+		return errors.New("vmm: KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, which dirty tracking by bitmap needs")
 	}
-	if err := m.vm.EnableDirtyRing(bytes); err != nil {
-		return fmt.Errorf("vmm: %w", err)
-	}
-	m.ring = &dirtyRing{bytes: bytes}
-	return nil
+	return m.vm.EnableManualDirtyLogProtect()
 }
 
 // MinDirtyRingBytes is the smallest ring worth having: one page of entries.
