@@ -112,6 +112,19 @@ func newGuest(size uint64, seed uint64) *mt.Guest {
 	return g
 }
 
+// waitOK waits for m's outcome and the destination's, and fails unless both succeeded.
+func waitOK(t *testing.T, m *outgoing.Migration, dst *destination) *migration.Report {
+	t.Helper()
+	rep, err := m.Wait(t.Context())
+	if err != nil || rep.Result != migration.ResultOK {
+		t.Fatalf("migration: %v (%+v)", err, rep)
+	}
+	if r := <-dst.done; r.err != nil {
+		t.Fatalf("destination: %v", r.err)
+	}
+	return rep
+}
+
 // waitState polls until m reaches st.
 func waitState(t *testing.T, m *outgoing.Migration, st outgoing.State) {
 	t.Helper()
@@ -134,14 +147,7 @@ func TestPrecopySucceeds(t *testing.T) {
 	m := outgoing.Start(outgoing.Config{Source: g, To: dst.addrs[0], Release: func() { released.Add(1) }, Start: start})
 	var w watcher
 	defer w.watch(m)()
-	rep, err := m.Wait(t.Context())
-	if err != nil || rep.Result != migration.ResultOK {
-		t.Fatalf("migration: %v (%+v)", err, rep)
-	}
-	r := <-dst.done
-	if r.err != nil {
-		t.Fatalf("destination: %v", r.err)
-	}
+	rep := waitOK(t, m, dst)
 	<-m.Done()
 	if m.State() != outgoing.Succeeded || released.Load() != 1 || g.Running() {
 		t.Fatalf("state %s, released %d times, source running %v; want succeeded, once, stopped", m.State(), released.Load(), g.Running())
@@ -228,14 +234,7 @@ func TestPostcopyRecovers(t *testing.T) {
 	started.Store(m)
 	var w watcher
 	defer w.watch(m)()
-	rep, err := m.Wait(t.Context())
-	if err != nil || rep.Result != migration.ResultOK {
-		t.Fatalf("migration: %v (%+v)", err, rep)
-	}
-	r := <-dst.done
-	if r.err != nil {
-		t.Fatalf("destination: %v", r.err)
-	}
+	rep := waitOK(t, m, dst)
 	var se *outgoing.StateError
 	if err, _ := refused.Load().(error); !errors.As(err, &se) || !se.State.Switched() {
 		t.Fatalf("cancel after the switch: %v, want a refusal", refused.Load())
