@@ -125,6 +125,21 @@ func waitOK(t *testing.T, m *outgoing.Migration, dst *destination) *migration.Re
 	return rep
 }
 
+// startLive starts a pre-copy that cannot converge (a writer faster than its bandwidth cap
+// allows, a downtime limit of 1 ms) and returns once it is live; the writer stops when the
+// test ends.
+func startLive(t *testing.T, size uint64, seed uint64) (*mt.Guest, *mt.Dest, *destination, *outgoing.Migration) {
+	g, d := newGuest(size, seed), mt.NewDest()
+	ctx, stop := context.WithCancel(t.Context())
+	wait := g.RunWriter(ctx, mt.WriterConfig{Rate: 50000, WorkingSet: 2048, Seed: seed + 1})
+	t.Cleanup(func() { stop(); wait() })
+	dst := newDestination(t, d, 1)
+	m := outgoing.Start(outgoing.Config{Source: g, To: dst.addrs[0],
+		Options: migration.SendOptions{MaxBandwidth: 8 * MiB, DowntimeLimit: time.Millisecond}})
+	waitState(t, m, outgoing.Live)
+	return g, d, dst, m
+}
+
 // waitState polls until m reaches st.
 func waitState(t *testing.T, m *outgoing.Migration, st outgoing.State) {
 	t.Helper()
@@ -183,14 +198,7 @@ func TestUnreachableFails(t *testing.T) {
 // TestCancelLive: a pre-copy that cannot converge is cancelled; the VM runs on, unchanged
 // but for its own writes, and the migration may be asked for again.
 func TestCancelLive(t *testing.T) {
-	g, d := newGuest(16*MiB, 3), mt.NewDest()
-	ctx, stop := context.WithCancel(t.Context())
-	wait := g.RunWriter(ctx, mt.WriterConfig{Rate: 50000, WorkingSet: 2048, Seed: 4})
-	defer func() { stop(); wait() }()
-	dst := newDestination(t, d, 1)
-	m := outgoing.Start(outgoing.Config{Source: g, To: dst.addrs[0],
-		Options: migration.SendOptions{MaxBandwidth: 8 * MiB, DowntimeLimit: time.Millisecond}})
-	waitState(t, m, outgoing.Live)
+	g, d, dst, m := startLive(t, 16*MiB, 3)
 	time.Sleep(100 * time.Millisecond)
 	if err := m.Cancel(errors.New("operator")); err != nil {
 		t.Fatal(err)
@@ -300,14 +308,7 @@ func TestStrandedThenResumed(t *testing.T) {
 
 // TestResumeRefusedBeforeSwitch: a resume asks for something only a switched migration has.
 func TestResumeRefusedBeforeSwitch(t *testing.T) {
-	g, d := newGuest(8*MiB, 7), mt.NewDest()
-	ctx, stop := context.WithCancel(t.Context())
-	wait := g.RunWriter(ctx, mt.WriterConfig{Rate: 50000, WorkingSet: 2048, Seed: 8})
-	defer func() { stop(); wait() }()
-	dst := newDestination(t, d, 1)
-	m := outgoing.Start(outgoing.Config{Source: g, To: dst.addrs[0],
-		Options: migration.SendOptions{MaxBandwidth: 8 * MiB, DowntimeLimit: time.Millisecond}})
-	waitState(t, m, outgoing.Live)
+	_, _, dst, m := startLive(t, 8*MiB, 7)
 	var se *outgoing.StateError
 	if err := m.Resume(t.Context(), dst.addrs[0]); !errors.As(err, &se) || se.State != outgoing.Live {
 		t.Fatalf("resume before the switch: %v, want a refusal in state live", err)
