@@ -316,11 +316,15 @@ func printReport(r migration.Report) {
 	if r.DirtyTracking != "" {
 		fmt.Printf("dirty log    %s\n", r.DirtyTracking)
 	}
-	if r.StreamsChosen != "" {
+	if r.StreamsChosen != "" && len(r.Streams) == 0 {
 		fmt.Printf("streams      %s\n", r.StreamsChosen)
 	}
 	if len(r.Streams) > 0 {
-		fmt.Printf("streams      %d connections:", len(r.Streams))
+		how := fmt.Sprintf("%d connections", len(r.Streams))
+		if r.StreamsChosen != "" {
+			how = r.StreamsChosen
+		}
+		fmt.Printf("streams      %s:", how)
 		for _, st := range r.Streams {
 			fmt.Printf(" #%d %s in %.0f ms busy", st.Index, formatBytes(uint64(st.Bytes)), st.BusyMS)
 			if st.Index < len(r.Streams)-1 {
