@@ -131,8 +131,7 @@ func (rc *receiver) run(parent context.Context) (*Report, error) {
 	default:
 		err = rc.fail(parent, err)
 	}
-	rc.link.intr.hold()
-	setDeadline(rc.link.conn, time.Time{})
+	rc.link.release()
 	var bw, br int64
 	br += rc.closeStreams()
 	if rc.pc != nil {

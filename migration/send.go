@@ -213,10 +213,8 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	case opts.Streams > 1 && opts.DialStream == nil:
 		return bad(fmt.Errorf("migration: %d streams need DialStream", opts.Streams))
 	}
-	chosen := ""
 	if opts.Streams == 0 && opts.Mode == ModePrecopy && opts.DialStream != nil && resumeID == nil {
-		opts.Streams, chosen = AutoStreams(runtime.NumCPU(), opts.MaxBandwidth)
-		rep.StreamsChosen = chosen
+		opts.Streams, rep.StreamsChosen = AutoStreams(runtime.NumCPU(), opts.MaxBandwidth)
 	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit

@@ -113,8 +113,8 @@ func (v *VM) EnableDirtyRing(bytes int) error {
 	return nil
 }
 
-// DirtyRingBytes is each vCPU's dirty ring (0: none).
-func (v *VM) DirtyRingBytes() int { return v.ringBytes }
+// DirtyRingEntries is how many pages each vCPU's dirty ring holds (0: no ring).
+func (v *VM) DirtyRingEntries() int { return v.ringBytes / dirtyGFNSize }
 
 // ResetDirtyRings write-protects again every page whose ring entry was harvested (marked
 // reset), so that its next write is logged, and recycles those entries. It returns how many.

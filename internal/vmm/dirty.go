@@ -28,8 +28,12 @@ const (
 )
 
 // MaxDirtyRingBytes caps the ring godwit asks for by default: 65536 entries per vCPU, enough
-// for 256 MiB of writes between two harvests.
-const MaxDirtyRingBytes = 1 << 20
+// for 256 MiB of writes between two harvests. MinDirtyRingBytes is the smallest ring worth
+// having: one page of entries.
+const (
+	MaxDirtyRingBytes = 1 << 20
+	MinDirtyRingBytes = 4096
+)
 
 // dirtyRing is the machine's side of the vCPUs' dirty rings.
 type dirtyRing struct {
@@ -37,7 +41,6 @@ type dirtyRing struct {
 	pending   guestmem.Bitmap // harvested since the last FetchDirty; nil while logging is off
 	harvested atomic.Uint64   // entries taken from the rings
 	fullExits atomic.Uint64   // KVM_EXIT_DIRTY_RING_FULL seen
-	bytes     int             // per vCPU
 }
 
 // setUpDirtyTracking chooses the ring or bitmaps before any vCPU exists (KVM takes the ring
@@ -69,7 +72,7 @@ func (m *Machine) setUpDirtyTracking() error {
 		}
 		err := m.vm.EnableDirtyRing(bytes)
 		if err == nil {
-			m.ring = &dirtyRing{bytes: bytes}
+			m.ring = &dirtyRing{}
 			return nil
 		}
 		if !auto {
@@ -83,16 +86,13 @@ func (m *Machine) setUpDirtyTracking() error {
 	return m.vm.EnableManualDirtyLogProtect()
 }
 
-// MinDirtyRingBytes is the smallest ring worth having: one page of entries.
-const MinDirtyRingBytes = 4096
-
 // DirtyTracking says how the machine tracks dirty pages, for reports: "ring (N entries per
 // vCPU)" or "bitmap".
 func (m *Machine) DirtyTracking() string {
 	if m.ring == nil {
 		return DirtyBitmap
 	}
-	return fmt.Sprintf("%s (%d entries per vCPU)", DirtyRing, m.ring.bytes/16)
+	return fmt.Sprintf("%s (%d entries per vCPU)", DirtyRing, m.vm.DirtyRingEntries())
 }
 
 // harvestLocked moves the entries of every vCPU's ring into the pending set (or drops them

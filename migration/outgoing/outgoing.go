@@ -249,12 +249,17 @@ func (m *Migration) Address() transport.Address {
 // Done is closed once the migration has ended for good (Succeeded or Failed).
 func (m *Migration) Done() <-chan struct{} { return m.done }
 
+// now is the state and the latest run, together.
+func (m *Migration) now() (State, *run) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.state, m.cur
+}
+
 // Result is the outcome of the latest call of Send once it returned (Stranded, Succeeded,
 // Failed); before that, nil and nil.
 func (m *Migration) Result() (*migration.Report, error) {
-	m.mu.Lock()
-	r := m.cur
-	m.mu.Unlock()
+	_, r := m.now()
 	select {
 	case <-r.done:
 		return r.rep, r.err
@@ -280,9 +285,7 @@ func (m *Migration) Watch(f func(migration.Progress)) (stop func()) {
 // a migration before the switch is cancelled (and its outcome returned), one past it goes on
 // and Wait returns ErrDetached.
 func (m *Migration) Wait(ctx context.Context) (*migration.Report, error) {
-	m.mu.Lock()
-	r := m.cur
-	m.mu.Unlock()
+	_, r := m.now()
 	select {
 	case <-r.done:
 		return r.rep, r.err
@@ -298,9 +301,7 @@ func (m *Migration) Wait(ctx context.Context) (*migration.Report, error) {
 // Cancel ends a migration before the switch with cause; past the switch it refuses, since the
 // VM runs at the destination and needs this host's memory until every page has arrived.
 func (m *Migration) Cancel(cause error) error {
-	m.mu.Lock()
-	st, r := m.state, m.cur
-	m.mu.Unlock()
+	st, r := m.now()
 	if st.Switched() {
 		return stateError(st, "the migration has switched to post-copy and cannot be cancelled: the VM runs at the destination and needs this host's memory until every page has arrived")
 	}
@@ -315,9 +316,7 @@ func (m *Migration) Cancel(cause error) error {
 // dialled at the next reconnection (at once if the migration is recovering now); stranded, a
 // new call of Send rejoins the destination there. Wait follows the migration on.
 func (m *Migration) Resume(ctx context.Context, addr transport.Address) error {
-	m.mu.Lock()
-	st, r := m.state, m.cur
-	m.mu.Unlock()
+	st, r := m.now()
 	switch st {
 	case Switched, Recovering:
 		m.mu.Lock()
