@@ -41,6 +41,7 @@ type dirtyRing struct {
 	pending   guestmem.Bitmap // harvested since the last FetchDirty; nil while logging is off
 	harvested atomic.Uint64   // entries taken from the rings
 	fullExits atomic.Uint64   // KVM_EXIT_DIRTY_RING_FULL seen
+	entries   int             // per vCPU; kept here since the VM goes with Close, and stats do not
 }
 
 // setUpDirtyTracking chooses the ring or bitmaps before any vCPU exists (KVM takes the ring
@@ -72,7 +73,7 @@ func (m *Machine) setUpDirtyTracking() error {
 		}
 		err := m.vm.EnableDirtyRing(bytes)
 		if err == nil {
-			m.ring = &dirtyRing{}
+			m.ring = &dirtyRing{entries: m.vm.DirtyRingEntries()}
 			return nil
 		}
 		if !auto {
@@ -92,7 +93,7 @@ func (m *Machine) DirtyTracking() string {
 	if m.ring == nil {
 		return DirtyBitmap
 	}
-	return fmt.Sprintf("%s (%d entries per vCPU)", DirtyRing, m.vm.DirtyRingEntries())
+	return fmt.Sprintf("%s (%d entries per vCPU)", DirtyRing, m.ring.entries)
 }
 
 // harvestLocked moves the entries of every vCPU's ring into the pending set (or drops them

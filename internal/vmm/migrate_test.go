@@ -142,6 +142,12 @@ func TestPrecopyMigrationOnRealKVM(t *testing.T) {
 			if w.ringBytes > 0 && ss.DirtyRingFullExits == 0 {
 				t.Errorf("a ring of %d bytes never filled under a writer at full speed", w.ringBytes)
 			}
+			// A source released after migrating away still answers stats, as its process
+			// does when it reports the migration.
+			src.Close()
+			if after := src.Stats(); after.DirtyTracking != ss.DirtyTracking || after.State != StateReleased {
+				t.Errorf("stats of the released source: tracking %q, state %s; want %q, %s", after.DirtyTracking, after.State, ss.DirtyTracking, StateReleased)
+			}
 		})
 	}
 }
