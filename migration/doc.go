@@ -10,6 +10,13 @@
 // decisions (send another round, raise the throttle, stop and copy, give up). [PrecopyPolicy]
 // decides pre-copy (and when hybrid switches); a [Prepager] orders post-copy's background push.
 //
+// On the source, one session (send.go) owns what both drivers share: the connection and the
+// extra streams, the page batch, the bandwidth cap, the report, and the undoing of pause,
+// throttle and dirty log on failure. The pre-copy driver (precopy_send.go) runs the rounds and
+// the stop-and-copy; the post-copy driver (postcopy_send.go) runs the switch, the push and
+// demand service, reconnection and resume. Hybrid runs the first, then hands over to the
+// second when the policy says so.
+//
 // # Pre-copy ([Send] and [Receive])
 //
 //	source                                            destination

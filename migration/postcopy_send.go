@@ -8,6 +8,7 @@ import (
 	"io"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/pages"
@@ -76,6 +77,87 @@ func (q *demandQueue) reset() {
 	q.mu.Unlock()
 }
 
+// postcopyDriver runs post-copy on the sender's session: the switch (the set of pages the
+// destination lacks, the state), then the push in prepaging order with the destination's
+// requests first, the fault channel, the recovery of a broken link, and the resume of a
+// migration that was left stranded. Its link may be replaced; conn0 stays the caller's.
+type postcopyDriver struct {
+	*sender
+	id       wire.MigrationID  // names the migration to a rejoining connection
+	resumeID *wire.MigrationID // a resume: the migration to finish
+	pcr      *PostcopyReport
+
+	fault      *lane // the connection for requested pages, if any
+	faultBytes int64 // written on fault channels closed so far
+	lowat0     bool  // conn0's TCP_NOTSENT_LOWAT was changed from lowat0Old
+	lowat0Old  int
+	postLink   atomic.Bool // the reader goroutine reports errors as link failures
+
+	switched   bool // the Switch was sent
+	recovering bool // switched, and the link broke: reconnecting
+
+	heat    [][]uint32 // PrepageHot: dirty counts before the switch
+	prog    ProgressCounter
+	samples []progressSample
+
+	pending   []Bitmap // pages the destination lacks that were not sent on this connection
+	remaining uint64   // pages in pending
+	linkSent  uint64   // pages sent on this connection (not confirmed)
+	prepager  Prepager
+	carry     *PageRef
+	dq        demandQueue
+	demanded  []PageRef
+	pushEnded bool
+
+	filled   bool // the destination has every page: the source may release its memory
+	filledAt time.Time
+
+	breaks    int
+	lastBreak error
+	neverBack bool // the context ended while reconnecting
+	attempts  int  // Rejoin frames sent
+}
+
+func newPostcopyDriver(s *sender, resumeID *wire.MigrationID) *postcopyDriver {
+	d := &postcopyDriver{sender: s, resumeID: resumeID}
+	d.dq.signal = make(chan struct{}, 1)
+	d.prog, _ = s.src.(ProgressCounter)
+	return d
+}
+
+// noteDirty counts the pages of a dirty-log fetch before the switch, for PrepageHot.
+func (d *postcopyDriver) noteDirty(dirty []Bitmap) {
+	if d.heat == nil {
+		return
+	}
+	addHeat(d.heat, dirty, d.sizes)
+}
+
+// progress fills in post-copy's part of a progress report.
+func (d *postcopyDriver) progress(p *Progress) {
+	switch {
+	case d.recovering:
+		p.Stage = StageRecovering
+	case d.switched:
+		p.Stage = StageSwitched
+	}
+	if d.pcr == nil {
+		return
+	}
+	p.PagesRemaining = d.remaining
+	p.PagesPushed, p.PagesDemanded, p.Reconnects = d.pcr.PagesPushed, d.pcr.PagesDemanded, d.pcr.Reconnects
+	d.dq.mu.Lock()
+	p.Requested = d.dq.n
+	d.dq.mu.Unlock()
+}
+
+// restoreLowat gives the caller's connection its TCP_NOTSENT_LOWAT back.
+func (d *postcopyDriver) restoreLowat() {
+	if d.lowat0 {
+		setNotSentLowat(d.conn0, d.lowat0Old)
+	}
+}
+
 // progressSample is one reading of the guest's ProgressCounter.
 type progressSample struct {
 	at    time.Time
@@ -83,29 +165,29 @@ type progressSample struct {
 }
 
 // sampleProgress records the guest's progress count, at most every sampleInterval unless forced.
-func (s *sender) sampleProgress(force bool) {
-	if s.prog == nil {
+func (d *postcopyDriver) sampleProgress(force bool) {
+	if d.prog == nil {
 		return
 	}
-	now := s.clock.Now()
-	if n := len(s.samples); !force && n > 0 && now.Sub(s.samples[n-1].at) < sampleInterval {
+	now := d.clock.Now()
+	if n := len(d.samples); !force && n > 0 && now.Sub(d.samples[n-1].at) < sampleInterval {
 		return
 	}
-	s.samples = append(s.samples, progressSample{now, s.prog.ProgressCount()})
+	d.samples = append(d.samples, progressSample{now, d.prog.ProgressCount()})
 	// Keep one sample older than the window and those inside it.
-	for len(s.samples) > 2 && now.Sub(s.samples[1].at) > progressWindow {
-		s.samples = s.samples[1:]
+	for len(d.samples) > 2 && now.Sub(d.samples[1].at) > progressWindow {
+		d.samples = d.samples[1:]
 	}
 }
 
 // rateBefore is the guest's progress rate over (at most) the last progressWindow before at.
-func (s *sender) rateBefore(at time.Time) float64 {
-	if s.prog == nil || len(s.samples) == 0 {
+func (d *postcopyDriver) rateBefore(at time.Time) float64 {
+	if d.prog == nil || len(d.samples) == 0 {
 		return 0
 	}
-	now := s.prog.ProgressCount()
-	first := s.samples[0]
-	for _, x := range s.samples {
+	now := d.prog.ProgressCount()
+	first := d.samples[0]
+	for _, x := range d.samples {
 		if at.Sub(x.at) >= progressWindow {
 			first = x
 		}
@@ -124,28 +206,28 @@ func rate(from, to uint64, d time.Duration) float64 {
 // switchover pauses the source and switches to post-copy: the destination gets the set of
 // pages it lacks (unsent in hybrid, every populated page in pure post-copy), the state and
 // Complete, and runs the VM while the source pushes and serves requests.
-func (s *sender) switchover(ctx *switchCtx, unsent []Bitmap, reason string) error {
-	prepage := s.opts.Prepage
+func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason string) error {
+	prepage := d.opts.Prepage
 	if prepage == "" {
 		prepage = PrepageSequential
 	}
-	s.pcr = &PostcopyReport{Prepage: prepage, SwitchedAfter: len(s.rep.RoundDetails), SwitchReason: reason}
-	if s.opts.Mode == ModePostcopy {
-		s.pcr.SwitchReason = "mode postcopy"
+	d.pcr = &PostcopyReport{Prepage: prepage, SwitchedAfter: len(d.rep.RoundDetails), SwitchReason: reason}
+	if d.opts.Mode == ModePostcopy {
+		d.pcr.SwitchReason = "mode postcopy"
 	}
-	s.rep.Postcopy = s.pcr
-	if _, err := rand.Read(s.id[:]); err != nil {
+	d.rep.Postcopy = d.pcr
+	if _, err := rand.Read(d.id[:]); err != nil {
 		return fmt.Errorf("migration: choosing a migration id: %w", err)
 	}
-	s.pcr.MigrationID = s.id.String()
+	d.pcr.MigrationID = d.id.String()
 
-	if s.opts.Mode == ModePostcopy {
-		sample := s.opts.SampleBefore
-		if sample == 0 && s.heat != nil {
+	if d.opts.Mode == ModePostcopy {
+		sample := d.opts.SampleBefore
+		if sample == 0 && d.heat != nil {
 			sample = DefaultHotSample
 		}
 		if sample > 0 {
-			if err := s.sample(sample); err != nil {
+			if err := d.sample(sample); err != nil {
 				return err
 			}
 		}
@@ -157,47 +239,47 @@ func (s *sender) switchover(ctx *switchCtx, unsent []Bitmap, reason string) erro
 		// fresh memory reads as zero there). Finding them walks the memory, so it happens
 		// before the pause, with logging on from before the walk: what the guest writes
 		// meanwhile comes with the final fetch.
-		if !s.logging {
-			if err := s.vmm("StartDirtyLog", s.src.StartDirtyLog()); err != nil {
+		if !d.logging {
+			if err := d.vmm("StartDirtyLog", d.src.StartDirtyLog()); err != nil {
 				return err
 			}
-			s.logging = true
+			d.logging = true
 		}
-		set, err := s.src.Populated()
-		if err := s.vmm("Populated", err); err != nil {
+		set, err := d.src.Populated()
+		if err := d.vmm("Populated", err); err != nil {
 			return err
 		}
-		if err := checkBitmaps("Populated", set, &s.desc.Layout); err != nil {
+		if err := checkBitmaps("Populated", set, &d.desc.Layout); err != nil {
 			return err
 		}
 		populated = set
 	}
 
-	s.phase = "switch"
-	if err := s.live(); err != nil {
+	d.phase = "switch"
+	if err := d.live(); err != nil {
 		return err
 	}
-	s.sampleProgress(true)
-	s.paused = true
-	if err := s.vmm("Pause", s.src.Pause()); err != nil {
+	d.sampleProgress(true)
+	d.paused = true
+	if err := d.vmm("Pause", d.src.Pause()); err != nil {
 		return err
 	}
-	ctx.pauseAt = s.clock.Now()
-	s.pcr.ProgressBefore = s.rateBefore(ctx.pauseAt)
+	ctx.pauseAt = d.clock.Now()
+	d.pcr.ProgressBefore = d.rateBefore(ctx.pauseAt)
 	if ctx.heartbeats {
 		ctx.lastBeat = ctx.pc.LastProgress()
 	}
 	var missing []Bitmap
-	if s.logging {
-		last, err := s.src.FetchDirty()
-		if err := s.vmm("FetchDirty", err); err != nil {
+	if d.logging {
+		last, err := d.src.FetchDirty()
+		if err := d.vmm("FetchDirty", err); err != nil {
 			return err
 		}
-		if err := checkBitmaps("FetchDirty", last, &s.desc.Layout); err != nil {
+		if err := checkBitmaps("FetchDirty", last, &d.desc.Layout); err != nil {
 			return err
 		}
-		if s.heat != nil {
-			addHeat(s.heat, last, s.sizes)
+		if d.heat != nil {
+			addHeat(d.heat, last, d.sizes)
 		}
 		if unsent != nil {
 			missing = union(unsent, last)
@@ -209,56 +291,56 @@ func (s *sender) switchover(ctx *switchCtx, unsent []Bitmap, reason string) erro
 	}
 	if unsent == nil {
 		for r, bm := range missing {
-			s.cls.Counters.Add(pages.Hole, s.sizes[r]-bm.Count(s.sizes[r]))
+			d.cls.Counters.Add(pages.Hole, d.sizes[r]-bm.Count(d.sizes[r]))
 		}
 	}
-	s.pending = missing
-	s.remaining = s.count(missing)
-	s.pcr.MissingAtStart = s.remaining
-	s.switched = true
+	d.pending = missing
+	d.remaining = d.count(missing)
+	d.pcr.MissingAtStart = d.remaining
+	d.switched = true
 	// The caller learns of the switch before the destination can run the VM.
-	s.report(true)
-	err := writeSet(missing, s.sizes, func(ps *wire.PageSet, more bool) error {
-		return s.link.w.WriteSwitch(&wire.Switch{ID: s.id, PageSet: *ps}, more)
+	d.report(true)
+	err := writeSet(missing, d.sizes, func(ps *wire.PageSet, more bool) error {
+		return d.link.w.WriteSwitch(&wire.Switch{ID: d.id, PageSet: *ps}, more)
 	})
 	if err != nil {
 		return err
 	}
-	ctx.finalAt = s.clock.Now()
-	return s.complete(ctx)
+	ctx.finalAt = d.clock.Now()
+	return d.complete(ctx)
 }
 
-// sample watches the running guest for d before a pure post-copy switch: its dirty log (for
+// sample watches the running guest for span before a pure post-copy switch: its dirty log (for
 // PrepageHot) and its progress rate.
-func (s *sender) sample(d time.Duration) error {
-	s.phase = "sampling"
-	if s.heat != nil {
-		if err := s.vmm("StartDirtyLog", s.src.StartDirtyLog()); err != nil {
+func (d *postcopyDriver) sample(span time.Duration) error {
+	d.phase = "sampling"
+	if d.heat != nil {
+		if err := d.vmm("StartDirtyLog", d.src.StartDirtyLog()); err != nil {
 			return err
 		}
-		s.logging = true
+		d.logging = true
 	}
-	end := s.clock.Now().Add(d)
+	end := d.clock.Now().Add(span)
 	for {
-		left := end.Sub(s.clock.Now())
+		left := end.Sub(d.clock.Now())
 		if left <= 0 {
 			return nil
 		}
-		if err := s.clock.Sleep(s.ctx, min(left, sampleInterval)); err != nil {
+		if err := d.clock.Sleep(d.ctx, min(left, sampleInterval)); err != nil {
 			return err
 		}
-		s.sampleProgress(false)
-		if s.heat == nil {
+		d.sampleProgress(false)
+		if d.heat == nil {
 			continue
 		}
-		dirty, err := s.src.FetchDirty()
-		if err := s.vmm("FetchDirty", err); err != nil {
+		dirty, err := d.src.FetchDirty()
+		if err := d.vmm("FetchDirty", err); err != nil {
 			return err
 		}
-		if err := checkBitmaps("FetchDirty", dirty, &s.desc.Layout); err != nil {
+		if err := checkBitmaps("FetchDirty", dirty, &d.desc.Layout); err != nil {
 			return err
 		}
-		addHeat(s.heat, dirty, s.sizes)
+		addHeat(d.heat, dirty, d.sizes)
 	}
 }
 
@@ -331,38 +413,38 @@ func readSet(sizes []uint64, next func() (*wire.PageSet, bool, error)) ([]Bitmap
 	}
 }
 
-// postcopy runs the sender's side after Resumed: it pushes the missing pages in prepaging
+// run is the sender's side after Resumed: it pushes the missing pages in prepaging
 // order, serves the destination's requests first, and recovers a broken link with Reconnect,
 // until the destination has every page (Filled), then takes its figures (Stats) and Done.
-func (s *sender) postcopy(ctx *switchCtx) error {
-	s.phase = "postcopy"
-	if err := s.newPrepager(); err != nil {
+func (d *postcopyDriver) run(ctx *switchCtx) error {
+	d.phase = "postcopy"
+	if err := d.newPrepager(); err != nil {
 		return err
 	}
 	if ctx != nil { // a resume's connection is watched (and set up) since its rejoin
-		s.link.watchdog(s.opts.LinkTimeout)
-		s.lowLatency(s.link.conn, true)
+		d.link.watchdog(d.opts.LinkTimeout)
+		d.lowLatency(d.link.conn, true)
 	}
-	s.report(true)
+	d.report(true)
 	for {
-		done, err := s.serve()
+		done, err := d.serve()
 		if err == nil {
 			if ctx != nil {
-				s.blackout(ctx, done)
+				d.blackout(ctx, done)
 			}
-			s.phase = "done ack"
-			return s.link.w.WriteDoneAck()
+			d.phase = "done ack"
+			return d.link.w.WriteDoneAck()
 		}
-		if s.filled {
+		if d.filled {
 			return err // the destination has everything: a warning
 		}
 		var ve *vmmError
-		if s.ctx.Err() != nil || s.opts.Reconnect == nil || errors.As(err, &ve) || errors.Is(err, wire.ErrPeer) || errors.Is(err, ErrProtocol) {
+		if d.ctx.Err() != nil || d.opts.Reconnect == nil || errors.As(err, &ve) || errors.Is(err, wire.ErrPeer) || errors.Is(err, ErrProtocol) {
 			return err
 		}
-		s.breaks++
-		s.lastBreak = err
-		if err := s.reconnect(); err != nil {
+		d.breaks++
+		d.lastBreak = err
+		if err := d.reconnect(); err != nil {
 			return err
 		}
 	}
@@ -371,59 +453,51 @@ func (s *sender) postcopy(ctx *switchCtx) error {
 // lowLatency keeps the send buffer of a post-copy connection nearly empty, so that a requested
 // page queues behind little push data. The caller's own connection (caller) gets its earlier
 // setting back when Send returns.
-func (s *sender) lowLatency(conn io.ReadWriter, caller bool) {
+func (d *postcopyDriver) lowLatency(conn io.ReadWriter, caller bool) {
 	old, ok := setNotSentLowat(conn, pushNotSent)
-	if ok && caller && !s.lowat0 {
-		s.lowat0, s.lowat0Old = true, old
+	if ok && caller && !d.lowat0 {
+		d.lowat0, d.lowat0Old = true, old
 	}
 }
 
 // newPrepager builds the prepaging policy over the pending set.
-func (s *sender) newPrepager() error {
-	p, err := NewPrepager(s.pcr.Prepage, s.pending, s.sizes, s.heat)
+func (d *postcopyDriver) newPrepager() error {
+	p, err := NewPrepager(d.pcr.Prepage, d.pending, d.sizes, d.heat)
 	if err != nil {
 		return err
 	}
-	s.prepager, s.carry = p, nil
-	s.demanded = s.demanded[:0]
-	s.pushEnded = false
-	return nil
-}
-
-// linkErr is why the current connection (or the migration) ended, if it has.
-func (s *sender) linkErr() error {
-	if s.link.ctx.Err() != nil {
-		return context.Cause(s.link.ctx)
-	}
+	d.prepager, d.carry = p, nil
+	d.demanded = d.demanded[:0]
+	d.pushEnded = false
 	return nil
 }
 
 // serve pushes and answers on the current connection until the destination's Done, or an error.
-func (s *sender) serve() (*wire.Done, error) {
-	keep := time.NewTicker(max(s.opts.LinkTimeout/4, time.Millisecond))
+func (d *postcopyDriver) serve() (*wire.Done, error) {
+	keep := time.NewTicker(max(d.opts.LinkTimeout/4, time.Millisecond))
 	defer keep.Stop()
-	lastWritten := s.link.w.Written()
+	lastWritten := d.link.w.Written()
 	var doneWait <-chan time.Time
 	// PrepageNone: the push starts once no request has come for NoneIdle.
 	idle := time.NewTimer(NoneIdle)
 	defer idle.Stop()
-	idler, _ := s.prepager.(Idler)
+	idler, _ := d.prepager.(Idler)
 	for {
-		if err := s.linkErr(); err != nil {
+		if err := d.linkErr(); err != nil {
 			return nil, err
 		}
-		s.demanded = s.dq.take(s.demanded)
-		if len(s.demanded) > 0 {
+		d.demanded = d.dq.take(d.demanded)
+		if len(d.demanded) > 0 {
 			if idler != nil {
 				idle.Reset(NoneIdle)
 			}
-			if err := s.pushDemanded(); err != nil {
+			if err := d.pushDemanded(); err != nil {
 				return nil, err
 			}
 			continue
 		}
-		if s.remaining > 0 {
-			ok, err := s.pushNext()
+		if d.remaining > 0 {
+			ok, err := d.pushNext()
 			if err != nil {
 				return nil, err
 			}
@@ -431,63 +505,63 @@ func (s *sender) serve() (*wire.Done, error) {
 				continue
 			}
 		}
-		if s.remaining == 0 && !s.pushEnded {
-			s.pushEnded = true
-			if err := s.link.w.WritePushEnd(&wire.PushEnd{Pushed: s.pcr.PagesPushed, Demanded: s.pcr.PagesDemanded}); err != nil {
+		if d.remaining == 0 && !d.pushEnded {
+			d.pushEnded = true
+			if err := d.link.w.WritePushEnd(&wire.PushEnd{Pushed: d.pcr.PagesPushed, Demanded: d.pcr.PagesDemanded}); err != nil {
 				return nil, err
 			}
-			s.report(true)
+			d.report(true)
 		}
 		select {
-		case <-s.dq.signal:
-		case in := <-s.link.inbox:
+		case <-d.dq.signal:
+		case in := <-d.link.inbox:
 			if in.err != nil {
 				return nil, in.err
 			}
 			switch m := in.msg.(type) {
 			case *wire.Filled:
-				if !s.pushEnded {
-					return nil, fmt.Errorf("%w: the destination reports every page present, but the source has %d left to send", ErrProtocol, s.remaining)
+				if !d.pushEnded {
+					return nil, fmt.Errorf("%w: the destination reports every page present, but the source has %d left to send", ErrProtocol, d.remaining)
 				}
-				if s.resumeID == nil && m.Pages != s.pcr.MissingAtStart {
-					return nil, fmt.Errorf("%w: the destination placed %d pages after the switch, it lacked %d", ErrProtocol, m.Pages, s.pcr.MissingAtStart)
+				if d.resumeID == nil && m.Pages != d.pcr.MissingAtStart {
+					return nil, fmt.Errorf("%w: the destination placed %d pages after the switch, it lacked %d", ErrProtocol, m.Pages, d.pcr.MissingAtStart)
 				}
 				// The source may release its memory now: the total time ends here.
-				s.filled, s.filledAt = true, in.at
-				s.phase = "waiting for post-copy stats"
-				t := time.NewTimer(s.opts.DoneWait)
+				d.filled, d.filledAt = true, in.at
+				d.phase = "waiting for post-copy stats"
+				t := time.NewTimer(d.opts.DoneWait)
 				defer t.Stop()
 				doneWait = t.C
 			case *wire.Stats:
-				s.takeStats(m)
+				d.takeStats(m)
 			case *wire.Done:
 				return m, nil
 			default:
 				return nil, unexpected(m, "filled, stats or done")
 			}
 		case <-keep.C:
-			if s.link.w.Written() == lastWritten {
-				if err := s.link.w.WriteKeepalive(); err != nil {
+			if d.link.w.Written() == lastWritten {
+				if err := d.link.w.WriteKeepalive(); err != nil {
 					return nil, err
 				}
 			}
-			lastWritten = s.link.w.Written()
-			s.report(false)
+			lastWritten = d.link.w.Written()
+			d.report(false)
 		case <-idle.C:
 			if idler != nil {
 				idler.Idle()
 			}
 		case <-doneWait:
-			return nil, fmt.Errorf("%w: no post-copy stats and done from the destination within %v of filled", ErrTimeout, s.opts.DoneWait)
-		case <-s.link.ctx.Done():
-			return nil, context.Cause(s.link.ctx)
+			return nil, fmt.Errorf("%w: no post-copy stats and done from the destination within %v of filled", ErrTimeout, d.opts.DoneWait)
+		case <-d.link.ctx.Done():
+			return nil, context.Cause(d.link.ctx)
 		}
 	}
 }
 
 // takeStats copies the destination's figures into the report.
-func (s *sender) takeStats(m *wire.Stats) {
-	p := s.pcr
+func (d *postcopyDriver) takeStats(m *wire.Stats) {
+	p := d.pcr
 	p.DemandFaults = m.DemandFaults
 	p.FaultLatencyP50US = float64(m.P50Nanos) / 1e3
 	p.FaultLatencyP99US = float64(m.P99Nanos) / 1e3
@@ -507,22 +581,22 @@ func (s *sender) takeStats(m *wire.Stats) {
 // connection, maybe behind a backlog of pushed pages: with a fault channel it goes again
 // there (the destination keeps whichever copy comes first; both are the final one), without
 // one it is dropped.
-func (s *sender) pushDemanded() error {
+func (d *postcopyDriver) pushDemanded() error {
 	r := -1
 	var batch []uint64
 	var again uint64
-	rest := s.demanded[:0]
-	for _, p := range s.demanded {
-		valid := p.Region >= 0 && p.Region < len(s.pending) && p.Page < s.sizes[p.Region]
-		pending := valid && s.pending[p.Region].Has(p.Page)
+	rest := d.demanded[:0]
+	for _, p := range d.demanded {
+		valid := p.Region >= 0 && p.Region < len(d.pending) && p.Page < d.sizes[p.Region]
+		pending := valid && d.pending[p.Region].Has(p.Page)
 		switch {
-		case !valid || (!pending && s.fault == nil) || (p.Region == r && slices.Contains(batch, p.Page)):
+		case !valid || (!pending && d.fault == nil) || (p.Region == r && slices.Contains(batch, p.Page)):
 			// sent already, or asked twice and in this batch already: drop
-		case (r == -1 || p.Region == r) && len(batch) < s.bufPages:
+		case (r == -1 || p.Region == r) && len(batch) < d.bufPages:
 			r = p.Region
 			if pending {
-				s.pending[r].Clear(p.Page)
-				s.prepager.Demanded(p)
+				d.pending[r].Clear(p.Page)
+				d.prepager.Demanded(p)
 			} else {
 				again++
 			}
@@ -531,110 +605,135 @@ func (s *sender) pushDemanded() error {
 			rest = append(rest, p)
 		}
 	}
-	s.demanded = rest
+	d.demanded = rest
 	if len(batch) == 0 {
 		return nil
 	}
-	s.remaining -= uint64(len(batch)) - again
-	s.pcr.PagesDemanded += uint64(len(batch)) - again
-	s.pcr.PagesResent += again
-	w := s.link.w
-	if s.fault != nil {
-		w = s.fault.w
+	d.remaining -= uint64(len(batch)) - again
+	d.pcr.PagesDemanded += uint64(len(batch)) - again
+	d.pcr.PagesResent += again
+	w := d.link.w
+	if d.fault != nil {
+		w = d.fault.w
 	}
-	return s.sendPages(r, batch, w)
+	return d.sendPages(r, batch, w)
 }
 
 // pushNext sends the next batch the prepaging policy offers; false when it offers none.
-func (s *sender) pushNext() (bool, error) {
-	limit := max(1, min(s.bufPages, pushBytes/s.ps))
+func (d *postcopyDriver) pushNext() (bool, error) {
+	limit := max(1, min(d.bufPages, pushBytes/d.ps))
 	r := -1
 	var batch []uint64
 	for len(batch) < limit {
 		var p PageRef
-		if s.carry != nil {
-			p, s.carry = *s.carry, nil
+		if d.carry != nil {
+			p, d.carry = *d.carry, nil
 		} else {
 			var ok bool
-			if p, ok = s.prepager.Next(); !ok {
+			if p, ok = d.prepager.Next(); !ok {
 				break
 			}
 		}
-		if !s.pending[p.Region].Has(p.Page) {
+		if !d.pending[p.Region].Has(p.Page) {
 			continue
 		}
 		if r != -1 && p.Region != r {
-			s.carry = &p
+			d.carry = &p
 			break
 		}
 		r = p.Region
-		s.pending[r].Clear(p.Page)
+		d.pending[r].Clear(p.Page)
 		batch = append(batch, p.Page)
 	}
 	if len(batch) == 0 {
 		return false, nil
 	}
-	s.remaining -= uint64(len(batch))
-	s.pcr.PagesPushed += uint64(len(batch))
-	return true, s.sendPages(r, batch, s.link.w)
+	d.remaining -= uint64(len(batch))
+	d.pcr.PagesPushed += uint64(len(batch))
+	return true, d.sendPages(r, batch, d.link.w)
 }
 
 // sendPages reads the given pages of region r and writes them as one batch on w.
-func (s *sender) sendPages(r int, batch []uint64, w *wire.Writer) error {
+func (d *postcopyDriver) sendPages(r int, batch []uint64, w *wire.Writer) error {
 	slices.Sort(batch)
-	s.discard()
+	d.discard()
 	for i := 0; i < len(batch); {
 		j := i + 1
 		for j < len(batch) && batch[j] == batch[j-1]+1 {
 			j++
 		}
 		first, k := batch[i], j-i
-		dst := s.buf[s.used*s.ps : (s.used+k)*s.ps]
-		if err := s.src.ReadPages(r, first, dst); err != nil {
-			return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", r, first, k), err)
+		dst := d.buf[d.used*d.ps : (d.used+k)*d.ps]
+		if err := d.src.ReadPages(r, first, dst); err != nil {
+			return d.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", r, first, k), err)
 		}
-		s.spans = append(s.spans, span{first: first, count: uint64(k)})
-		s.used += k
+		d.spans = append(d.spans, span{first: first, count: uint64(k)})
+		d.used += k
 		i = j
 	}
-	s.region = uint32(r)
-	s.linkSent += uint64(len(batch))
-	return s.flushOn(w)
+	d.region = uint32(r)
+	d.linkSent += uint64(len(batch))
+	return d.flushOn(w)
+}
+
+// openFault opens the post-copy fault channel: one extra connection that carries the pages
+// the destination asked for, so that they never queue behind the push on the main one.
+func (d *postcopyDriver) openFault() error {
+	d.phase = "opening the fault channel"
+	extra, err := d.openExtra(1)
+	if len(extra) > 0 {
+		d.fault = extra[0]
+	}
+	return err
+}
+
+// closeFault closes the fault channel (after a broken link: requested pages take the new
+// main connection) and counts what it carried.
+func (d *postcopyDriver) closeFault() {
+	f := d.fault
+	if f == nil {
+		return
+	}
+	d.fault = nil
+	f.intr.hold()
+	closeConn(f.conn)
+	d.bytesW += f.w.Written()
+	d.faultBytes += f.w.Written()
 }
 
 // reconnect replaces the broken connection: it calls Reconnect until a new connection
 // rejoins the migration or the context ends.
-func (s *sender) reconnect() error {
-	s.phase = "reconnecting"
-	s.recovering = true
-	s.report(true)
-	s.dropLink()
+func (d *postcopyDriver) reconnect() error {
+	d.phase = "reconnecting"
+	d.recovering = true
+	d.report(true)
+	d.dropLink()
 	backoff := 50 * time.Millisecond
 	var last error
 	for {
-		if s.ctx.Err() != nil {
-			s.neverBack = true
+		if d.ctx.Err() != nil {
+			d.neverBack = true
 			if last != nil {
-				return fmt.Errorf("%w (the link broke: %v; last reconnection attempt: %v)", context.Cause(s.ctx), s.lastBreak, last)
+				return fmt.Errorf("%w (the link broke: %v; last reconnection attempt: %v)", context.Cause(d.ctx), d.lastBreak, last)
 			}
-			return fmt.Errorf("%w (the link broke: %v)", context.Cause(s.ctx), s.lastBreak)
+			return fmt.Errorf("%w (the link broke: %v)", context.Cause(d.ctx), d.lastBreak)
 		}
-		conn, err := s.opts.Reconnect(s.ctx)
+		conn, err := d.opts.Reconnect(d.ctx)
 		if err == nil && conn == nil {
 			err = errors.New("the reconnector returned no connection")
 		}
 		if err == nil {
-			if err = s.rejoin(conn, true); err == nil {
-				s.pcr.Reconnects++
-				s.phase = "postcopy"
-				s.recovering = false
-				s.report(true)
+			if err = d.rejoin(conn, true); err == nil {
+				d.pcr.Reconnects++
+				d.phase = "postcopy"
+				d.recovering = false
+				d.report(true)
 				return nil
 			}
 			closeConn(conn)
 		}
 		last = err
-		if err := s.clock.Sleep(s.ctx, backoff); err != nil {
+		if err := d.clock.Sleep(d.ctx, backoff); err != nil {
 			continue
 		}
 		backoff = min(2*backoff, maxBackoff)
@@ -642,34 +741,34 @@ func (s *sender) reconnect() error {
 }
 
 // dropLink stops everything that uses the current connection and closes it if the engine owns it.
-func (s *sender) dropLink() {
-	l := s.link
+func (d *postcopyDriver) dropLink() {
+	l := d.link
 	l.cancel(errLinkDropped)
 	l.intr.hold()
 	l.stopReader()
-	s.bytesW += l.w.Written()
-	s.bytesR += l.r.BytesRead()
+	d.bytesW += l.w.Written()
+	d.bytesR += l.r.BytesRead()
 	if l.owned {
 		closeConn(l.conn)
 	} else {
 		setDeadline(l.conn, time.Time{})
 	}
-	s.link = l.dropped()
-	s.closeFault() // requested pages take the new connection
+	d.link = l.dropped()
+	d.closeFault() // requested pages take the new connection
 }
 
 // rejoin runs the reconnection handshake on conn (preamble both ways, Rejoin, the
 // destination's Lacking set) and makes conn the current connection.
-func (s *sender) rejoin(conn io.ReadWriter, owned bool) error {
-	s.attempts++
+func (d *postcopyDriver) rejoin(conn io.ReadWriter, owned bool) error {
+	d.attempts++
 	l := newLink(conn, owned, wire.AtSource)
 	w, r := l.w, l.r
-	r.SetDescription(s.wdesc)
-	r.SetOffered(s.caps)
-	r.SetCaps(s.caps)
-	intr := interruptOnDone(s.ctx, conn)
+	r.SetDescription(d.wdesc)
+	r.SetOffered(d.caps)
+	r.SetCaps(d.caps)
+	intr := interruptOnDone(d.ctx, conn)
 	// The handshake must not hang on a peer that accepted and went silent.
-	setDeadline(conn, time.Now().Add(s.opts.LinkTimeout))
+	setDeadline(conn, time.Now().Add(d.opts.LinkTimeout))
 	lacking, n, err := func() ([]Bitmap, uint64, error) {
 		if err := w.WritePreamble(); err != nil {
 			return nil, 0, err
@@ -678,10 +777,10 @@ func (s *sender) rejoin(conn io.ReadWriter, owned bool) error {
 			return nil, 0, err
 		}
 		r.Rejoining()
-		if err := w.WriteRejoin(&wire.Rejoin{ID: s.id, Attempt: uint32(s.attempts)}); err != nil {
+		if err := w.WriteRejoin(&wire.Rejoin{ID: d.id, Attempt: uint32(d.attempts)}); err != nil {
 			return nil, 0, err
 		}
-		return readSet(s.sizes, func() (*wire.PageSet, bool, error) {
+		return readSet(d.sizes, func() (*wire.PageSet, bool, error) {
 			m, err := r.Next()
 			if err != nil {
 				return nil, false, err
@@ -696,65 +795,65 @@ func (s *sender) rejoin(conn io.ReadWriter, owned bool) error {
 	intr.hold()
 	setDeadline(conn, time.Time{})
 	if err != nil {
-		if s.ctx.Err() != nil {
-			return context.Cause(s.ctx)
+		if d.ctx.Err() != nil {
+			return context.Cause(d.ctx)
 		}
-		s.bytesW += w.Written()
-		s.bytesR += r.BytesRead()
+		d.bytesW += w.Written()
+		d.bytesR += r.BytesRead()
 		return err
 	}
-	l.start(s.ctx)
-	s.link = l
-	s.rep.ProtocolVersion = r.Version()
-	s.postLink.Store(true)
-	s.startReader()
-	s.link.watchdog(s.opts.LinkTimeout)
-	s.lowLatency(conn, !owned)
+	l.start(d.ctx)
+	d.link = l
+	d.rep.ProtocolVersion = r.Version()
+	d.postLink.Store(true)
+	d.startReader()
+	d.link.watchdog(d.opts.LinkTimeout)
+	d.lowLatency(conn, !owned)
 	// The destination's word is what counts: pages sent on the broken connection that it does
 	// not have go again, whatever the source thought.
-	s.pending, s.remaining, s.linkSent = lacking, n, 0
-	if s.pcr.MissingAtStart == 0 && s.resumeID != nil {
-		s.pcr.MissingAtStart = n
+	d.pending, d.remaining, d.linkSent = lacking, n, 0
+	if d.pcr.MissingAtStart == 0 && d.resumeID != nil {
+		d.pcr.MissingAtStart = n
 	}
-	s.dq.reset()
-	if s.prepager != nil || s.resumeID != nil {
-		return s.newPrepager()
+	d.dq.reset()
+	if d.prepager != nil || d.resumeID != nil {
+		return d.newPrepager()
 	}
 	return nil
 }
 
-// resumePostcopy finishes a post-copy migration whose Send gave up after the switch: src is
+// resume finishes a post-copy migration whose Send gave up after the switch: src is
 // that migration's source, still paused. It connects (over the given connection, or by
 // Reconnect), rejoins and carries on as after a reconnection.
-func (s *sender) resumePostcopy() error {
-	s.phase = "rejoin"
-	s.rep.Mode = s.opts.Mode
-	prepage := s.opts.Prepage
+func (d *postcopyDriver) resume() error {
+	d.phase = "rejoin"
+	d.rep.Mode = d.opts.Mode
+	prepage := d.opts.Prepage
 	if prepage == "" {
 		prepage = PrepageSequential
 	}
-	s.id = *s.resumeID
-	s.pcr = &PostcopyReport{Prepage: prepage, MigrationID: s.id.String(), SwitchReason: "resumed"}
-	s.rep.Postcopy = s.pcr
-	s.switched, s.acked = true, true
-	s.caps = wire.CapPostcopy
-	wd := toWire(s.desc)
-	s.wdesc = &wd
-	s.link.intr.hold() // rejoin sets up the connection's own
+	d.id = *d.resumeID
+	d.pcr = &PostcopyReport{Prepage: prepage, MigrationID: d.id.String(), SwitchReason: "resumed"}
+	d.rep.Postcopy = d.pcr
+	d.switched, d.acked = true, true
+	d.caps = wire.CapPostcopy
+	wd := toWire(d.desc)
+	d.wdesc = &wd
+	d.link.intr.hold() // rejoin sets up the connection's own
 	err := errors.New("no connection")
-	if s.link.conn != nil {
-		err = s.rejoin(s.link.conn, false)
+	if d.link.conn != nil {
+		err = d.rejoin(d.link.conn, false)
 	}
 	if err != nil {
-		if s.opts.Reconnect == nil || s.ctx.Err() != nil {
+		if d.opts.Reconnect == nil || d.ctx.Err() != nil {
 			return err
 		}
-		s.lastBreak = err
-		if err := s.reconnect(); err != nil {
+		d.lastBreak = err
+		if err := d.reconnect(); err != nil {
 			return err
 		}
 	}
-	return s.postcopy(nil)
+	return d.run(nil)
 }
 
 // strandedError is a post-copy migration that failed after the switch: the VM runs on the
@@ -778,9 +877,9 @@ func (e *strandedError) Unwrap() []error { return []error{ErrStranded, e.err} }
 
 // strand turns a failure after the switch into the report's outcome. The source stays
 // paused, keeps its memory and is never resumed.
-func (s *sender) strand(parent context.Context, err error) error {
-	if s.ctx.Err() != nil {
-		if cause := context.Cause(s.ctx); cause != nil && !errors.Is(err, cause) {
+func (d *postcopyDriver) strand(parent context.Context, err error) error {
+	if d.ctx.Err() != nil {
+		if cause := context.Cause(d.ctx); cause != nil && !errors.Is(err, cause) {
 			err = fmt.Errorf("%w (%v)", cause, err)
 		}
 	}
@@ -788,8 +887,8 @@ func (s *sender) strand(parent context.Context, err error) error {
 	if parent.Err() != nil {
 		result = ResultCancelled
 	}
-	err = &phaseError{phase: s.phase, err: &strandedError{err: err, lacking: s.remaining + s.linkSent, id: s.id, neverBack: s.neverBack}}
-	s.rep.Result = result
-	s.rep.Error = err.Error()
+	err = &phaseError{phase: d.phase, err: &strandedError{err: err, lacking: d.remaining + d.linkSent, id: d.id, neverBack: d.neverBack}}
+	d.rep.Result = result
+	d.rep.Error = err.Error()
 	return err
 }

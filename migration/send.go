@@ -235,17 +235,16 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		opts.Clock = SystemClock{}
 	}
 	s := &sender{
-		src:      src,
-		link:     newLink(conn, false, wire.AtSource),
-		conn0:    conn,
-		opts:     opts,
-		clock:    opts.Clock,
-		rep:      rep,
-		post:     opts.Mode != ModePrecopy,
-		resumeID: resumeID,
+		src:   src,
+		link:  newLink(conn, false, wire.AtSource),
+		conn0: conn,
+		opts:  opts,
+		clock: opts.Clock,
+		rep:   rep,
 	}
-	s.dq.signal = make(chan struct{}, 1)
-	s.prog, _ = src.(ProgressCounter)
+	if opts.Mode != ModePrecopy || resumeID != nil {
+		s.post = newPostcopyDriver(s, resumeID)
+	}
 	if dt, ok := src.(DirtyTracker); ok {
 		rep.DirtyTracking = dt.DirtyTracking()
 	}
@@ -265,11 +264,18 @@ type inbound struct {
 // per component.
 const stateBytesPerComponent = 16 << 10
 
+// sender is the source's side of one migration: the session that both drivers run on. It
+// owns the connection (link) and the extra streams, the page batch and its classifier, the
+// bandwidth cap, the report, and what must be undone if the migration fails before the
+// destination runs the VM (pause, throttle, dirty log). The pre-copy driver (pre) runs the
+// live rounds and the stop-and-copy; the post-copy driver (post) runs the switch, the push
+// and demand service, reconnection and resume. A hybrid uses both, one after the other.
 type sender struct {
 	src   Source
 	opts  SendOptions
 	clock Clock
-	link  *link // the current connection
+	link  *link         // the current connection
+	conn0 io.ReadWriter // the caller's connection: the link may be replaced (post-copy)
 	rep   *Report
 
 	ctx    context.Context
@@ -277,70 +283,34 @@ type sender struct {
 	phase  string
 	start  time.Time
 
-	desc       Description
-	ps         int
-	bufPages   int
-	pageBuf    // the next batch of the main connection
-	cls        pages.Classifier
-	limit      limiter
-	limitMu    sync.Mutex // lanes share the limiter
-	lanes      []*lane    // with extra streams: one per connection, the main one first
-	free       chan *lane // idle lanes
-	fault      *lane      // post-copy: the connection for requested pages, if any
-	faultBytes int64      // written on fault channels closed so far
-	policy     *PrecopyPolicy
-	sent       uint64 // pages in all batches
-	round      int
-	lastProg   time.Time
-	last       Decision // the policy's latest estimates, for progress
+	desc     Description
+	wdesc    *wire.Description
+	caps     wire.Caps // agreed in the handshake
+	sizes    []uint64  // pages per region
+	ps       int
+	bufPages int
+	pageBuf  // the next batch of the main connection
+	cls      pages.Classifier
+	limit    limiter
+	limitMu  sync.Mutex // lanes share the limiter
+	lanes    []*lane    // with extra streams: one per connection, the main one first
+	free     chan *lane // idle lanes
+	sent     uint64     // pages in all batches
+	lastProg time.Time
+	rtt      time.Duration // shortest round trip seen: handshake, round acknowledgements
 
-	// Timing of the live rounds, for the policy.
-	roundAt time.Time     // the last round's first write
-	endAt   time.Time     // when the last round's end marker was about to be written
-	fetchAt time.Time     // the last fetch of the dirty log (or the start of logging)
-	rtt     time.Duration // shortest round trip seen: handshake, round acknowledgements
-
+	// What a failure before the destination runs the VM undoes.
 	logging  bool
 	paused   bool
 	throttle int
-	acked    bool
 
+	acked        bool // the destination runs the VM (Resumed)
 	completeSent atomic.Bool
-	ended        atomic.Uint32 // the last live round whose end marker is (being) written
+	bytesW       int64 // written on connections closed or replaced
+	bytesR       int64 // read on connections replaced
 
-	// Post-copy. The link may be replaced (Reconnect): conn0 is the caller's connection.
-	conn0      io.ReadWriter
-	lowat0     bool // conn0's TCP_NOTSENT_LOWAT was changed from lowat0Old
-	lowat0Old  int
-	postLink   atomic.Bool // the reader goroutine reports errors as link failures
-	post       bool        // mode postcopy or hybrid
-	switched   bool        // the Switch was sent
-	recovering bool        // switched, and the link broke: reconnecting
-	resumeID   *wire.MigrationID
-	id         wire.MigrationID
-	caps       wire.Caps
-	wdesc      *wire.Description
-	sizes      []uint64
-	heat       [][]uint32 // PrepageHot: dirty counts before the switch
-	pcr        *PostcopyReport
-	prog       ProgressCounter
-	samples    []progressSample
-	pending    []Bitmap // pages the destination lacks that were not sent on this connection
-	remaining  uint64   // pages in pending
-	linkSent   uint64   // pages sent on this connection (not confirmed)
-	prepager   Prepager
-	carry      *PageRef
-	dq         demandQueue
-	demanded   []PageRef
-	pushEnded  bool
-	filled     bool // the destination has every page: the source may release its memory
-	filledAt   time.Time
-	breaks     int
-	lastBreak  error
-	neverBack  bool // the context ended while reconnecting
-	attempts   int  // Rejoin frames sent
-	bytesW     int64
-	bytesR     int64 // of connections replaced
+	pre  *precopyDriver  // nil for pure post-copy and for a resume
+	post *postcopyDriver // nil for pre-copy
 }
 
 func (s *sender) run(parent context.Context) (*Report, error) {
@@ -355,17 +325,17 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	s.link.start(s.ctx)
 
 	err := s.migrate()
-	if err != nil && (s.lanes != nil || s.fault != nil) {
+	if err != nil && (s.lanes != nil || s.post != nil && s.post.fault != nil) {
 		// No lane may write on the main connection while an Error frame goes out.
 		s.closeStreams()
 	}
 	switch {
 	case err != nil && !s.acked:
 		err = s.fail(parent, err)
-	case err != nil && s.switched && !s.filled:
+	case err != nil && s.afterSwitch() && !s.post.filled:
 		// After the switch, before the destination has every page: the VM is split between
 		// the hosts. Never resume; say how to finish.
-		err = s.strand(parent, err)
+		err = s.post.strand(parent, err)
 	case err != nil:
 		s.rep.Warnings = append(s.rep.Warnings, err.Error())
 		err = nil
@@ -377,8 +347,8 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	// Leave conn as we found it: no interruption pending, reader goroutine gone, no deadline.
 	s.link.release()
 	setDeadline(s.conn0, time.Time{})
-	if s.lowat0 {
-		setNotSentLowat(s.conn0, s.lowat0Old)
+	if s.post != nil {
+		s.post.restoreLowat()
 	}
 	s.cancel(nil)
 	if err == nil {
@@ -386,8 +356,8 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	}
 
 	s.rep.TotalMS = ms(s.clock.Now().Sub(s.start))
-	if s.filled {
-		s.rep.TotalMS = ms(s.filledAt.Sub(s.start))
+	if s.post != nil && s.post.filled {
+		s.rep.TotalMS = ms(s.post.filledAt.Sub(s.start))
 	}
 	s.rep.BytesWire = s.written()
 	s.rep.BytesRead = s.bytesR + s.link.r.BytesRead()
@@ -514,6 +484,14 @@ func (s *sender) vmm(op string, err error) error {
 	return &vmmError{side: "source", op: op, err: err}
 }
 
+// linkErr is why the current connection (or the migration) ended, if it has.
+func (s *sender) linkErr() error {
+	if s.link.ctx.Err() != nil {
+		return context.Cause(s.link.ctx)
+	}
+	return nil
+}
+
 // live returns the reason to stop if the migration was cancelled or the peer failed.
 func (s *sender) live() error {
 	if s.ctx.Err() != nil {
@@ -537,37 +515,29 @@ func (s *sender) migrate() error {
 	for r := range s.sizes {
 		s.sizes[r] = s.regionPages(r)
 	}
-	if s.post && s.opts.Prepage == PrepageHot {
-		s.heat = make([][]uint32, len(s.sizes))
+	if s.post != nil && s.opts.Prepage == PrepageHot {
+		s.post.heat = make([][]uint32, len(s.sizes))
 	}
-	_, throttles := s.src.(Throttler)
-	s.policy = NewPrecopyPolicy(PolicyConfig{
-		PageSize:      uint64(s.ps),
-		DowntimeLimit: s.opts.DowntimeLimit,
-		MaxRounds:     s.opts.MaxRounds,
-		AutoConverge:  s.opts.AutoConverge && throttles,
-		Force:         s.opts.Force,
-		StateBytes:    uint64(len(s.desc.Devices)) * stateBytesPerComponent,
-		SwitchCost:    s.opts.SwitchCost,
-		Hybrid:        s.opts.Mode == ModeHybrid,
-		HybridRounds:  s.opts.HybridRounds,
-		HybridAfter:   s.opts.HybridAfter,
-	})
-	if s.resumeID != nil {
-		return s.resumePostcopy()
+	if s.post != nil && s.post.resumeID != nil {
+		return s.post.resume()
+	}
+	if s.opts.Mode != ModePostcopy {
+		s.pre = newPrecopyDriver(s) // before the reader goroutine, which checks its rounds
 	}
 	var offered wire.Caps
 	pc, heartbeats := s.src.(ProgressClock)
 	if heartbeats {
 		offered |= wire.CapBlackout
 	}
-	if s.post {
+	if s.post != nil {
 		offered |= wire.CapPostcopy
 	}
-	if s.opts.Streams > 1 || (s.post && s.opts.FaultChannel && s.opts.DialStream != nil) {
+	if s.opts.Streams > 1 || (s.post != nil && s.opts.FaultChannel && s.opts.DialStream != nil) {
 		offered |= wire.CapStreams
 	}
-	s.sampleProgress(true)
+	if s.post != nil {
+		s.post.sampleProgress(true)
+	}
 
 	// The handshake strictly alternates (preamble, preamble, Hello, Welcome), so it works on
 	// unbuffered transports too, and a version mismatch stops both sides before the Hello.
@@ -598,13 +568,13 @@ func (s *sender) migrate() error {
 		return unexpected(m, "welcome")
 	}
 	s.caps = welcome.Caps
-	if s.post && welcome.Caps&wire.CapPostcopy == 0 {
+	if s.post != nil && welcome.Caps&wire.CapPostcopy == 0 {
 		return fmt.Errorf("%w: mode %s needs post-copy, and the destination does not support it (it declined the capability: its VMM cannot demand-page); migrate with mode %s", ErrNoPostcopy, s.opts.Mode, ModePrecopy)
 	}
 	s.startReader()
 	switch {
-	case welcome.Caps&wire.CapStreams != 0 && s.post:
-		if err := s.openFault(); err != nil {
+	case welcome.Caps&wire.CapStreams != 0 && s.post != nil:
+		if err := s.post.openFault(); err != nil {
 			return err
 		}
 	case welcome.Caps&wire.CapStreams != 0:
@@ -619,133 +589,9 @@ func (s *sender) migrate() error {
 	ctx := &switchCtx{heartbeats: heartbeats && welcome.Caps&wire.CapBlackout != 0, pc: pc}
 
 	if s.opts.Mode == ModePostcopy {
-		return s.switchover(ctx, nil, "")
+		return s.post.switchover(ctx, nil, "")
 	}
-
-	s.phase = "round 1"
-	if err := s.vmm("StartDirtyLog", s.src.StartDirtyLog()); err != nil {
-		return err
-	}
-	s.logging = true
-	s.fetchAt = s.clock.Now()
-	set, err := s.src.Populated()
-	if err := s.vmm("Populated", err); err != nil {
-		return err
-	}
-	if err := checkBitmaps("Populated", set, &s.desc.Layout); err != nil {
-		return err
-	}
-	for r, bm := range set {
-		n := s.regionPages(r)
-		s.cls.Counters.Add(pages.Hole, n-bm.Count(n))
-	}
-	if err := s.sendRound(1, s.plan(set), false); err != nil {
-		return err
-	}
-
-	// Each live round ends with a marker that the destination acknowledges once it has placed
-	// the round's last page. The source fetches the dirty log and reads the next round's first
-	// batch while the acknowledgement is on its way, then decides with the round's time from
-	// first write to acknowledgement: what the destination absorbed, not what the socket
-	// took. It never pauses, nor starts the next round, before the acknowledgement, so the
-	// paused window holds no backlog of earlier rounds. The cost is the link's idle time
-	// between an acknowledgement and the next round's first batch: about one round trip per
-	// round.
-	var d Decision
-	for {
-		dirty, err := s.src.FetchDirty()
-		if err := s.vmm("FetchDirty", err); err != nil {
-			return err
-		}
-		if err := checkBitmaps("FetchDirty", dirty, &s.desc.Layout); err != nil {
-			return err
-		}
-		if s.heat != nil {
-			addHeat(s.heat, dirty, s.sizes)
-		}
-		fetchAt := s.clock.Now()
-		dirtyTime := fetchAt.Sub(s.fetchAt)
-		s.fetchAt = fetchAt
-		rr := &s.rep.RoundDetails[len(s.rep.RoundDetails)-1]
-		rr.DirtyPages = s.count(dirty)
-		next := s.plan(dirty)
-		if err := s.fill(next); err != nil {
-			return err
-		}
-		ackAt, err := s.awaitRoundAck(rr)
-		if err != nil {
-			return err
-		}
-		d = s.policy.Step(Observation{
-			Round: s.round, Pages: rr.Pages, Bytes: rr.Bytes, Elapsed: ackAt.Sub(s.roundAt),
-			Dirty: rr.DirtyPages, DirtyTime: dirtyTime, Lag: s.clock.Now().Sub(fetchAt), RTT: s.rtt,
-			Since: s.clock.Now().Sub(s.start),
-		})
-		s.last = d
-		s.report(true)
-		if d.Action == SwitchToPostcopy {
-			s.rep.Reason = d.Reason
-			s.rep.ExpectedDowntimeMS = ms(d.ExpectedDowntime)
-			s.discard()
-			return s.switchover(ctx, dirty, d.SwitchReason)
-		}
-		if d.Action == GiveUp {
-			s.rep.Reason = d.Reason
-			return fmt.Errorf("%w: %s", ErrNotConverged, d.Reason)
-		}
-		if d.Action == StopAndCopy {
-			s.rep.Converged, s.rep.Reason = d.Converged, d.Reason
-			s.rep.ExpectedDowntimeMS = ms(d.ExpectedDowntime)
-			// The pages read ahead are in the final set anyway; it reads them afresh.
-			s.discard()
-			set = dirty
-			break
-		}
-		if d.Throttle != s.throttle {
-			if err := s.vmm(fmt.Sprintf("SetThrottle(%d)", d.Throttle), s.src.(Throttler).SetThrottle(d.Throttle)); err != nil {
-				return err
-			}
-			s.throttle = d.Throttle
-			s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
-		}
-		s.phase = fmt.Sprintf("round %d", s.round+1)
-		if err := s.sendRound(s.round+1, next, false); err != nil {
-			return err
-		}
-	}
-
-	// Stop and copy. The set the policy judged is still unsent; add what was dirtied since.
-	s.phase = "stop-and-copy"
-	if err := s.live(); err != nil {
-		return err
-	}
-	// Marked paused before the call: after a failed Pause the VM may be partly stopped, and
-	// Resume on a running VM is harmless.
-	s.paused = true
-	if err := s.vmm("Pause", s.src.Pause()); err != nil {
-		return err
-	}
-	ctx.pauseAt = s.clock.Now()
-	if ctx.heartbeats {
-		ctx.lastBeat = pc.LastProgress()
-	}
-	last, err := s.src.FetchDirty()
-	if err := s.vmm("FetchDirty", err); err != nil {
-		return err
-	}
-	if err := checkBitmaps("FetchDirty", last, &s.desc.Layout); err != nil {
-		return err
-	}
-	// A fresh union: the policy's set and the last fetch may share storage if a VMM bent the
-	// ownership rule, and a union into shared storage would lose pages silently.
-	set = union(set, last)
-	// Logging stays on until the destination runs the VM (stopLogging): ending it costs the
-	// VMM work that follows the memory's size, and a paused VM dirties nothing.
-	if err := s.sendRound(s.round+1, s.plan(set), true); err != nil {
-		return err
-	}
-	ctx.finalAt = s.clock.Now()
-	return s.complete(ctx)
+	return s.pre.run(ctx)
 }
 
 // switchCtx carries what the end of a migration needs from its beginning.
@@ -814,8 +660,8 @@ func (s *sender) complete(ctx *switchCtx) error {
 	s.rep.PauseToAckMS = ms(ackAt.Sub(ctx.pauseAt))
 	s.stopLogging()
 
-	if s.switched {
-		return s.postcopy(ctx)
+	if s.afterSwitch() {
+		return s.post.run(ctx)
 	}
 	s.phase = "waiting for done"
 	m, err = s.await(s.opts.DoneWait, "done")
@@ -862,7 +708,7 @@ func (s *sender) startReader() {
 	go func() {
 		defer close(done)
 		// After the switch, the connection may fail without failing the migration.
-		post := s.postLink.Load()
+		post := s.post != nil && s.post.postLink.Load()
 		for {
 			m, err := r.Next()
 			if err == nil {
@@ -870,19 +716,19 @@ func (s *sender) startReader() {
 				case *wire.Resumed:
 					if !s.completeSent.Load() {
 						err = fmt.Errorf("%w: the destination sent resumed before complete", ErrProtocol)
-					} else if s.switched {
+					} else if s.afterSwitch() {
 						post = true
-						s.postLink.Store(true)
+						s.post.postLink.Store(true)
 					}
 				case *wire.RoundAck:
 					// Also what bounds the acknowledgements waiting in the inbox: the sender
 					// takes each before it ends the next round.
-					if ended := s.ended.Load(); m.N > ended {
+					if ended := s.pre.endedRound(); m.N > ended {
 						err = fmt.Errorf("%w: the destination acknowledged round %d, but the source has ended only %d", ErrProtocol, m.N, ended)
 					}
 				case *wire.Request:
 					if post {
-						s.dq.push(m)
+						s.post.dq.push(m)
 						continue
 					}
 				case *wire.Keepalive:
@@ -924,46 +770,6 @@ func (s *sender) await(timeout time.Duration, what string) (wire.Msg, error) {
 	}
 }
 
-// awaitRoundAck waits for the destination's acknowledgement of the live round rr, for at most
-// AckTimeout from the round's end marker, records the wait in rr and returns when the
-// acknowledgement arrived.
-func (s *sender) awaitRoundAck(rr *RoundReport) (time.Time, error) {
-	phase := s.phase
-	s.phase = fmt.Sprintf("waiting for round %d ack", rr.Round)
-	s.report(false)
-	t := time.NewTimer(max(0, s.opts.AckTimeout-s.clock.Now().Sub(s.endAt)))
-	defer t.Stop()
-	var in inbound
-	select {
-	case in = <-s.link.inbox:
-	case <-t.C:
-		return time.Time{}, fmt.Errorf("%w: the destination did not acknowledge round %d (%d pages) within %v of its end", ErrTimeout, rr.Round, rr.Pages, s.opts.AckTimeout)
-	case <-s.ctx.Done():
-		return time.Time{}, context.Cause(s.ctx)
-	}
-	if in.err != nil {
-		return time.Time{}, in.err
-	}
-	ack, ok := in.msg.(*wire.RoundAck)
-	if !ok {
-		return time.Time{}, unexpected(in.msg, fmt.Sprintf("round ack %d", rr.Round))
-	}
-	if ack.N != uint32(rr.Round) || ack.Pages != rr.Pages {
-		return time.Time{}, fmt.Errorf("%w: the destination acknowledged round %d with %d pages placed; the source sent %d in round %d", ErrProtocol, ack.N, ack.Pages, rr.Pages, rr.Round)
-	}
-	// The end marker went out after endAt and the acknowledgement cannot precede it; the
-	// clamp only guards against a clock that is not monotonic.
-	at := in.at
-	if at.Before(s.endAt) {
-		at = s.endAt
-	}
-	wait := at.Sub(s.endAt)
-	rr.AckWaitMS = ms(wait)
-	s.rtt = min(s.rtt, wait)
-	s.phase = phase
-	return at, nil
-}
-
 func (s *sender) regionPages(r int) uint64 {
 	return s.desc.Layout.Regions[r].Size / s.desc.Layout.PageSize
 }
@@ -989,58 +795,6 @@ func (s *sender) plan(set []Bitmap) *roundPlan { return &roundPlan{set: set, pag
 
 // span is a run of pages read into the batch buffer.
 type span struct{ first, count uint64 }
-
-// sendRound sends the pages of p as round n; a live round ends with its end marker.
-func (s *sender) sendRound(n int, p *roundPlan, final bool) error {
-	s.round = n
-	if err := s.link.w.WriteRound(&wire.Round{N: uint32(n), Final: final, Pages: p.pages}); err != nil {
-		return err
-	}
-	t0, b0, sent0 := s.clock.Now(), s.written(), s.sent
-	for s.lanes == nil {
-		if err := s.fill(p); err != nil {
-			return err
-		}
-		if s.used == 0 {
-			break
-		}
-		if err := s.flush(); err != nil {
-			return err
-		}
-	}
-	if s.lanes != nil {
-		if err := s.sendLanes(p); err != nil {
-			return err
-		}
-	}
-	end := s.clock.Now()
-	if !final {
-		// Stamped before the write: on a full socket the write itself waits for the
-		// backlog, and that wait belongs to the acknowledgement, not to sending. Marked
-		// before it too: the acknowledgement may arrive before the write returns.
-		s.ended.Store(uint32(n))
-		if err := s.link.w.WriteRoundEnd(&wire.RoundEnd{N: uint32(n), Pages: s.sent - sent0}); err != nil {
-			return err
-		}
-	}
-	s.roundAt, s.endAt = t0, end
-	s.rep.Rounds = n
-	s.rep.RoundDetails = append(s.rep.RoundDetails, RoundReport{
-		Round: n, Final: final, Pages: p.pages, Bytes: uint64(s.written() - b0),
-		DurationMS: ms(end.Sub(t0)), Throttle: s.throttle,
-	})
-	return nil
-}
-
-// fill reads the plan's next pages into the empty batch buffer: up to a buffer's worth, all of
-// one region, since a batch names one region. It does nothing if the buffer still holds pages
-// (read ahead while an acknowledgement was awaited), and leaves it empty at the plan's end.
-func (s *sender) fill(p *roundPlan) error {
-	if s.used > 0 {
-		return nil
-	}
-	return s.readInto(p, &s.pageBuf)
-}
 
 // pageBuf holds the pages read for one batch and the batch they are encoded into.
 type pageBuf struct {
@@ -1134,7 +888,9 @@ func (s *sender) flushOn(w *wire.Writer) error {
 
 // report calls the progress callback: always when forced, else at most every progressInterval.
 func (s *sender) report(force bool) {
-	s.sampleProgress(false)
+	if s.post != nil {
+		s.post.sampleProgress(false)
+	}
 	if s.opts.Progress == nil {
 		return
 	}
@@ -1143,31 +899,18 @@ func (s *sender) report(force bool) {
 		return
 	}
 	s.lastProg = now
-	var remaining uint64
-	if n := len(s.rep.RoundDetails); n > 0 {
-		remaining = s.rep.RoundDetails[n-1].DirtyPages
+	p := Progress{Phase: s.phase, BytesWire: s.written(), Throttle: s.throttle, Elapsed: now.Sub(s.start)}
+	if s.pre != nil {
+		s.pre.progress(&p)
 	}
-	p := Progress{
-		Phase: s.phase, Round: s.round, BytesWire: s.written(),
-		DirtyRate: s.last.DirtyRate, PagesRemaining: remaining,
-		ExpectedDowntime: s.last.ExpectedDowntime, Throttle: s.throttle,
-		Elapsed: now.Sub(s.start),
-	}
-	switch {
-	case s.recovering:
-		p.Stage = StageRecovering
-	case s.switched:
-		p.Stage = StageSwitched
-	}
-	if s.pcr != nil {
-		p.PagesRemaining = s.remaining
-		p.PagesPushed, p.PagesDemanded, p.Reconnects = s.pcr.PagesPushed, s.pcr.PagesDemanded, s.pcr.Reconnects
-		s.dq.mu.Lock()
-		p.Requested = s.dq.n
-		s.dq.mu.Unlock()
+	if s.post != nil {
+		s.post.progress(&p)
 	}
 	s.opts.Progress(p)
 }
+
+// afterSwitch says whether the Switch was sent: the VM may run at the destination.
+func (s *sender) afterSwitch() bool { return s.post != nil && s.post.switched }
 
 // checkSections verifies that SaveState returned each listed component at most once.
 func checkSections(secs []Section, devices []string) error {

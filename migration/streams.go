@@ -99,17 +99,6 @@ func (s *sender) openStreams() error {
 	return err
 }
 
-// openFault opens the post-copy fault channel: one extra connection that carries the pages
-// the destination asked for, so that they never queue behind the push on the main one.
-func (s *sender) openFault() error {
-	s.phase = "opening the fault channel"
-	extra, err := s.openExtra(1)
-	if len(extra) > 0 {
-		s.fault = extra[0]
-	}
-	return err
-}
-
 // openExtra announces count extra connections with a fresh id, dials them and opens each with
 // Join. The lanes it returns (also on failure: those dialled) belong to the caller.
 func (s *sender) openExtra(count int) ([]*lane, error) {
@@ -142,20 +131,6 @@ func (s *sender) openExtra(count int) ([]*lane, error) {
 	return lanes, nil
 }
 
-// closeFault closes the fault channel (after a broken link: requested pages take the new
-// main connection) and counts what it carried.
-func (s *sender) closeFault() {
-	f := s.fault
-	if f == nil {
-		return
-	}
-	s.fault = nil
-	f.intr.hold()
-	closeConn(f.conn)
-	s.bytesW += f.w.Written()
-	s.faultBytes += f.w.Written()
-}
-
 // newLane makes a lane without its buffer: the fault channel writes from the sender's.
 func (s *sender) newLane(i int, conn io.ReadWriter, w *wire.Writer) *lane {
 	return &lane{index: i, conn: conn, w: w, cls: pages.Classifier{Encoders: s.cls.Encoders}}
@@ -164,10 +139,10 @@ func (s *sender) newLane(i int, conn io.ReadWriter, w *wire.Writer) *lane {
 // closeStreams closes the extra connections once no lane uses them and adds the lanes'
 // figures to the report.
 func (s *sender) closeStreams() {
-	if s.fault != nil || s.faultBytes > 0 {
-		s.closeFault()
-		if s.pcr != nil {
-			s.pcr.FaultChannelBytes = s.faultBytes
+	if d := s.post; d != nil && (d.fault != nil || d.faultBytes > 0) {
+		d.closeFault()
+		if d.pcr != nil {
+			d.pcr.FaultChannelBytes = d.faultBytes
 		}
 	}
 	if s.lanes == nil {
@@ -193,8 +168,8 @@ func (s *sender) closeStreams() {
 // written is what this side has written to all its connections so far.
 func (s *sender) written() int64 {
 	n := s.bytesW + s.link.w.Written()
-	if s.fault != nil {
-		n += s.fault.w.Written()
+	if s.post != nil && s.post.fault != nil {
+		n += s.post.fault.w.Written()
 	}
 	for _, ln := range s.lanes {
 		if ln.conn != nil {
