@@ -650,30 +650,87 @@ func (d *postcopyDriver) pushNext() (bool, error) {
 	}
 	d.remaining -= uint64(len(batch))
 	d.pcr.PagesPushed += uint64(len(batch))
-	return true, d.sendPages(r, batch, d.link.w)
+	ln, err := d.pushLane()
+	if err != nil {
+		return false, err
+	}
+	if ln == nil {
+		return true, d.pushMain(r, batch)
+	}
+	d.linkSent += uint64(len(batch))
+	ln.used, ln.spans = 0, ln.spans[:0]
+	if err := d.readPages(r, batch, &ln.pageBuf); err != nil {
+		d.free <- ln
+		return false, err
+	}
+	go d.flushLane(ln)
+	return true, nil
+}
+
+// pushLane takes an idle extra page stream for the next push batch, or nil when the main
+// connection takes it: with streams, whenever the main connection's lane comes round, or no
+// extra one is idle (so the main connection never waits for them). A lane whose last write
+// failed ends the connection: its error is returned.
+func (d *postcopyDriver) pushLane() (*lane, error) {
+	if d.lanes == nil {
+		return nil, nil
+	}
+	select {
+	case ln := <-d.free:
+		if ln.err != nil {
+			d.free <- ln
+			return nil, ln.err
+		}
+		if ln.index == 0 {
+			d.free <- ln
+			return nil, nil
+		}
+		return ln, nil
+	default:
+		return nil, nil
+	}
+}
+
+// pushMain writes a push batch on the main connection and counts it to its lane, if any.
+func (d *postcopyDriver) pushMain(r int, batch []uint64) error {
+	sent0, b0 := d.sent, d.link.w.Written()
+	err := d.sendPages(r, batch, d.link.w)
+	if d.lanes != nil {
+		d.lanes[0].pages += d.sent - sent0
+		d.lanes[0].bytes += d.link.w.Written() - b0
+	}
+	return err
 }
 
 // sendPages reads the given pages of region r and writes them as one batch on w.
 func (d *postcopyDriver) sendPages(r int, batch []uint64, w *wire.Writer) error {
-	slices.Sort(batch)
 	d.discard()
+	if err := d.readPages(r, batch, &d.pageBuf); err != nil {
+		return err
+	}
+	d.linkSent += uint64(len(batch))
+	return d.flushOn(w)
+}
+
+// readPages reads the given pages of region r into the empty b, in runs.
+func (d *postcopyDriver) readPages(r int, batch []uint64, b *pageBuf) error {
+	slices.Sort(batch)
 	for i := 0; i < len(batch); {
 		j := i + 1
 		for j < len(batch) && batch[j] == batch[j-1]+1 {
 			j++
 		}
 		first, k := batch[i], j-i
-		dst := d.buf[d.used*d.ps : (d.used+k)*d.ps]
+		dst := b.buf[b.used*d.ps : (b.used+k)*d.ps]
 		if err := d.src.ReadPages(r, first, dst); err != nil {
 			return d.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", r, first, k), err)
 		}
-		d.spans = append(d.spans, span{first: first, count: uint64(k)})
-		d.used += k
+		b.spans = append(b.spans, span{first: first, count: uint64(k)})
+		b.used += k
 		i = j
 	}
-	d.region = uint32(r)
-	d.linkSent += uint64(len(batch))
-	return d.flushOn(w)
+	b.region = uint32(r)
+	return nil
 }
 
 // openFault opens the post-copy fault channel: one extra connection that carries the pages
@@ -754,7 +811,9 @@ func (d *postcopyDriver) dropLink() {
 		setDeadline(l.conn, time.Time{})
 	}
 	d.link = l.dropped()
-	d.closeFault() // requested pages take the new connection
+	// Requested and pushed pages take the new connection alone: the extra ones belonged to
+	// the broken link (their pages in flight are in the destination's Lacking set).
+	d.closeStreams()
 }
 
 // rejoin runs the reconnection handshake on conn (preamble both ways, Rejoin, the

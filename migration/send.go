@@ -84,10 +84,11 @@ type SendOptions struct {
 	// Reconnect) and finishes the post-copy.
 	ResumeID string
 
-	// Streams is the number of connections pre-copy pages travel on (see streams.go): the
-	// main one and Streams-1 more, opened with DialStream, which the engine closes when Send
-	// returns. 1: the main connection only. 0: chosen by AutoStreams when DialStream is set
-	// (else 1), and the choice reported (Report.StreamsChosen). A destination that cannot
+	// Streams is the number of connections pages travel on (see streams.go): the main one
+	// and Streams-1 more, opened with DialStream, which the engine closes when Send returns.
+	// They carry the pre-copy rounds and the post-copy push; the fault channel is one more.
+	// 1: the main connection only. 0: in pre-copy, chosen by AutoStreams when DialStream is
+	// set, and the choice reported (Report.StreamsChosen); else 1. A destination that cannot
 	// take more (ReceiveOptions.AcceptStream unset) declines, and the pages take the main
 	// connection.
 	Streams    int
@@ -208,8 +209,8 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	switch {
 	case opts.Streams < 0 || opts.Streams > wire.MaxStreams:
 		return bad(fmt.Errorf("migration: %d streams: want 1..%d", opts.Streams, wire.MaxStreams))
-	case opts.Streams > 1 && opts.Mode != ModePrecopy:
-		return bad(fmt.Errorf("%w (mode %s, %d streams)", errNoStreams, opts.Mode, opts.Streams))
+	case opts.Streams >= wire.MaxStreams && opts.Mode != ModePrecopy && opts.FaultChannel:
+		return bad(fmt.Errorf("migration: %d streams and a fault channel: want 1..%d streams", opts.Streams, wire.MaxStreams-1))
 	case opts.Streams > 1 && opts.DialStream == nil:
 		return bad(fmt.Errorf("migration: %d streams need DialStream", opts.Streams))
 	}
@@ -573,10 +574,6 @@ func (s *sender) migrate() error {
 	}
 	s.startReader()
 	switch {
-	case welcome.Caps&wire.CapStreams != 0 && s.post != nil:
-		if err := s.post.openFault(); err != nil {
-			return err
-		}
 	case welcome.Caps&wire.CapStreams != 0:
 		if err := s.openStreams(); err != nil {
 			return err
@@ -869,7 +866,10 @@ func (s *sender) flushOn(w *wire.Writer) error {
 		return err
 	}
 	s.encode(&s.cls, s.ps)
-	if err := s.limit.wait(s.link.ctx, s.batch.PayloadLen()+wire.HeaderSize); err != nil {
+	s.limitMu.Lock() // post-copy's push lanes share it meanwhile
+	err := s.limit.wait(s.link.ctx, s.batch.PayloadLen()+wire.HeaderSize)
+	s.limitMu.Unlock()
+	if err != nil {
 		return err
 	}
 	if err := w.WritePages(&s.batch); err != nil {

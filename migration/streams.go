@@ -31,6 +31,14 @@ import (
 // acknowledges a round when the count reaches its RoundEnd's; it restores the state only after
 // the final round's count (its Round's) is complete. So the round barrier the single
 // connection already had is all the ordering the streams need.
+//
+// Post-copy and hybrid announce the fault channel first (index 1), then the page streams. The
+// push goes on any idle stream, and on the main connection whenever its turn comes or no
+// stream is idle: after the switch every page's copy is final, so no order is needed at all.
+// The destination places what any connection carries with the same atomic placement, which
+// keeps the first copy of a page. A stream that breaks breaks the link; the rejoin goes on
+// over the main connection alone, and the destination's Lacking set covers the pages that
+// were in flight.
 
 // AutoStreams chooses how many connections a pre-copy's pages take when the caller leaves it
 // to the engine, from the cores (one worker per stream on each side: past the cores a stream
@@ -84,11 +92,23 @@ type lane struct {
 	roundPages uint64 // pages written since sendLanes started
 }
 
-// openStreams announces the extra connections, dials them and opens each with Join.
+// openStreams announces the extra connections, dials them and opens each with Join: in
+// post-copy and hybrid the fault channel first (if asked for), then Streams-1 page streams.
 func (s *sender) openStreams() error {
 	s.phase = "opening streams"
+	fault := s.post != nil && s.opts.FaultChannel
+	count := max(s.opts.Streams, 1) - 1
+	if fault {
+		count++
+	}
+	extra, err := s.openExtra(count)
+	if fault && len(extra) > 0 {
+		s.post.fault, extra = extra[0], extra[1:]
+	}
+	if s.opts.Streams <= 1 {
+		return err
+	}
 	s.lanes = append(s.lanes, s.newLane(0, nil, s.link.w))
-	extra, err := s.openExtra(s.opts.Streams - 1)
 	s.lanes = append(s.lanes, extra...)
 	// Idle from the start, also when a dial failed: closeStreams waits for every lane.
 	s.free = make(chan *lane, len(s.lanes))
@@ -161,6 +181,11 @@ func (s *sender) closeStreams() {
 			s.bytesW += ln.w.Written()
 		}
 		s.rep.Streams = append(s.rep.Streams, StreamReport{Index: ln.index, Bytes: ln.bytes, Pages: ln.pages, BusyMS: ms(ln.busy)})
+		// The post-copy push's pages (sendLanes took the rounds').
+		s.sent += ln.roundPages
+		for k := range pages.NumKinds {
+			s.cls.Counters.Add(pages.Kind(k), ln.cls.Counters.Get(pages.Kind(k)))
+		}
 	}
 	s.lanes = nil // counted in bytesW now
 }
@@ -487,6 +512,3 @@ func (rc *receiver) closeStreams() (bytesRead int64) {
 	}
 	return bytesRead
 }
-
-// errNoStreams is returned for options that ask for streams where they cannot be used.
-var errNoStreams = errors.New("migration: extra streams carry pre-copy pages only; post-copy and hybrid use one connection")

@@ -302,6 +302,89 @@ func TestPostcopyFaultChannelBreaks(t *testing.T) {
 	})
 }
 
+// TestPostcopyStreams pushes a post-copy, and a hybrid's rounds and push, over three
+// connections and the fault channel, with a guest writing until the pause and a vCPU reading
+// at the destination: every page stream carries pushed pages, the streams' pages add up to
+// what was pushed (and, in hybrid, sent in the rounds), and memory arrives bit for bit.
+func TestPostcopyStreams(t *testing.T) {
+	for _, mode := range []string{migration.ModePostcopy, migration.ModeHybrid} {
+		t.Run(mode, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				link := mt.LinkConfig{Bandwidth: 50 * MiB, Latency: 500 * time.Microsecond, Buffer: 256 << 10}
+				c := &pcCase{
+					g:      newGuest(8*MiB, 43),
+					link:   link,
+					writer: &mt.WriterConfig{Rate: 20000, Seed: 8},
+					vcpu:   &mt.VCPUConfig{Pages: mt.LocalityPattern(11, 0, 2048, 600, 16), Think: 200 * time.Microsecond},
+				}
+				c.so = migration.SendOptions{Mode: mode, Streams: 3, FaultChannel: true, HybridRounds: 2, DowntimeLimit: time.Microsecond}
+				if mode == migration.ModePostcopy {
+					c.so.SampleBefore = 100 * time.Millisecond
+				}
+				c.so.DialStream, c.ro.AcceptStream = streamLinks(link, nil)
+				s, r := c.run(t)
+				checkPostcopyOK(t, c, s, r)
+				p := s.rep.Postcopy
+				if len(s.rep.Streams) != 3 || len(r.rep.Streams) != 3 {
+					t.Fatalf("streams: source reports %d, destination %d (extra ones, the fault channel among them); want 3 and 3", len(s.rep.Streams), len(r.rep.Streams))
+				}
+				var carried uint64
+				for _, st := range s.rep.Streams {
+					if st.Pages == 0 || st.Bytes == 0 {
+						t.Errorf("stream %d carried nothing: %+v", st.Index, st)
+					}
+					carried += st.Pages
+				}
+				want := p.PagesPushed
+				for _, rr := range s.rep.RoundDetails {
+					want += rr.Pages
+				}
+				if carried != want {
+					t.Errorf("the streams carried %d pages; pushed %d, in rounds %d", carried, p.PagesPushed, want-p.PagesPushed)
+				}
+				if p.FaultChannelBytes == 0 || p.DemandFaults == 0 {
+					t.Errorf("fault channel %d bytes, %d demand faults: want both", p.FaultChannelBytes, p.DemandFaults)
+				}
+				t.Logf("%d rounds, pushed %d, demanded %d, streams %+v, total %.1f ms", s.rep.Rounds, p.PagesPushed, p.PagesDemanded, s.rep.Streams, s.rep.TotalMS)
+			})
+		})
+	}
+}
+
+// TestPostcopyPushStreamBreaks cuts a post-copy push stream: that is a broken link like any
+// other; the source rejoins over the main connection alone, resends what the destination
+// lacks, and memory still arrives bit for bit.
+func TestPostcopyPushStreamBreaks(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		link := mt.LinkConfig{Bandwidth: 50 * MiB, Latency: 500 * time.Microsecond, Buffer: 256 << 10}
+		c := &pcCase{
+			g:    newGuest(8*MiB, 44),
+			link: link,
+			vcpu: &mt.VCPUConfig{Pages: mt.LocalityPattern(12, 0, 2048, 600, 16), Think: 200 * time.Microsecond},
+		}
+		var cut atomic.Bool
+		dials := 0
+		c.so = migration.SendOptions{Mode: migration.ModePostcopy, Streams: 3, FaultChannel: true}
+		c.so.DialStream, c.ro.AcceptStream = streamLinks(link, func(a net.Conn) net.Conn {
+			dials++
+			if dials == 3 { // the second push stream (the fault channel is dialled first)
+				return &cutAfter{Conn: a, left: 256 << 10, cut: &cut}
+			}
+			return a
+		})
+		c.so.Reconnect, c.ro.Reconnect = reconnectors(link)
+		s, r := c.run(t)
+		if !cut.Load() {
+			t.Fatalf("the push stream was never cut: source %v %+v, destination %v", s.err, s.rep.Postcopy, r.err)
+		}
+		checkPostcopyOK(t, c, s, r)
+		if p := s.rep.Postcopy; p.Reconnects != 1 {
+			t.Fatalf("reconnects %d: want one, after the push stream broke", p.Reconnects)
+		}
+		t.Logf("pushed %d, demanded %d, streams %+v", s.rep.Postcopy.PagesPushed, s.rep.Postcopy.PagesDemanded, s.rep.Streams)
+	})
+}
+
 // streamLinks returns a DialStream and an AcceptStream that make in-memory links for extra
 // connections (the source's end wrapped by wrap, if set).
 func streamLinks(link mt.LinkConfig, wrap func(net.Conn) net.Conn) (dial, accept func(context.Context) (io.ReadWriter, error)) {

@@ -37,7 +37,7 @@ type MigrateCmd struct {
 	MaxBandwidth  Bandwidth     `default:"0" placeholder:"RATE" help:"Cap on migration traffic: bytes/s with K, M, G suffixes (125M) or bits/s (1gbit); 0 = no cap. In post-copy it caps the push; pages the destination asks for go first."`
 	AutoConverge  bool          `help:"precopy, hybrid: throttle the vCPUs when the guest dirties memory faster than the link carries it."`
 	Force         bool          `help:"precopy: if pre-copy does not converge, stop and copy anyway (longer downtime) instead of failing. (hybrid switches to post-copy instead.)"`
-	Streams       int           `default:"0" placeholder:"N" help:"precopy: carry the pages on this many connections to the destination (1..64), each read, checksummed and written by its own worker on both sides. Pays where one connection or one core is the limit; on a host whose cores are all busy with the migration already it gains nothing. 0 = chosen from this host's CPUs (2..8) and --max-bandwidth (1 under 256 MiB/s); the report says what was chosen and lists each connection's share. Default ${default}."`
+	Streams       int           `default:"0" placeholder:"N" help:"carry the pages (pre-copy rounds, the post-copy push) on this many connections to the destination (1..64; the fault channel is one more), each read, checksummed and written by its own worker on both sides. Pays where one connection or one core is the limit; on a host whose cores are all busy with the migration already it gains nothing. 0 = for precopy chosen from this host's CPUs (2..8) and --max-bandwidth (1 under 256 MiB/s), for postcopy and hybrid 1; the report says what was chosen and lists each connection's share. Default ${default}."`
 	Timeout       time.Duration `default:"0" placeholder:"DURATION" help:"Give up after this long; 0 = no limit. Before a switch to post-copy the VM keeps running here; after it, the VM stays paused here with its memory, since it ran at the destination (see the README on recovery)."`
 }
 
@@ -115,8 +115,8 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 	if c.Streams < 0 || c.Streams > 64 {
 		return fmt.Errorf("--streams %d: want 1..64 connections, or 0 to choose from the CPUs", c.Streams)
 	}
-	if c.Streams > 1 && c.Mode != migration.ModePrecopy {
-		return fmt.Errorf("--streams %d: several connections carry pre-copy only; --mode %s uses one", c.Streams, c.Mode)
+	if c.Streams == 64 && c.Mode != migration.ModePrecopy && c.FaultChannel {
+		return fmt.Errorf("--streams 64: the fault channel of --mode %s is a connection too: want 1..63, or --no-fault-channel", c.Mode)
 	}
 	if c.Timeout < 0 {
 		return fmt.Errorf("--timeout %v: want a duration of 0 (no limit) or more", c.Timeout)

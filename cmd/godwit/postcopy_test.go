@@ -161,9 +161,9 @@ func waitSwitched(t *testing.T, src *vmProc, within time.Duration) {
 	}
 }
 
-// TestPostcopyLinkCut cuts the link in the middle of post-copy and restores it a few seconds
-// later: both sides declare the link broken, the source redials (failing while the link is
-// down), and the migration completes on the new connection.
+// TestPostcopyLinkCut cuts the link in the middle of a post-copy that pushes over two page
+// streams and restores it a few seconds later: both sides declare the link broken, the source
+// redials (failing while the link is down), and the migration completes on the new connection.
 func TestPostcopyLinkCut(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, gbit)
@@ -172,7 +172,7 @@ func TestPostcopyLinkCut(t *testing.T) {
 	dst := startVM(t, tb.Host(1), "dst", "--incoming", addr, "--link-timeout", "1s")
 	src.waitHeartbeats(t, 50)
 	// The push is capped so that post-copy lasts well beyond the cut (10 s or more).
-	wait := migrateAsync(t, src, addr, "--mode", "postcopy", "--max-bandwidth", "3M", "--link-timeout", "1s", "--reconnect-window", "60s")
+	wait := migrateAsync(t, src, addr, "--mode", "postcopy", "--streams", "2", "--max-bandwidth", "3M", "--link-timeout", "1s", "--reconnect-window", "60s")
 	waitSwitched(t, src, 2*time.Minute)
 	time.Sleep(500 * time.Millisecond)
 	restore, err := tb.CutLink(5 * time.Second)
@@ -186,6 +186,9 @@ func TestPostcopyLinkCut(t *testing.T) {
 	checkMigrated(t, src, dst, rep, err, migration.ModePostcopy)
 	if rep.Postcopy == nil || rep.Postcopy.Reconnects < 1 {
 		t.Fatalf("post-copy across a cut link: report without a reconnect: %+v", rep.Postcopy)
+	}
+	if len(rep.Streams) != 2 || rep.Streams[1].Pages == 0 {
+		t.Errorf("streams %+v: want 2, the extra one carrying pages before the cut", rep.Streams)
 	}
 	if !strings.Contains(src.stderr.String(), "reconnected") {
 		t.Errorf("source process did not say it reconnected: %s", src.stderr)
@@ -290,6 +293,7 @@ func TestPostcopyBadFlags(t *testing.T) {
 		{[]string{"--mode", "postcopy", "--hybrid-rounds", "3"}, "--hybrid-rounds applies to --mode hybrid"},
 		{[]string{"--mode", "postcopy", "--hybrid-after", "1s"}, "--hybrid-after applies to --mode hybrid"},
 		{[]string{"--mode", "postcopy", "--force"}, "--force applies to --mode precopy"},
+		{[]string{"--mode", "postcopy", "--streams", "64"}, "--streams 64: the fault channel of --mode postcopy is a connection too"},
 		{[]string{"--mode", "postcopy", "--downtime-limit", "1s"}, "--downtime-limit applies to --mode precopy or hybrid"},
 		{[]string{"--mode", "postcopy", "--auto-converge"}, "--auto-converge applies to --mode precopy or hybrid"},
 		{[]string{"--mode", "hybrid", "--sample-before", "1s"}, "--sample-before applies to --mode postcopy, not to --mode hybrid"},

@@ -316,8 +316,8 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if mode != migration.ModePrecopy && mode != migration.ModePostcopy && mode != migration.ModeHybrid {
 		return nil, badRequest(fmt.Errorf("migrate: mode %q: want precopy, postcopy or hybrid", req.Mode))
 	}
-	if req.Streams < 0 || req.Streams > 64 || (req.Streams > 1 && mode != migration.ModePrecopy) {
-		return nil, badRequest(fmt.Errorf("migrate: streams %d: want 1..64, and more than 1 only with mode precopy", req.Streams))
+	if req.Streams < 0 || req.Streams > 64 || (req.Streams == 64 && mode != migration.ModePrecopy && !req.NoFaultChannel) {
+		return nil, badRequest(fmt.Errorf("migrate: streams %d: want 1..64 (1..63 with the fault channel of mode %s)", req.Streams, mode))
 	}
 	if req.SampleBeforeMS < 0 || (req.SampleBeforeMS > 0 && mode != migration.ModePostcopy) {
 		return nil, badRequest(fmt.Errorf("migrate: sample_before_ms %d: want 0, or a positive time with mode postcopy", req.SampleBeforeMS))

@@ -293,7 +293,7 @@ func parseScenario(f []string) (Scenario, error) {
 		return s, fmt.Errorf("%s: working set %d bytes: want a page to half of the memory", s.Name, s.WSSBytes)
 	}
 	if s.Streams > 1 && s.Technique != Precopy {
-		return s, fmt.Errorf("%s: streams=%d: several connections carry pre-copy only", s.Name, s.Streams)
+		return s, fmt.Errorf("%s: streams=%d: the QEMU baseline has multifd for pre-copy only", s.Name, s.Streams)
 	}
 	if s.MemBytes < guest.MinMemory || s.MemBytes > guest.MaxMemory {
 		return s, fmt.Errorf("%s: memory %d bytes: want %d MiB to %d GiB", s.Name, s.MemBytes, guest.MinMemory>>20, guest.MaxMemory>>30)

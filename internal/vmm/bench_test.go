@@ -200,16 +200,22 @@ func rawTCPLoopback(b *testing.B, size, conns int) float64 {
 }
 
 // BenchmarkPostcopyLoopback post-copies a 1 GiB VM whose guest rewrites a 512 MiB working set
-// at random (random content) over loopback TCP, without and with the fault channel, and
-// reports the demand faults' service latency (as the destination's VMM saw them) and the
-// total time. Every destination verifies its memory.
+// at random (random content) over loopback TCP: without the fault channel, with it, and with
+// it and 2 and 4 page streams for the push. It reports the demand faults' service latency (as
+// the destination's VMM saw them), the total time, the push's rate and its share of a bulk
+// transfer over as many loopback TCP connections measured in the same run. Every destination
+// verifies its memory.
 func BenchmarkPostcopyLoopback(b *testing.B) {
 	const memMiB, wssMiB = 1024, 512
-	for _, channel := range []bool{false, true} {
-		b.Run(fmt.Sprintf("fault-channel=%v", channel), func(b *testing.B) {
-			var p50, p99, total, faults float64
+	for _, c := range []struct {
+		channel bool
+		streams int
+	}{{false, 1}, {true, 1}, {true, 2}, {true, 4}} {
+		b.Run(fmt.Sprintf("fault-channel=%v/streams=%d", c.channel, c.streams), func(b *testing.B) {
+			var p50, p99, total, faults, pushBps, rawBps float64
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
+				rawBps += rawTCPLoopback(b, 1<<30, c.streams)
 				src := newMachine(b, memMiB, 1, workload{kind: "dirty", content: "random", pattern: "random", wssMiB: wssMiB})
 				if err := src.Start(); err != nil {
 					b.Fatal(err)
@@ -218,16 +224,20 @@ func BenchmarkPostcopyLoopback(b *testing.B) {
 					time.Sleep(20 * time.Millisecond)
 				}
 				b.StartTimer()
-				dst, srep, _ := migrateLocal(b, src, migration.SendOptions{Mode: migration.ModePostcopy, FaultChannel: channel})
+				dst, srep, _ := migrateLocal(b, src, migration.SendOptions{Mode: migration.ModePostcopy, FaultChannel: c.channel, Streams: c.streams})
 				b.StopTimer()
 				p := srep.Postcopy
-				if channel != (p.FaultChannelBytes > 0) {
-					b.Fatalf("fault channel %v, %d bytes on it", channel, p.FaultChannelBytes)
+				if c.channel != (p.FaultChannelBytes > 0) {
+					b.Fatalf("fault channel %v, %d bytes on it", c.channel, p.FaultChannelBytes)
+				}
+				if c.streams > 1 && len(srep.Streams) != c.streams {
+					b.Fatalf("%d streams reported, want %d", len(srep.Streams), c.streams)
 				}
 				p50 += p.FaultLatencyP50US
 				p99 += p.FaultLatencyP99US
 				faults += float64(p.DemandFaults)
 				total += srep.TotalMS
+				pushBps += float64(srep.BytesWire) / (srep.TotalMS / 1000)
 				verifyClean(b, dst)
 				dst.Close()
 				src.Close()
@@ -238,6 +248,9 @@ func BenchmarkPostcopyLoopback(b *testing.B) {
 			b.ReportMetric(p99/n, "fault-p99-us")
 			b.ReportMetric(faults/n, "faults")
 			b.ReportMetric(total/n, "total-ms")
+			b.ReportMetric(pushBps*8/n/1e9, "Gbit/s")
+			b.ReportMetric(rawBps*8/n/1e9, "rawtcp-Gbit/s")
+			b.ReportMetric(pushBps/rawBps, "link-share")
 		})
 	}
 }
