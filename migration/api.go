@@ -65,6 +65,16 @@ type Source interface {
 	SaveState() ([]Section, error)
 }
 
+// PageViewer is an optional Source capability: read-only views of guest memory, so that the
+// pages of a stopped source (the stop-and-copy round, the post-copy push) are classified,
+// checksummed and written from guest memory itself instead of being copied out first.
+// ViewPages returns n pages of region r from page first, or nil where it cannot (the engine
+// then calls ReadPages). The engine asks only between a successful Pause and the end of Send
+// or a Resume, and never writes through a view nor keeps one past them.
+type PageViewer interface {
+	ViewPages(r int, first, n uint64) []byte
+}
+
 // Throttler is an optional Source capability for auto-converge: it slows the vCPUs down to
 // (100-percent)% of their speed. 0 restores full speed.
 type Throttler interface {

@@ -309,10 +309,11 @@ func TestCancelAtEveryPhase(t *testing.T) {
 		{"Populated", 1, false},
 		{"ReadPages", 3, false}, // round 1
 		{"FetchDirty", 1, false},
-		{"ReadPages", 70, false}, // round 2
+		{"ReadPages", 70, false}, // round 1, a later batch
 		{"FetchDirty", 2, false},
 		{"Pause", 1, false},
 		{"FetchDirty", 3, false}, // after the pause
+		{"ViewPages", 1, false},  // the final round, from guest memory
 		{"SaveState", 1, false},
 		{"Prepare", 1, true},
 		{"RestoreState", 1, true}, // source waits for resumed
@@ -339,6 +340,9 @@ func TestCancelAtEveryPhase(t *testing.T) {
 						for p := uint64(0); p < 64; p++ {
 							g.Write(0, p*16, 0, []byte("dirty in round 1"))
 						}
+					}
+					if op == "FetchDirty" && n == 2 { // one page for the final round
+						g.Write(0, 1000, 0, []byte("dirty in round 2"))
 					}
 					if !c.dest {
 						return hook(op, n)
@@ -368,6 +372,9 @@ func TestCancelAtEveryPhase(t *testing.T) {
 					for p := uint64(0); p < 64; p++ {
 						copy(before[p*16*4096:], "dirty in round 1")
 					}
+				}
+				if g.Calls("FetchDirty") >= 2 {
+					copy(before[1000*4096:], "dirty in round 2")
 				}
 				checkSourceIntact(t, g, s, migration.ResultCancelled, before)
 				if !errors.Is(serr, context.Canceled) {

@@ -264,6 +264,7 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 	if err := d.vmm("Pause", d.src.Pause()); err != nil {
 		return err
 	}
+	d.stopped = true
 	ctx.pauseAt = d.clock.Now()
 	d.pcr.ProgressBefore = d.rateBefore(ctx.pauseAt)
 	if ctx.heartbeats {
@@ -658,7 +659,7 @@ func (d *postcopyDriver) pushNext() (bool, error) {
 		return true, d.pushMain(r, batch)
 	}
 	d.linkSent += uint64(len(batch))
-	ln.used, ln.spans = 0, ln.spans[:0]
+	ln.reset()
 	if err := d.readPages(r, batch, &ln.pageBuf); err != nil {
 		d.free <- ln
 		return false, err
@@ -720,13 +721,9 @@ func (d *postcopyDriver) readPages(r int, batch []uint64, b *pageBuf) error {
 		for j < len(batch) && batch[j] == batch[j-1]+1 {
 			j++
 		}
-		first, k := batch[i], j-i
-		dst := b.buf[b.used*d.ps : (b.used+k)*d.ps]
-		if err := d.src.ReadPages(r, first, dst); err != nil {
-			return d.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", r, first, k), err)
+		if err := d.take(b, r, batch[i], j-i); err != nil {
+			return err
 		}
-		b.spans = append(b.spans, span{first: first, count: uint64(k)})
-		b.used += k
 		i = j
 	}
 	b.region = uint32(r)
@@ -894,7 +891,7 @@ func (d *postcopyDriver) resume() error {
 	d.id = *d.resumeID
 	d.pcr = &PostcopyReport{Prepage: prepage, MigrationID: d.id.String(), SwitchReason: "resumed"}
 	d.rep.Postcopy = d.pcr
-	d.switched, d.acked = true, true
+	d.switched, d.acked, d.stopped = true, true, true
 	d.caps = wire.CapPostcopy
 	wd := toWire(d.desc)
 	d.wdesc = &wd

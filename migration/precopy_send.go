@@ -166,6 +166,7 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 	if err := d.vmm("Pause", d.src.Pause()); err != nil {
 		return err
 	}
+	d.stopped = true
 	ctx.pauseAt = d.clock.Now()
 	if ctx.heartbeats {
 		ctx.lastBeat = ctx.pc.LastProgress()

@@ -249,6 +249,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	if dt, ok := src.(DirtyTracker); ok {
 		rep.DirtyTracking = dt.DirtyTracking()
 	}
+	s.viewer, _ = src.(PageViewer)
 	return s.run(ctx)
 }
 
@@ -304,6 +305,9 @@ type sender struct {
 	logging  bool
 	paused   bool
 	throttle int
+
+	viewer  PageViewer // the source's, if it offers views of its memory
+	stopped bool       // the vCPUs are stopped (Pause returned), for good once acknowledged
 
 	acked        bool // the destination runs the VM (Resumed)
 	completeSent atomic.Bool
@@ -403,6 +407,7 @@ func (s *sender) fail(parent context.Context, err error) error {
 	// Restore the VM first: every millisecond here is downtime.
 	var restore []error
 	if s.paused {
+		s.stopped = false // no view of its memory is in use any more: every lane is idle
 		if e := s.src.Resume(); e != nil {
 			restore = append(restore, fmt.Errorf("migration: resuming the source after failure: %w", e))
 		} else {
@@ -790,17 +795,47 @@ type roundPlan struct {
 
 func (s *sender) plan(set []Bitmap) *roundPlan { return &roundPlan{set: set, pages: s.count(set)} }
 
-// span is a run of pages read into the batch buffer.
-type span struct{ first, count uint64 }
-
-// pageBuf holds the pages read for one batch and the batch they are encoded into.
+// pageBuf holds the pages of one batch and the batch they are encoded into: copies read into
+// buf, or views of guest memory while the source is stopped (viewPages).
 type pageBuf struct {
 	buf     []byte
-	used    int    // pages of buf holding data of the next batch
-	spans   []span // the runs of pages in buf[:used*ps], all of region
+	used    int    // pages in the next batch
+	copied  int    // pages of buf holding copies for it
+	spans   []span // the runs of pages in the batch, all of region, in order
 	region  uint32
 	batch   wire.OutBatch
 	scratch []byte
+}
+
+// span is a run of pages of the batch and their data.
+type span struct {
+	first, count uint64
+	data         []byte
+}
+
+// reset empties b.
+func (b *pageBuf) reset() {
+	b.used, b.copied, b.spans = 0, 0, b.spans[:0]
+}
+
+// take adds k pages of region r from first to b: a view of guest memory where the source's
+// memory no longer changes and the VMM offers one (no copy: classified, checksummed and
+// written from guest memory itself), else a copy read into b's buffer.
+func (s *sender) take(b *pageBuf, r int, first uint64, k int) error {
+	var data []byte
+	if s.stopped && s.viewer != nil {
+		data = s.viewer.ViewPages(r, first, uint64(k))
+	}
+	if data == nil {
+		data = b.buf[b.copied*s.ps : (b.copied+k)*s.ps]
+		if err := s.src.ReadPages(r, first, data); err != nil {
+			return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", r, first, k), err)
+		}
+		b.copied += k
+	}
+	b.spans = append(b.spans, span{first: first, count: uint64(k), data: data})
+	b.used += k
+	return nil
 }
 
 // readInto reads the plan's next pages into the empty b: up to a buffer's worth, all of one
@@ -815,12 +850,9 @@ func (s *sender) readInto(p *roundPlan, b *pageBuf) error {
 			}
 			end, _ := bm.next(first, n, false)
 			k := min(end-first, uint64(s.bufPages-b.used))
-			dst := b.buf[b.used*s.ps : (b.used+int(k))*s.ps]
-			if err := s.src.ReadPages(p.r, first, dst); err != nil {
-				return s.vmm(fmt.Sprintf("ReadPages(region %d, page %d, %d pages)", p.r, first, k), err)
+			if err := s.take(b, p.r, first, int(k)); err != nil {
+				return err
 			}
-			b.spans = append(b.spans, span{first: first, count: k})
-			b.used += int(k)
 			p.next = first + k
 		}
 		if b.used > 0 {
@@ -835,11 +867,9 @@ func (s *sender) readInto(p *roundPlan, b *pageBuf) error {
 func (b *pageBuf) encode(cls *pages.Classifier, ps int) {
 	b.batch.Reset(b.region, ps)
 	b.scratch = b.scratch[:0]
-	off := 0
 	for _, sp := range b.spans {
 		for i := range sp.count {
-			pg := b.buf[off : off+ps]
-			off += ps
+			pg := sp.data[int(i)*ps : int(i+1)*ps]
 			kind, data := cls.Classify(pages.Ref{Region: int(b.region), Index: sp.first + i}, pg, &b.scratch)
 			b.batch.Add(sp.first+i, wire.Encoding(kind), data)
 		}
@@ -847,10 +877,7 @@ func (b *pageBuf) encode(cls *pages.Classifier, ps int) {
 }
 
 // discard forgets the pages in the batch buffer.
-func (s *sender) discard() {
-	s.used = 0
-	s.spans = s.spans[:0]
-}
+func (s *sender) discard() { s.pageBuf.reset() }
 
 // flush classifies the pages in the batch buffer and writes them as one batch, paced by the
 // bandwidth cap. Classification waits until here so that pages read ahead and then discarded

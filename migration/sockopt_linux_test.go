@@ -41,8 +41,8 @@ func TestPostcopyTCPSocketOptions(t *testing.T) {
 	lowat0, clamp0 := tcpOpt(t, sc, unix.TCP_NOTSENT_LOWAT), sockOpt(t, dc, unix.SOL_SOCKET, unix.SO_RCVBUF)
 	var lowat, clamp int
 	g.Hook = func(op string, n int) error {
-		// Pages are read for the push after the switch: the options are in force by then.
-		if op == "ReadPages" && n == 100 {
+		// Pages are viewed for the push after the switch: the options are in force by then.
+		if op == "ViewPages" && n == 100 {
 			lowat, clamp = tcpOpt(t, sc, unix.TCP_NOTSENT_LOWAT), sockOpt(t, dc, unix.SOL_SOCKET, unix.SO_RCVBUF)
 		}
 		return nil

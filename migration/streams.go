@@ -290,7 +290,7 @@ func (s *sender) sendLanes(p *roundPlan) error {
 
 // fillLane reads the plan's next pages into the idle lane ln.
 func (s *sender) fillLane(p *roundPlan, ln *lane) error {
-	ln.used, ln.spans = 0, ln.spans[:0]
+	ln.reset()
 	return s.readInto(p, &ln.pageBuf)
 }
 

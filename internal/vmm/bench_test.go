@@ -201,7 +201,9 @@ func rawTCPLoopback(b *testing.B, size, conns int) float64 {
 
 // BenchmarkPostcopyLoopback post-copies a 1 GiB VM whose guest rewrites a 512 MiB working set
 // at random (random content) over loopback TCP: without the fault channel, with it, and with
-// it and 2 and 4 page streams for the push. It reports the demand faults' service latency (as
+// it and 2 and 4 page streams for the push; and with the fault channel and one stream once more
+// with every page copied out of guest memory (views=false: the paused source's pages are
+// otherwise written from guest memory itself). It reports the demand faults' service latency (as
 // the destination's VMM saw them), the total time, the push's rate and its share of a bulk
 // transfer over as many loopback TCP connections measured in the same run. Every destination
 // verifies its memory.
@@ -210,8 +212,9 @@ func BenchmarkPostcopyLoopback(b *testing.B) {
 	for _, c := range []struct {
 		channel bool
 		streams int
-	}{{false, 1}, {true, 1}, {true, 2}, {true, 4}} {
-		b.Run(fmt.Sprintf("fault-channel=%v/streams=%d", c.channel, c.streams), func(b *testing.B) {
+		views   bool
+	}{{false, 1, true}, {true, 1, false}, {true, 1, true}, {true, 2, true}, {true, 4, true}} {
+		b.Run(fmt.Sprintf("fault-channel=%v/streams=%d/views=%v", c.channel, c.streams, c.views), func(b *testing.B) {
 			var p50, p99, total, faults, pushBps, rawBps float64
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
@@ -224,7 +227,11 @@ func BenchmarkPostcopyLoopback(b *testing.B) {
 					time.Sleep(20 * time.Millisecond)
 				}
 				b.StartTimer()
-				dst, srep, _ := migrateLocal(b, src, migration.SendOptions{Mode: migration.ModePostcopy, FaultChannel: c.channel, Streams: c.streams})
+				var from migration.Source = MigrationSource{M: src}
+				if !c.views {
+					from = copyingSource{MigrationSource{M: src}}
+				}
+				dst, srep, _ := migrateFrom(b, from, migration.SendOptions{Mode: migration.ModePostcopy, FaultChannel: c.channel, Streams: c.streams})
 				b.StopTimer()
 				p := srep.Postcopy
 				if c.channel != (p.FaultChannelBytes > 0) {
@@ -251,6 +258,53 @@ func BenchmarkPostcopyLoopback(b *testing.B) {
 			b.ReportMetric(pushBps*8/n/1e9, "Gbit/s")
 			b.ReportMetric(rawBps*8/n/1e9, "rawtcp-Gbit/s")
 			b.ReportMetric(pushBps/rawBps, "link-share")
+		})
+	}
+}
+
+// BenchmarkStopAndCopy migrates a 512 MiB VM whose guest rewrites a 128 MiB working set at
+// full speed (random content) by pre-copy over loopback TCP, with a downtime limit that lets
+// the final round carry tens of MiB, and reports the final round's rate and the downtime: with
+// the paused source's pages written from guest memory itself (views=true) and copied out first
+// (views=false), alternating in one run. Every destination verifies its memory.
+//
+//	go test -run - -bench BenchmarkStopAndCopy -benchtime 5x ./internal/vmm
+func BenchmarkStopAndCopy(b *testing.B) {
+	const memMiB, wssMiB = 512, 128
+	for _, views := range []bool{false, true} {
+		b.Run(fmt.Sprintf("views=%v", views), func(b *testing.B) {
+			var rate, downtime, finalMiB []float64
+			for i := 0; i < b.N; i++ {
+				b.StopTimer()
+				src := newMachine(b, memMiB, 1, workload{kind: "dirty", content: "random", pattern: "random", wssMiB: wssMiB})
+				if err := src.Start(); err != nil {
+					b.Fatal(err)
+				}
+				for src.Stats().PagesWritten < 2*wssMiB<<20/guest.PageSize {
+					time.Sleep(20 * time.Millisecond)
+				}
+				var from migration.Source = MigrationSource{M: src}
+				if !views {
+					from = copyingSource{MigrationSource{M: src}}
+				}
+				b.StartTimer()
+				dst, rep, _ := migrateFrom(b, from, migration.SendOptions{DowntimeLimit: 100 * time.Millisecond, Streams: 1, Force: true})
+				b.StopTimer()
+				final := rep.RoundDetails[len(rep.RoundDetails)-1]
+				if !final.Final || final.DurationMS <= 0 {
+					b.Fatalf("last round %+v: want the final round", final)
+				}
+				rate = append(rate, float64(final.Bytes)/(final.DurationMS/1000))
+				downtime = append(downtime, rep.DowntimeMS)
+				finalMiB = append(finalMiB, float64(final.Bytes)/(1<<20))
+				verifyClean(b, dst)
+				dst.Close()
+				src.Close()
+				b.StartTimer()
+			}
+			b.ReportMetric(median(rate)*8/1e9, "final-Gbit/s")
+			b.ReportMetric(median(downtime), "ms/downtime")
+			b.ReportMetric(median(finalMiB), "final-MiB")
 		})
 	}
 }

@@ -18,6 +18,18 @@ import (
 // and both reports.
 func migrateLocal(t testing.TB, src *Machine, opts migration.SendOptions) (*Machine, *migration.Report, *migration.Report) {
 	t.Helper()
+	return migrateFrom(t, MigrationSource{M: src}, opts)
+}
+
+// copyingSource is a source that offers no views of its memory: every page is copied out
+// (ReadPages), as before views existed; the baseline that shows what they save.
+type copyingSource struct{ MigrationSource }
+
+func (copyingSource) ViewPages(int, uint64, uint64) []byte { return nil }
+
+// migrateFrom is migrateLocal from any source built on a machine.
+func migrateFrom(t testing.TB, src migration.Source, opts migration.SendOptions) (*Machine, *migration.Report, *migration.Report) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -49,7 +61,7 @@ func migrateLocal(t testing.TB, src *Machine, opts migration.SendOptions) (*Mach
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp", ln.Addr().String())
 	}
-	srep, serr := migration.Send(ctx, MigrationSource{M: src}, c, opts)
+	srep, serr := migration.Send(ctx, src, c, opts)
 	c.Close()
 	r := <-done
 	if serr != nil || r.err != nil {

@@ -298,6 +298,25 @@ func (g *Guest) ReadPages(r int, first uint64, dst []byte) error {
 	return nil
 }
 
+// ViewPages is migration.PageViewer: the pages themselves. The engine may ask only while the
+// guest is paused (a view of a running guest races with its writer): asking otherwise panics.
+// A Hook error for "ViewPages" makes it decline, so that the engine falls back to ReadPages.
+func (g *Guest) ViewPages(r int, first, n uint64) []byte {
+	if g.hook("ViewPages") != nil {
+		return nil
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.paused {
+		panic(fmt.Sprintf("migrationtest: ViewPages(region %d, page %d, %d pages) while the guest runs", r, first, n))
+	}
+	off, end := int(first)*g.ps, int(first+n)*g.ps
+	if r < 0 || r >= len(g.mem) || end > len(g.mem[r]) {
+		return nil
+	}
+	return g.mem[r][off:end:end]
+}
+
 func (g *Guest) Pause() error {
 	if err := g.hook("Pause"); err != nil {
 		return err
