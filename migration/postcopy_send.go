@@ -290,13 +290,15 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 		// Logging stays on until the destination runs the VM (stopLogging): ending it is
 		// work that follows the memory's size, and a paused VM dirties nothing.
 	}
-	if unsent == nil {
-		for r, bm := range missing {
-			d.cls.Counters.Add(pages.Hole, d.sizes[r]-bm.Count(d.sizes[r]))
+	d.pending = missing
+	d.remaining = 0
+	for r, bm := range missing {
+		n := bm.Count(d.sizes[r])
+		d.remaining += n
+		if unsent == nil {
+			d.cls.Counters.Add(pages.Hole, d.sizes[r]-n)
 		}
 	}
-	d.pending = missing
-	d.remaining = d.count(missing)
 	d.pcr.MissingAtStart = d.remaining
 	d.switched = true
 	// The caller learns of the switch before the destination can run the VM.

@@ -178,8 +178,6 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 	if err := checkBitmaps("FetchDirty", last, &d.desc.Layout); err != nil {
 		return err
 	}
-	// A fresh union: the policy's set and the last fetch may share storage if a VMM bent the
-	// ownership rule, and a union into shared storage would lose pages silently.
 	set = union(set, last)
 	// Logging stays on until the destination runs the VM (stopLogging): ending it costs the
 	// VMM work that follows the memory's size, and a paused VM dirties nothing.

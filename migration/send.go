@@ -605,13 +605,14 @@ type switchCtx struct {
 	finalAt    time.Time // the last page before the state was written
 }
 
-// union returns a fresh bitmap set holding the pages of a and b.
+// union adds the pages of b to a, which it returns. Both are the engine's (the Source's
+// bitmaps are, once returned): a copy would cost an allocation the size of memory's bitmap
+// in the stop window.
 func union(a, b []Bitmap) []Bitmap {
-	out := cloneBitmaps(a)
-	for r := range out {
-		out[r].Or(b[r])
+	for r := range a {
+		a[r].Or(b[r])
 	}
-	return out
+	return a
 }
 
 // complete saves and sends the state (the source is paused), ends the stream with Complete

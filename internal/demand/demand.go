@@ -117,6 +117,9 @@ func DiscardStale(mem *guestmem.Region, missing guestmem.Bitmap) error {
 	if uint64(len(missing)) != (pages+63)/64 {
 		return fmt.Errorf("demand: discard stale pages: bitmap of %d words for %d pages", len(missing), pages)
 	}
+	if n, err := mem.ResidentBytes(); err == nil && n == 0 {
+		return nil // fresh memory (pure post-copy): nothing to discard, and no bitmap to walk
+	}
 	held, err := mem.Populated()
 	if err != nil {
 		return fmt.Errorf("demand: discard stale pages: %w", err)

@@ -406,6 +406,7 @@ func BenchmarkIdleDowntime(b *testing.B) {
 						verifyClean(b, dst)
 						downtime = append(downtime, rep.DowntimeMS)
 						final = append(final, rep.Downtime.FinalRoundMS)
+						b.Logf("downtime %.2f ms: %+v", rep.DowntimeMS, rep.Downtime)
 						dst.Close()
 					}
 					b.ReportMetric(median(downtime), "ms/downtime")

@@ -90,8 +90,10 @@ type Machine struct {
 	throttle atomic.Int32  // percent of time the vCPUs are held back (auto-converge)
 
 	pc atomic.Pointer[demand.Pager] // demand paging while armed (destination of a post-copy)
-	// staleDiscarded: DiscardStale punched the stale pages of the post-copy set already.
-	staleDiscarded bool
+	// discarded is the post-copy set DiscardStale punched the stale pages of already, in the
+	// form the pager keeps (ArmPostcopy takes the same set): both are work that follows
+	// memory's size, done while the state arrives instead of in the stop window.
+	discarded guestmem.Bitmap
 	lastPC         atomic.Pointer[demand.Pager] // the last one, after it ended, for its figures
 }
 

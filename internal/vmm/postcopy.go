@@ -32,13 +32,15 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	if m.pc.Load() != nil {
 		return errors.New("vmm: arm post-copy: armed already")
 	}
-	bm, err := demand.SetFor(m.mem, missing)
-	if err != nil {
-		return fmt.Errorf("vmm: arm post-copy: %w", err)
-	}
 	// Discard every missing page this side holds so that it reads as absent: a copy from
 	// pre-copy is stale. Usually done already, while the state arrived (DiscardStale).
-	if !m.staleDiscarded {
+	bm := m.discarded
+	m.discarded = nil
+	if bm == nil {
+		var err error
+		if bm, err = demand.SetFor(m.mem, missing); err != nil {
+			return fmt.Errorf("vmm: arm post-copy: %w", err)
+		}
 		if err := demand.DiscardStale(m.mem, bm); err != nil {
 			return fmt.Errorf("vmm: arm post-copy: %w", err)
 		}
@@ -189,7 +191,7 @@ func (d *MigrationDestination) DiscardStale(missing []migration.Bitmap) error {
 	if err != nil {
 		return fmt.Errorf("vmm: discard stale pages: %w", err)
 	}
-	m.staleDiscarded = true
+	m.discarded = bm // the pager's copy of the set, ready for ArmPostcopy
 	return nil
 }
 
