@@ -68,7 +68,9 @@ func waitHeartbeats(t testing.TB, m *Machine, n uint64) {
 
 func verifyClean(t testing.TB, m *Machine) VerifyReport {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	// The guest reads every page, and reading a hole allocates it: on a host that gives fresh
+	// memory slowly, a large idle VM takes minutes.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute+time.Duration(m.mem.Size>>30)*15*time.Second)
 	defer cancel()
 	r, err := m.Verify(ctx)
 	if err != nil {
