@@ -13,6 +13,17 @@ type Bitmap []uint64
 // NewBitmap returns an empty bitmap for n pages.
 func NewBitmap(n uint64) Bitmap { return make(Bitmap, (n+63)/64) }
 
+// newFaultedBitmap is NewBitmap with its memory faulted in ahead (one store per 4 KiB page),
+// for a bitmap the stop window fills: there a first touch would cost a page fault per 4 KiB,
+// which is expensive where the host hands out fresh memory slowly.
+func newFaultedBitmap(n uint64) Bitmap {
+	b := NewBitmap(n)
+	for i := 0; i < len(b); i += 512 {
+		b[i] = 0
+	}
+	return b
+}
+
 // Set adds page i.
 func (b Bitmap) Set(i uint64) { b[i/64] |= 1 << (i % 64) }
 

@@ -94,6 +94,7 @@ type receiver struct {
 
 	// Post-copy.
 	switchID wire.MigrationID
+	spareSet []Bitmap // post-copy negotiated: the bitmaps the Switch's page set will fill
 	missing  []Bitmap // the Switch set, once one arrived
 	wdesc    *wire.Description
 	caps     wire.Caps
@@ -239,6 +240,13 @@ func (rc *receiver) migrate() error {
 	if err := rc.vmm("Prepare", rc.dst.Prepare(desc)); err != nil {
 		return err
 	}
+	if accepted&wire.CapPostcopy != 0 {
+		// The switch's page set arrives in the stop window: its bitmaps are ready by then.
+		rc.spareSet = make([]Bitmap, len(desc.Layout.Regions))
+		for r := range rc.spareSet {
+			rc.spareSet[r] = newFaultedBitmap(hello.Desc.Pages(r))
+		}
+	}
 	rc.link.r.SetCaps(accepted)
 	if err := rc.link.w.WriteWelcome(&wire.Welcome{Caps: accepted}); err != nil {
 		return err
@@ -294,10 +302,7 @@ func (rc *receiver) migrate() error {
 			rc.endRound()
 			rc.phase = "switch"
 			if rc.missing == nil {
-				rc.missing = make([]Bitmap, len(desc.Layout.Regions))
-				for r := range rc.missing {
-					rc.missing[r] = NewBitmap(hello.Desc.Pages(r))
-				}
+				rc.missing, rc.spareSet = rc.spareSet, nil
 				rc.switchID = m.ID
 				rc.rep.Mode = ModePostcopy
 				if rc.rep.Rounds > 0 {

@@ -240,12 +240,19 @@ func TestRoundAckEarly(t *testing.T) {
 			}
 			return nil
 		})
-		want := "migration: round 1: protocol violation: the destination acknowledged round 1, but the source has ended only 0"
-		if serr.Error() != want {
-			t.Fatalf("source error %q, want %q", serr, want)
+		// The acknowledgement races with the round: read while the round is being written (the
+		// usual case), or after its end marker, when it acknowledges no page of it. Either way
+		// the source refuses it.
+		early := "migration: round 1: protocol violation: the destination acknowledged round 1, but the source has ended only 0"
+		late := "migration: waiting for round 1 ack: protocol violation: the destination acknowledged round 1 with 0 pages placed"
+		if serr.Error() != early && !strings.HasPrefix(serr.Error(), late) {
+			t.Fatalf("source error %q, want %q (or, had the round ended first, %q...)", serr, early, late)
 		}
-		if !errors.Is(derr, wire.ErrPeer) || !strings.Contains(derr.Error(), "peer aborted (protocol)") {
-			t.Fatalf("destination got %v", derr)
+		// The refusal interrupts the batch the source is writing: if it was cut mid-frame, the
+		// destination cannot read the Error frame after it, and sees the truncated frame.
+		var fe *wire.FrameError
+		if !(errors.Is(derr, wire.ErrPeer) && strings.Contains(derr.Error(), "peer aborted (protocol)")) && !(errors.As(derr, &fe) && errors.Is(derr, wire.ErrTruncated)) {
+			t.Fatalf("destination got %v, want the source's protocol error or a frame it cut", derr)
 		}
 	})
 }

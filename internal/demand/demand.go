@@ -86,7 +86,7 @@ type Pager struct {
 
 	mu       sync.Mutex
 	missing  guestmem.Bitmap // pages still to arrive
-	reported guestmem.Bitmap // missing pages reported as faults
+	reported map[uint64]bool // missing pages reported as faults (few: no bitmap of memory's size to allocate in the stop window)
 	changed  chan struct{}   // closed and replaced whenever pages arrive
 	closed   bool
 	stats    Stats
@@ -96,11 +96,21 @@ type Pager struct {
 // SetFor returns a copy of missing sized for mem, without bits past its last page: the form
 // DiscardStale and Arm take. missing may be longer than mem needs, not shorter.
 func SetFor(mem *guestmem.Region, missing migration.Bitmap) (guestmem.Bitmap, error) {
+	return SetInto(nil, mem, missing)
+}
+
+// SetInto is SetFor into dst, when it has the words for mem's pages (allocated and touched
+// ahead, so that the stop window neither allocates nor faults in memory for it); else into a
+// new bitmap.
+func SetInto(dst guestmem.Bitmap, mem *guestmem.Region, missing migration.Bitmap) (guestmem.Bitmap, error) {
 	pages := mem.Pages()
 	if uint64(len(missing)) < (pages+63)/64 {
 		return nil, fmt.Errorf("demand: bitmap of %d words for %s's %d pages", len(missing), mem.Name, pages)
 	}
-	bm := guestmem.NewBitmap(pages)
+	bm := dst
+	if uint64(len(bm)) != (pages+63)/64 {
+		bm = guestmem.NewBitmap(pages)
+	}
 	copy(bm, missing)
 	if pages%64 != 0 {
 		bm[len(bm)-1] &= 1<<(pages%64) - 1
@@ -175,7 +185,7 @@ func Arm(mem *guestmem.Region, missing guestmem.Bitmap, cfg Config) (*Pager, err
 		mem: mem, cfg: cfg, u: u, base: base, pages: pages,
 		zeroBuf: make([]byte, guestmem.PageSize),
 		stop:    make(chan struct{}), readerDone: make(chan struct{}),
-		missing: missing, reported: guestmem.NewBitmap(pages), changed: make(chan struct{}),
+		missing: missing, reported: map[uint64]bool{}, changed: make(chan struct{}),
 		stats: Stats{Armed: true, Missing: n, Left: n},
 	}
 	p.zeroOK.Store(ioctls&uffd.IoctlZeroPage != 0)
@@ -212,10 +222,10 @@ func (p *Pager) reader() {
 			switch {
 			case !p.missing.Test(pg):
 				local = append(local, pg)
-			case p.reported.Test(pg):
+			case p.reported[pg]:
 				p.stats.RepeatFaults++
 			default:
-				p.reported.Set(pg)
+				p.reported[pg] = true
 				p.stats.Faults++
 				out = append(out, migration.Fault{Region: p.cfg.Region, Page: pg, At: now})
 			}
@@ -356,8 +366,8 @@ func (p *Pager) Ensure(ctx context.Context, first, n uint64) error {
 				continue
 			}
 			waiting = true
-			if !p.reported.Test(pg) {
-				p.reported.Set(pg)
+			if !p.reported[pg] {
+				p.reported[pg] = true
 				p.stats.Faults++
 				p.stats.VMMFaults++
 				out = append(out, migration.Fault{Region: p.cfg.Region, Page: pg, At: time.Now()})

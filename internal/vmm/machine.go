@@ -94,7 +94,10 @@ type Machine struct {
 	// form the pager keeps (ArmPostcopy takes the same set): both are work that follows
 	// memory's size, done while the state arrives instead of in the stop window.
 	discarded guestmem.Bitmap
-	lastPC         atomic.Pointer[demand.Pager] // the last one, after it ended, for its figures
+	// armSpare is the bitmap the pager's copy of a post-copy set goes into, made (and faulted
+	// in) when the machine is prepared for an incoming migration, not in the stop window.
+	armSpare guestmem.Bitmap
+	lastPC   atomic.Pointer[demand.Pager] // the last one, after it ended, for its figures
 }
 
 // New builds a machine. A machine with an Image boots that image when started; one without

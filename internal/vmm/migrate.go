@@ -217,6 +217,7 @@ func (d *MigrationDestination) Prepare(desc migration.Description) error {
 			return fmt.Errorf("vmm: incoming VM has a component %q this VMM does not have", id)
 		}
 	}
+	m.armSpare = guestmem.NewFaultedBitmap(m.mem.Pages())
 	d.M = m
 	return nil
 }
