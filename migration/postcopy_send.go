@@ -245,11 +245,8 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 			}
 			d.logging = true
 		}
-		set, err := d.src.Populated()
-		if err := d.vmm("Populated", err); err != nil {
-			return err
-		}
-		if err := checkBitmaps("Populated", set, &d.desc.Layout); err != nil {
+		set, err := d.populated()
+		if err != nil {
 			return err
 		}
 		populated = set
@@ -272,11 +269,8 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 	}
 	var missing []Bitmap
 	if d.logging {
-		last, err := d.src.FetchDirty()
-		if err := d.vmm("FetchDirty", err); err != nil {
-			return err
-		}
-		if err := checkBitmaps("FetchDirty", last, &d.desc.Layout); err != nil {
+		last, err := d.fetchDirty()
+		if err != nil {
 			return err
 		}
 		if d.heat != nil {
@@ -336,11 +330,8 @@ func (d *postcopyDriver) sample(span time.Duration) error {
 		if d.heat == nil {
 			continue
 		}
-		dirty, err := d.src.FetchDirty()
-		if err := d.vmm("FetchDirty", err); err != nil {
-			return err
-		}
-		if err := checkBitmaps("FetchDirty", dirty, &d.desc.Layout); err != nil {
+		dirty, err := d.fetchDirty()
+		if err != nil {
 			return err
 		}
 		addHeat(d.heat, dirty, d.sizes)
@@ -486,7 +477,7 @@ func (d *postcopyDriver) serve() (*wire.Done, error) {
 	defer idle.Stop()
 	idler, _ := d.prepager.(Idler)
 	for {
-		if err := d.linkErr(); err != nil {
+		if err := d.link.err(); err != nil {
 			return nil, err
 		}
 		d.demanded = d.dq.take(d.demanded)

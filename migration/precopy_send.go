@@ -69,11 +69,8 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 	}
 	d.logging = true
 	d.fetchAt = d.clock.Now()
-	set, err := d.src.Populated()
-	if err := d.vmm("Populated", err); err != nil {
-		return err
-	}
-	if err := checkBitmaps("Populated", set, &d.desc.Layout); err != nil {
+	set, err := d.populated()
+	if err != nil {
 		return err
 	}
 	for r, bm := range set {
@@ -94,11 +91,8 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 	// round.
 	var dec Decision
 	for {
-		dirty, err := d.src.FetchDirty()
-		if err := d.vmm("FetchDirty", err); err != nil {
-			return err
-		}
-		if err := checkBitmaps("FetchDirty", dirty, &d.desc.Layout); err != nil {
+		dirty, err := d.fetchDirty()
+		if err != nil {
 			return err
 		}
 		if d.post != nil {
@@ -171,11 +165,8 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 	if ctx.heartbeats {
 		ctx.lastBeat = ctx.pc.LastProgress()
 	}
-	last, err := d.src.FetchDirty()
-	if err := d.vmm("FetchDirty", err); err != nil {
-		return err
-	}
-	if err := checkBitmaps("FetchDirty", last, &d.desc.Layout); err != nil {
+	last, err := d.fetchDirty()
+	if err != nil {
 		return err
 	}
 	set = union(set, last)

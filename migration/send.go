@@ -490,12 +490,22 @@ func (s *sender) vmm(op string, err error) error {
 	return &vmmError{side: "source", op: op, err: err}
 }
 
-// linkErr is why the current connection (or the migration) ended, if it has.
-func (s *sender) linkErr() error {
-	if s.link.ctx.Err() != nil {
-		return context.Cause(s.link.ctx)
+// fetchDirty is the Source's FetchDirty, its bitmaps checked against the layout.
+func (s *sender) fetchDirty() ([]Bitmap, error) {
+	set, err := s.src.FetchDirty()
+	if err := s.vmm("FetchDirty", err); err != nil {
+		return nil, err
 	}
-	return nil
+	return set, checkBitmaps("FetchDirty", set, &s.desc.Layout)
+}
+
+// populated is the Source's Populated, its bitmaps checked against the layout.
+func (s *sender) populated() ([]Bitmap, error) {
+	set, err := s.src.Populated()
+	if err := s.vmm("Populated", err); err != nil {
+		return nil, err
+	}
+	return set, checkBitmaps("Populated", set, &s.desc.Layout)
 }
 
 // live returns the reason to stop if the migration was cancelled or the peer failed.
@@ -890,7 +900,7 @@ func (s *sender) flushOn(w *wire.Writer) error {
 	if s.used == 0 {
 		return nil
 	}
-	if err := s.linkErr(); err != nil {
+	if err := s.link.err(); err != nil {
 		return err
 	}
 	s.encode(&s.cls, s.ps)
