@@ -65,8 +65,12 @@
 // (with a KVM dirty ring, the VMM harvests the pages written since the previous fetch) and
 // those pages. What follows the memory's size happens outside it: a pure post-copy finds the
 // populated pages before the pause, with logging on from before the walk so that the last
-// fetch adds what the guest wrote meanwhile, and logging is stopped only after Resumed (a
-// paused VM dirties nothing; stopping costs the VMM a memslot update over all of memory).
+// fetch adds what the guest wrote meanwhile, and sends them ahead (wire.Ahead) where the
+// destination takes them, so that the Switch carries only that last fetch; logging is stopped
+// only after Resumed (a paused VM dirties nothing; stopping costs the VMM a memslot update over
+// all of memory). The page sets themselves ([Bitmap]) are kept in chunks that exist only where
+// pages are, with summaries of which do: merging, counting and walking them costs what they
+// hold, not a bit per page of memory.
 //
 // Pre-copy pages may travel on several connections (SendOptions.Streams): the source reads
 // pages on its one goroutine and hands each batch to a lane per connection, which classifies,
@@ -81,9 +85,11 @@
 //	 converged earlier: stop and copy as above]
 //	[postcopy, PrepageHot or SampleBefore: sample the dirty log and progress while running]
 //	[postcopy: StartDirtyLog, then Populated, while running]
+//	[postcopy: Ahead: the populated pages  ----->   (the destination takes them as missing)]
 //	Pause, last FetchDirty
 //	Switch: the missing set  ------------------->   (postcopy: populated pages and the last
-//	                                                 dirty ones; hybrid: unsent dirty pages)
+//	                                                 dirty ones, or after Ahead the last dirty
+//	                                                 ones only; hybrid: unsent dirty pages)
 //	SaveState -> state, Complete  -------------->   ArmPostcopy(missing), RestoreState, Start
 //	                         <-------------------   Resumed          (the point of no return)
 //	StopDirtyLog

@@ -234,11 +234,13 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 	}
 
 	var populated []Bitmap
+	ahead := false // the destination has the populated set already (wire.Ahead)
 	if unsent == nil {
 		// Pure post-copy: the destination lacks every page with data (holes stay holes: its
 		// fresh memory reads as zero there). Finding them walks the memory, so it happens
 		// before the pause, with logging on from before the walk: what the guest writes
-		// meanwhile comes with the final fetch.
+		// meanwhile comes with the final fetch. Where the destination takes it, the set goes
+		// ahead too, and the Switch in the stop window carries only that last fetch.
 		if !d.logging {
 			if err := d.vmm("StartDirtyLog", d.src.StartDirtyLog()); err != nil {
 				return err
@@ -250,6 +252,15 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 			return err
 		}
 		populated = set
+		if d.caps&wire.CapAhead != 0 {
+			if err := writeSet(populated, d.sizes, func(ps *wire.PageSet, more bool) error {
+				return d.link.w.WriteAhead(&wire.Ahead{PageSet: *ps}, more)
+			}); err != nil {
+				return err
+			}
+			ahead = true
+			d.pcr.AheadPages = d.count(populated)
+		}
 	}
 
 	d.phase = "switch"
@@ -267,9 +278,10 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 	if ctx.heartbeats {
 		ctx.lastBeat = ctx.pc.LastProgress()
 	}
-	var missing []Bitmap
+	var missing, last []Bitmap
 	if d.logging {
-		last, err := d.fetchDirty()
+		var err error
+		last, err = d.fetchDirty()
 		if err != nil {
 			return err
 		}
@@ -297,7 +309,11 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 	d.switched = true
 	// The caller learns of the switch before the destination can run the VM.
 	d.report(true)
-	err := writeSet(missing, d.sizes, func(ps *wire.PageSet, more bool) error {
+	switchSet := missing
+	if ahead {
+		switchSet = last
+	}
+	err := writeSet(switchSet, d.sizes, func(ps *wire.PageSet, more bool) error {
 		return d.link.w.WriteSwitch(&wire.Switch{ID: d.id, PageSet: *ps}, more)
 	})
 	if err != nil {

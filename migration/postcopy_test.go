@@ -116,10 +116,52 @@ func TestPostcopyIdle(t *testing.T) {
 		if p.PagesPushed != p.MissingAtStart || p.DemandFaults != 0 || p.PagesDemanded != 0 {
 			t.Fatalf("idle guest: %+v", p)
 		}
+		if p.AheadPages != p.MissingAtStart || p.AheadPages == 0 {
+			t.Fatalf("idle guest: %d of %d missing pages sent ahead of the pause, want all", p.AheadPages, p.MissingAtStart)
+		}
 		if s.rep.Pages.Hole == 0 || s.rep.Pages.Raw+s.rep.Pages.Zero != p.MissingAtStart {
 			t.Fatalf("pages %+v for %d missing", s.rep.Pages, p.MissingAtStart)
 		}
 		t.Logf("total %.1fms, downtime %.2fms, post-copy %.1fms; %+v", s.rep.TotalMS, s.rep.DowntimeMS, p.PostcopyMS, *p)
+	})
+}
+
+// TestPostcopyAhead: in pure post-copy the populated set goes to the destination before the
+// pause (wire.Ahead) and the Switch carries only the last fetch. Pages the guest writes after
+// the walk and before the pause, holes and pages with data alike, must still be demand-paged
+// and arrive with their new content; the oracle checks every page.
+func TestPostcopyAhead(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := &pcCase{g: newGuest(8*MiB, 32), link: mt.LinkConfig{Bandwidth: 100 * MiB, Latency: time.Millisecond}}
+		c.so.Mode = migration.ModePostcopy
+		pop, err := c.g.Populated()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var hole, held uint64
+		for p := range pop[0].Pages() {
+			if pop[0].Has(p) {
+				held = p
+			} else if hole == 0 {
+				hole = p
+			}
+		}
+		c.g.Hook = func(op string, n int) error {
+			if op == "Pause" && n == 1 { // after the walk and the Ahead set, before the pause
+				for _, p := range []uint64{hole, held} {
+					if err := c.g.Write(0, p, 100, []byte("written after the walk")); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		}
+		s, r := c.run(t)
+		checkPostcopyOK(t, c, s, r)
+		p := s.rep.Postcopy
+		if p.AheadPages == 0 || p.AheadPages+1 != p.MissingAtStart {
+			t.Fatalf("%d pages ahead, %d missing: want all but the hole written after the walk ahead", p.AheadPages, p.MissingAtStart)
+		}
 	})
 }
 
@@ -147,6 +189,9 @@ func TestPostcopyWriterAndVCPUs(t *testing.T) {
 				p := s.rep.Postcopy
 				if p.DemandFaults == 0 || p.FaultLatencyP50US <= 0 || p.FaultLatencyP99US < p.FaultLatencyP50US || len(p.FaultLatencyUS) == 0 {
 					t.Fatalf("no demand faults measured: %+v", p)
+				}
+				if p.AheadPages == 0 || p.AheadPages > p.MissingAtStart {
+					t.Fatalf("%d of %d missing pages sent ahead of the pause", p.AheadPages, p.MissingAtStart)
 				}
 				if p.ProgressBefore <= 0 || p.ProgressDuring <= 0 || p.ProgressAfter <= 0 {
 					t.Fatalf("progress rates %v, %v, %v", p.ProgressBefore, p.ProgressDuring, p.ProgressAfter)
@@ -627,7 +672,7 @@ func TestPostcopyReportJSON(t *testing.T) {
 		var m map[string]any
 		json.Unmarshal(b, &m)
 		pc, _ := m["postcopy"].(map[string]any)
-		for _, k := range []string{"migration_id", "prepage", "switched_after_rounds", "switch_reason", "missing_at_switch", "pages_pushed",
+		for _, k := range []string{"migration_id", "prepage", "switched_after_rounds", "switch_reason", "missing_at_switch", "ahead_pages", "pages_pushed",
 			"pages_demanded", "demand_faults", "fault_latency_p50_us", "fault_latency_p99_us", "fault_latency_max_us", "postcopy_ms",
 			"reconnects", "progress_rate_before", "progress_rate_during", "progress_rate_after"} {
 			if _, ok := pc[k]; !ok {

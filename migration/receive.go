@@ -94,8 +94,8 @@ type receiver struct {
 
 	// Post-copy.
 	switchID wire.MigrationID
-	spareSet []Bitmap // post-copy negotiated: the bitmaps the Switch's page set will fill
-	missing  []Bitmap // the Switch set, once one arrived
+	missing  []Bitmap // the Switch set (with the Ahead set), once one arrived
+	switched bool     // a Switch arrived
 	wdesc    *wire.Description
 	caps     wire.Caps
 	pc       *pcRecv // after Resumed in post-copy
@@ -226,7 +226,7 @@ func (rc *receiver) migrate() error {
 	}
 	pd, demandPaging := rc.dst.(PostcopyDestination)
 	if demandPaging {
-		supported |= wire.CapPostcopy
+		supported |= wire.CapPostcopy | wire.CapAhead
 	}
 	if rc.opts.AcceptStream != nil {
 		supported |= wire.CapStreams
@@ -239,13 +239,6 @@ func (rc *receiver) migrate() error {
 	rc.prepared = true
 	if err := rc.vmm("Prepare", rc.dst.Prepare(desc)); err != nil {
 		return err
-	}
-	if accepted&wire.CapPostcopy != 0 {
-		// The switch's page set arrives in the stop window: its bitmaps are ready by then.
-		rc.spareSet = make([]Bitmap, len(desc.Layout.Regions))
-		for r := range rc.spareSet {
-			rc.spareSet[r] = newFaultedBitmap(hello.Desc.Pages(r))
-		}
 	}
 	rc.link.r.SetCaps(accepted)
 	if err := rc.link.w.WriteWelcome(&wire.Welcome{Caps: accepted}); err != nil {
@@ -298,11 +291,20 @@ func (rc *receiver) migrate() error {
 			if err := rc.link.w.WriteRoundAck(&wire.RoundAck{N: m.N, Pages: placed}); err != nil {
 				return err
 			}
+		case *wire.Ahead:
+			// Pure post-copy, the guest still running at the source: most of the set the
+			// Switch will complete.
+			rc.phase = "switch ahead"
+			rc.newMissing()
+			for _, run := range m.Runs {
+				rc.missing[m.Region].SetRange(run.First, uint64(run.Count))
+			}
 		case *wire.Switch:
 			rc.endRound()
 			rc.phase = "switch"
-			if rc.missing == nil {
-				rc.missing, rc.spareSet = rc.spareSet, nil
+			if !rc.switched {
+				rc.switched = true
+				rc.newMissing()
 				rc.switchID = m.ID
 				rc.rep.Mode = ModePostcopy
 				if rc.rep.Rounds > 0 {
@@ -344,7 +346,7 @@ func (rc *receiver) migrate() error {
 	}
 
 	t0 := rc.clock.Now()
-	if rc.missing != nil {
+	if rc.switched {
 		// Post-copy: the pages of the set are demand-paged from now on (older copies from
 		// pre-copy rounds discarded).
 		rc.phase = "arm post-copy"
@@ -367,7 +369,7 @@ func (rc *receiver) migrate() error {
 	rc.phase = "start"
 	t1 := rc.clock.Now()
 	var p *pcRecv
-	if rc.missing != nil {
+	if rc.switched {
 		p = newPCRecv(rc, pd)
 		rc.pcPlace.Store(p)
 	}
@@ -480,4 +482,16 @@ func (rc *receiver) place(b *wire.PageBatch, counts *pages.Counters) error {
 		}
 	}
 	return nil
+}
+
+// newMissing makes the bitmaps of the post-copy set, unless the Ahead set made them already.
+// They cost a pointer per chunk of pages (Bitmap), nothing per page.
+func (rc *receiver) newMissing() {
+	if rc.missing != nil {
+		return
+	}
+	rc.missing = make([]Bitmap, len(rc.wdesc.Regions))
+	for r := range rc.missing {
+		rc.missing[r] = NewBitmap(rc.wdesc.Pages(r))
+	}
 }

@@ -188,9 +188,13 @@ type PostcopyReport struct {
 	SwitchedAfter  int    `json:"switched_after_rounds"` // live pre-copy rounds before the switch (0 for postcopy)
 	SwitchReason   string `json:"switch_reason"`         // why hybrid switched: rounds, time, not converging
 	MissingAtStart uint64 `json:"missing_at_switch"`     // pages the destination lacked when its vCPUs started
-	PagesPushed    uint64 `json:"pages_pushed"`          // sent by the background push
-	PagesDemanded  uint64 `json:"pages_demanded"`        // sent because the destination asked
-	DemandFaults   uint64 `json:"demand_faults"`         // first accesses that had to wait for the network
+	// AheadPages (source report) is how many of them the destination learnt of before the
+	// pause (pure post-copy: the populated pages), so that the stop window carried only the
+	// pages written since.
+	AheadPages    uint64 `json:"ahead_pages"`
+	PagesPushed   uint64 `json:"pages_pushed"`   // sent by the background push
+	PagesDemanded uint64 `json:"pages_demanded"` // sent because the destination asked
+	DemandFaults  uint64 `json:"demand_faults"`  // first accesses that had to wait for the network
 	// Fault service latency: a fault seen by the destination's VMM -> its page installed.
 	FaultLatencyP50US float64 `json:"fault_latency_p50_us"`
 	FaultLatencyP99US float64 `json:"fault_latency_p99_us"`

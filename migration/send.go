@@ -547,6 +547,9 @@ func (s *sender) migrate() error {
 	}
 	if s.post != nil {
 		offered |= wire.CapPostcopy
+		if s.opts.Mode == ModePostcopy {
+			offered |= wire.CapAhead
+		}
 	}
 	if s.opts.Streams > 1 || (s.post != nil && s.opts.FaultChannel && s.opts.DialStream != nil) {
 		offered |= wire.CapStreams

@@ -353,6 +353,9 @@ func postcopyLines(pc *migration.PostcopyReport) string {
 	}
 	fmt.Fprintf(&b, "; %.1f ms until every page was at the destination\n", pc.PostcopyMS)
 	fmt.Fprintf(&b, "  pages      %d missing at the switch: %d pushed, %d demanded\n", pc.MissingAtStart, pc.PagesPushed, pc.PagesDemanded)
+	if pc.AheadPages > 0 {
+		fmt.Fprintf(&b, "  set        %d of them sent ahead of the pause, %d added in the stop window\n", pc.AheadPages, pc.MissingAtStart-min(pc.AheadPages, pc.MissingAtStart))
+	}
 	fmt.Fprintf(&b, "  faults     %d demand faults, service latency p50 %.0f us, p99 %.0f us, max %.0f us\n",
 		pc.DemandFaults, pc.FaultLatencyP50US, pc.FaultLatencyP99US, pc.FaultLatencyMaxUS)
 	fmt.Fprintf(&b, "  progress   %.0f heartbeats/s before the switch, %.0f during post-copy, %.0f after\n",

@@ -114,6 +114,10 @@ func heavyWriterTest(t *testing.T, mode string) {
 	if mode == migration.ModePostcopy && pc.SwitchedAfter != 0 {
 		t.Errorf("postcopy switched after %d rounds, want 0", pc.SwitchedAfter)
 	}
+	// Pure post-copy sends the populated set ahead of the pause; the writer adds to it after.
+	if (mode == migration.ModePostcopy) != (pc.AheadPages > 0) || pc.AheadPages > pc.MissingAtStart {
+		t.Errorf("%s: %d of %d missing pages sent ahead of the pause, want some (and no more) in post-copy only", mode, pc.AheadPages, pc.MissingAtStart)
+	}
 }
 
 // migrateAsync starts 'godwit migrate --json' and returns a function that waits for its report.
@@ -329,9 +333,9 @@ func TestPostcopyBadFlags(t *testing.T) {
 func TestPostcopyReportText(t *testing.T) {
 	pc := &migration.PostcopyReport{Prepage: "bubble", SwitchedAfter: 2, SwitchReason: "after 2 live rounds", MissingAtStart: 1000,
 		PagesPushed: 900, PagesDemanded: 100, DemandFaults: 104, FaultLatencyP50US: 250, FaultLatencyP99US: 4000, FaultLatencyMaxUS: 9000,
-		PostcopyMS: 1234.5, Reconnects: 1, ProgressBefore: 500, ProgressDuring: 120, ProgressAfter: 480, MigrationID: "abc"}
+		PostcopyMS: 1234.5, Reconnects: 1, ProgressBefore: 500, ProgressDuring: 120, ProgressAfter: 480, MigrationID: "abc", AheadPages: 990}
 	text := postcopyLines(pc)
-	for _, want := range []string{"prepage bubble", "after 2 pre-copy rounds (after 2 live rounds)", "1234.5 ms", "1000 missing", "900 pushed", "100 demanded",
+	for _, want := range []string{"990 of them sent ahead of the pause, 10 added in the stop window", "prepage bubble", "after 2 pre-copy rounds (after 2 live rounds)", "1234.5 ms", "1000 missing", "900 pushed", "100 demanded",
 		"104 demand faults", "p50 250 us", "p99 4000 us", "500 heartbeats/s before", "120 during", "480 after", "reconnects 1", "abc"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("post-copy report text lacks %q:\n%s", want, text)

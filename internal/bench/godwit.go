@@ -291,6 +291,7 @@ func fillFromReport(r *Run, rep *migration.Report) {
 		r.Extra["pages_pushed"] = float64(pc.PagesPushed)
 		r.Extra["pages_demanded"] = float64(pc.PagesDemanded)
 		r.Extra["missing_at_switch"] = float64(pc.MissingAtStart)
+		r.Extra["ahead_pages"] = float64(pc.AheadPages)
 		r.Extra["progress_before"] = pc.ProgressBefore
 		r.Extra["progress_during"] = pc.ProgressDuring
 		r.Extra["progress_after"] = pc.ProgressAfter

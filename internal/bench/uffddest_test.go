@@ -110,9 +110,9 @@ func (d *uffdDest) DiscardStale(missing []migration.Bitmap) error {
 	return nil
 }
 
-func (d *uffdDest) ramBitmap(missing []migration.Bitmap) (guestmem.Bitmap, error) {
-	if len(missing) != 1 || uint64(len(missing[0])) != (d.mem.Pages()+63)/64 {
-		return nil, fmt.Errorf("uffd destination: page set of %d bitmaps does not fit %d pages", len(missing), d.mem.Pages())
+func (d *uffdDest) ramBitmap(missing []migration.Bitmap) (migration.Bitmap, error) {
+	if len(missing) != 1 || missing[0].Pages() < d.mem.Pages() {
+		return migration.Bitmap{}, fmt.Errorf("uffd destination: page set of %d bitmaps does not fit %d pages", len(missing), d.mem.Pages())
 	}
 	return demand.SetFor(d.mem, missing[0])
 }

@@ -23,6 +23,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -85,69 +86,89 @@ type Pager struct {
 	sendClosed bool
 
 	mu       sync.Mutex
-	missing  guestmem.Bitmap // pages still to arrive
-	reported map[uint64]bool // missing pages reported as faults (few: no bitmap of memory's size to allocate in the stop window)
-	changed  chan struct{}   // closed and replaced whenever pages arrive
+	missing  migration.Bitmap // pages still to arrive
+	reported map[uint64]bool  // missing pages reported as faults (few: no bitmap of memory's size to allocate in the stop window)
+	changed  chan struct{}    // closed and replaced whenever pages arrive
 	closed   bool
 	stats    Stats
 	failure  error // the reader's fatal error, if any
 }
 
-// SetFor returns a copy of missing sized for mem, without bits past its last page: the form
-// DiscardStale and Arm take. missing may be longer than mem needs, not shorter.
-func SetFor(mem *guestmem.Region, missing migration.Bitmap) (guestmem.Bitmap, error) {
-	return SetInto(nil, mem, missing)
+// SetFor returns a copy of missing for mem, the form DiscardStale and Arm take (the caller
+// keeps its own). missing may be larger than mem needs, not smaller; pages past mem's last
+// are ignored. It costs what the set holds (migration.Bitmap), not mem's size.
+func SetFor(mem *guestmem.Region, missing migration.Bitmap) (migration.Bitmap, error) {
+	if pages := mem.Pages(); missing.Pages() < pages {
+		return migration.Bitmap{}, fmt.Errorf("demand: bitmap of %d pages for %s's %d pages", missing.Pages(), mem.Name, pages)
+	}
+	return missing.Clone(), nil
 }
 
-// SetInto is SetFor into dst, when it has the words for mem's pages (allocated and touched
-// ahead, so that the stop window neither allocates nor faults in memory for it); else into a
-// new bitmap.
-func SetInto(dst guestmem.Bitmap, mem *guestmem.Region, missing migration.Bitmap) (guestmem.Bitmap, error) {
-	pages := mem.Pages()
-	if uint64(len(missing)) < (pages+63)/64 {
-		return nil, fmt.Errorf("demand: bitmap of %d words for %s's %d pages", len(missing), mem.Name, pages)
-	}
-	bm := dst
-	if uint64(len(bm)) != (pages+63)/64 {
-		bm = guestmem.NewBitmap(pages)
-	}
-	copy(bm, missing)
-	if pages%64 != 0 {
-		bm[len(bm)-1] &= 1<<(pages%64) - 1
-	}
-	return bm, nil
-}
+// maxPunchGap is the most words (of 64 pages) between two runs of stale pages that
+// DiscardStale looks through for a page to keep, to punch both as one: beyond it, two punches
+// cost less than the look.
+const maxPunchGap = 64
 
 // DiscardStale punches the pages of missing that mem holds, so that they read as absent once
 // armed (a copy from pre-copy is stale): one punch per run, and as few runs as will do. Only
-// pages with data need it (after pure post-copy there are none), and a run may span holes, so
-// it ends only at a page that must be kept.
-func DiscardStale(mem *guestmem.Region, missing guestmem.Bitmap) error {
+// pages with data need it (after pure post-copy there are none), and a run may span holes and
+// other pages of the set, so it ends only at a page that must be kept (held, not in the set).
+func DiscardStale(mem *guestmem.Region, missing migration.Bitmap) error {
 	pages := mem.Pages()
-	if uint64(len(missing)) != (pages+63)/64 {
-		return fmt.Errorf("demand: discard stale pages: bitmap of %d words for %d pages", len(missing), pages)
+	if missing.Pages() < pages {
+		return fmt.Errorf("demand: discard stale pages: bitmap of %d pages for %d pages", missing.Pages(), pages)
 	}
 	if n, err := mem.ResidentBytes(); err == nil && n == 0 {
-		return nil // fresh memory (pure post-copy): nothing to discard, and no bitmap to walk
+		return nil // fresh memory (pure post-copy): nothing to discard, and no set to walk
 	}
 	held, err := mem.Populated()
 	if err != nil {
 		return fmt.Errorf("demand: discard stale pages: %w", err)
 	}
-	stale, punchable := guestmem.NewBitmap(pages), guestmem.NewBitmap(pages)
-	for i := range held {
-		stale[i] = held[i] & missing[i]
-		punchable[i] = ^(held[i] &^ missing[i]) // not a page to keep
-	}
-	if pages%64 != 0 {
-		punchable[len(punchable)-1] &= 1<<(pages%64) - 1
-	}
-	migration.Bitmap(punchable).Runs(pages, func(first, n uint64) bool {
-		if migration.Bitmap(stale).Any(first, n) {
-			err = mem.PunchPages(first, n)
+	// kept reports whether a page of [from, to) is held and not in the set: the gap between
+	// two runs of stale pages that must not be punched.
+	kept := func(from, to uint64) bool {
+		for w := from / 64; from < to && w <= (to-1)/64; w++ {
+			k := held[w] &^ missing.Word(w)
+			if w == from/64 {
+				k &= ^uint64(0) << (from % 64)
+			}
+			if w == (to-1)/64 {
+				k &= ^uint64(0) >> (63 - (to-1)%64)
+			}
+			if k != 0 {
+				return true
+			}
 		}
-		return err == nil
+		return false
+	}
+	var from, to uint64 // the punch being gathered: pages [from, to)
+	missing.Words(pages, func(w, word uint64) bool {
+		stale := held[w] & word
+		for stale != 0 {
+			f := uint64(bits.TrailingZeros64(stale))
+			n := uint64(bits.TrailingZeros64(^(stale >> f))) // 64 when the run ends the word
+			first := w*64 + f
+			if to > from && first/64-to/64 <= maxPunchGap && !kept(to, first) {
+				to = first + n
+			} else {
+				if to > from {
+					if err = mem.PunchPages(from, to-from); err != nil {
+						return false
+					}
+				}
+				from, to = first, first+n
+			}
+			if f+n >= 64 {
+				break
+			}
+			stale &^= (1<<n - 1) << f
+		}
+		return true
 	})
+	if err == nil && to > from {
+		err = mem.PunchPages(from, to-from)
+	}
 	if err != nil {
 		return fmt.Errorf("demand: discard stale pages: %w", err)
 	}
@@ -158,10 +179,10 @@ func DiscardStale(mem *guestmem.Region, missing guestmem.Bitmap) error {
 // keeps missing (the caller must not use it afterwards) and does not discard stale copies:
 // call DiscardStale first when mem may hold pages of the set. Nothing may access mem through
 // its mapping from Go code until Shutdown.
-func Arm(mem *guestmem.Region, missing guestmem.Bitmap, cfg Config) (*Pager, error) {
+func Arm(mem *guestmem.Region, missing migration.Bitmap, cfg Config) (*Pager, error) {
 	pages := mem.Pages()
-	if uint64(len(missing)) != (pages+63)/64 {
-		return nil, fmt.Errorf("demand: arm: bitmap of %d words for %d pages", len(missing), pages)
+	if missing.Pages() < pages {
+		return nil, fmt.Errorf("demand: arm: bitmap of %d pages for %d pages", missing.Pages(), pages)
 	}
 	if cfg.Faults == nil {
 		return nil, errors.New("demand: arm: no Faults channel")
@@ -180,7 +201,7 @@ func Arm(mem *guestmem.Region, missing guestmem.Bitmap, cfg Config) (*Pager, err
 		u.Close()
 		return nil, fmt.Errorf("demand: arm: the kernel offers no UFFDIO_COPY/WAKE on %s (ioctls 0x%x)", mem.Name, ioctls)
 	}
-	n := missing.Count()
+	n := missing.Count(pages)
 	p := &Pager{
 		mem: mem, cfg: cfg, u: u, base: base, pages: pages,
 		zeroBuf: make([]byte, guestmem.PageSize),
@@ -220,7 +241,7 @@ func (p *Pager) reader() {
 			}
 			pg := uint64(off) / guestmem.PageSize
 			switch {
-			case !p.missing.Test(pg):
+			case !p.missing.Has(pg):
 				local = append(local, pg)
 			case p.reported[pg]:
 				p.stats.RepeatFaults++
@@ -335,8 +356,8 @@ func (p *Pager) Place(first, n uint64, src []byte) error {
 	}
 	p.mu.Lock()
 	for pg := first; pg < first+n; pg++ {
-		if p.missing.Test(pg) {
-			p.missing.Unset(pg)
+		if p.missing.Has(pg) {
+			p.missing.Clear(pg)
 			p.stats.Left--
 		}
 	}
@@ -362,7 +383,7 @@ func (p *Pager) Ensure(ctx context.Context, first, n uint64) error {
 		var out []migration.Fault
 		waiting := false
 		for pg := first; pg <= last; pg++ {
-			if !p.missing.Test(pg) {
+			if !p.missing.Has(pg) {
 				continue
 			}
 			waiting = true
@@ -403,7 +424,7 @@ func (p *Pager) Complete() error {
 	}
 	if p.stats.Left > 0 {
 		var firstLeft uint64
-		migration.Bitmap(p.missing).Runs(p.pages, func(first, _ uint64) bool { firstLeft = first; return false })
+		p.missing.Runs(p.pages, func(first, _ uint64) bool { firstLeft = first; return false })
 		return fmt.Errorf("%d pages are still missing (the first is page %d)", p.stats.Left, firstLeft)
 	}
 	return nil

@@ -89,7 +89,7 @@ func TestDemandPaging(t *testing.T) {
 	if _, err := f.mem.WriteAt(page(200), 200*guestmem.PageSize); err != nil {
 		t.Fatal(err)
 	}
-	missing := guestmem.NewBitmap(pages)
+	missing := migration.NewBitmap(pages)
 	missing.SetRange(10, 5)
 	missing.SetRange(100, 10)
 	if err := DiscardStale(f.mem, missing); err != nil {
@@ -203,27 +203,27 @@ func TestSetFor(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(bm) != 2 || bm.Count() != 10 || !bm.Test(90) || !bm.Test(99) {
-		t.Fatalf("SetFor: %d words, %d pages; want 2 words with pages 90..99", len(bm), bm.Count())
+	if bm.Count(100) != 10 || !bm.Has(90) || !bm.Has(99) {
+		t.Fatalf("SetFor: %d pages; want pages 90..99", bm.Count(100))
 	}
-	long[0] = 1
-	if bm.Test(0) {
+	long.Set(0)
+	if bm.Has(0) {
 		t.Fatal("SetFor shares storage with its argument")
 	}
 }
 
 func TestArmChecks(t *testing.T) {
 	f := newFixture(t, 64)
-	if _, err := Arm(f.mem, guestmem.NewBitmap(128), Config{Faults: f.faults}); err == nil {
-		t.Fatal("Arm took a bitmap of the wrong size")
+	if _, err := Arm(f.mem, migration.NewBitmap(32), Config{Faults: f.faults}); err == nil {
+		t.Fatal("Arm took a bitmap too small for the region")
 	}
-	if _, err := Arm(f.mem, guestmem.NewBitmap(64), Config{}); err == nil {
+	if _, err := Arm(f.mem, migration.NewBitmap(64), Config{}); err == nil {
 		t.Fatal("Arm took no Faults channel")
 	}
-	if err := DiscardStale(f.mem, guestmem.NewBitmap(640)); err == nil {
-		t.Fatal("DiscardStale took a bitmap of the wrong size")
+	if err := DiscardStale(f.mem, migration.NewBitmap(63)); err == nil {
+		t.Fatal("DiscardStale took a bitmap too small for the region")
 	}
-	p, err := Arm(f.mem, guestmem.NewBitmap(64), Config{Faults: f.faults})
+	p, err := Arm(f.mem, migration.NewBitmap(64), Config{Faults: f.faults})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -250,7 +250,7 @@ func TestArmChecks(t *testing.T) {
 func BenchmarkFaultService(b *testing.B) {
 	pages := uint64(max(b.N, 64)+63) / 64 * 64
 	f := newFixture(b, pages)
-	missing := guestmem.NewBitmap(pages)
+	missing := migration.NewBitmap(pages)
 	missing.SetRange(0, pages)
 	p, err := Arm(f.mem, missing, Config{Faults: f.faults})
 	if err != nil {

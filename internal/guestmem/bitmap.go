@@ -8,17 +8,6 @@ type Bitmap []uint64
 // NewBitmap returns a bitmap for pages pages.
 func NewBitmap(pages uint64) Bitmap { return make(Bitmap, (pages+63)/64) }
 
-// NewFaultedBitmap is NewBitmap with its memory faulted in: for a bitmap that the stop window
-// will fill, where a first touch of each of its pages would cost a page fault then (expensive
-// where the host hands out fresh memory slowly).
-func NewFaultedBitmap(pages uint64) Bitmap {
-	b := NewBitmap(pages)
-	for i := 0; i < len(b); i += PageSize / 8 {
-		b[i] = 0
-	}
-	return b
-}
-
 // Set marks page i.
 func (b Bitmap) Set(i uint64) { b[i/64] |= 1 << (i % 64) }
 

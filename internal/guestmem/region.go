@@ -173,18 +173,26 @@ func (r *Region) markDirty(off, n uint64) {
 	}
 }
 
-// TakeVMMDirty ORs the pages the VMM wrote since the previous call into dst and forgets them.
-func (r *Region) TakeVMMDirty(dst Bitmap) {
+// TakeVMMDirty hands the pages the VMM wrote since the previous call to add, in runs, and
+// forgets them (with add nil it only forgets them).
+func (r *Region) TakeVMMDirty(add func(first, n uint64)) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, run := range r.vmmRuns {
-		dst.SetRange(run.first, run.n)
+	if add != nil {
+		for _, run := range r.vmmRuns {
+			add(run.first, run.n)
+		}
+		for w, word := range r.vmmDirty {
+			for j := uint64(0); word != 0; j++ {
+				if word&1 != 0 {
+					add(uint64(w)*64+j, 1)
+				}
+				word >>= 1
+			}
+		}
 	}
 	r.vmmRuns = r.vmmRuns[:0]
-	if r.vmmDirty != nil {
-		dst.Or(r.vmmDirty)
-		r.vmmDirty = nil
-	}
+	r.vmmDirty = nil
 }
 
 // Populated returns the pages that may hold data: everything that is not a hole of the memfd.

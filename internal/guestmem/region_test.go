@@ -31,12 +31,12 @@ func TestRegionHolesDirtyAndPunch(t *testing.T) {
 		t.Fatalf("populated = %d pages (5: %v, 40: %v), want pages 5 and 40", pop.Count(), pop.Test(5), pop.Test(40))
 	}
 	d := NewBitmap(r.Pages())
-	r.TakeVMMDirty(d)
+	r.TakeVMMDirty(d.SetRange)
 	if d.Count() != 1 || !d.Test(5) {
 		t.Fatalf("VMM dirty = %d pages, want page 5 only", d.Count())
 	}
 	d.Clear()
-	r.TakeVMMDirty(d)
+	r.TakeVMMDirty(d.SetRange)
 	if d.Count() != 0 {
 		t.Fatalf("VMM dirty not cleared by TakeVMMDirty")
 	}
@@ -209,13 +209,13 @@ func TestVMMDirtyManyWrites(t *testing.T) {
 		}
 	}
 	d := NewBitmap(r.Pages())
-	r.TakeVMMDirty(d)
+	r.TakeVMMDirty(d.SetRange)
 	if d.Count() != writes || !d.Test(0) || d.Test(1) || !d.Test(2*(writes-1)) {
 		t.Fatalf("VMM dirty = %d pages, want the %d written", d.Count(), writes)
 	}
 	d.Clear()
 	r.WriteGPA(7*PageSize, []byte{1})
-	r.TakeVMMDirty(d)
+	r.TakeVMMDirty(d.SetRange)
 	if d.Count() != 1 || !d.Test(7) {
 		t.Fatalf("after a take, one write: %d pages dirty", d.Count())
 	}

@@ -6,8 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"github.com/godwit-vm/godwit/internal/guestmem"
 	"github.com/godwit-vm/godwit/internal/kvm"
+	"github.com/godwit-vm/godwit/migration"
 )
 
 // Dirty tracking (Config.DirtyTracking).
@@ -38,10 +38,10 @@ const (
 // dirtyRing is the machine's side of the vCPUs' dirty rings.
 type dirtyRing struct {
 	mu        sync.Mutex
-	pending   guestmem.Bitmap // harvested since the last FetchDirty; nil while logging is off
-	harvested atomic.Uint64   // entries taken from the rings
-	fullExits atomic.Uint64   // KVM_EXIT_DIRTY_RING_FULL seen
-	entries   int             // per vCPU; kept here since the VM goes with Close, and stats do not
+	pending   migration.Bitmap // harvested since the last FetchDirty; of no pages while logging is off
+	harvested atomic.Uint64    // entries taken from the rings
+	fullExits atomic.Uint64    // KVM_EXIT_DIRTY_RING_FULL seen
+	entries   int              // per vCPU; kept here since the VM goes with Close, and stats do not
 }
 
 // setUpDirtyTracking chooses the ring or bitmaps before any vCPU exists (KVM takes the ring
@@ -99,12 +99,11 @@ func (m *Machine) DirtyTracking() string {
 // harvestLocked moves the entries of every vCPU's ring into the pending set (or drops them
 // while logging is off) and re-protects their pages. m.ring.mu must be held.
 func (m *Machine) harvestLocked() error {
-	pages := m.mem.Pages()
 	pending := m.ring.pending
 	n := 0
 	for _, v := range m.vcpus {
 		n += v.kvm.HarvestDirty(func(slot uint32, page uint64) {
-			if slot == ramSlot && page < pages && pending != nil {
+			if slot == ramSlot && page < pending.Pages() {
 				pending.Set(page)
 			}
 		})
@@ -130,26 +129,28 @@ func (m *Machine) harvestDirtyFull() error {
 func (m *Machine) startRing() error {
 	m.ring.mu.Lock()
 	defer m.ring.mu.Unlock()
-	m.ring.pending = nil
+	m.ring.pending = migration.Bitmap{}
 	if err := m.harvestLocked(); err != nil {
 		return err
 	}
-	m.ring.pending = guestmem.NewBitmap(m.mem.Pages())
+	m.ring.pending = migration.NewBitmap(m.mem.Pages())
 	return nil
 }
 
-// fetchRing returns the pages dirtied since the last fetch, re-protected.
-func (m *Machine) fetchRing() (guestmem.Bitmap, error) {
+// fetchRing returns the pages dirtied since the last fetch, re-protected. It costs what the
+// rings held and a pointer per chunk of pages for the next set (migration.Bitmap), not a bit
+// per page of memory.
+func (m *Machine) fetchRing() (migration.Bitmap, error) {
 	m.ring.mu.Lock()
 	defer m.ring.mu.Unlock()
 	if err := m.harvestLocked(); err != nil {
-		return nil, err
+		return migration.Bitmap{}, err
 	}
 	b := m.ring.pending
-	if b == nil {
-		return nil, errors.New("vmm: FetchDirty without StartDirtyLog")
+	if b.Pages() == 0 {
+		return b, errors.New("vmm: FetchDirty without StartDirtyLog")
 	}
-	m.ring.pending = guestmem.NewBitmap(m.mem.Pages())
+	m.ring.pending = migration.NewBitmap(m.mem.Pages())
 	return b, nil
 }
 
@@ -157,6 +158,6 @@ func (m *Machine) fetchRing() (guestmem.Bitmap, error) {
 func (m *Machine) stopRing() error {
 	m.ring.mu.Lock()
 	defer m.ring.mu.Unlock()
-	m.ring.pending = nil
+	m.ring.pending = migration.Bitmap{}
 	return m.harvestLocked()
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/guestmem"
 	"github.com/godwit-vm/godwit/internal/kvm"
+	"github.com/godwit-vm/godwit/migration"
 )
 
 // Config describes a machine to build.
@@ -90,14 +91,11 @@ type Machine struct {
 	throttle atomic.Int32  // percent of time the vCPUs are held back (auto-converge)
 
 	pc atomic.Pointer[demand.Pager] // demand paging while armed (destination of a post-copy)
-	// discarded is the post-copy set DiscardStale punched the stale pages of already, in the
-	// form the pager keeps (ArmPostcopy takes the same set): both are work that follows
-	// memory's size, done while the state arrives instead of in the stop window.
-	discarded guestmem.Bitmap
-	// armSpare is the bitmap the pager's copy of a post-copy set goes into, made (and faulted
-	// in) when the machine is prepared for an incoming migration, not in the stop window.
-	armSpare guestmem.Bitmap
-	lastPC   atomic.Pointer[demand.Pager] // the last one, after it ended, for its figures
+	// discarded is the post-copy set DiscardStale punched the stale pages of already (an
+	// empty Bitmap until then), the pager's copy of it, ready for ArmPostcopy: discarding is
+	// done while the state arrives instead of in the stop window.
+	discarded migration.Bitmap
+	lastPC    atomic.Pointer[demand.Pager] // the last one, after it ended, for its figures
 }
 
 // New builds a machine. A machine with an Image boots that image when started; one without

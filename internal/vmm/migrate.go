@@ -55,7 +55,7 @@ func (s MigrationSource) Populated() ([]migration.Bitmap, error) {
 	if err != nil {
 		return nil, err
 	}
-	return []migration.Bitmap{migration.Bitmap(b)}, nil
+	return []migration.Bitmap{migration.BitmapOf(b)}, nil
 }
 
 // StartDirtyLog turns on KVM's dirty log for guest RAM (see dirty.go). Pages are
@@ -72,7 +72,7 @@ func (s MigrationSource) StartDirtyLog() error {
 	if err := m.vm.SetMemorySlot(kvm.MemorySlot{Slot: ramSlot, Mem: m.mem.Mem, LogDirty: true}); err != nil {
 		return err
 	}
-	m.mem.TakeVMMDirty(guestmem.NewBitmap(m.mem.Pages())) // writes before now are in Populated
+	m.mem.TakeVMMDirty(nil) // writes before now are in Populated
 	m.logDirty = true
 	return nil
 }
@@ -87,8 +87,8 @@ func (s MigrationSource) FetchDirty() ([]migration.Bitmap, error) {
 		if err != nil {
 			return nil, err
 		}
-		m.mem.TakeVMMDirty(b)
-		return []migration.Bitmap{migration.Bitmap(b)}, nil
+		m.mem.TakeVMMDirty(b.SetRange)
+		return []migration.Bitmap{b}, nil
 	}
 	pages := m.mem.Pages()
 	b := guestmem.NewBitmap(pages)
@@ -98,8 +98,8 @@ func (s MigrationSource) FetchDirty() ([]migration.Bitmap, error) {
 	if err := m.vm.ClearDirtyLog(ramSlot, 0, uint32(pages), b); err != nil {
 		return nil, err
 	}
-	m.mem.TakeVMMDirty(b)
-	return []migration.Bitmap{migration.Bitmap(b)}, nil
+	m.mem.TakeVMMDirty(b.SetRange)
+	return []migration.Bitmap{migration.BitmapOf(b)}, nil
 }
 
 func (s MigrationSource) StopDirtyLog() error {
@@ -217,7 +217,6 @@ func (d *MigrationDestination) Prepare(desc migration.Description) error {
 			return fmt.Errorf("vmm: incoming VM has a component %q this VMM does not have", id)
 		}
 	}
-	m.armSpare = guestmem.NewFaultedBitmap(m.mem.Pages())
 	d.M = m
 	return nil
 }

@@ -122,7 +122,13 @@ func TestPrecopyMigrationOnRealKVM(t *testing.T) {
 			}
 			waitHeartbeats(t, src, 50)
 			before := src.Stats()
-			dst, srep, _ := migrateLocal(t, src, migration.SendOptions{DowntimeLimit: 300 * time.Millisecond, AutoConverge: true, Streams: w.streams})
+			opts := migration.SendOptions{DowntimeLimit: 300 * time.Millisecond, AutoConverge: true, Streams: w.streams}
+			if w.ringBytes > 0 {
+				// Rounds long enough for the writer (slowed by a fault per page it dirties)
+				// to fill the small ring several times, whatever the link.
+				opts.MaxBandwidth = 100 << 20
+			}
+			dst, srep, _ := migrateLocal(t, src, opts)
 			if st, _ := src.State(); st != StatePaused {
 				t.Fatalf("source after a migration: %s, want paused (the destination owns the guest)", st)
 			}

@@ -35,10 +35,10 @@ func (m *Machine) armPostcopy(missing migration.Bitmap, faults chan migration.Fa
 	// Discard every missing page this side holds so that it reads as absent: a copy from
 	// pre-copy is stale. Usually done already, while the state arrived (DiscardStale).
 	bm := m.discarded
-	m.discarded = nil
-	if bm == nil {
+	m.discarded = migration.Bitmap{}
+	if bm.Pages() == 0 {
 		var err error
-		if bm, err = demand.SetInto(m.armSpare, m.mem, missing); err != nil {
+		if bm, err = demand.SetFor(m.mem, missing); err != nil {
 			return fmt.Errorf("vmm: arm post-copy: %w", err)
 		}
 		if err := demand.DiscardStale(m.mem, bm); err != nil {
@@ -184,7 +184,7 @@ func (d *MigrationDestination) DiscardStale(missing []migration.Bitmap) error {
 	if st, _ := m.State(); st != StateCreated || m.pc.Load() != nil {
 		return fmt.Errorf("vmm: discard stale pages: machine is %s (armed: %v), want created and not armed", st, m.pc.Load() != nil)
 	}
-	bm, err := demand.SetInto(m.armSpare, m.mem, missing[0])
+	bm, err := demand.SetFor(m.mem, missing[0])
 	if err == nil {
 		err = demand.DiscardStale(m.mem, bm)
 	}

@@ -251,9 +251,7 @@ func (g *Guest) StartDirtyLog() error {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	for _, b := range g.dirty {
-		clear(b)
-	}
+	g.clearDirty()
 	g.logging = true
 	return nil
 }
@@ -267,10 +265,8 @@ func (g *Guest) FetchDirty() ([]migration.Bitmap, error) {
 	if !g.logging {
 		return nil, errors.New("migrationtest: FetchDirty without dirty logging")
 	}
-	out := cloneBitmaps(g.dirty)
-	for _, b := range g.dirty {
-		clear(b)
-	}
+	out := g.dirty
+	g.clearDirty()
 	return out, nil
 }
 
@@ -373,9 +369,18 @@ func (g *Guest) LastProgress() time.Time {
 func cloneBitmaps(in []migration.Bitmap) []migration.Bitmap {
 	out := make([]migration.Bitmap, len(in))
 	for i, b := range in {
-		out[i] = append(migration.Bitmap(nil), b...)
+		out[i] = b.Clone()
 	}
 	return out
+}
+
+// clearDirty starts new dirty sets; g.mu is held.
+func (g *Guest) clearDirty() {
+	dirty := make([]migration.Bitmap, len(g.dirty))
+	for r, b := range g.dirty {
+		dirty[r] = migration.NewBitmap(b.Pages())
+	}
+	g.dirty = dirty
 }
 
 // WriterConfig describes a guest workload for RunWriter.

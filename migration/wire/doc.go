@@ -19,6 +19,9 @@
 //	1  2026-12-02  extra page connections under CapStreams: Streams (0x14) and Join (0x15); with
 //	               Streams, RoundEnd and Complete count the pages of all connections. New
 //	               frames behind a new capability again: the version stays 1.
+//	1  2026-12-02  a pure post-copy's populated pages ahead of the pause under CapAhead: Ahead
+//	               (0x48); the Switch then carries only the pages written since. A new frame
+//	               behind a new capability: the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -106,13 +109,13 @@
 //	Request (destination -> source, 0x40, post-copy; needs CapPostcopy)
 //	  u32 region index, u32 run count, runs as in PageBatch (at most MaxBatchPages pages)
 //
-// Post-copy frames need CapPostcopy. A page set (the Switch and Lacking frames) is a set of pages
+// Post-copy frames need CapPostcopy. A page set (the Ahead, Switch and Lacking frames) is a set of pages
 // over all regions, sent as one or more frames with FlagMore on all but the last. Each frame
 // holds runs of one region; regions ascend from frame to frame, and within a region a frame's
 // runs start at or after the previous frame's end. Every frame repeats the set's total, and the
 // frames' runs add up to exactly that total. An empty set is one frame without runs.
 //
-//	page set part (inside Switch and Lacking)
+//	page set part (inside Ahead, Switch and Lacking)
 //	  u64 total pages in the whole set (at most MaxSetPages), u32 region index, u8 form, then
 //	  form 0 (runs): u32 run count (at most MaxSetRuns), runs as in PageBatch (ascending,
 //	  inside the region; may be none);
@@ -122,11 +125,21 @@
 //	  rejects the other, so every set has one encoding. A guest that wrote pages at random
 //	  leaves a run per page or two: 12 bytes each as runs, a bit as a bitmap.
 //
-//	Switch (source -> destination, 0x41, after the last live round's RoundEnd or right after
-//	Hello, instead of the final round; flag FlagMore while the set continues)
+//	Switch (source -> destination, 0x41, after the last live round's RoundEnd, right after
+//	Hello, or after the Ahead set, instead of the final round; flag FlagMore while the set
+//	continues)
 //	  16-byte migration id (random, chosen by the source; the same in every frame), page set part:
-//	  the pages the destination lacks (pure post-copy: every populated page; hybrid: pages never
-//	  sent or dirtied since last sent). It demand-pages them; every other page is complete.
+//	  the pages the destination lacks (pure post-copy: every populated page, or after Ahead the
+//	  pages written since; hybrid: pages never sent or dirtied since last sent). It demand-pages
+//	  them (and the Ahead set's); every other page is complete.
+//
+//	Ahead (source -> destination, 0x48, CapAhead, pure post-copy: right after Hello or Streams,
+//	while the guest still runs; flag FlagMore while the set continues)
+//	  page set part: the pages that held data when the source looked, with dirty logging on
+//	  from before it looked. The Switch that must follow carries the pages written since (it
+//	  may repeat some); the destination lacks the union of the two sets. What costs a walk of
+//	  the populated pages so leaves the stop window: only what the last moments changed is
+//	  sent while the guest is paused.
 //
 //	PushEnd (source -> destination, 0x42, post-copy, at most once per connection)
 //	  u64 pages pushed since the switch, u64 pages sent on request (both over all connections).
@@ -228,6 +241,7 @@
 //
 //	Hello (Round PageBatch* RoundEnd)* Round[final] PageBatch* State* Complete DoneAck
 //	Hello (Round PageBatch* RoundEnd)* Switch[more]* Switch State* Complete Post DoneAck
+//	Hello Ahead[more]* Ahead Switch[more]* Switch State* Complete Post DoneAck      (CapAhead)
 //	Rejoin Post DoneAck                                              (a rejoining connection)
 //	Join PageBatch*                                                  (an extra page connection)
 //	Post = (PageBatch | Keepalive)* [PushEnd Keepalive*]
@@ -240,7 +254,7 @@
 //	Welcome (RoundAck | Request)* Resumed (Request | Keepalive)* [Filled (Request | Keepalive)* Stats (Request | Keepalive)*] Done
 //	Lacking[more]* Lacking (Request | Keepalive)* [Filled ... Stats ...] Done        (a rejoining connection)
 //
-// where the post-copy frames (Switch, Rejoin, Lacking, PushEnd, Keepalive, Filled, Stats and
+// where the post-copy frames (Ahead, Switch, Rejoin, Lacking, PushEnd, Keepalive, Filled, Stats and
 // Request) need CapPostcopy, and a rejoining connection's Reader is told so with
 // [Reader.Rejoining]; Streams and Join need CapStreams, and an extra page connection's Reader
 // is told so with [Reader.PageStream].

@@ -59,6 +59,9 @@ func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool) {
 	setOpen := false
 	layout := testDesc()
 	checkSet := func(ps *PageSet) {
+		if !setOpen {
+			setSum = 0 // a new set
+		}
 		if setOpen && ps.Total != setTotal {
 			t.Fatalf("set total %d accepted after %d", ps.Total, setTotal)
 		}
@@ -108,6 +111,15 @@ func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool) {
 			setOpen = r.set.open
 			if !setOpen && setSum != setTotal {
 				t.Fatalf("switch set ended with %d of %d pages", setSum, setTotal)
+			}
+		case *Ahead:
+			if post || round != nil {
+				t.Fatalf("ahead accepted after round %+v (post-copy: %v)", round, post)
+			}
+			checkSet(&m.PageSet)
+			setOpen = r.set.open
+			if !setOpen && setSum != setTotal {
+				t.Fatalf("ahead set ended with %d of %d pages", setSum, setTotal)
 			}
 		case *Lacking:
 			checkSet(&m.PageSet)
@@ -162,6 +174,7 @@ func FuzzReaderDestination(f *testing.F) {
 	f.Add(s[:PreambleSize+40])
 	f.Add([]byte(Magic))
 	f.Add(postSourceStream(f))
+	f.Add(aheadSourceStream(f))
 	f.Fuzz(func(t *testing.T, data []byte) { drain(t, data, AtDestination) })
 }
 
@@ -432,6 +445,13 @@ func FuzzDecodeSwitch(f *testing.F) {
 		AppendSwitch(nil, sw(0, 1)),
 		AppendSwitch(nil, sw(25, 0, scattered(3, 50)...)), // the bitmap form
 	}, func(p []byte) (*Switch, error) { return DecodeSwitch(p, &d) }, func(m *Switch) []byte { return AppendSwitch(nil, m) })
+}
+
+func FuzzDecodeAhead(f *testing.F) {
+	d := testDesc()
+	fuzzDecoder(f, [][]byte{
+		AppendAhead(nil, &Ahead{PageSet: PageSet{Total: 9, Region: 1, Runs: []Run{{First: 0, Count: 1}, {First: 15, Count: 1}}}}),
+	}, func(p []byte) (*Ahead, error) { return DecodeAhead(p, &d) }, func(m *Ahead) []byte { return AppendAhead(nil, m) })
 }
 
 func FuzzDecodeLacking(f *testing.F) {

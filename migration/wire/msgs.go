@@ -676,6 +676,19 @@ func DecodeSwitch(p []byte, d *Description) (*Switch, error) {
 	return m, nil
 }
 
+// AppendAhead appends an Ahead payload.
+func AppendAhead(b []byte, m *Ahead) []byte { return appendPageSet(b, &m.PageSet) }
+
+// DecodeAhead decodes an Ahead payload against the layout.
+func DecodeAhead(p []byte, d *Description) (*Ahead, error) {
+	c := &cursor{p: p, t: TypeAhead}
+	m := &Ahead{PageSet: decodePageSet(c, d)}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 // AppendLacking appends a Lacking payload.
 func AppendLacking(b []byte, m *Lacking) []byte { return appendPageSet(b, &m.PageSet) }
 

@@ -518,3 +518,90 @@ func TestBitmapRuns(t *testing.T) {
 		}
 	}
 }
+
+// aheadSourceStream is a pure post-copy source stream with the set sent ahead (CapAhead):
+// Hello, Ahead in two frames, a Switch of the pages written since (one repeats an Ahead
+// page), state and Complete.
+func aheadSourceStream(t testing.TB) []byte {
+	var buf bytes.Buffer
+	w := NewWriter(&buf)
+	for _, err := range []error{
+		w.WritePreamble(),
+		w.WriteHello(&Hello{Caps: CapPostcopy | CapAhead, Desc: testDesc()}),
+		w.WriteAhead(&Ahead{PageSet: PageSet{Total: 3, Region: 0, Runs: []Run{{First: 1, Count: 2}}}}, true),
+		w.WriteAhead(&Ahead{PageSet: PageSet{Total: 3, Region: 1, Runs: []Run{{First: 15, Count: 1}}}}, false),
+		w.WriteSwitch(&Switch{ID: testID, PageSet: PageSet{Total: 2, Region: 0, Runs: []Run{{First: 2, Count: 2}}}}, false),
+		w.WriteSection(&Section{ID: "vcpu0", Version: 3, Data: []byte("registers")}, 0),
+		w.WriteComplete(&Complete{PauseUnixNano: 5, Sections: 1}),
+		w.WriteDoneAck(),
+	} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return buf.Bytes()
+}
+
+func TestAheadRoundTrip(t *testing.T) {
+	got, err := readAll(aheadSourceStream(t), AtDestination, CapPostcopy|CapAhead)
+	if err != nil {
+		t.Fatalf("%v after %q", err, got)
+	}
+	want := []string{
+		"hello 0x50 2 regions",
+		"ahead &{PageSet:{Total:3 Region:0 Runs:[{First:1 Count:2}]} More:true}",
+		"ahead &{PageSet:{Total:3 Region:1 Runs:[{First:15 Count:1}]} More:false}",
+		"switch &{ID:0102030405060708090a0b0c0d0e0f10 PageSet:{Total:2 Region:0 Runs:[{First:2 Count:2}]} More:false}",
+		"state vcpu0 v3 9",
+		"complete &{PauseUnixNano:5 Pages:0 Sections:1}",
+		"done ack &{}",
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func TestAheadRejects(t *testing.T) {
+	ahead := func(total uint64, more bool, runs ...Run) func(w *Writer) {
+		return func(w *Writer) { w.WriteAhead(&Ahead{PageSet: PageSet{Total: total, Region: 0, Runs: runs}}, more) }
+	}
+	for _, c := range []struct {
+		name string
+		caps Caps
+		fn   func(w *Writer)
+		kind error
+		msg  string
+	}{
+		{"not negotiated", CapPostcopy, ahead(1, false, Run{First: 2, Count: 1}), ErrOrder, "frame 2 (ahead): out of order (ahead, but sending the set ahead was not negotiated)"},
+		{"without post-copy", CapAhead, ahead(1, false, Run{First: 2, Count: 1}), ErrOrder, "ahead, but post-copy was not negotiated"},
+		{"after a round", CapPostcopy | CapAhead, func(w *Writer) {
+			w.WriteRound(&Round{N: 1})
+			w.WriteRoundEnd(&RoundEnd{N: 1})
+			ahead(1, false, Run{First: 2, Count: 1})(w)
+		}, ErrOrder, "frame 4 (ahead): out of order"},
+		{"twice", CapPostcopy | CapAhead, func(w *Writer) {
+			ahead(1, false, Run{First: 2, Count: 1})(w)
+			ahead(1, false, Run{First: 2, Count: 1})(w)
+		}, ErrOrder, "frame 3 (ahead): out of order (expected switch)"},
+		{"a round after it", CapPostcopy | CapAhead, func(w *Writer) {
+			ahead(1, false, Run{First: 2, Count: 1})(w)
+			w.WriteRound(&Round{N: 1})
+		}, ErrOrder, "frame 3 (round): out of order (expected switch)"},
+		{"switch inside it", CapPostcopy | CapAhead, func(w *Writer) {
+			ahead(2, true, Run{First: 2, Count: 1})(w)
+			w.WriteSwitch(sw(1, 0, Run{First: 2, Count: 1}), false)
+		}, ErrOrder, "switch while the ahead set continues"},
+		{"set ends short", CapPostcopy | CapAhead, ahead(3, false, Run{First: 2, Count: 2}), ErrMalformed, "the set ends with 2 pages, it announced 3"},
+		{"state after it", CapPostcopy | CapAhead, func(w *Writer) {
+			ahead(1, false, Run{First: 2, Count: 1})(w)
+			w.WriteSection(&Section{ID: "vcpu0", Version: 1, Data: []byte("x")}, 0)
+		}, ErrOrder, "frame 3 (state): out of order (expected switch)"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := readAll(postRaw(c.fn), AtDestination, c.caps)
+			if !errors.Is(err, c.kind) || !strings.Contains(err.Error(), c.msg) {
+				t.Fatalf("error %v, want %v with %q", err, c.kind, c.msg)
+			}
+		})
+	}
+}

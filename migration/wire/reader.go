@@ -40,6 +40,7 @@ const (
 	stLacking               // source: a rejoining connection, before the end of the Lacking set
 	stJoin                  // destination: an extra page connection, nothing yet
 	stPages                 // destination: an extra page connection after Join
+	stAhead                 // destination: after the Ahead set began (pure post-copy, CapAhead)
 	stEnd                   // either: the peer's last frame was read; only EOF may follow
 )
 
@@ -78,6 +79,8 @@ func (s state) expecting() string {
 		return "join"
 	case stPages:
 		return "page batch"
+	case stAhead:
+		return "switch"
 	}
 	return "end of stream"
 }
@@ -381,9 +384,12 @@ func (r *Reader) accept(t Type) error {
 	post := r.caps&CapPostcopy != 0
 	if !post {
 		switch t {
-		case TypeSwitch, TypePushEnd, TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking:
+		case TypeSwitch, TypePushEnd, TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking, TypeAhead:
 			return fmt.Errorf("%s, but post-copy was not negotiated", t)
 		}
+	}
+	if r.caps&CapAhead == 0 && t == TypeAhead {
+		return fmt.Errorf("%s, but sending the set ahead was not negotiated", t)
 	}
 	if r.caps&CapStreams == 0 && (t == TypeStreams || t == TypeJoin) {
 		return fmt.Errorf("%s, but extra streams were not negotiated", t)
@@ -404,8 +410,10 @@ func (r *Reader) accept(t Type) error {
 			ok = r.st == stJoin
 		case TypeRoundEnd:
 			ok = r.st == stRound
+		case TypeAhead:
+			ok = r.st == stStream
 		case TypeSwitch:
-			ok = r.st == stStream || r.st == stRoundEnd || (r.st == stSwitch && r.set.open)
+			ok = r.st == stStream || r.st == stRoundEnd || r.st == stAhead || (r.st == stSwitch && r.set.open)
 		case TypeState:
 			ok = r.st == stFinal || r.st == stState || r.st == stSwitch
 		case TypeComplete:
@@ -552,6 +560,20 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 		m.More = flags&FlagMore != 0
 		r.post = true
 		r.st = stSwitch
+		return m, false, nil
+	case TypeAhead:
+		m, err := DecodeAhead(p, r.desc)
+		if err != nil {
+			return nil, false, err
+		}
+		if err := r.setFrame(TypeAhead, &m.PageSet, flags&FlagMore != 0); err != nil {
+			return nil, false, err
+		}
+		m.More = flags&FlagMore != 0
+		r.st = stStream
+		if !m.More {
+			r.st = stAhead
+		}
 		return m, false, nil
 	case TypeLacking:
 		m, err := DecodeLacking(p, r.desc)

@@ -66,6 +66,7 @@ const (
 	TypeStats     Type = 0x45
 	TypeRejoin    Type = 0x46
 	TypeLacking   Type = 0x47
+	TypeAhead     Type = 0x48
 	TypeError     Type = 0x7f
 )
 
@@ -113,6 +114,8 @@ func (t Type) String() string {
 		return "rejoin"
 	case TypeLacking:
 		return "lacking"
+	case TypeAhead:
+		return "ahead"
 	case TypeError:
 		return "error"
 	}
@@ -123,7 +126,7 @@ func (t Type) known() bool {
 	switch t {
 	case TypeHello, TypeWelcome, TypeRound, TypePageBatch, TypeRoundEnd, TypeRoundAck, TypeStreams, TypeJoin, TypeState,
 		TypeComplete, TypeResumed, TypeDone, TypeDoneAck, TypeRequest, TypeSwitch, TypePushEnd,
-		TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking, TypeError:
+		TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking, TypeAhead, TypeError:
 		return true
 	}
 	return false
@@ -132,7 +135,7 @@ func (t Type) known() bool {
 // Frame flags. Each is legal only on the types named.
 const (
 	FlagFinal uint8 = 1 << 0 // Round: the stop-and-copy round (the source is paused)
-	FlagMore  uint8 = 1 << 0 // State, Switch, Lacking: the section or page set continues in the next frame
+	FlagMore  uint8 = 1 << 0 // State, Switch, Lacking, Ahead: the section or page set continues in the next frame
 )
 
 // allowedFlags is the set of flag bits each type may carry.
@@ -140,7 +143,7 @@ func allowedFlags(t Type) uint8 {
 	switch t {
 	case TypeRound:
 		return FlagFinal
-	case TypeState, TypeSwitch, TypeLacking:
+	case TypeState, TypeSwitch, TypeLacking, TypeAhead:
 		return FlagMore
 	}
 	return 0
@@ -158,9 +161,10 @@ const (
 	CapDelta      Caps = 1 << 3 // EncDelta pages (reserved)
 	CapPostcopy   Caps = 1 << 4 // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
 	CapStreams    Caps = 1 << 5 // pre-copy pages on extra connections: Streams, Join
+	CapAhead      Caps = 1 << 6 // pure post-copy: most of the missing set ahead of the pause, in Ahead (needs CapPostcopy)
 
 	// KnownCaps is every capability this version can accept.
-	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams
+	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead
 )
 
 // Encoding is how one page travels in a PageBatch.
@@ -407,12 +411,21 @@ type Join struct {
 	Index uint16      // 1..Count; the main connection is 0
 }
 
+// Ahead is the part of a pure post-copy's missing set that the source knows before it pauses
+// the guest (CapAhead): the pages that held data when it looked. The Switch that follows adds
+// the pages written since; the destination lacks both.
+type Ahead struct {
+	PageSet
+	More bool // the frame had FlagMore: the set continues (set by the Reader; not in the payload)
+}
+
 // Lacking answers Rejoin: the pages the destination still does not have.
 type Lacking struct {
 	PageSet
 	More bool // the frame had FlagMore: the set continues (set by the Reader; not in the payload)
 }
 
+func (*Ahead) Type() Type     { return TypeAhead }
 func (*Hello) Type() Type     { return TypeHello }
 func (*Welcome) Type() Type   { return TypeWelcome }
 func (*Round) Type() Type     { return TypeRound }

@@ -282,6 +282,15 @@ func (w *Writer) WriteSwitch(m *Switch, more bool) error {
 	return w.frame(TypeSwitch, moreFlag(more), func(b []byte) []byte { return AppendSwitch(b, m) })
 }
 
+// WriteAhead writes one frame of the part of a pure post-copy's missing set that is known
+// before the pause (CapAhead); more says that the set continues in the next frame.
+func (w *Writer) WriteAhead(m *Ahead, more bool) error {
+	if err := checkSet(TypeAhead, &m.PageSet); err != nil {
+		return err
+	}
+	return w.frame(TypeAhead, moreFlag(more), func(b []byte) []byte { return AppendAhead(b, m) })
+}
+
 // WriteLacking writes one frame of the destination's answer to Rejoin; more says that the set
 // continues in the next frame.
 func (w *Writer) WriteLacking(m *Lacking, more bool) error {
