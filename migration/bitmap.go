@@ -9,9 +9,9 @@ import (
 // page of which was ever added is not allocated, and summaries say which chunks are and which
 // of their words may hold pages. What changed since the last round is a few pages of a large
 // memory, and every operation here goes by the summaries, so its cost follows the pages in
-// the set (and a bit per chunk: 2 KiB for 256 GiB of memory), not a bit per page: in the
-// stop window a flat bitmap of a large VM costs milliseconds to copy, merge or walk. Bits past
-// the end of the region are ignored.
+// the set (and a bit per chunk to scan, 2 KiB for 256 GiB of memory; a new set allocates a
+// pointer per chunk, 128 KiB), not a bit per page: in the stop window a flat bitmap of a large
+// VM costs milliseconds to copy, merge or walk. Bits past the end of the region are ignored.
 //
 // A Bitmap is a handle: copies share their pages (as a slice's do), and adding a page to one
 // adds it to all.
