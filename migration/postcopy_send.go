@@ -413,13 +413,18 @@ func readSet(sizes []uint64, next func() (*wire.PageSet, bool, error)) ([]Bitmap
 		if err != nil {
 			return nil, 0, err
 		}
-		for _, run := range ps.Runs {
-			set[ps.Region].SetRange(run.First, uint64(run.Count))
-			n += uint64(run.Count)
-		}
+		addPageSet(set, ps)
+		n += ps.Pages()
 		if !more {
 			return set, n, nil
 		}
+	}
+}
+
+// addPageSet adds the pages of one frame of a page set to set.
+func addPageSet(set []Bitmap, ps *wire.PageSet) {
+	for _, run := range ps.Runs {
+		set[ps.Region].SetRange(run.First, uint64(run.Count))
 	}
 }
 

@@ -296,9 +296,7 @@ func (rc *receiver) migrate() error {
 			// Switch will complete.
 			rc.phase = "switch ahead"
 			rc.newMissing()
-			for _, run := range m.Runs {
-				rc.missing[m.Region].SetRange(run.First, uint64(run.Count))
-			}
+			addPageSet(rc.missing, &m.PageSet)
 		case *wire.Switch:
 			rc.endRound()
 			rc.phase = "switch"
@@ -311,9 +309,7 @@ func (rc *receiver) migrate() error {
 					rc.rep.Mode = ModeHybrid
 				}
 			}
-			for _, run := range m.Runs {
-				rc.missing[m.Region].SetRange(run.First, uint64(run.Count))
-			}
+			addPageSet(rc.missing, &m.PageSet)
 			if sd, ok := pd.(StaleDiscarder); ok && !m.More && rc.discarded == nil {
 				// The set is complete and every pre-copy page placed (placing is
 				// synchronous): discard stale copies while the state arrives.
