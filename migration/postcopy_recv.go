@@ -372,7 +372,7 @@ func (p *pcRecv) serve() error {
 		}
 		switch m := m.(type) {
 		case *wire.PageBatch:
-			if err := p.place(m, &p.rc.counts); err != nil {
+			if err := p.place(m, &p.rc.pl); err != nil {
 				return err
 			}
 		case *wire.Keepalive:
@@ -402,13 +402,10 @@ func (p *pcRecv) missingCount() uint64 {
 // place installs a batch's pages that are still missing (a page present already, or never
 // missing, is never overwritten: the running guest may have changed it) and completes the
 // migration when the last one is in.
-func (p *pcRecv) place(b *wire.PageBatch, counts *pages.Counters) error {
+func (p *pcRecv) place(b *wire.PageBatch, pl *placing) error {
 	r := int(b.Region)
 	ps := int(p.ps)
-	for sp := range b.Spans {
-		if sp.Enc != wire.EncRaw && sp.Enc != wire.EncZero {
-			return fmt.Errorf("%w: %s page %d in region %d has no decoder", ErrProtocol, sp.Enc, sp.First, r)
-		}
+	return p.rc.codec.spans(b, pl, func(sp wire.Span, k pages.Kind) error {
 		// The main connection's reader and the fault channel's may both place a page: the
 		// Destination keeps the first copy (both are the source's final one), and only the
 		// pages this call cleared below count.
@@ -448,30 +445,24 @@ func (p *pcRecv) place(b *wire.PageBatch, counts *pages.Counters) error {
 				}
 				got++
 				bm.Clear(pg)
-				k := PageRef{r, pg}
-				if at, ok := p.faultAt[k]; ok {
+				ref := PageRef{r, pg}
+				if at, ok := p.faultAt[ref]; ok {
 					p.lat = append(p.lat, now.Sub(at))
-					delete(p.faultAt, k)
+					delete(p.faultAt, ref)
 				}
 			}
 		}
-		if sp.Enc == wire.EncRaw {
-			counts.Add(pages.Raw, got)
-		} else {
-			counts.Add(pages.Zero, got)
-		}
+		pl.counts.Add(k, got)
 		p.remaining -= got
 		p.placed += got
 		p.duplicates += sp.Count - got
 		done := p.remaining == 0 && got > 0
 		p.mu.Unlock()
 		if done {
-			if err := p.completed(); err != nil {
-				return err
-			}
+			return p.completed()
 		}
-	}
-	return nil
+		return nil
+	})
 }
 
 // completed runs once every page is present: demand paging ends, the source may release its

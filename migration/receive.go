@@ -87,7 +87,8 @@ type receiver struct {
 	phase    string
 	prepared bool
 	resumed  bool // Resumed was written: the source may consider the migration done
-	counts   pages.Counters
+	codec    *pageCodec
+	pl       placing // the main connection's (and, after a rejoin, post-copy's current one's)
 	round    *RoundReport
 	roundAt  time.Time
 	roundB0  int64
@@ -138,12 +139,13 @@ func (rc *receiver) run(parent context.Context) (*Report, error) {
 	if rc.pc != nil {
 		bw, br = rc.pc.close()
 	}
+	rc.codec.close()
 	rc.cancel(nil)
 
 	rc.rep.TotalMS = ms(rc.clock.Now().Sub(start))
 	rc.rep.BytesWire = bw + rc.link.w.Written()
 	rc.rep.BytesRead = br + rc.link.r.BytesRead()
-	rc.rep.Pages = pageCounts(&rc.counts)
+	rc.rep.Pages = pageCounts(&rc.pl.counts)
 	return rc.rep, err
 }
 
@@ -231,9 +233,15 @@ func (rc *receiver) migrate() error {
 	if rc.opts.AcceptStream != nil {
 		supported |= wire.CapStreams
 	}
+	supported |= wire.CapCompressed
 	accepted := hello.Caps & supported
 	rc.caps = accepted
 	rc.wdesc = &hello.Desc
+	codec, err := newPageCodec(accepted, int(hello.Desc.PageSize))
+	if err != nil {
+		return err
+	}
+	rc.codec = codec
 
 	rc.phase = "prepare"
 	rc.prepared = true
@@ -272,7 +280,7 @@ func (rc *receiver) migrate() error {
 			rc.round = &rc.rep.RoundDetails[len(rc.rep.RoundDetails)-1]
 			rc.roundAt, rc.roundB0 = rc.clock.Now(), rc.link.r.BytesRead()
 		case *wire.PageBatch:
-			if err := rc.place(m, &rc.counts); err != nil {
+			if err := rc.place(m, &rc.pl); err != nil {
 				return err
 			}
 			rc.round.Pages += m.Pages
@@ -457,27 +465,20 @@ func (rc *receiver) endRound() {
 }
 
 // place writes a batch's pages into the destination.
-func (rc *receiver) place(b *wire.PageBatch, counts *pages.Counters) error {
+func (rc *receiver) place(b *wire.PageBatch, pl *placing) error {
 	r := int(b.Region)
-	var err error
-	for sp := range b.Spans {
-		switch sp.Enc {
-		case wire.EncRaw:
-			err = rc.vmm(fmt.Sprintf("WritePages(region %d, page %d, %d pages)", r, sp.First, sp.Count), rc.dst.WritePages(r, sp.First, sp.Data))
-			counts.Add(pages.Raw, sp.Count)
-		case wire.EncZero:
+	return rc.codec.spans(b, pl, func(sp wire.Span, k pages.Kind) error {
+		var err error
+		if sp.Enc == wire.EncZero {
 			err = rc.vmm(fmt.Sprintf("ZeroPages(region %d, page %d, %d pages)", r, sp.First, sp.Count), rc.dst.ZeroPages(r, sp.First, sp.Count))
-			counts.Add(pages.Zero, sp.Count)
-		default:
-			// The Reader refuses encodings that were not negotiated, and this version
-			// negotiates none beyond zero and raw.
-			err = fmt.Errorf("%w: %s page %d in region %d has no decoder", ErrProtocol, sp.Enc, sp.First, r)
+		} else {
+			err = rc.vmm(fmt.Sprintf("WritePages(region %d, page %d, %d pages)", r, sp.First, sp.Count), rc.dst.WritePages(r, sp.First, sp.Data))
 		}
-		if err != nil {
-			return err
+		if err == nil {
+			pl.counts.Add(k, sp.Count)
 		}
-	}
-	return nil
+		return err
+	})
 }
 
 // newMissing makes the bitmaps of the post-copy set, unless the Ahead set made them already.

@@ -49,6 +49,19 @@ func pageCounts(c *pages.Counters) PageCounts {
 	}
 }
 
+// SavedBytes is what the cheaper encodings saved, by encoding: page data not sent (the pages
+// so sent times the page size, less their encoded size).
+type SavedBytes struct {
+	Compressed uint64 `json:"compressed"`
+	Dedup      uint64 `json:"dedup"`
+	Delta      uint64 `json:"delta"`
+}
+
+func savedBytes(c *pages.Classifier, ps int) SavedBytes {
+	saved := func(k pages.Kind) uint64 { return c.Counters.Get(k)*uint64(ps) - c.Encoded.Get(k) }
+	return SavedBytes{Compressed: saved(pages.Compressed), Dedup: saved(pages.Dedup), Delta: saved(pages.Delta)}
+}
+
 // RoundReport describes one round.
 type RoundReport struct {
 	Round      int     `json:"round"`
@@ -157,6 +170,10 @@ type Report struct {
 	BytesWire    int64         `json:"bytes_wire"`  // bytes this side wrote to the connection
 	BytesRead    int64         `json:"bytes_read"`  // bytes this side read from it
 	Pages        PageCounts    `json:"pages"`
+	Saved        SavedBytes    `json:"saved_bytes"` // source: what compression, dedup and delta saved
+	// Compression is the source's page encoding as the handshake settled it ("zstd
+	// (fastest)", or "none" and why), when SendOptions.Compress asked for one.
+	Compression  string        `json:"compression,omitempty"`
 	Rounds       int           `json:"rounds"`
 	RoundDetails []RoundReport `json:"round_details"`
 	ThrottleMax  int           `json:"throttle_max"`

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/godwit-vm/godwit/migration/compress"
 	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
 )
@@ -97,6 +98,13 @@ type SendOptions struct {
 	// asks for on a connection of their own, so that they never wait behind pushed pages in
 	// the main connection's buffers. A destination without AcceptStream declines it.
 	FaultChannel bool
+
+	// Compress is how pages that hold data are encoded: CompressNone (the default: raw) or
+	// CompressZstd (each page that shrinks by an eighth or more goes as a zstd frame; the
+	// rest raw). A destination that declines it gets raw pages, and the report says so.
+	// CompressLevel is the zstd level, one of compress.Levels; default compress.DefaultLevel.
+	Compress      string
+	CompressLevel string
 }
 
 // Progress is a snapshot for a progress display, delivered after every round and at most
@@ -217,6 +225,24 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	if opts.Streams == 0 && opts.Mode == ModePrecopy && opts.DialStream != nil && resumeID == nil {
 		opts.Streams, rep.StreamsChosen = AutoStreams(runtime.NumCPU(), opts.MaxBandwidth)
 	}
+	if opts.Compress == "" {
+		opts.Compress = CompressNone
+	}
+	var enc *compress.Encoder
+	switch opts.Compress {
+	case CompressNone:
+	case CompressZstd:
+		if resumeID != nil {
+			break // a resume sends what the destination still lacks, raw
+		}
+		e, err := compress.NewEncoder(opts.CompressLevel, int(src.Describe().Layout.PageSize))
+		if err != nil {
+			return bad(fmt.Errorf("migration: %w", err))
+		}
+		enc = e
+	default:
+		return bad(fmt.Errorf("migration: unknown compression %q (want %s or %s)", opts.Compress, CompressNone, CompressZstd))
+	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit
 	}
@@ -242,6 +268,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		opts:  opts,
 		clock: opts.Clock,
 		rep:   rep,
+		enc:   enc,
 	}
 	if opts.Mode != ModePrecopy || resumeID != nil {
 		s.post = newPostcopyDriver(s, resumeID)
@@ -293,6 +320,7 @@ type sender struct {
 	bufPages int
 	pageBuf  // the next batch of the main connection
 	cls      pages.Classifier
+	enc      *compress.Encoder // SendOptions.Compress; installed in cls once the destination accepts
 	limit    limiter
 	limitMu  sync.Mutex // lanes share the limiter
 	lanes    []*lane    // with extra streams: one per connection, the main one first
@@ -359,6 +387,9 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	if err == nil {
 		s.closeStreams()
 	}
+	if s.enc != nil { // every lane is idle by now
+		s.enc.Close()
+	}
 
 	s.rep.TotalMS = ms(s.clock.Now().Sub(s.start))
 	if s.post != nil && s.post.filled {
@@ -367,6 +398,7 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	s.rep.BytesWire = s.written()
 	s.rep.BytesRead = s.bytesR + s.link.r.BytesRead()
 	s.rep.Pages = pageCounts(&s.cls.Counters)
+	s.rep.Saved = savedBytes(&s.cls, s.ps)
 	s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
 	return s.rep, err
 }
@@ -554,6 +586,9 @@ func (s *sender) migrate() error {
 	if s.opts.Streams > 1 || (s.post != nil && s.opts.FaultChannel && s.opts.DialStream != nil) {
 		offered |= wire.CapStreams
 	}
+	if s.enc != nil {
+		offered |= wire.CapCompressed
+	}
 	if s.post != nil {
 		s.post.sampleProgress(true)
 	}
@@ -587,6 +622,13 @@ func (s *sender) migrate() error {
 		return unexpected(m, "welcome")
 	}
 	s.caps = welcome.Caps
+	switch {
+	case s.enc != nil && welcome.Caps&wire.CapCompressed != 0:
+		s.cls.Encoders = []pages.Encoder{s.enc} // before the lanes copy them
+		s.rep.Compression = fmt.Sprintf("%s (%s)", CompressZstd, s.enc.Level())
+	case s.enc != nil:
+		s.rep.Compression = CompressNone + " (the destination declined " + CompressZstd + ")"
+	}
 	if s.post != nil && welcome.Caps&wire.CapPostcopy == 0 {
 		return fmt.Errorf("%w: mode %s needs post-copy, and the destination does not support it (it declined the capability: its VMM cannot demand-page); migrate with mode %s", ErrNoPostcopy, s.opts.Mode, ModePrecopy)
 	}

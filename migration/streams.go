@@ -183,9 +183,7 @@ func (s *sender) closeStreams() {
 		s.rep.Streams = append(s.rep.Streams, StreamReport{Index: ln.index, Bytes: ln.bytes, Pages: ln.pages, BusyMS: ms(ln.busy)})
 		// The post-copy push's pages (sendLanes took the rounds').
 		s.sent += ln.roundPages
-		for k := range pages.NumKinds {
-			s.cls.Counters.Add(pages.Kind(k), ln.cls.Counters.Get(pages.Kind(k)))
-		}
+		s.cls.Merge(&ln.cls)
 	}
 	s.lanes = nil // counted in bytesW now
 }
@@ -280,10 +278,7 @@ func (s *sender) sendLanes(p *roundPlan) error {
 	for _, ln := range s.lanes {
 		s.sent += ln.roundPages
 		ln.roundPages = 0
-		for k := range pages.NumKinds {
-			s.cls.Counters.Add(pages.Kind(k), ln.cls.Counters.Get(pages.Kind(k)))
-		}
-		ln.cls.Counters = pages.Counters{}
+		s.cls.Merge(&ln.cls)
 	}
 	return nil
 }
@@ -333,12 +328,12 @@ type recvStreams struct {
 }
 
 type recvStream struct {
-	index  int
-	conn   io.ReadWriter
-	r      *wire.Reader
-	counts pages.Counters
-	pages  uint64
-	busy   time.Duration
+	index int
+	conn  io.ReadWriter
+	r     *wire.Reader
+	pl    placing
+	pages uint64
+	busy  time.Duration
 }
 
 // acceptStreams takes the extra connections the source announced from AcceptStream and
@@ -444,11 +439,11 @@ func (rc *receiver) readStream(st *recvStream) {
 		t0 := time.Now()
 		if p := rc.pcPlace.Load(); p != nil {
 			// The fault channel of a post-copy: demanded pages.
-			if err := p.place(b, &st.counts); err != nil {
+			if err := p.place(b, &st.pl); err != nil {
 				rc.cancel(fmt.Errorf("migration: stream %d: %w", st.index, err))
 				return
 			}
-		} else if err := rc.place(b, &st.counts); err != nil {
+		} else if err := rc.place(b, &st.pl); err != nil {
 			rc.cancel(fmt.Errorf("migration: stream %d: %w", st.index, err))
 			return
 		}
@@ -504,9 +499,7 @@ func (rc *receiver) closeStreams() (bytesRead int64) {
 	rs.wg.Wait()
 	for _, st := range rs.streams {
 		closeConn(st.conn)
-		for k := range pages.NumKinds {
-			rc.counts.Add(pages.Kind(k), st.counts.Get(pages.Kind(k)))
-		}
+		rc.pl.counts.Merge(&st.pl.counts)
 		bytesRead += st.r.BytesRead()
 		rc.rep.Streams = append(rc.rep.Streams, StreamReport{Index: st.index, Bytes: st.r.BytesRead(), Pages: st.pages, BusyMS: ms(st.busy)})
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
+	"github.com/godwit-vm/godwit/migration/compress"
 	"github.com/godwit-vm/godwit/migration/outgoing"
 )
 
@@ -290,6 +292,8 @@ type MigrateRequest struct {
 	ReconnectWindowMS int64  `json:"reconnect_window_ms,omitempty"` // redial the same address this long; 0 = not at all
 	Streams           int    `json:"streams,omitempty"`             // precopy: connections for the pages; 0 = chosen by the engine
 	NoFaultChannel    bool   `json:"no_fault_channel,omitempty"`    // postcopy, hybrid: requested pages on the main connection
+	Compress          string `json:"compress,omitempty"`            // none (default) or zstd
+	CompressLevel     string `json:"compress_level,omitempty"`      // zstd: fastest (default), default, better, best
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
 	Resume bool `json:"resume,omitempty"`
@@ -319,6 +323,12 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if req.Streams < 0 || req.Streams > 64 || (req.Streams == 64 && mode != migration.ModePrecopy && !req.NoFaultChannel) {
 		return nil, badRequest(fmt.Errorf("migrate: streams %d: want 1..64 (1..63 with the fault channel of mode %s)", req.Streams, mode))
 	}
+	switch {
+	case req.Compress != "" && req.Compress != migration.CompressNone && req.Compress != migration.CompressZstd:
+		return nil, badRequest(fmt.Errorf("migrate: compress %q: want none or zstd", req.Compress))
+	case req.CompressLevel != "" && !slices.Contains(compress.Levels, req.CompressLevel):
+		return nil, badRequest(fmt.Errorf("migrate: compress_level %q: want one of %s", req.CompressLevel, strings.Join(compress.Levels, ", ")))
+	}
 	if req.SampleBeforeMS < 0 || (req.SampleBeforeMS > 0 && mode != migration.ModePostcopy) {
 		return nil, badRequest(fmt.Errorf("migrate: sample_before_ms %d: want 0, or a positive time with mode postcopy", req.SampleBeforeMS))
 	}
@@ -346,6 +356,8 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 			LinkTimeout:   time.Duration(req.LinkTimeoutMS) * time.Millisecond,
 			Streams:       req.Streams,
 			FaultChannel:  !req.NoFaultChannel,
+			Compress:      req.Compress,
+			CompressLevel: req.CompressLevel,
 		},
 		ReconnectWindow: time.Duration(req.ReconnectWindowMS) * time.Millisecond,
 		Release:         func() { m.Close() },

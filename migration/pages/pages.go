@@ -1,5 +1,5 @@
 // Package pages decides how each guest page travels: not at all (a hole), as a zero marker, as
-// raw bytes, or (later) compressed, as a dedup reference or as a delta to a version sent
+// raw bytes, compressed, or (later) as a dedup reference or as a delta to a version sent
 // before. It knows nothing of the stream format: the migration engine maps a [Kind] to the wire
 // encoding with the same number.
 //
@@ -16,7 +16,7 @@ type Kind uint8
 const (
 	Zero       Kind = 0 // all zero: sent as a marker without data
 	Raw        Kind = 1 // sent as is
-	Compressed Kind = 2 // sent compressed (reserved)
+	Compressed Kind = 2 // sent compressed (package compress)
 	Dedup      Kind = 3 // sent as a 128-bit hash of an identical page sent before (reserved)
 	Delta      Kind = 4 // sent as a delta to the version sent before (reserved)
 	Hole       Kind = 5 // never populated: not sent at all
@@ -86,10 +86,27 @@ func (c *Counters) Total() uint64 {
 	return t
 }
 
+// Merge adds o's counts to c's.
+func (c *Counters) Merge(o *Counters) {
+	for k, n := range o {
+		c[k] += n
+	}
+}
+
 // Classifier picks each page's kind and counts them.
 type Classifier struct {
 	Encoders []Encoder
 	Counters Counters
+	// Encoded counts the bytes of encoded data of the pages an encoder took, by kind (the
+	// other kinds stay 0): with the page size it gives what each encoding saved.
+	Encoded Counters
+}
+
+// Merge adds o's counts to c's and resets o's.
+func (c *Classifier) Merge(o *Classifier) {
+	c.Counters.Merge(&o.Counters)
+	c.Encoded.Merge(&o.Encoded)
+	o.Counters, o.Encoded = Counters{}, Counters{}
 }
 
 // Classify decides how page travels and returns its kind and data: nil for Zero, page itself
@@ -106,6 +123,7 @@ func (c *Classifier) Classify(ref Ref, page []byte, scratch *[]byte) (Kind, []by
 		if ok && len(out)-start > 0 && len(out)-start <= len(page) {
 			*scratch = out
 			c.Counters[e.Kind()]++
+			c.Encoded[e.Kind()] += uint64(len(out) - start)
 			return e.Kind(), out[start:]
 		}
 	}

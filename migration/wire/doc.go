@@ -22,6 +22,10 @@
 //	1  2026-12-02  a pure post-copy's populated pages ahead of the pause under CapAhead: Ahead
 //	               (0x48); the Switch then carries only the pages written since. A new frame
 //	               behind a new capability: the version stays 1.
+//	1  2026-12-02  compressed pages under CapCompressed, which version 1 had reserved: the data
+//	               of an EncCompressed page is one zstd frame (RFC 8878) that decodes to exactly
+//	               one page, with no dictionary. The capability was never accepted before, so
+//	               the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -80,7 +84,9 @@
 //	          page, in page order
 //	  data:   the pages' data in page order: zero -> nothing, raw -> page size bytes,
 //	          dedup -> 16-byte hash of a page sent before, compressed and delta -> next length
-//	          from lens (at most the page size)
+//	          from lens (at most the page size); compressed: one zstd frame (RFC 8878, no
+//	          dictionary) of exactly one page, decoded by the engine (package compress), not
+//	          here
 //
 //	RoundEnd (source -> destination, 0x12; closes every live round, never the final one)
 //	  u32 round number (the round it closes), u32 reserved, u64 pages in the round's batches

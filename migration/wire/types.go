@@ -156,7 +156,7 @@ type Caps uint64
 
 const (
 	CapBlackout   Caps = 1 << 0 // the destination waits for the guest's first heartbeat and reports it in Done
-	CapCompressed Caps = 1 << 1 // EncCompressed pages (reserved: algorithm to be fixed with its version)
+	CapCompressed Caps = 1 << 1 // EncCompressed pages: each a zstd frame of one page
 	CapDedup      Caps = 1 << 2 // EncDedup pages (reserved)
 	CapDelta      Caps = 1 << 3 // EncDelta pages (reserved)
 	CapPostcopy   Caps = 1 << 4 // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
@@ -173,7 +173,7 @@ type Encoding uint8
 const (
 	EncZero       Encoding = 0 // the page is all zero; no data
 	EncRaw        Encoding = 1 // page size bytes of data
-	EncCompressed Encoding = 2 // reserved: variable-length compressed data (needs CapCompressed)
+	EncCompressed Encoding = 2 // a zstd frame that decodes to the page (needs CapCompressed)
 	EncDedup      Encoding = 3 // reserved: 16-byte hash of a page sent before (needs CapDedup)
 	EncDelta      Encoding = 4 // reserved: variable-length delta to the last sent version (needs CapDelta)
 	numEncodings           = 5

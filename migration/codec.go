@@ -1,0 +1,106 @@
+package migration
+
+import (
+	"fmt"
+
+	"github.com/godwit-vm/godwit/migration/compress"
+	"github.com/godwit-vm/godwit/migration/pages"
+	"github.com/godwit-vm/godwit/migration/wire"
+)
+
+// Page encodings beyond zero and raw (SendOptions.Compress).
+const (
+	CompressNone = "none"
+	CompressZstd = "zstd" // every page that shrinks by an eighth or more, as a zstd frame of its own
+)
+
+// pageCodec is the receiving side's one decoding step for every path a page takes: pre-copy's
+// rounds on any connection, post-copy's push and demanded pages. It turns a batch into the
+// two things a Destination takes, raw spans and zero spans, and names what each travelled as
+// for the counts. The decoders are the migration's, not a connection's.
+type pageCodec struct {
+	ps   int
+	zstd *compress.Decoder // CapCompressed accepted
+}
+
+// newPageCodec makes the decoders for the accepted capabilities.
+func newPageCodec(caps wire.Caps, ps int) (*pageCodec, error) {
+	c := &pageCodec{ps: ps}
+	if caps&wire.CapCompressed != 0 {
+		d, err := compress.NewDecoder(ps)
+		if err != nil {
+			return nil, err
+		}
+		c.zstd = d
+	}
+	return c, nil
+}
+
+func (c *pageCodec) close() {
+	if c != nil && c.zstd != nil {
+		c.zstd.Close()
+	}
+}
+
+// placing is one reader's part in placing pages: its counts by kind, and the buffer its
+// decoded pages go through on their way to the Destination.
+type placing struct {
+	counts pages.Counters
+	buf    []byte
+}
+
+// spans hands b's pages to place as raw and zero spans, each with the kind it travelled as.
+// Consecutive compressed pages are decoded into pl.buf and handed over as one raw span, so
+// that the Destination gets one call for them, as for a raw run; its data is valid only during
+// the call. A page that does not decode is a protocol violation.
+func (c *pageCodec) spans(b *wire.PageBatch, pl *placing, place func(sp wire.Span, k pages.Kind) error) error {
+	r := int(b.Region)
+	var run wire.Span // decoded compressed pages not handed over yet; Count 0: none
+	flush := func() error {
+		if run.Count == 0 {
+			return nil
+		}
+		run.Data = pl.buf[:run.Count*uint64(c.ps)]
+		err := place(run, pages.Compressed)
+		run.Count = 0
+		return err
+	}
+	for sp := range b.Spans {
+		switch sp.Enc {
+		case wire.EncRaw, wire.EncZero:
+			if err := flush(); err != nil {
+				return err
+			}
+			k := pages.Raw
+			if sp.Enc == wire.EncZero {
+				k = pages.Zero
+			}
+			if err := place(sp, k); err != nil {
+				return err
+			}
+		case wire.EncCompressed:
+			if c.zstd == nil { // the Reader refuses what was not negotiated
+				return fmt.Errorf("%w: compressed page %d in region %d, and compression was not negotiated", ErrProtocol, sp.First, r)
+			}
+			if run.Count > 0 && run.First+run.Count != sp.First {
+				if err := flush(); err != nil {
+					return err
+				}
+			}
+			if run.Count == 0 {
+				run = wire.Span{First: sp.First, Enc: wire.EncRaw}
+			}
+			off := int(run.Count) * c.ps
+			if len(pl.buf) < off+c.ps {
+				pl.buf = append(pl.buf[:off], make([]byte, c.ps)...)
+			}
+			if err := c.zstd.Decode(pl.buf[off:off+c.ps], pages.Ref{Region: r, Index: sp.First}, sp.Data); err != nil {
+				return fmt.Errorf("%w: %v", ErrProtocol, err)
+			}
+			run.Count++
+		default:
+			return fmt.Errorf("%w: %s page %d in region %d has no decoder", ErrProtocol, sp.Enc, sp.First, r)
+		}
+	}
+	return flush()
+}
