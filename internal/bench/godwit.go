@@ -145,6 +145,9 @@ func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
 			a = append(a, "--streams", strconv.Itoa(s.Streams))
 		}
 	}
+	if s.Compress == "zstd" {
+		a = append(a, "--compress", "zstd")
+	}
 	if s.CapBps > 0 {
 		a = append(a, "--max-bandwidth", strconv.FormatInt(s.CapBps, 10)+"bit")
 	}
@@ -269,6 +272,7 @@ func fillFromReport(r *Run, rep *migration.Report) {
 	}
 	r.BytesWire = rep.BytesWire
 	r.PagesRaw, r.PagesZero, r.PagesHole = rep.Pages.Raw, rep.Pages.Zero, rep.Pages.Hole
+	r.PagesCompressed = rep.Pages.Compressed
 	r.Rounds, r.Converged, r.Throttle = rep.Rounds, rep.Converged, rep.ThrottleMax
 	r.RoundDetails = rep.RoundDetails
 	r.Extra = map[string]float64{

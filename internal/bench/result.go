@@ -46,7 +46,8 @@ type Run struct {
 	DowntimeMS float64 `json:"downtime_ms"`
 	BlackoutMS float64 `json:"blackout_ms"` // 0: not measured
 	// BytesWire: the system's own count of migration bytes it sent (godwit: socket writes;
-	// QEMU: ram transferred). LinkBytes: bytes the source host's end of the link transmitted
+	// QEMU: ram transferred, except with multifd compression, which it counts before
+	// compressing: then LinkBytes). LinkBytes: bytes the source host's end of the link transmitted
 	// during the migration (IP packets, headers included), the same meter for both systems.
 	BytesWire int64 `json:"bytes_wire"`
 	LinkBytes int64 `json:"link_bytes"`
@@ -56,9 +57,11 @@ type Run struct {
 	PagesRaw  uint64 `json:"pages_raw"`
 	PagesZero uint64 `json:"pages_zero"`
 	PagesHole uint64 `json:"pages_hole"`
-	Rounds    int    `json:"rounds"` // pre-copy rounds (QEMU: dirty-bitmap syncs)
-	Converged bool   `json:"converged"`
-	Throttle  int    `json:"throttle_max,omitempty"`
+	// PagesCompressed (godwit) were sent compressed; QEMU does not count them apart.
+	PagesCompressed uint64 `json:"pages_compressed,omitempty"`
+	Rounds          int    `json:"rounds"` // pre-copy rounds (QEMU: dirty-bitmap syncs)
+	Converged       bool   `json:"converged"`
+	Throttle        int    `json:"throttle_max,omitempty"`
 
 	// Post-copy: demand faults (QEMU: post-copy page requests), fault service latency
 	// (godwit only: QEMU 7.2 does not report it) and a sample of latencies.

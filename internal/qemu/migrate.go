@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 )
 
@@ -35,7 +36,9 @@ type MigrateConfig struct {
 	PostcopyAfterPasses int
 	PostcopyAfter       time.Duration
 	// MultifdChannels above 1 turns on multifd (pre-copy) with that many channels.
-	MultifdChannels int
+	// MultifdCompression (zstd, zlib) turns it on too and compresses each channel's pages.
+	MultifdChannels    int
+	MultifdCompression string
 	// Poll is the query-migrate interval (default 20 ms); Timeout bounds the migration
 	// (default 5 minutes) and VerifyTimeout the destination guest's verification after it
 	// (default 2 minutes).
@@ -186,7 +189,8 @@ func Migrate(ctx context.Context, src, dst *VM, cfg MigrateConfig) (*Result, err
 
 	post := cfg.Mode != Precopy
 	caps := map[string]bool{"postcopy-ram": post, "events": true}
-	if cfg.MultifdChannels > 1 {
+	multifd := cfg.MultifdChannels > 1 || cfg.MultifdCompression != ""
+	if multifd {
 		if post {
 			return nil, errors.New("qemu: multifd is for pre-copy here")
 		}
@@ -208,10 +212,14 @@ func Migrate(ctx context.Context, src, dst *VM, cfg MigrateConfig) (*Result, err
 	if cfg.MaxPostcopyBandwidth > 0 {
 		params["max-postcopy-bandwidth"] = cfg.MaxPostcopyBandwidth
 	}
-	if cfg.MultifdChannels > 1 {
-		// Both ends must agree on the channel count.
-		params["multifd-channels"] = cfg.MultifdChannels
-		if err := dst.QMP.Execute(mctx, "migrate-set-parameters", map[string]any{"multifd-channels": cfg.MultifdChannels}, nil); err != nil {
+	if multifd {
+		// Both ends must agree on the channel count and the compression.
+		both := map[string]any{"multifd-channels": max(cfg.MultifdChannels, 1)}
+		if cfg.MultifdCompression != "" {
+			both["multifd-compression"] = cfg.MultifdCompression
+		}
+		maps.Copy(params, both)
+		if err := dst.QMP.Execute(mctx, "migrate-set-parameters", both, nil); err != nil {
 			return nil, fmt.Errorf("qemu %s: %w", dst.Name, err)
 		}
 	}
