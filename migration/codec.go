@@ -12,6 +12,12 @@ import (
 const (
 	CompressNone = "none"
 	CompressZstd = "zstd" // every page that shrinks by an eighth or more, as a zstd frame of its own
+	// CompressAuto compresses while the link, not the CPU, is the limit: a batch is
+	// compressed when the bandwidth cap held the one before it (on its connection) back, and
+	// goes raw when it did not, so that the CPU compresses only what would otherwise wait.
+	// Batches then mix raw and compressed ones at the rate the CPU and the link allow. The
+	// cap is the one sign of the link this side can read; without one, pages go raw.
+	CompressAuto = "auto"
 )
 
 // pageCodec is the receiving side's one decoding step for every path a page takes: pre-copy's

@@ -3,6 +3,7 @@ package migration_test
 import (
 	"context"
 	"errors"
+	"net"
 	"strings"
 	"testing"
 	"testing/synctest"
@@ -162,4 +163,35 @@ func TestCorruptCompressedPage(t *testing.T) {
 		t.Fatalf("destination state %q", d.State())
 	}
 	t.Logf("destination: %v", err)
+}
+
+// TestCompressAuto: under a bandwidth cap the batches after one the cap held back go
+// compressed, and the first goes raw; without a cap every page goes raw. Both destinations
+// match. It runs on fake time, where compressing costs none, so that the cap holds back every
+// batch whatever the machine's speed (on real time a slow CPU mixes in raw batches: that is
+// the point of auto).
+func TestCompressAuto(t *testing.T) {
+	for _, capped := range []bool{true, false} {
+		synctest.Test(t, func(t *testing.T) {
+			g := textGuest(8*MiB, 46)
+			d := mt.NewDest()
+			sc, dc := net.Pipe()
+			so := migration.SendOptions{Compress: migration.CompressAuto, BatchBytes: 64 << 10}
+			if capped {
+				so.MaxBandwidth = 8 * MiB
+			}
+			s, r := migrate(t.Context(), g, d, sc, dc, so, migration.ReceiveOptions{})
+			checkOK(t, g, d, s, r)
+			p := s.rep.Pages
+			switch {
+			case capped && (p.Compressed < 10*p.Raw || p.Raw == 0 || r.rep.Pages.Compressed != p.Compressed):
+				t.Fatalf("capped: pages %+v (destination %+v); want the first batch raw, the rest compressed", p, r.rep.Pages)
+			case !capped && (p.Compressed != 0 || p.Raw == 0):
+				t.Fatalf("uncapped: pages %+v; want all raw", p)
+			case !strings.HasPrefix(s.rep.Compression, "auto: zstd (fastest)"):
+				t.Fatalf("compression %q", s.rep.Compression)
+			}
+			t.Logf("capped %v: pages %+v, %d bytes, total %.0f ms", capped, p, s.rep.BytesWire, s.rep.TotalMS)
+		})
+	}
 }

@@ -73,9 +73,10 @@ type limiter struct {
 	next  time.Time
 }
 
-func (l *limiter) wait(ctx context.Context, n int) error {
+// wait paces n bytes and says whether the cap held them back (it slept).
+func (l *limiter) wait(ctx context.Context, n int) (held bool, err error) {
 	if l.rate <= 0 {
-		return nil
+		return false, nil
 	}
 	now := l.clock.Now()
 	if floor := now.Add(-l.burst); l.next.Before(floor) {
@@ -83,9 +84,9 @@ func (l *limiter) wait(ctx context.Context, n int) error {
 	}
 	l.next = l.next.Add(time.Duration(float64(n) / l.rate * float64(time.Second)))
 	if d := l.next.Sub(now) - l.burst; d > 0 {
-		return l.clock.Sleep(ctx, d)
+		return true, l.clock.Sleep(ctx, d)
 	}
-	return nil
+	return false, nil
 }
 
 // vmmError is a failure of the VMM behind Source or Destination.

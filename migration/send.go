@@ -99,9 +99,10 @@ type SendOptions struct {
 	// the main connection's buffers. A destination without AcceptStream declines it.
 	FaultChannel bool
 
-	// Compress is how pages that hold data are encoded: CompressNone (the default: raw) or
+	// Compress is how pages that hold data are encoded: CompressNone (the default: raw),
 	// CompressZstd (each page that shrinks by an eighth or more goes as a zstd frame; the
-	// rest raw). A destination that declines it gets raw pages, and the report says so.
+	// rest raw) or CompressAuto (zstd for the batches that follow one the bandwidth cap held
+	// back, raw otherwise). A destination that declines it gets raw pages, and the report says so.
 	// CompressLevel is the zstd level, one of compress.Levels; default compress.DefaultLevel.
 	Compress      string
 	CompressLevel string
@@ -231,7 +232,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	var enc *compress.Encoder
 	switch opts.Compress {
 	case CompressNone:
-	case CompressZstd:
+	case CompressZstd, CompressAuto:
 		if resumeID != nil {
 			break // a resume sends what the destination still lacks, raw
 		}
@@ -241,7 +242,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		}
 		enc = e
 	default:
-		return bad(fmt.Errorf("migration: unknown compression %q (want %s or %s)", opts.Compress, CompressNone, CompressZstd))
+		return bad(fmt.Errorf("migration: unknown compression %q (want %s, %s or %s)", opts.Compress, CompressNone, CompressZstd, CompressAuto))
 	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit
@@ -626,6 +627,9 @@ func (s *sender) migrate() error {
 	case s.enc != nil && welcome.Caps&wire.CapCompressed != 0:
 		s.cls.Encoders = []pages.Encoder{s.enc} // before the lanes copy them
 		s.rep.Compression = fmt.Sprintf("%s (%s)", CompressZstd, s.enc.Level())
+		if s.opts.Compress == CompressAuto {
+			s.rep.Compression = fmt.Sprintf("%s: %s (%s) while the bandwidth cap holds pages back", CompressAuto, CompressZstd, s.enc.Level())
+		}
 	case s.enc != nil:
 		s.rep.Compression = CompressNone + " (the destination declined " + CompressZstd + ")"
 	}
@@ -861,6 +865,9 @@ type pageBuf struct {
 	region  uint32
 	batch   wire.OutBatch
 	scratch []byte
+	// capHeld: the bandwidth cap held the last batch back, so the link, not the CPU, is the
+	// limit; CompressAuto compresses the next one.
+	capHeld bool
 }
 
 // span is a run of pages of the batch and their data.
@@ -919,8 +926,10 @@ func (s *sender) readInto(p *roundPlan, b *pageBuf) error {
 	return nil
 }
 
-// encode classifies b's pages (ps bytes each) with cls into b.batch.
-func (b *pageBuf) encode(cls *pages.Classifier, ps int) {
+// encode classifies b's pages (ps bytes each) with cls into b.batch; with auto, cls's
+// encoders are tried only when the cap held the last batch back.
+func (b *pageBuf) encode(cls *pages.Classifier, ps int, auto bool) {
+	cls.Raw = auto && !b.capHeld
 	b.batch.Reset(b.region, ps)
 	b.scratch = b.scratch[:0]
 	for _, sp := range b.spans {
@@ -948,10 +957,11 @@ func (s *sender) flushOn(w *wire.Writer) error {
 	if err := s.link.err(); err != nil {
 		return err
 	}
-	s.encode(&s.cls, s.ps)
+	s.encode(&s.cls, s.ps, s.opts.Compress == CompressAuto)
 	s.limitMu.Lock() // post-copy's push lanes share it meanwhile
-	err := s.limit.wait(s.link.ctx, s.batch.PayloadLen()+wire.HeaderSize)
+	held, err := s.limit.wait(s.link.ctx, s.batch.PayloadLen()+wire.HeaderSize)
 	s.limitMu.Unlock()
+	s.capHeld = held
 	if err != nil {
 		return err
 	}

@@ -297,11 +297,12 @@ func (s *sender) flushLane(ln *lane) {
 		ln.busy += time.Since(t0)
 		s.free <- ln
 	}()
-	ln.encode(&ln.cls, s.ps)
+	ln.encode(&ln.cls, s.ps, s.opts.Compress == CompressAuto)
 	n := ln.batch.PayloadLen() + wire.HeaderSize
 	s.limitMu.Lock()
-	err := s.limit.wait(s.link.ctx, n)
+	held, err := s.limit.wait(s.link.ctx, n)
 	s.limitMu.Unlock()
+	ln.capHeld = held
 	if err == nil {
 		err = ln.w.WritePages(&ln.batch)
 	}

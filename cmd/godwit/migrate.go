@@ -40,8 +40,8 @@ type MigrateCmd struct {
 	Force         bool          `help:"precopy: if pre-copy does not converge, stop and copy anyway (longer downtime) instead of failing. (hybrid switches to post-copy instead.)"`
 	Streams       int           `default:"0" placeholder:"N" help:"carry the pages (pre-copy rounds, the post-copy push) on this many connections to the destination (1..64; the fault channel is one more), each read, checksummed and written by its own worker on both sides. Pays where one connection or one core is the limit; on a host whose cores are all busy with the migration already it gains nothing. 0 = for precopy chosen from this host's CPUs (2..8) and --max-bandwidth (1 under 256 MiB/s), for postcopy and hybrid 1; the report says what was chosen and lists each connection's share. Default ${default}."`
 	// Encodings.
-	Compress      string        `default:"none" placeholder:"none|zstd" help:"How pages that hold data travel: none (raw), or zstd (each page that shrinks by an eighth or more goes as a zstd frame of its own; the others raw). zstd pays where the link, not the CPU, is the limit: it costs about 20 µs per page of text on one core here, so over a fast link it can make the migration slower. A destination that cannot decode it gets raw pages, and the report says so. Default ${default}."`
-	CompressLevel string        `name:"compress-level" default:"fastest" placeholder:"LEVEL" help:"--compress zstd: fastest, default, better or best (slower, a few per cent smaller). Default ${default}."`
+	Compress      string        `default:"none" placeholder:"none|zstd|auto" help:"How pages that hold data travel: none (raw); zstd (each page that shrinks by an eighth or more goes as a zstd frame of its own; the others raw); auto (zstd for the batches the bandwidth cap would hold back, raw for the others, so that the CPU compresses only while the link is the limit; without --max-bandwidth, raw). zstd pays where the link, not the CPU, is the limit: it costs 20 to 40 µs per page of text on one core here, so over a fast link it can make the migration slower. A destination that cannot decode it gets raw pages, and the report says so. Default ${default}."`
+	CompressLevel string        `name:"compress-level" default:"fastest" placeholder:"LEVEL" help:"--compress zstd or auto: fastest, default, better or best (slower, a few per cent smaller). Default ${default}."`
 	Timeout       time.Duration `default:"0" placeholder:"DURATION" help:"Give up after this long; 0 = no limit. Before a switch to post-copy the VM keeps running here; after it, the VM stays paused here with its memory, since it ran at the destination (see the README on recovery)."`
 }
 
@@ -126,15 +126,15 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 		return fmt.Errorf("--timeout %v: want a duration of 0 (no limit) or more", c.Timeout)
 	}
 	switch c.Compress {
-	case migration.CompressNone, migration.CompressZstd:
+	case migration.CompressNone, migration.CompressZstd, migration.CompressAuto:
 	default:
-		return fmt.Errorf("--compress %q: want none or zstd", c.Compress)
+		return fmt.Errorf("--compress %q: want none, zstd or auto", c.Compress)
 	}
 	if !slices.Contains(compress.Levels, c.CompressLevel) {
 		return fmt.Errorf("--compress-level %q: want one of %s", c.CompressLevel, strings.Join(compress.Levels, ", "))
 	}
-	if set("compress-level") && c.Compress != migration.CompressZstd {
-		return fmt.Errorf("--compress-level applies to --compress zstd, not to --compress %s", c.Compress)
+	if set("compress-level") && c.Compress == migration.CompressNone {
+		return fmt.Errorf("--compress-level applies to --compress zstd or auto, not to --compress none")
 	}
 	return nil
 }

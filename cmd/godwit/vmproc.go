@@ -292,7 +292,7 @@ type MigrateRequest struct {
 	ReconnectWindowMS int64  `json:"reconnect_window_ms,omitempty"` // redial the same address this long; 0 = not at all
 	Streams           int    `json:"streams,omitempty"`             // precopy: connections for the pages; 0 = chosen by the engine
 	NoFaultChannel    bool   `json:"no_fault_channel,omitempty"`    // postcopy, hybrid: requested pages on the main connection
-	Compress          string `json:"compress,omitempty"`            // none (default) or zstd
+	Compress          string `json:"compress,omitempty"`            // none (default), zstd or auto
 	CompressLevel     string `json:"compress_level,omitempty"`      // zstd: fastest (default), default, better, best
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
@@ -324,8 +324,8 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		return nil, badRequest(fmt.Errorf("migrate: streams %d: want 1..64 (1..63 with the fault channel of mode %s)", req.Streams, mode))
 	}
 	switch {
-	case req.Compress != "" && req.Compress != migration.CompressNone && req.Compress != migration.CompressZstd:
-		return nil, badRequest(fmt.Errorf("migrate: compress %q: want none or zstd", req.Compress))
+	case req.Compress != "" && req.Compress != migration.CompressNone && req.Compress != migration.CompressZstd && req.Compress != migration.CompressAuto:
+		return nil, badRequest(fmt.Errorf("migrate: compress %q: want none, zstd or auto", req.Compress))
 	case req.CompressLevel != "" && !slices.Contains(compress.Levels, req.CompressLevel):
 		return nil, badRequest(fmt.Errorf("migrate: compress_level %q: want one of %s", req.CompressLevel, strings.Join(compress.Levels, ", ")))
 	}

@@ -145,8 +145,8 @@ func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
 			a = append(a, "--streams", strconv.Itoa(s.Streams))
 		}
 	}
-	if s.Compress == "zstd" {
-		a = append(a, "--compress", "zstd")
+	if s.Compress == "zstd" || s.Compress == "auto" {
+		a = append(a, "--compress", s.Compress)
 	}
 	if s.CapBps > 0 {
 		a = append(a, "--max-bandwidth", strconv.FormatInt(s.CapBps, 10)+"bit")

@@ -167,7 +167,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		// counts dirty-bitmap syncs, one at the start and one after each pass.
 		PostcopyAfterPasses: s.HybridRounds + 1,
 		MultifdChannels:     s.Streams,
-		MultifdCompression:  map[string]string{"zstd": "zstd"}[s.Compress],
+		MultifdCompression:  map[string]string{"zstd": "zstd", "auto": "zstd"}[s.Compress],
 		Poll:                20 * time.Millisecond,
 		Timeout:             e.cfg.Timeout,
 		VerifyTimeout:       verifyEvery + 2*time.Minute,
@@ -222,7 +222,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	}
 	if ram := res.QEMU.RAM; ram != nil {
 		r.BytesWire = ram.Transferred
-		if s.Compress == "zstd" && r.LinkBytes > 0 {
+		if s.Compress != "" && s.Compress != "none" && r.LinkBytes > 0 {
 			r.BytesWire = r.LinkBytes // QEMU 7.2 counts multifd pages before compression
 		}
 		r.PagesRaw, r.PagesZero = uint64(ram.Normal), uint64(ram.Duplicate)

@@ -62,8 +62,9 @@ type Scenario struct {
 	// multifd channels (1: neither), and the raw TCP baseline's connections. 0: each
 	// system's default (godwit's engine chooses, QEMU takes one connection, raw TCP one).
 	Streams int `json:"streams,omitempty"`
-	// Compress is the page encoding: none, or zstd (godwit --compress zstd; QEMU multifd with
-	// multifd-compression zstd, over Streams channels, at least one).
+	// Compress is the page encoding: none, zstd (godwit --compress zstd; QEMU multifd with
+	// multifd-compression zstd, over Streams channels, at least one) or auto (godwit
+	// --compress auto; QEMU as with zstd).
 	Compress string `json:"compress,omitempty"`
 
 	Suites []string `json:"suites"`
@@ -119,8 +120,11 @@ func (s Scenario) Options() string {
 	if s.Streams > 1 {
 		o += fmt.Sprintf(", %d streams (QEMU: multifd with %d channels; raw TCP: %d connections)", s.Streams, s.Streams, s.Streams)
 	}
-	if s.Compress == "zstd" {
+	switch s.Compress {
+	case "zstd":
 		o += ", zstd (QEMU: multifd-compression zstd)"
+	case "auto":
+		o += ", godwit --compress auto (QEMU: multifd-compression zstd, which has no auto)"
 	}
 	if s.WarmUp > 0 {
 		o += fmt.Sprintf(", warm-up at least %v", s.WarmUp)
@@ -271,7 +275,7 @@ func parseScenario(f []string) (Scenario, error) {
 				err = fmt.Errorf("want 1..64")
 			}
 		case "compress":
-			s.Compress, err = oneOf(v, "none", "zstd")
+			s.Compress, err = oneOf(v, "none", "zstd", "auto")
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
@@ -300,8 +304,8 @@ func parseScenario(f []string) (Scenario, error) {
 	if s.Workload == "dirty" && (s.WSSBytes < 4096 || s.WSSBytes > s.MemBytes/2) {
 		return s, fmt.Errorf("%s: working set %d bytes: want a page to half of the memory", s.Name, s.WSSBytes)
 	}
-	if s.Compress == "zstd" && s.Technique != Precopy {
-		return s, fmt.Errorf("%s: compress=zstd: the QEMU baseline compresses with multifd, for pre-copy only", s.Name)
+	if (s.Compress == "zstd" || s.Compress == "auto") && s.Technique != Precopy {
+		return s, fmt.Errorf("%s: compress=%s: the QEMU baseline compresses with multifd, for pre-copy only", s.Name, s.Compress)
 	}
 	if s.Streams > 1 && s.Technique != Precopy {
 		return s, fmt.Errorf("%s: streams=%d: the QEMU baseline has multifd for pre-copy only", s.Name, s.Streams)

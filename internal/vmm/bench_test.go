@@ -531,9 +531,9 @@ func loopbackRTT(b *testing.B) time.Duration {
 
 // BenchmarkCompressLoopback migrates a 1 GiB idle VM with half of its memory written with text
 // over loopback TCP on two connections, capped at 1 Gbit/s (where the link is the limit) and
-// uncapped (where the CPU is), with raw pages and with zstd, to a fresh destination each time:
-// total time, bytes and their ratios to raw pages measured in the same run. Every destination
-// verifies its memory.
+// uncapped (where the CPU is), with raw pages, with zstd and with auto, to a fresh destination
+// each time: total times, and the ratios of time and bytes to raw pages' measured in the same
+// run. Every destination verifies its memory.
 func BenchmarkCompressLoopback(b *testing.B) {
 	const memMiB, touch = 1024, 0.5
 	src := newMachine(b, memMiB, 1, workload{kind: "idle", content: "text", touch: touch})
@@ -545,14 +545,15 @@ func BenchmarkCompressLoopback(b *testing.B) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	paused := false
+	encodings := []string{migration.CompressNone, migration.CompressZstd, migration.CompressAuto}
 	for _, link := range []struct {
 		name string
 		cap  int64
 	}{{"1gbit", 125_000_000}, {"uncapped", 0}} {
 		b.Run(link.name, func(b *testing.B) {
-			var total, bytes [2]float64
+			var total, bytes [3]float64
 			for i := 0; i < b.N; i++ {
-				for k, c := range []string{migration.CompressNone, migration.CompressZstd} {
+				for k, c := range encodings {
 					if paused {
 						if err := src.Resume(); err != nil {
 							b.Fatal(err)
@@ -569,10 +570,13 @@ func BenchmarkCompressLoopback(b *testing.B) {
 				}
 			}
 			n := float64(b.N)
-			b.ReportMetric(total[0]/n, "raw-total-ms")
-			b.ReportMetric(total[1]/n, "zstd-total-ms")
-			b.ReportMetric(total[1]/total[0], "zstd/raw-total")
-			b.ReportMetric(bytes[1]/bytes[0], "zstd/raw-bytes")
+			for k, c := range encodings {
+				b.ReportMetric(total[k]/n, c+"-total-ms")
+				if k > 0 {
+					b.ReportMetric(total[k]/total[0], c+"/none-total")
+					b.ReportMetric(bytes[k]/bytes[0], c+"/none-bytes")
+				}
+			}
 		})
 	}
 }

@@ -100,6 +100,8 @@ type Classifier struct {
 	// Encoded counts the bytes of encoded data of the pages an encoder took, by kind (the
 	// other kinds stay 0): with the page size it gives what each encoding saved.
 	Encoded Counters
+	// Raw, while set, tries no encoder: pages go zero or raw.
+	Raw bool
 }
 
 // Merge adds o's counts to c's and resets o's.
@@ -118,6 +120,9 @@ func (c *Classifier) Classify(ref Ref, page []byte, scratch *[]byte) (Kind, []by
 		return Zero, nil
 	}
 	for _, e := range c.Encoders {
+		if c.Raw {
+			break
+		}
 		start := len(*scratch)
 		out, ok := e.Encode(*scratch, ref, page)
 		if ok && len(out)-start > 0 && len(out)-start <= len(page) {
