@@ -106,15 +106,8 @@ func BenchmarkWriteThroughputVsNative(b *testing.B) {
 // a bulk transfer over as many loopback TCP connections measured in the same run: the share
 // of the link the page paths reach. Every destination verifies its memory.
 func BenchmarkPrecopyLoopback(b *testing.B) {
-	const memMiB, touch = 1024, 0.5
-	src := newMachine(b, memMiB, 1, workload{kind: "idle", content: "random", touch: touch})
-	if err := src.Start(); err != nil {
-		b.Fatal(err)
-	}
+	src := halfTouched(b, "random")
 	defer src.Close()
-	for src.Stats().PagesWritten < memMiB<<20/guest.PageSize*49/100 {
-		time.Sleep(20 * time.Millisecond)
-	}
 	paused := false
 	for _, streams := range []int{1, 2, 4} {
 		b.Run(fmt.Sprintf("streams=%d", streams), func(b *testing.B) {
@@ -141,6 +134,20 @@ func BenchmarkPrecopyLoopback(b *testing.B) {
 			b.ReportMetric(pageBps/rawBps, "link-share")
 		})
 	}
+}
+
+// halfTouched starts an idle 1 GiB VM whose guest writes half of its memory with content
+// once, and waits until it has.
+func halfTouched(b *testing.B, content string) *Machine {
+	const memMiB = 1024
+	src := newMachine(b, memMiB, 1, workload{kind: "idle", content: content, touch: 0.5})
+	if err := src.Start(); err != nil {
+		b.Fatal(err)
+	}
+	for src.Stats().PagesWritten < memMiB<<20/guest.PageSize*49/100 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	return src
 }
 
 // rawTCPLoopback sends size bytes over conns loopback TCP connections at once and returns
@@ -535,15 +542,8 @@ func loopbackRTT(b *testing.B) time.Duration {
 // each time: total times, and the ratios of time and bytes to raw pages' measured in the same
 // run. Every destination verifies its memory.
 func BenchmarkCompressLoopback(b *testing.B) {
-	const memMiB, touch = 1024, 0.5
-	src := newMachine(b, memMiB, 1, workload{kind: "idle", content: "text", touch: touch})
-	if err := src.Start(); err != nil {
-		b.Fatal(err)
-	}
+	src := halfTouched(b, "text")
 	defer src.Close()
-	for src.Stats().PagesWritten < memMiB<<20/guest.PageSize*49/100 {
-		time.Sleep(20 * time.Millisecond)
-	}
 	paused := false
 	encodings := []string{migration.CompressNone, migration.CompressZstd, migration.CompressAuto}
 	for _, link := range []struct {
