@@ -303,6 +303,18 @@ func FuzzDecodePageBatch(f *testing.F) {
 			f.Add(fr[HeaderSize:])
 		}
 	}
+	// Variable-length pages (what compressed pages look like on the wire) among the others.
+	var vb OutBatch
+	vb.Reset(0, testPS)
+	vb.Add(2, EncCompressed, []byte("zstd frame"))
+	vb.Add(3, EncRaw, page(4))
+	vb.Add(4, EncCompressed, []byte{1})
+	vb.Add(9, EncZero, nil)
+	vp := vb.appendHead(nil)
+	for _, x := range vb.data {
+		vp = append(vp, x...)
+	}
+	f.Add(vp)
 	d := testDesc()
 	f.Fuzz(func(t *testing.T, p []byte) {
 		var b PageBatch
