@@ -2,6 +2,8 @@ package migration
 
 import (
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/godwit-vm/godwit/migration/compress"
 	"github.com/godwit-vm/godwit/migration/pages"
@@ -19,6 +21,21 @@ const (
 	// cap is the one sign of the link this side can read; without one, pages go raw.
 	CompressAuto = "auto"
 )
+
+// CheckCompress says what is wrong with a page encoding and zstd level (SendOptions.Compress,
+// CompressLevel; empty takes the default), for the engine and for callers that check a request
+// before they start a migration.
+func CheckCompress(kind, level string) error {
+	switch kind {
+	case "", CompressNone, CompressZstd, CompressAuto:
+	default:
+		return fmt.Errorf("unknown compression %q (want %s, %s or %s)", kind, CompressNone, CompressZstd, CompressAuto)
+	}
+	if level != "" && !slices.Contains(compress.Levels, level) {
+		return fmt.Errorf("unknown zstd level %q (want one of %s)", level, strings.Join(compress.Levels, ", "))
+	}
+	return nil
+}
 
 // pageCodec is the receiving side's one decoding step for every path a page takes: pre-copy's
 // rounds on any connection, post-copy's push and demanded pages. It turns a batch into the

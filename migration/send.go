@@ -226,23 +226,19 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	if opts.Streams == 0 && opts.Mode == ModePrecopy && opts.DialStream != nil && resumeID == nil {
 		opts.Streams, rep.StreamsChosen = AutoStreams(runtime.NumCPU(), opts.MaxBandwidth)
 	}
+	if err := CheckCompress(opts.Compress, opts.CompressLevel); err != nil {
+		return bad(fmt.Errorf("migration: %w", err))
+	}
 	if opts.Compress == "" {
 		opts.Compress = CompressNone
 	}
 	var enc *compress.Encoder
-	switch opts.Compress {
-	case CompressNone:
-	case CompressZstd, CompressAuto:
-		if resumeID != nil {
-			break // a resume sends what the destination still lacks, raw
-		}
+	if opts.Compress != CompressNone && resumeID == nil { // a resume sends what the destination still lacks, raw
 		e, err := compress.NewEncoder(opts.CompressLevel, int(src.Describe().Layout.PageSize))
 		if err != nil {
 			return bad(fmt.Errorf("migration: %w", err))
 		}
 		enc = e
-	default:
-		return bad(fmt.Errorf("migration: unknown compression %q (want %s, %s or %s)", opts.Compress, CompressNone, CompressZstd, CompressAuto))
 	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit

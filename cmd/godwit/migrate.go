@@ -16,7 +16,6 @@ import (
 
 	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/migration"
-	"github.com/godwit-vm/godwit/migration/compress"
 )
 
 // MigrateCmd is 'godwit migrate'.
@@ -125,13 +124,8 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 	if c.Timeout < 0 {
 		return fmt.Errorf("--timeout %v: want a duration of 0 (no limit) or more", c.Timeout)
 	}
-	switch c.Compress {
-	case migration.CompressNone, migration.CompressZstd, migration.CompressAuto:
-	default:
-		return fmt.Errorf("--compress %q: want none, zstd or auto", c.Compress)
-	}
-	if !slices.Contains(compress.Levels, c.CompressLevel) {
-		return fmt.Errorf("--compress-level %q: want one of %s", c.CompressLevel, strings.Join(compress.Levels, ", "))
+	if err := migration.CheckCompress(c.Compress, c.CompressLevel); err != nil {
+		return fmt.Errorf("--compress %s --compress-level %s: %w", c.Compress, c.CompressLevel, err)
 	}
 	if set("compress-level") && c.Compress == migration.CompressNone {
 		return fmt.Errorf("--compress-level applies to --compress zstd or auto, not to --compress none")

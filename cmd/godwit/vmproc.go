@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -18,7 +17,6 @@ import (
 	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
-	"github.com/godwit-vm/godwit/migration/compress"
 	"github.com/godwit-vm/godwit/migration/outgoing"
 )
 
@@ -323,11 +321,8 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if req.Streams < 0 || req.Streams > 64 || (req.Streams == 64 && mode != migration.ModePrecopy && !req.NoFaultChannel) {
 		return nil, badRequest(fmt.Errorf("migrate: streams %d: want 1..64 (1..63 with the fault channel of mode %s)", req.Streams, mode))
 	}
-	switch {
-	case req.Compress != "" && req.Compress != migration.CompressNone && req.Compress != migration.CompressZstd && req.Compress != migration.CompressAuto:
-		return nil, badRequest(fmt.Errorf("migrate: compress %q: want none, zstd or auto", req.Compress))
-	case req.CompressLevel != "" && !slices.Contains(compress.Levels, req.CompressLevel):
-		return nil, badRequest(fmt.Errorf("migrate: compress_level %q: want one of %s", req.CompressLevel, strings.Join(compress.Levels, ", ")))
+	if err := migration.CheckCompress(req.Compress, req.CompressLevel); err != nil {
+		return nil, badRequest(fmt.Errorf("migrate: %w", err))
 	}
 	if req.SampleBeforeMS < 0 || (req.SampleBeforeMS > 0 && mode != migration.ModePostcopy) {
 		return nil, badRequest(fmt.Errorf("migrate: sample_before_ms %d: want 0, or a positive time with mode postcopy", req.SampleBeforeMS))

@@ -119,10 +119,11 @@ func (c *Classifier) Classify(ref Ref, page []byte, scratch *[]byte) (Kind, []by
 		c.Counters[Zero]++
 		return Zero, nil
 	}
-	for _, e := range c.Encoders {
-		if c.Raw {
-			break
-		}
+	encoders := c.Encoders
+	if c.Raw {
+		encoders = nil
+	}
+	for _, e := range encoders {
 		start := len(*scratch)
 		out, ok := e.Encode(*scratch, ref, page)
 		if ok && len(out)-start > 0 && len(out)-start <= len(page) {
