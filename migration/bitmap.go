@@ -225,6 +225,24 @@ func (b Bitmap) Or(o Bitmap) {
 	}
 }
 
+// AndNot removes every page of o.
+func (b Bitmap) AndNot(o Bitmap) {
+	for lw := range min(len(b.live), len(o.live)) {
+		for l := o.live[lw] & b.live[lw]; l != 0; l &= l - 1 {
+			c := uint64(lw)*64 + uint64(bits.TrailingZeros64(l))
+			if c >= uint64(len(b.chunks)) || c >= uint64(len(o.chunks)) {
+				return
+			}
+			oc, ch := o.chunks[c], b.chunks[c]
+			// The summary keeps its bits: "may be non-zero" stays true of a word cleared.
+			for sum := oc.sum & ch.sum; sum != 0; sum &= sum - 1 {
+				i := bits.TrailingZeros64(sum)
+				ch.w[i] &^= oc.w[i]
+			}
+		}
+	}
+}
+
 // Equal reports whether b and o hold the same pages among the first n.
 func (b Bitmap) Equal(o Bitmap, n uint64) bool {
 	words := (n + 63) / 64

@@ -165,3 +165,39 @@ func TestBitmapSparse(t *testing.T) {
 		t.Fatalf("prev = %d, %v", p, ok)
 	}
 }
+
+// TestBitmapAndNot checks AndNot against a plain set, across chunks, with absent chunks on
+// either side.
+func TestBitmapAndNot(t *testing.T) {
+	const n = 5*chunkPages + 17
+	rng := rand.New(rand.NewPCG(1, 2))
+	for trial := range 50 {
+		a, o := NewBitmap(n), NewBitmap(n)
+		want := map[uint64]bool{}
+		for range 300 {
+			p := rng.Uint64N(n)
+			if trial%5 == 0 {
+				p %= chunkPages // one chunk only: the others absent in a
+			}
+			a.Set(p)
+			want[p] = true
+		}
+		for range 300 {
+			p := rng.Uint64N(n)
+			if trial%7 == 0 {
+				p = n - 1 - p%chunkPages // the last chunk only
+			}
+			o.Set(p)
+			delete(want, p)
+		}
+		a.AndNot(o)
+		for p := range uint64(n) {
+			if a.Has(p) != want[p] {
+				t.Fatalf("trial %d: page %d: in the set %v, want %v", trial, p, a.Has(p), want[p])
+			}
+		}
+		if got := a.Count(n); got != uint64(len(want)) {
+			t.Fatalf("trial %d: Count %d, want %d", trial, got, len(want))
+		}
+	}
+}

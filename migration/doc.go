@@ -20,9 +20,10 @@
 // # Pre-copy ([Send] and [Receive])
 //
 //	source                                            destination
-//	StartDirtyLog, Populated
-//	round 1: populated pages (holes skipped,  ---->   WritePages / ZeroPages
-//	         zero pages as zero markers), round end
+//	StartDirtyLog, [StartFreePages], Populated
+//	round 1: populated pages (holes and free  ---->   WritePages / ZeroPages
+//	         pages skipped, zero pages as zero
+//	         markers), round end
 //	loop: FetchDirty, read the next batch
 //	                         <--------------------   round ack (all placed)
 //	      policy
@@ -35,6 +36,11 @@
 //	StopDirtyLog
 //	                         <--------------------   Done (first guest heartbeat)
 //	DoneAck  ------------------------------------>
+//
+// A Source that is a FreePageReporter (freepages.go) has the guest's free pages skipped:
+// after each FetchDirty the engine takes the pages reported free since the last one into its
+// free set and removes from it the pages that fetch named (written since). Round 1, the final
+// set and the post-copy missing set leave out what the free set holds then.
 //
 // The round acknowledgements keep the backlog out of the downtime. When the source has
 // written a round, megabytes of it may still sit in socket buffers and in the destination's

@@ -242,16 +242,20 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 		// meanwhile comes with the final fetch. Where the destination takes it, the set goes
 		// ahead too, and the Switch in the stop window carries only that last fetch.
 		if !d.logging {
-			if err := d.vmm("StartDirtyLog", d.src.StartDirtyLog()); err != nil {
+			if err := d.startLogging(); err != nil {
 				return err
 			}
-			d.logging = true
 		}
 		set, err := d.populated()
 		if err != nil {
 			return err
 		}
-		populated = set
+		for r, bm := range set {
+			d.cls.Counters.Add(pages.Hole, d.sizes[r]-bm.Count(d.sizes[r]))
+		}
+		// Free pages are left out of it, so the destination never fetches them: they read
+		// as zero there.
+		populated = d.dropFree(set)
 		if d.caps&wire.CapAhead != 0 {
 			if err := writeSet(populated, d.sizes, func(ps *wire.PageSet, more bool) error {
 				return d.link.w.WriteAhead(&wire.Ahead{PageSet: *ps}, more)
@@ -293,6 +297,12 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 		} else {
 			missing = union(populated, last)
 		}
+		// The destination learns the set from the Switch, unless most of it went ahead:
+		// then it must stay as the destination knows it (pages reported free since the walk
+		// are fetched or pushed like the others).
+		if !ahead {
+			missing = d.dropFree(missing)
+		}
 		// Logging stays on until the destination runs the VM (stopLogging): ending it is
 		// work that follows the memory's size, and a paused VM dirties nothing.
 	}
@@ -301,9 +311,6 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 	for r, bm := range missing {
 		n := bm.Count(d.sizes[r])
 		d.remaining += n
-		if unsent == nil {
-			d.cls.Counters.Add(pages.Hole, d.sizes[r]-n)
-		}
 	}
 	d.pcr.MissingAtStart = d.remaining
 	d.switched = true
@@ -328,10 +335,9 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 func (d *postcopyDriver) sample(span time.Duration) error {
 	d.phase = "sampling"
 	if d.heat != nil {
-		if err := d.vmm("StartDirtyLog", d.src.StartDirtyLog()); err != nil {
+		if err := d.startLogging(); err != nil {
 			return err
 		}
-		d.logging = true
 	}
 	end := d.clock.Now().Add(span)
 	for {

@@ -64,10 +64,9 @@ func (d *precopyDriver) progress(p *Progress) {
 // run sends the rounds and, once the policy stops them, the stop-and-copy or the switch.
 func (d *precopyDriver) run(ctx *switchCtx) error {
 	d.phase = "round 1"
-	if err := d.vmm("StartDirtyLog", d.src.StartDirtyLog()); err != nil {
+	if err := d.startLogging(); err != nil {
 		return err
 	}
-	d.logging = true
 	d.fetchAt = d.clock.Now()
 	set, err := d.populated()
 	if err != nil {
@@ -77,6 +76,7 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 		n := d.regionPages(r)
 		d.cls.Counters.Add(pages.Hole, n-bm.Count(n))
 	}
+	set = d.dropFree(set)
 	if err := d.sendRound(1, d.plan(set), false); err != nil {
 		return err
 	}
@@ -169,7 +169,7 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 	if err != nil {
 		return err
 	}
-	set = union(set, last)
+	set = d.dropFree(union(set, last))
 	// Logging stays on until the destination runs the VM (stopLogging): ending it costs the
 	// VMM work that follows the memory's size, and a paused VM dirties nothing.
 	if err := d.sendRound(d.round+1, d.plan(set), true); err != nil {

@@ -37,6 +37,7 @@ type PageCounts struct {
 	Raw        uint64 `json:"raw"`
 	Zero       uint64 `json:"zero"`
 	Hole       uint64 `json:"hole"` // skipped: not populated in round 1
+	Free       uint64 `json:"free"` // skipped: reported free by the guest (each time a set dropped one)
 	Compressed uint64 `json:"compressed"`
 	Dedup      uint64 `json:"dedup"`
 	Delta      uint64 `json:"delta"`
@@ -44,7 +45,7 @@ type PageCounts struct {
 
 func pageCounts(c *pages.Counters) PageCounts {
 	return PageCounts{
-		Raw: c.Get(pages.Raw), Zero: c.Get(pages.Zero), Hole: c.Get(pages.Hole),
+		Raw: c.Get(pages.Raw), Zero: c.Get(pages.Zero), Hole: c.Get(pages.Hole), Free: c.Get(pages.Free),
 		Compressed: c.Get(pages.Compressed), Dedup: c.Get(pages.Dedup), Delta: c.Get(pages.Delta),
 	}
 }
@@ -173,11 +174,16 @@ type Report struct {
 	Saved        SavedBytes    `json:"saved_bytes"` // source: what compression, dedup and delta saved
 	// Compression is the source's page encoding as the handshake settled it ("zstd
 	// (fastest)", or "none" and why), when SendOptions.Compress asked for one.
-	Compression  string        `json:"compression,omitempty"`
-	Rounds       int           `json:"rounds"`
-	RoundDetails []RoundReport `json:"round_details"`
-	ThrottleMax  int           `json:"throttle_max"`
-	Converged    bool          `json:"converged"`
+	Compression string `json:"compression,omitempty"`
+	// FreePages (source) says whether the guest's free page reports were used ("reported by
+	// the guest", "not reported by the guest", "off"); empty where the source cannot report.
+	// FreePagesReported counts the pages the guest reported free during the migration.
+	FreePages         string        `json:"free_pages,omitempty"`
+	FreePagesReported uint64        `json:"free_pages_reported"`
+	Rounds            int           `json:"rounds"`
+	RoundDetails      []RoundReport `json:"round_details"`
+	ThrottleMax       int           `json:"throttle_max"`
+	Converged         bool          `json:"converged"`
 	// ExpectedDowntimeMS is the source's estimate when it decided to stop and copy, to set
 	// against DowntimeMS.
 	ExpectedDowntimeMS float64  `json:"expected_downtime_ms"`

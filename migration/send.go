@@ -106,6 +106,10 @@ type SendOptions struct {
 	// CompressLevel is the zstd level, one of compress.Levels; default compress.DefaultLevel.
 	Compress      string
 	CompressLevel string
+
+	// IgnoreFreePages sends the pages the guest reports free (FreePageReporter) like any
+	// other, to compare; by default they are not sent.
+	IgnoreFreePages bool
 }
 
 // Progress is a snapshot for a progress display, delivered after every round and at most
@@ -339,6 +343,11 @@ type sender struct {
 	bytesW       int64 // written on connections closed or replaced
 	bytesR       int64 // read on connections replaced
 
+	// Free page reporting (freepages.go): the Source's reporter if the guest reports, and
+	// the pages reported free and not written since, as of the last fetch.
+	reporter FreePageReporter
+	freeSet  []Bitmap
+
 	pre  *precopyDriver  // nil for pure post-copy and for a resume
 	post *postcopyDriver // nil for pre-copy
 }
@@ -525,7 +534,10 @@ func (s *sender) fetchDirty() ([]Bitmap, error) {
 	if err := s.vmm("FetchDirty", err); err != nil {
 		return nil, err
 	}
-	return set, checkBitmaps("FetchDirty", set, &s.desc.Layout)
+	if err := checkBitmaps("FetchDirty", set, &s.desc.Layout); err != nil {
+		return nil, err
+	}
+	return set, s.takeFree(set)
 }
 
 // populated is the Source's Populated, its bitmaps checked against the layout.

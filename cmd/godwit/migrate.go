@@ -41,6 +41,7 @@ type MigrateCmd struct {
 	// Encodings.
 	Compress      string        `default:"none" placeholder:"none|zstd|auto" help:"How pages that hold data travel: none (raw); zstd (each page that shrinks by an eighth or more goes as a zstd frame of its own; the others raw); auto (zstd for the batches the bandwidth cap would hold back, raw for the others, so that the CPU compresses only while the link is the limit; without --max-bandwidth, raw). zstd pays where the link, not the CPU, is the limit: it costs 20 to 40 µs per page of text on one core here, so over a fast link it can make the migration slower. A destination that cannot decode it gets raw pages, and the report says so. Default ${default}."`
 	CompressLevel string        `name:"compress-level" default:"fastest" placeholder:"LEVEL" help:"--compress zstd or auto: fastest, default, better or best (slower, a few per cent smaller). Default ${default}."`
+	FreePages     string        `name:"free-pages" enum:"on,off" default:"on" help:"on: a guest that reports its free pages (workload churn) has none of them sent (pre-copy skips them and drops them from later rounds; post-copy never fetches them: they read as zero at the destination); off: send them like any other page, to compare. The report says whether the guest reported (${enum}). Default ${default}."`
 	Timeout       time.Duration `default:"0" placeholder:"DURATION" help:"Give up after this long; 0 = no limit. Before a switch to post-copy the VM keeps running here; after it, the VM stays paused here with its memory, since it ran at the destination (see the README on recovery)."`
 }
 
@@ -196,6 +197,7 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 		if c.Compress != migration.CompressNone {
 			req.Compress, req.CompressLevel = c.Compress, c.CompressLevel
 		}
+		req.IgnoreFreePages = c.FreePages == "off"
 		if c.Mode != migration.ModePrecopy {
 			req.Prepage = c.Prepage
 			req.SampleBeforeMS = c.SampleBefore.Milliseconds()
@@ -325,12 +327,22 @@ func printReport(r migration.Report) {
 	}
 	fmt.Printf("wire         %s (%.0f Mbit/s over the total time)\n", formatBytes(uint64(r.BytesWire)), mbps)
 	fmt.Printf("pages        raw %d, zero %d, holes skipped %d", r.Pages.Raw, r.Pages.Zero, r.Pages.Hole)
+	if r.Pages.Free > 0 {
+		fmt.Printf(", free skipped %d", r.Pages.Free)
+	}
 	if r.Pages.Compressed > 0 {
 		fmt.Printf(", compressed %d (%s saved)", r.Pages.Compressed, formatBytes(r.Saved.Compressed))
 	}
 	fmt.Println()
 	if r.Compression != "" {
 		fmt.Printf("encoding     %s\n", r.Compression)
+	}
+	if r.FreePages != "" {
+		fmt.Printf("free pages   %s", r.FreePages)
+		if r.FreePagesReported > 0 {
+			fmt.Printf(" (%d reported)", r.FreePagesReported)
+		}
+		fmt.Println()
 	}
 	if r.DirtyTracking != "" {
 		fmt.Printf("dirty log    %s\n", r.DirtyTracking)

@@ -417,3 +417,23 @@ func TestMigrationFailuresLeaveSourceRunning(t *testing.T) {
 }
 
 var proxyPorts int32
+
+// TestMigrateChurnFreePages runs 'godwit run --workload churn' and migrates it with the
+// defaults: the guest's free pages are reported and not sent, and the destination verifies.
+func TestMigrateChurnFreePages(t *testing.T) {
+	requireKVM(t)
+	tb := newTestbed(t, 0)
+	to := fmt.Sprintf("tcp:%s:7000", tb.Host(1).Addr())
+	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "churn", "--touch", "0.3", "--rate", "5000", "--content", "random")
+	dst := startVM(t, tb.Host(1), "dst", "--incoming", to)
+	src.waitHeartbeats(t, 20)
+	rep, err := migrate(t, src, to)
+	logReport(t, "churn", rep)
+	if err != nil || rep.Result != "ok" {
+		t.Fatalf("migrate: %v, report %+v", err, rep)
+	}
+	if rep.FreePages != "reported by the guest" || rep.FreePagesReported == 0 || rep.Pages.Free < rep.Pages.Raw {
+		t.Fatalf("free pages %q, %d reported, pages %+v: want most pages skipped as free", rep.FreePages, rep.FreePagesReported, rep.Pages)
+	}
+	dst.verifyClean(t)
+}

@@ -19,13 +19,13 @@ import (
 
 // WorkloadFlags choose what the built-in guest does.
 type WorkloadFlags struct {
-	Workload string        `enum:"idle,dirty" default:"idle" help:"idle: touch a fraction of memory once, then only heartbeat; dirty: rewrite pages of a working set at a rate (${enum})."`
+	Workload string        `enum:"idle,dirty,churn" default:"idle" help:"idle: touch a fraction of memory once, then only heartbeat; dirty: rewrite pages of a working set at a rate; churn: a page allocator that writes every page once, frees all but --touch of them (they keep their stale content), then frees and allocates (and writes) pages at random at --rate; it reports its free pages to a migration (see 'migrate --free-pages') (${enum})."`
 	WSS      Size          `name:"wss" default:"64M" help:"dirty: working set size, split evenly between vCPUs."`
-	Rate     Rate          `default:"max" help:"dirty: page writes per second over all vCPUs, or 'max' for as fast as the guest can."`
+	Rate     Rate          `default:"max" help:"dirty: page writes per second over all vCPUs (churn: allocations, each with a free and a page write), or 'max' for as fast as the guest can."`
 	Pattern  string        `enum:"sequential,random,hotcold" default:"random" help:"dirty: which pages of the working set are written (${enum})."`
 	Content  string        `enum:"zero,text,random,image" default:"text" help:"Page content: zero pages, compressible text, incompressible random, or image-like pages that repeat within and across VMs of the same seed (${enum})."`
 	Seed     uint64        `default:"1" help:"Seed of page content and write pattern."`
-	Touch    float64       `default:"0.25" help:"idle: fraction of memory the guest writes once at start (0..1)."`
+	Touch    float64       `default:"0.25" help:"idle: fraction of memory the guest writes once at start; churn: fraction of its pages allocated (0..1)."`
 	Batch    int           `default:"64" help:"Pages written per unit of work; the guest heartbeats once per unit."`
 	HotSize  float64       `name:"hot-size" default:"0.1" help:"hotcold: fraction of the working set that is hot."`
 	HotProb  float64       `name:"hot-prob" default:"0.9" help:"hotcold: fraction of writes that go to the hot part."`
@@ -57,11 +57,15 @@ func (c *RunCmd) controlPath() string {
 // workloadDescription is what stats and the destination of a migration show of the workload.
 func (c *RunCmd) workloadDescription() map[string]any {
 	w := map[string]any{"workload": c.Workload, "content": c.Content, "seed": c.Seed}
-	if c.Workload == "dirty" {
+	switch c.Workload {
+	case "dirty":
 		w["wss"] = uint64(c.WSS)
 		w["rate"] = c.Rate.String()
 		w["pattern"] = c.Pattern
-	} else {
+	case "churn":
+		w["touch"] = c.Touch
+		w["rate"] = c.Rate.String()
+	default:
 		w["touch"] = c.Touch
 	}
 	return w

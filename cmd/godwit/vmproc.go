@@ -292,6 +292,7 @@ type MigrateRequest struct {
 	NoFaultChannel    bool   `json:"no_fault_channel,omitempty"`    // postcopy, hybrid: requested pages on the main connection
 	Compress          string `json:"compress,omitempty"`            // none (default), zstd or auto
 	CompressLevel     string `json:"compress_level,omitempty"`      // zstd: fastest (default), default, better, best
+	IgnoreFreePages   bool   `json:"ignore_free_pages,omitempty"`   // send the pages the guest reports free too
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
 	Resume bool `json:"resume,omitempty"`
@@ -338,21 +339,22 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		Source: vmm.MigrationSource{M: m},
 		To:     addr,
 		Options: migration.SendOptions{
-			DowntimeLimit: time.Duration(req.DowntimeLimitMS) * time.Millisecond,
-			MaxBandwidth:  req.MaxBandwidth,
-			AutoConverge:  req.AutoConverge,
-			Force:         req.Force,
-			Timeout:       time.Duration(req.TimeoutMS) * time.Millisecond,
-			Mode:          mode,
-			Prepage:       req.Prepage,
-			SampleBefore:  time.Duration(req.SampleBeforeMS) * time.Millisecond,
-			HybridRounds:  req.HybridRounds,
-			HybridAfter:   time.Duration(req.HybridAfterMS) * time.Millisecond,
-			LinkTimeout:   time.Duration(req.LinkTimeoutMS) * time.Millisecond,
-			Streams:       req.Streams,
-			FaultChannel:  !req.NoFaultChannel,
-			Compress:      req.Compress,
-			CompressLevel: req.CompressLevel,
+			DowntimeLimit:   time.Duration(req.DowntimeLimitMS) * time.Millisecond,
+			MaxBandwidth:    req.MaxBandwidth,
+			AutoConverge:    req.AutoConverge,
+			Force:           req.Force,
+			Timeout:         time.Duration(req.TimeoutMS) * time.Millisecond,
+			Mode:            mode,
+			Prepage:         req.Prepage,
+			SampleBefore:    time.Duration(req.SampleBeforeMS) * time.Millisecond,
+			HybridRounds:    req.HybridRounds,
+			HybridAfter:     time.Duration(req.HybridAfterMS) * time.Millisecond,
+			LinkTimeout:     time.Duration(req.LinkTimeoutMS) * time.Millisecond,
+			Streams:         req.Streams,
+			FaultChannel:    !req.NoFaultChannel,
+			Compress:        req.Compress,
+			CompressLevel:   req.CompressLevel,
+			IgnoreFreePages: req.IgnoreFreePages,
 		},
 		ReconnectWindow: time.Duration(req.ReconnectWindowMS) * time.Millisecond,
 		Release:         func() { m.Close() },

@@ -115,6 +115,9 @@ func godwitRunArgs(s Scenario) []string {
 	if s.Rate > 0 {
 		rate = strconv.FormatUint(s.Rate, 10)
 	}
+	if s.Workload == "churn" {
+		return append(a, "--touch", strconv.FormatFloat(s.Touch, 'g', -1, 64), "--rate", rate)
+	}
 	a = append(a, "--wss", strconv.FormatUint(s.WSSBytes>>10, 10)+"K", "--rate", rate, "--pattern", s.Pattern)
 	if s.Pattern == "hotcold" {
 		a = append(a, "--hot-size", strconv.FormatFloat(s.HotSize, 'g', -1, 64), "--hot-prob", strconv.FormatFloat(s.HotProb, 'g', -1, 64))
@@ -147,6 +150,9 @@ func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
 	}
 	if s.Compress == "zstd" || s.Compress == "auto" {
 		a = append(a, "--compress", s.Compress)
+	}
+	if s.FreePages == "off" {
+		a = append(a, "--free-pages", "off")
 	}
 	if s.CapBps > 0 {
 		a = append(a, "--max-bandwidth", strconv.FormatInt(s.CapBps, 10)+"bit")
@@ -272,7 +278,7 @@ func fillFromReport(r *Run, rep *migration.Report) {
 	}
 	r.BytesWire = rep.BytesWire
 	r.PagesRaw, r.PagesZero, r.PagesHole = rep.Pages.Raw, rep.Pages.Zero, rep.Pages.Hole
-	r.PagesCompressed = rep.Pages.Compressed
+	r.PagesCompressed, r.PagesFree = rep.Pages.Compressed, rep.Pages.Free
 	r.Rounds, r.Converged, r.Throttle = rep.Rounds, rep.Converged, rep.ThrottleMax
 	r.RoundDetails = rep.RoundDetails
 	r.Extra = map[string]float64{

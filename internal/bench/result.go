@@ -59,9 +59,11 @@ type Run struct {
 	PagesHole uint64 `json:"pages_hole"`
 	// PagesCompressed (godwit) were sent compressed; QEMU does not count them apart.
 	PagesCompressed uint64 `json:"pages_compressed,omitempty"`
-	Rounds          int    `json:"rounds"` // pre-copy rounds (QEMU: dirty-bitmap syncs)
-	Converged       bool   `json:"converged"`
-	Throttle        int    `json:"throttle_max,omitempty"`
+	// PagesFree (godwit) were not sent: the guest reported them free.
+	PagesFree uint64 `json:"pages_free,omitempty"`
+	Rounds    int    `json:"rounds"` // pre-copy rounds (QEMU: dirty-bitmap syncs)
+	Converged bool   `json:"converged"`
+	Throttle  int    `json:"throttle_max,omitempty"`
 
 	// Post-copy: demand faults (QEMU: post-copy page requests), fault service latency
 	// (godwit only: QEMU 7.2 does not report it) and a sample of latencies.

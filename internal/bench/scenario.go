@@ -32,10 +32,10 @@ type Scenario struct {
 
 	MemBytes uint64  `json:"mem_bytes"`
 	VCPUs    int     `json:"vcpus"`
-	Workload string  `json:"workload"` // idle or dirty
-	Touch    float64 `json:"touch"`    // idle: fraction written once
+	Workload string  `json:"workload"` // idle, dirty or churn
+	Touch    float64 `json:"touch"`    // idle: fraction written once; churn: fraction allocated
 	WSSBytes uint64  `json:"wss_bytes"`
-	Rate     uint64  `json:"rate"` // dirty: page writes per second; 0 = as fast as the guest can
+	Rate     uint64  `json:"rate"` // dirty: page writes (churn: allocations) per second; 0 = as fast as the guest can
 	Pattern  string  `json:"pattern"`
 	HotSize  float64 `json:"hot_size"`
 	HotProb  float64 `json:"hot_prob"`
@@ -66,6 +66,9 @@ type Scenario struct {
 	// multifd-compression zstd, over Streams channels, at least one) or auto (godwit
 	// --compress auto; QEMU as with zstd).
 	Compress string `json:"compress,omitempty"`
+	// FreePages is godwit's --free-pages: on (the default) or off. QEMU has no counterpart
+	// for this guest (its free page hinting needs a virtio-balloon driver).
+	FreePages string `json:"free_pages,omitempty"`
 
 	Suites []string `json:"suites"`
 }
@@ -98,6 +101,9 @@ func (s Scenario) Guest() string {
 	if s.Rate > 0 {
 		rate = fmt.Sprintf("%d pages/s", s.Rate)
 	}
+	if s.Workload == "churn" {
+		return g + fmt.Sprintf(", churn: %.0f%% allocated, the rest freed with stale content, %s, %s pages", s.Touch*100, strings.Replace(rate, "pages", "allocations", 1), s.Content)
+	}
 	return g + fmt.Sprintf(", writer: %s working set, %s, %s, %s pages", sizeText(s.WSSBytes), rate, s.Pattern, s.Content)
 }
 
@@ -125,6 +131,9 @@ func (s Scenario) Options() string {
 		o += ", zstd (QEMU: multifd-compression zstd)"
 	case "auto":
 		o += ", godwit --compress auto (QEMU: multifd-compression zstd, which has no auto)"
+	}
+	if s.FreePages == "off" {
+		o += ", godwit --free-pages off"
 	}
 	if s.WarmUp > 0 {
 		o += fmt.Sprintf(", warm-up at least %v", s.WarmUp)
@@ -225,7 +234,7 @@ func parseScenario(f []string) (Scenario, error) {
 				err = fmt.Errorf("want at least 1")
 			}
 		case "workload":
-			s.Workload, err = oneOf(v, "idle", "dirty")
+			s.Workload, err = oneOf(v, "idle", "dirty", "churn")
 		case "touch":
 			s.Touch, err = parseFraction(v)
 		case "wss":
@@ -276,10 +285,12 @@ func parseScenario(f []string) (Scenario, error) {
 			}
 		case "compress":
 			s.Compress, err = oneOf(v, "none", "zstd", "auto")
+		case "free-pages":
+			s.FreePages, err = oneOf(v, "on", "off")
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
-				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress"); err != nil {
+				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages"); err != nil {
 					break
 				}
 			}

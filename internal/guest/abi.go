@@ -41,6 +41,9 @@
 //	PortVerified  out  the mailbox verify report is filled in
 //	PortExit      out  the vCPU has finished; eax = status (0 ok)
 //	PortPanic     out  the guest found an internal error; mailbox console text says what
+//	PortFreePages out  churn: the mailbox list at MbFreeList names eax free pages
+//	PortFreeDone  out  answers CmdReportFree: eax = 1 once every free page is reported, 0 when
+//	                   the workload has no allocator
 //
 // # Page content and verification
 //
@@ -52,6 +55,18 @@
 // ContentText (words from a small dictionary: compresses well), ContentRandom
 // (incompressible), ContentImage (drawn from a pool of ImagePoolPages distinct pages that
 // depend only on the seed, so pages repeat within a VM and across VMs with the same seed).
+//
+// # Churn and free page reporting
+//
+// WorkloadChurn runs a page allocator over the slice: its first data pages hold the slots, one
+// uint32 data page index per page it hands out (the free ones first), and the version table
+// flags a free page with VersionFree, keeping its version: a freed page keeps its stale
+// content, which after a migration may be anything. Verify checks every allocated page as
+// above and the allocator's structures (every page in the slots once, flagged free exactly in
+// the free part). On CmdReportFree the vCPU lists all its free pages through PortFreePages, then
+// answers PortFreeDone, and from then on lists each page it frees. A listed page is not
+// allocated again until the PortFreePages write that lists it has returned: that is what lets
+// the VMM skip it, since any write to it comes after the VMM took the list.
 package guest
 
 // Guest physical addresses and sizes of the fixed layout.
@@ -93,6 +108,13 @@ const (
 	PortVerified  = 0x503
 	PortExit      = 0x504
 	PortPanic     = 0x505
+	// PortFreePages: the guest reports free pages (churn); eax = how many page frame numbers
+	// (uint32 each) the mailbox list at MbFreeList holds, at most MbFreeMax. The guest holds
+	// every listed page out of its allocator until the write returns.
+	PortFreePages = 0x506
+	// PortFreeDone answers CmdReportFree once every free page is reported: eax = 1, or 0 when
+	// the workload has no allocator (it never reports).
+	PortFreeDone = 0x507
 	// PortFault is written by the VMM's exception stubs at CPL0, never by the guest (its bit in
 	// the I/O bitmap stays set): the vCPU faulted; the stack holds vector, error code and the
 	// CPU's exception frame.
@@ -106,12 +128,16 @@ const (
 	CmdContinue Command = 0 // keep working
 	CmdVerify   Command = 1 // verify the slice, report through PortVerified, keep working
 	CmdExit     Command = 2 // verify the slice, report through PortVerified, then PortExit
+	// CmdReportFree: report every free page now (PortFreePages, then PortFreeDone), and from
+	// then on each page freed, in lists of MbFreeMax.
+	CmdReportFree Command = 3
 )
 
 // Workload kinds.
 const (
 	WorkloadIdle  = 0 // touch a fraction of the slice once, then only sleep and heartbeat
 	WorkloadDirty = 1 // rewrite pages of the working set at a rate, with a pattern
+	WorkloadChurn = 2 // allocate, write and free pages like an OS's page allocator, at a rate
 )
 
 // Page content kinds.
@@ -127,6 +153,14 @@ const (
 	PatternSequential = 0
 	PatternRandom     = 1
 	PatternHotCold    = 2
+)
+
+// Version table flags of the churn workload: a free page keeps its last version (its content
+// is stale, and may be anything after a migration) with VersionFree set. Versions count
+// within VersionMask.
+const (
+	VersionFree = 0x80000000
+	VersionMask = 0x3fffffff
 )
 
 // ParamsMagic identifies the params page ("GODWITP1" little endian).
@@ -174,6 +208,9 @@ const (
 	MbExpected       = 0x038 // uint64 expected word at that offset
 	MbFound          = 0x040 // uint64 word found there
 	MbPagesVersioned = 0x048 // uint64 pages with a version other than 0
+	MbPagesFree      = 0x050 // uint64 churn: pages free at the last verify
+	MbFreeList       = 0x100 // uint32 page frame numbers of a PortFreePages report
+	MbFreeMax        = 448   // entries the list holds (up to the console area)
 	MbConsole        = 0x800 // console text, up to MbConsoleMax bytes
 	MbConsoleMax     = 0x800
 )

@@ -22,6 +22,9 @@ var goToC = map[string]string{
 
 	"PortConsole": "PORT_CONSOLE", "PortHeartbeat": "PORT_HEARTBEAT", "PortSleep": "PORT_SLEEP",
 	"PortVerified": "PORT_VERIFIED", "PortExit": "PORT_EXIT", "PortPanic": "PORT_PANIC",
+	"PortFreePages": "PORT_FREE_PAGES", "PortFreeDone": "PORT_FREE_DONE", "CmdReportFree": "CMD_REPORT_FREE",
+	"WorkloadChurn": "WORKLOAD_CHURN", "VersionFree": "VERSION_FREE", "VersionMask": "VERSION_MASK",
+	"MbPagesFree": "MB_PAGES_FREE", "MbFreeList": "MB_FREE_LIST", "MbFreeMax": "MB_FREE_MAX",
 
 	"CmdContinue": "CMD_CONTINUE", "CmdVerify": "CMD_VERIFY", "CmdExit": "CMD_EXIT",
 	"WorkloadIdle": "WORKLOAD_IDLE", "WorkloadDirty": "WORKLOAD_DIRTY",

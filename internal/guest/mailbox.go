@@ -17,7 +17,8 @@ type Mailbox struct {
 	FirstBadOffset uint64 // byte offset in that page of the first differing 8-byte word
 	Expected       uint64 // the word the page should hold there
 	Found          uint64 // the word it holds
-	PagesVersioned uint64 // pages written at least once
+	PagesVersioned uint64 // pages written at least once (churn: allocated ones)
+	PagesFree      uint64 // churn: pages free (their content is not checked)
 }
 
 // NoBadPage is FirstBadPage when a verify found no mismatch.
@@ -40,6 +41,7 @@ func DecodeMailbox(page []byte) (Mailbox, error) {
 		Expected:       u(MbExpected),
 		Found:          u(MbFound),
 		PagesVersioned: u(MbPagesVersioned),
+		PagesFree:      u(MbPagesFree),
 	}, nil
 }
 

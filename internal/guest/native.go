@@ -113,6 +113,9 @@ type NativeRun struct {
 	Units uint64
 	// VerifyAt, if not 0, is the heartbeat at which each vCPU is told CmdVerify.
 	VerifyAt uint64
+	// ReportAt, if not 0, is the heartbeat at which each vCPU is told CmdReportFree; the
+	// harness checks every page reported then and afterwards (NativeResult.Free).
+	ReportAt uint64
 	// Corrupt flips the byte at CorruptGPA right before vCPU CorruptVCPU's VerifyAt verify, and
 	// restores it when that report is in.
 	Corrupt     bool
@@ -146,6 +149,15 @@ type NativeExit struct {
 	SleptUS      uint64
 }
 
+// NativeFree is what one vCPU of a native run reported of its free pages (NativeRun.ReportAt).
+type NativeFree struct {
+	VCPU      int
+	Done      uint64 // PortFreeDone answers
+	Supported bool   // the last answer said the workload reports
+	Reported  uint64 // pages reported
+	NotFree   uint64 // of them, pages not flagged free (or outside the slice) when reported
+}
+
 // NativeConsole is one console message.
 type NativeConsole struct {
 	VCPU int
@@ -158,6 +170,7 @@ type NativeResult struct {
 	Console  []NativeConsole
 	Verifies []NativeVerify
 	Exits    []NativeExit
+	Free     []NativeFree
 }
 
 // WriteThroughput is the bytes of pages written per second by all vCPUs together, over the
@@ -214,6 +227,9 @@ func (h *NativeHarness) Run(ctx context.Context, r NativeRun) (*NativeResult, er
 	args := []string{"-p", f.Name(), "-m", strconv.FormatUint(r.MemBytes, 10), "-u", strconv.FormatUint(r.Units, 10)}
 	if r.VerifyAt != 0 {
 		args = append(args, "-v", strconv.FormatUint(r.VerifyAt, 10))
+	}
+	if r.ReportAt != 0 {
+		args = append(args, "-r", strconv.FormatUint(r.ReportAt, 10))
 	}
 	if r.Corrupt {
 		args = append(args, "-c", fmt.Sprintf("%d:0x%x", r.CorruptVCPU, r.CorruptGPA))
@@ -288,6 +304,7 @@ func parseHarnessOutput(out []byte) (*NativeResult, []string, error) {
 					Expected:       n("expected"),
 					Found:          n("found"),
 					PagesVersioned: n("versioned"),
+					PagesFree:      n("free"),
 				},
 				Duration: time.Duration(n("ns")),
 			})
@@ -300,6 +317,11 @@ func parseHarnessOutput(out []byte) (*NativeResult, []string, error) {
 				WriteTime:    time.Duration(n("write_ns")),
 				WriteCPUTime: time.Duration(n("write_cpu_ns")),
 				SleptUS:      n("slept_us"),
+			})
+		case "free":
+			res.Free = append(res.Free, NativeFree{
+				VCPU: int(n("vcpu")), Done: n("done"), Supported: n("supported") == 1,
+				Reported: n("reported"), NotFree: n("notfree"),
 			})
 		default:
 			return res, panics, fmt.Errorf("guest: native harness: unknown output line %q", line)

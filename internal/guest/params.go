@@ -29,13 +29,13 @@ const (
 // Config is a guest workload as a user picks it. NewParams turns it into the params of a VM of
 // a given size. Start from DefaultConfig: the zero Config is not valid (its batch is 0).
 type Config struct {
-	Workload uint64 // WorkloadIdle or WorkloadDirty
+	Workload uint64 // WorkloadIdle, WorkloadDirty or WorkloadChurn
 	Content  uint64 // ContentZero, ContentText, ContentRandom or ContentImage
 	Pattern  uint64 // dirty: PatternSequential, PatternRandom or PatternHotCold
 	Seed     uint64 // page contents are a function of (Seed, kind, page frame, version)
 
-	// Rate is the dirty workload's page writes per second per vCPU; 0 writes as fast as the
-	// vCPU can. Pacing uses the TSC, so a non-zero rate needs Params.TSCKHz.
+	// Rate is the dirty workload's page writes (churn: allocations, each with a free) per
+	// second per vCPU; 0 writes as fast as the vCPU can. Pacing uses the TSC, so a non-zero rate needs Params.TSCKHz.
 	Rate uint64
 	// BatchPages is how many pages one unit of dirty work writes; each unit ends in a
 	// heartbeat, which is also when the guest takes commands.
@@ -46,7 +46,8 @@ type Config struct {
 
 	// TouchPermille is the per mille of each slice's data pages that the idle workload writes
 	// once (the lowest ones), before it only sleeps and heartbeats. The default, 1000, models
-	// an idle VM whose memory is all in use; lower values leave never-touched pages.
+	// an idle VM whose memory is all in use; lower values leave never-touched pages. Under
+	// churn it is the share of pages allocated: the others were written once and freed.
 	TouchPermille uint64
 	// IdleIntervalUS is how long the idle workload sleeps per unit of work.
 	IdleIntervalUS uint64

@@ -152,7 +152,7 @@ func TestParamsErrors(t *testing.T) {
 		tsc   uint64
 		want  string
 	}{
-		{mod(func(c *Config) { c.Workload = 2 }), 32 << 20, 1, 0, "unknown workload 2"},
+		{mod(func(c *Config) { c.Workload = 3 }), 32 << 20, 1, 0, "unknown workload 3"},
 		{mod(func(c *Config) { c.Content = 4 }), 32 << 20, 1, 0, "unknown content kind 4"},
 		{mod(func(c *Config) { c.Pattern = 3 }), 32 << 20, 1, 0, "unknown write pattern 3"},
 		{Config{}, 32 << 20, 1, 0, "batch of 0 pages"},
@@ -245,7 +245,7 @@ func TestNames(t *testing.T) {
 func TestDecodeMailbox(t *testing.T) {
 	page := make([]byte, PageSize)
 	for i, off := range []int{MbWorkUnits, MbPagesWritten, MbVerifySeq, MbPagesChecked, MbMismatches,
-		MbFirstBadPage, MbFirstBadOffset, MbExpected, MbFound, MbPagesVersioned} {
+		MbFirstBadPage, MbFirstBadOffset, MbExpected, MbFound, MbPagesVersioned, MbPagesFree} {
 		binary.LittleEndian.PutUint64(page[off:], uint64(i+1))
 	}
 	copy(page[MbConsole:], "hello, console")
@@ -253,7 +253,7 @@ func TestDecodeMailbox(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Mailbox{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+	want := Mailbox{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}
 	if m != want {
 		t.Errorf("DecodeMailbox = %+v, want %+v", m, want)
 	}

@@ -80,7 +80,8 @@ type Machine struct {
 	life     sync.RWMutex
 	released bool
 
-	ring *dirtyRing // nil: dirty tracking by bitmap
+	ring *dirtyRing  // nil: dirty tracking by bitmap
+	free freeReports // the guest's free page reports (freepages.go)
 
 	mu       sync.Mutex
 	state    State

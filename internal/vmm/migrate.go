@@ -44,6 +44,8 @@ var (
 	_ migration.Throttler     = MigrationSource{}
 	_ migration.ProgressClock = MigrationSource{}
 	_ migration.PageViewer    = MigrationSource{}
+
+	_ migration.FreePageReporter = MigrationSource{}
 )
 
 func (s MigrationSource) Describe() migration.Description {
@@ -82,6 +84,9 @@ func (s MigrationSource) StartDirtyLog() error {
 // them, so a write that races with the read is caught in the next round.
 func (s MigrationSource) FetchDirty() ([]migration.Bitmap, error) {
 	m := s.M
+	// A free page report is taken before or after a fetch, never during one (freepages.go).
+	m.free.mu.Lock()
+	defer m.free.mu.Unlock()
 	if m.ring != nil {
 		b, err := m.fetchRing()
 		if err != nil {
@@ -106,6 +111,7 @@ func (s MigrationSource) StopDirtyLog() error {
 	m := s.M
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.stopFreePages()
 	if !m.logDirty {
 		return nil
 	}

@@ -18,6 +18,7 @@ type VerifyReport struct {
 	PagesChecked   uint64 `json:"pages_checked"`
 	Mismatches     uint64 `json:"mismatches"`
 	PagesVersioned uint64 `json:"pages_versioned"`
+	PagesFree      uint64 `json:"pages_free"` // churn: free pages, whose content is not checked
 	// FirstBadGPA is the guest physical address of the first mismatching page found (by the
 	// lowest vCPU that found one), with the word expected and found there.
 	FirstBadGPA    *uint64 `json:"first_bad_gpa,omitempty"`
@@ -37,7 +38,7 @@ type verifyOp struct {
 }
 
 type vcpuReport struct {
-	seq, checked, mismatches, firstBadPFN, firstBadOff, expected, found, versioned uint64
+	seq, checked, mismatches, firstBadPFN, firstBadOff, expected, found, versioned, free uint64
 }
 
 const consoleKeep = 200 // lines of console text kept for stats
@@ -47,6 +48,9 @@ type pvDevice struct {
 	m      *Machine
 	tscKHz uint32
 	cmd    []atomic.Uint32 // pending guest.Command per vCPU, answered at its next heartbeat
+	// reportFree asks a vCPU for CmdReportFree at its next heartbeat that has no other
+	// command to give.
+	reportFree []atomic.Bool
 
 	mu          sync.Mutex
 	startedAt   time.Time // when the vCPUs started (or, after a migration, resumed here)
@@ -65,7 +69,7 @@ type pvDevice struct {
 }
 
 func newPVDevice(m *Machine, n int) *pvDevice {
-	return &pvDevice{m: m, cmd: make([]atomic.Uint32, n), perVCPU: make([]uint64, n), exited: make([]bool, n)}
+	return &pvDevice{m: m, cmd: make([]atomic.Uint32, n), reportFree: make([]atomic.Bool, n), perVCPU: make([]uint64, n), exited: make([]bool, n)}
 }
 
 func (p *pvDevice) start(now time.Time) {
@@ -113,6 +117,12 @@ func (p *pvDevice) handle(v *vcpu) (done bool, err error) {
 		if err := p.verified(v.id); err != nil {
 			return false, err
 		}
+	case guest.PortFreePages:
+		if err := p.m.freePagesReported(v.id, val); err != nil {
+			return true, err
+		}
+	case guest.PortFreeDone:
+		p.m.freeDone(v.id, val)
 	case guest.PortExit:
 		p.mu.Lock()
 		p.exited[v.id] = true
@@ -157,7 +167,20 @@ func (p *pvDevice) heartbeat(v *vcpu) guest.Command {
 	p.perVCPU[v.id]++
 	p.rate.add(now, 1)
 	p.mu.Unlock()
-	return guest.Command(p.cmd[v.id].Swap(uint32(guest.CmdContinue)))
+	if cmd := guest.Command(p.cmd[v.id].Swap(uint32(guest.CmdContinue))); cmd != guest.CmdContinue {
+		return cmd
+	}
+	if p.reportFree[v.id].CompareAndSwap(true, false) {
+		return guest.CmdReportFree
+	}
+	return guest.CmdContinue
+}
+
+// exitedVCPUs says which vCPUs have finished.
+func (p *pvDevice) exitedVCPUs() []bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]bool(nil), p.exited...)
 }
 
 // readMailbox reads n bytes at off of vCPU id's mailbox page, once the page is present (on a
@@ -198,7 +221,7 @@ func (p *pvDevice) consoleText(id int, n uint32) {
 }
 
 func (p *pvDevice) verified(id int) error {
-	b, err := p.readMailbox(context.Background(), id, guest.MbVerifySeq, guest.MbPagesVersioned+8-guest.MbVerifySeq)
+	b, err := p.readMailbox(context.Background(), id, guest.MbVerifySeq, guest.MbPagesFree+8-guest.MbVerifySeq)
 	if err != nil {
 		return fmt.Errorf("vmm: vCPU %d: reading verify report: %w", id, err)
 	}
@@ -207,6 +230,7 @@ func (p *pvDevice) verified(id int) error {
 		seq: w(guest.MbVerifySeq), checked: w(guest.MbPagesChecked), mismatches: w(guest.MbMismatches),
 		firstBadPFN: w(guest.MbFirstBadPage), firstBadOff: w(guest.MbFirstBadOffset),
 		expected: w(guest.MbExpected), found: w(guest.MbFound), versioned: w(guest.MbPagesVersioned),
+		free: w(guest.MbPagesFree),
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -236,6 +260,7 @@ func combine(op *verifyOp, n int) VerifyReport {
 		rep.PagesChecked += r.checked
 		rep.Mismatches += r.mismatches
 		rep.PagesVersioned += r.versioned
+		rep.PagesFree += r.free
 		if r.mismatches > 0 && rep.FirstBadGPA == nil {
 			gpa := r.firstBadPFN * guest.PageSize
 			rep.FirstBadGPA = &gpa

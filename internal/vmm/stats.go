@@ -37,9 +37,12 @@ type Stats struct {
 	DirtyLogging   bool    `json:"dirty_logging"`
 	DirtyTracking  string  `json:"dirty_tracking"`
 	// With the dirty ring: entries harvested and ring-full exits since the machine started.
-	DirtyRingHarvested uint64        `json:"dirty_ring_harvested,omitempty"`
-	DirtyRingFullExits uint64        `json:"dirty_ring_full_exits,omitempty"`
-	LastVerify         *VerifyReport `json:"last_verify,omitempty"`
+	DirtyRingHarvested uint64 `json:"dirty_ring_harvested,omitempty"`
+	DirtyRingFullExits uint64 `json:"dirty_ring_full_exits,omitempty"`
+	// FreePagesReported counts the pages the guest reported free to a migration away from
+	// here (the churn workload), over the machine's life.
+	FreePagesReported uint64        `json:"free_pages_reported,omitempty"`
+	LastVerify        *VerifyReport `json:"last_verify,omitempty"`
 	// Postcopy holds the figures of the machine's demand paging (the incoming post-copy),
 	// while it runs and after.
 	Postcopy *PostcopyStats `json:"postcopy,omitempty"`
@@ -102,6 +105,7 @@ func (m *Machine) Stats() Stats {
 	if m.ring != nil {
 		s.DirtyRingHarvested, s.DirtyRingFullExits = m.ring.harvested.Load(), m.ring.fullExits.Load()
 	}
+	s.FreePagesReported = m.free.reported.Load()
 	m.mu.Unlock()
 	return s
 }

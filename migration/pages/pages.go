@@ -20,7 +20,8 @@ const (
 	Dedup      Kind = 3 // sent as a 128-bit hash of an identical page sent before (reserved)
 	Delta      Kind = 4 // sent as a delta to the version sent before (reserved)
 	Hole       Kind = 5 // never populated: not sent at all
-	NumKinds        = 6
+	Free       Kind = 6 // reported free by the guest: not sent (its content does not matter)
+	NumKinds        = 7
 )
 
 func (k Kind) String() string {
@@ -37,6 +38,8 @@ func (k Kind) String() string {
 		return "delta"
 	case Hole:
 		return "hole"
+	case Free:
+		return "free"
 	}
 	return fmt.Sprintf("kind %d", uint8(k))
 }
@@ -75,11 +78,11 @@ func (c *Counters) Add(k Kind, n uint64) { c[k] += n }
 // Get is the count for kind k.
 func (c *Counters) Get(k Kind) uint64 { return c[k] }
 
-// Total is the count over all kinds but holes (the pages that were sent).
+// Total is the count over all kinds but holes and free pages (the pages that were sent).
 func (c *Counters) Total() uint64 {
 	var t uint64
 	for k, n := range c {
-		if Kind(k) != Hole {
+		if Kind(k) != Hole && Kind(k) != Free {
 			t += n
 		}
 	}

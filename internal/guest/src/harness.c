@@ -7,15 +7,16 @@
  *   start vcpus=N mem=BYTES tsc_khz=K
  *   console vcpu=I text=...
  *   verified vcpu=I seq=S checked=C mismatches=M first_bad_page=P first_bad_offset=O
- *            expected=E found=F versioned=V ns=T        (one line)
+ *            expected=E found=F versioned=V free=R ns=T        (one line)
  *   exit vcpu=I status=S units=U pages=P write_ns=T write_cpu_ns=C slept_us=Z
+ *   free vcpu=I done=D supported=S reported=R notfree=N  (with -r, before that vCPU's exit line)
  *
  * write_ns is the wall time from the vCPU's start to its last heartbeat, write_cpu_ns the
  * thread's CPU time over the same span: on a busy machine the CPU time still shows what the
  * write loop costs, while the wall time also counts the time other processes had the CPU.
  *   panic vcpu=I text=...
  *
- * Usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v VERIFY_AT] [-c VCPU:GPA] [-d DUMP] [-s] [-P]
+ * Usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v VERIFY_AT] [-r REPORT_AT] [-c VCPU:GPA] [-d DUMP] [-s] [-P]
  *   -p  the params page (8 KiB, as guest.EncodeParams makes it), placed at ParamsGPA
  *   -m  bytes of guest memory
  *   -u  each vCPU gets CmdExit at its UNITS-th heartbeat
@@ -25,6 +26,9 @@
  *       goes on
  *   -d  write all guest memory to DUMP after every vCPU has exited
  *   -s  really sleep on PortSleep (otherwise sleeps are only counted)
+ *   -r  each vCPU gets CmdReportFree at its REPORT_AT-th heartbeat; every page it reports is
+ *       checked to be flagged free in its version table right then (notfree counts those that
+ *       are not: an allocator that reports a page in use)
  *   -P  fault all guest memory in and write (zeros to) every cache line of it before the vCPUs
  *       start, so that a throughput figure shows the write loop rather than first-touch costs.
  *       MAP_POPULATE alone is not enough where the host is itself a VM: there, the first
@@ -65,6 +69,7 @@ struct vstate {
 	uint32_t exit_status;
 	int exited;
 	int corrupted;
+	uint64_t free_done, free_supported, free_reported, free_notfree;
 	jmp_buf done; /* PortExit returns here, out of guest_main, which never returns */
 };
 
@@ -73,6 +78,7 @@ static struct {
 	uint64_t mem_bytes;
 	uint64_t units;
 	uint64_t verify_at;
+	uint64_t report_at;
 	int corrupt;
 	uint64_t corrupt_vcpu;
 	uint64_t corrupt_gpa;
@@ -212,6 +218,8 @@ uint32_t godwit_native_in(uint16_t port)
 		v->verify_start_ns = now_ns();
 		return CMD_VERIFY;
 	}
+	if (v->heartbeats == opt.report_at)
+		return CMD_REPORT_FREE;
 	return CMD_CONTINUE;
 }
 
@@ -241,17 +249,48 @@ void godwit_native_out(uint16_t port, uint32_t val)
 		emit("verified vcpu=%" PRIu64 " seq=%" PRIu64 " checked=%" PRIu64
 		     " mismatches=%" PRIu64 " first_bad_page=0x%" PRIx64
 		     " first_bad_offset=%" PRIu64 " expected=0x%" PRIx64 " found=0x%" PRIx64
-		     " versioned=%" PRIu64 " ns=%" PRIu64 "\n",
+		     " versioned=%" PRIu64 " free=%" PRIu64 " ns=%" PRIu64 "\n",
 		     i, mb(i, MB_VERIFY_SEQ), mb(i, MB_PAGES_CHECKED), mb(i, MB_MISMATCHES),
 		     mb(i, MB_FIRST_BAD_PAGE), mb(i, MB_FIRST_BAD_OFFSET), mb(i, MB_EXPECTED),
-		     mb(i, MB_FOUND), mb(i, MB_PAGES_VERSIONED), now_ns() - start);
+		     mb(i, MB_FOUND), mb(i, MB_PAGES_VERSIONED), mb(i, MB_PAGES_FREE), now_ns() - start);
 		if (v->corrupted) {
 			flip_corrupt_byte();
 			v->corrupted = 0;
 		}
 		return;
 	}
+	case PORT_FREE_PAGES: {
+		uint64_t rec = PARAMS_GPA + PARAMS_VCPU_OFFSET + i * PARAMS_VCPU_RECORD;
+		uint64_t table = read_u64(rec + VCPU_VERSION_TABLE_GPA);
+		uint64_t data_pfn = read_u64(rec + VCPU_DATA_GPA) / PAGE_SIZE;
+		uint64_t pages = read_u64(rec + VCPU_DATA_PAGES);
+
+		if (val > MB_FREE_MAX)
+			die("vcpu %" PRIu64 ": free page report of %u entries", i, val);
+		for (uint32_t k = 0; k < val; k++) {
+			uint32_t pfn, version;
+
+			memcpy(&pfn, host(mailbox_gpa(i) + MB_FREE_LIST + 4 * k), 4);
+			if (pfn < data_pfn || pfn >= data_pfn + pages) {
+				v->free_notfree++;
+				continue;
+			}
+			memcpy(&version, host(table + 4 * (pfn - data_pfn)), 4);
+			if (!(version & VERSION_FREE))
+				v->free_notfree++;
+		}
+		v->free_reported += val;
+		return;
+	}
+	case PORT_FREE_DONE:
+		v->free_done++;
+		v->free_supported = val;
+		return;
 	case PORT_EXIT:
+		if (opt.report_at)
+			emit("free vcpu=%" PRIu64 " done=%" PRIu64 " supported=%" PRIu64
+			     " reported=%" PRIu64 " notfree=%" PRIu64 "\n",
+			     i, v->free_done, v->free_supported, v->free_reported, v->free_notfree);
 		v->exit_status = val;
 		v->exited = 1;
 		emit("exit vcpu=%" PRIu64 " status=%u units=%" PRIu64 " pages=%" PRIu64
@@ -356,6 +395,9 @@ int main(int argc, char **argv)
 		case 'v':
 			opt.verify_at = parse_u64(val, "verify heartbeat");
 			break;
+		case 'r':
+			opt.report_at = parse_u64(val, "report heartbeat");
+			break;
 		case 'c': {
 			char *colon = strchr(val, ':');
 
@@ -376,7 +418,7 @@ int main(int argc, char **argv)
 	}
 	if (!opt.params_path || opt.mem_bytes < DATA_GPA || opt.mem_bytes % PAGE_SIZE != 0 ||
 	    opt.units == 0)
-		die("usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v N] [-c VCPU:GPA] [-d DUMP] [-s] [-P]"
+		die("usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v N] [-r N] [-c VCPU:GPA] [-d DUMP] [-s] [-P]"
 		    " (memory at least 0x%x, page aligned; units at least 1)",
 		    DATA_GPA);
 

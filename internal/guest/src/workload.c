@@ -1,6 +1,6 @@
 /*
- * godwit's built-in workload guest: page content generators, the idle and dirty workloads,
- * verification, and the entry function guest_main.
+ * godwit's built-in workload guest: page content generators, the idle, dirty and churn
+ * workloads, verification, free page reporting, and the entry function guest_main.
  *
  * Every vCPU runs guest_main on its own stack and touches only its own slice of the data area
  * and its own mailbox page, so there is no shared mutable state and no locking: all state lives
@@ -30,6 +30,10 @@ typedef uint64_t u64_unaligned __attribute__((aligned(1), may_alias));
 #define DOMAIN_IMAGE_POOL 0x696d616765706f6fULL
 #define DOMAIN_IMAGE_PICK 0x696d6167657069ccULL
 #define DOMAIN_PATTERN 0x7061747465726e31ULL
+#define DOMAIN_CHURN 0x636875726e636875ULL
+
+/* Marks a page while verify walks the allocator's slots, to find one listed twice. */
+#define VERSION_SEEN 0x40000000u
 
 /* Longest single sleep request; longer waits are split so that eax never overflows. */
 #define MAX_SLEEP_US 1000000u
@@ -241,8 +245,26 @@ struct config {
 	uint64_t image_pool_pages;
 };
 
+/*
+ * The churn workload's page allocator over its vCPU's slice. The first meta_pages data pages
+ * hold slots, one uint32 data page index per pool page: slots[0, free) are the free pages,
+ * slots[free, pool) the allocated ones. The last `pending` free slots are pages freed since the
+ * last report while reporting is on; only the others may be allocated, so a page the VMM was
+ * told is free stays free until the report that names it has returned. The struct itself lives
+ * on the vCPU's stack (guest memory, so it migrates with the rest).
+ */
+struct allocator {
+	uint32_t *slots;
+	uint64_t meta_pages;
+	uint64_t pool;
+	uint64_t free;
+	uint64_t pending;
+	uint64_t reporting;
+};
+
 /* One vCPU's view: its configuration, slice and mailbox. Lives on that vCPU's stack. */
 struct vcpu {
+	struct allocator *alloc; /* churn only */
 	uint64_t index;
 	struct config cfg;
 	uint32_t *versions;
@@ -343,6 +365,8 @@ static const char *workload_name(uint64_t w)
 		return "idle";
 	case WORKLOAD_DIRTY:
 		return "dirty";
+	case WORKLOAD_CHURN:
+		return "churn";
 	}
 	return "?";
 }
@@ -436,23 +460,90 @@ static int find_nonzero(const uint64_t *have)
 	return -1;
 }
 
+/* What a verify pass found wrong: how much, and the first instance. */
+struct finding {
+	uint64_t count, pfn, off, expected, found;
+};
+
+static void note_bad(struct finding *f, uint64_t pfn, uint64_t off, uint64_t expected, uint64_t found)
+{
+	if (f->count++ == 0) {
+		f->pfn = pfn;
+		f->off = off;
+		f->expected = expected;
+		f->found = found;
+	}
+}
+
+/*
+ * Checks the churn allocator's own structures: its counts, and that the slots list every pool
+ * page exactly once, flagged free in the version table exactly when it sits in the free part.
+ * A bad slot is reported at its place in the slot pages (found = its value), a wrong flag at
+ * the data page (expected and found = the flag).
+ */
+static void check_allocator(struct vcpu *c, struct finding *f)
+{
+	struct allocator *a = c->alloc;
+
+	if (a->pool + a->meta_pages != c->data_pages || a->free > a->pool || a->pending > a->free) {
+		note_bad(f, c->data_pfn, 0, a->pool, a->free);
+		return;
+	}
+	for (uint64_t i = 0; i < a->pool; i++) {
+		uint32_t s = a->slots[i];
+		uint64_t where = c->data_pfn + i * 4 / PAGE_SIZE, off = (i * 4 % PAGE_SIZE) & ~7ULL;
+
+		if (s < a->meta_pages || s >= c->data_pages) {
+			note_bad(f, where, off, a->meta_pages, s);
+			continue;
+		}
+		uint32_t v = c->versions[s];
+		uint32_t want = i < a->free ? VERSION_FREE : 0;
+
+		if (v & VERSION_SEEN) {
+			note_bad(f, where, off, 0, s);
+			continue;
+		}
+		if ((v & VERSION_FREE) != want)
+			note_bad(f, c->data_pfn + s, 0, want, v & VERSION_FREE);
+		c->versions[s] = v | VERSION_SEEN;
+	}
+	for (uint64_t i = 0; i < a->pool; i++) {
+		uint32_t s = a->slots[i];
+
+		if (s >= a->meta_pages && s < c->data_pages)
+			c->versions[s] &= ~VERSION_SEEN;
+	}
+}
+
 /*
  * Checks every data page of the slice against its version and fills in the mailbox report.
- * A page with version 0, and every page of zero content, must be all zero.
+ * A page with version 0, and every page of zero content, must be all zero. Under churn the
+ * allocator's slot pages are checked as structures instead, and a free page may hold anything.
  */
 static void verify_and_report(struct vcpu *c)
 {
 	uint64_t scratch[PAGE_WORDS] __attribute__((aligned(16)));
-	uint64_t mismatches = 0, versioned = 0;
-	uint64_t bad_pfn = ~0ULL, bad_off = 0, expected = 0, found = 0;
+	uint64_t versioned = 0, nfree = 0;
+	struct finding f = {0, ~0ULL, 0, 0, 0};
 
 	for (uint64_t idx = 0; idx < c->data_pages; idx++) {
 		const uint64_t *have = (const uint64_t *)(c->data + idx * PAGE_SIZE);
 		uint32_t version = c->versions[idx];
-		int zero = version == 0 || c->cfg.content == CONTENT_ZERO;
 		int word;
 
 		platform_tick();
+		if (c->alloc) {
+			if (idx < c->alloc->meta_pages)
+				continue;
+			if (version & VERSION_FREE) {
+				nfree++;
+				continue;
+			}
+			version &= VERSION_MASK;
+		}
+		int zero = version == 0 || c->cfg.content == CONTENT_ZERO;
+
 		if (version != 0)
 			versioned++;
 		if (zero) {
@@ -461,26 +552,51 @@ static void verify_and_report(struct vcpu *c)
 			fill_page(&c->cfg, scratch, c->data_pfn + idx, version);
 			word = compare_page(have, scratch);
 		}
-		if (word < 0)
-			continue;
-		if (mismatches == 0) {
-			bad_pfn = c->data_pfn + idx;
-			bad_off = (uint64_t)word * 8;
-			expected = zero ? 0 : scratch[word];
-			found = have[word];
-		}
-		mismatches++;
+		if (word >= 0)
+			note_bad(&f, c->data_pfn + idx, (uint64_t)word * 8, zero ? 0 : scratch[word], have[word]);
 	}
+	if (c->alloc)
+		check_allocator(c, &f);
 
 	mb_set(c, MB_PAGES_CHECKED, c->data_pages);
-	mb_set(c, MB_MISMATCHES, mismatches);
-	mb_set(c, MB_FIRST_BAD_PAGE, bad_pfn);
-	mb_set(c, MB_FIRST_BAD_OFFSET, bad_off);
-	mb_set(c, MB_EXPECTED, expected);
-	mb_set(c, MB_FOUND, found);
+	mb_set(c, MB_MISMATCHES, f.count);
+	mb_set(c, MB_FIRST_BAD_PAGE, f.pfn);
+	mb_set(c, MB_FIRST_BAD_OFFSET, f.off);
+	mb_set(c, MB_EXPECTED, f.expected);
+	mb_set(c, MB_FOUND, f.found);
 	mb_set(c, MB_PAGES_VERSIONED, versioned);
+	mb_set(c, MB_PAGES_FREE, nfree);
 	mb_set(c, MB_VERIFY_SEQ, mb_get(c, MB_VERIFY_SEQ) + 1);
 	port_out32(PORT_VERIFIED, 0);
+}
+
+/*
+ * Reports the pages in slots[first, first+n) free, in lists of MB_FREE_MAX. Each write blocks
+ * until the VMM has taken the list; until then the pages cannot be allocated (this vCPU is the
+ * only one that allocates them, and it sits in the write).
+ */
+static void report_free(struct vcpu *c, uint64_t first, uint64_t n)
+{
+	volatile uint32_t *list = (volatile uint32_t *)((volatile uint8_t *)c->mailbox + MB_FREE_LIST);
+
+	while (n > 0) {
+		uint64_t k = n < MB_FREE_MAX ? n : MB_FREE_MAX;
+
+		for (uint64_t j = 0; j < k; j++)
+			list[j] = (uint32_t)(c->data_pfn + c->alloc->slots[first + j]);
+		port_out32(PORT_FREE_PAGES, (uint32_t)k);
+		first += k;
+		n -= k;
+	}
+}
+
+/* Reports the pages freed since the last report; they may be allocated afterwards. */
+static void flush_pending(struct vcpu *c)
+{
+	struct allocator *a = c->alloc;
+
+	report_free(c, a->free - a->pending, a->pending);
+	a->pending = 0;
 }
 
 /* Ends one unit of work: tells the VMM and does what it answers. */
@@ -498,6 +614,16 @@ static void heartbeat(struct vcpu *c)
 		verify_and_report(c);
 		for (;;)
 			port_out32(PORT_EXIT, 0);
+	case CMD_REPORT_FREE:
+		if (c->alloc == 0) {
+			port_out32(PORT_FREE_DONE, 0);
+			return;
+		}
+		c->alloc->reporting = 1;
+		c->alloc->pending = 0;
+		report_free(c, 0, c->alloc->free);
+		port_out32(PORT_FREE_DONE, 1);
+		return;
 	}
 	panic_value(c, "unknown heartbeat command", cmd);
 }
@@ -541,10 +667,51 @@ static inline uint64_t below(uint64_t r32, uint64_t n)
 }
 
 /*
+ * Pacing to cfg.rate pages per second: the vCPU sleeps off whatever time it is ahead of the
+ * schedule; when it falls far behind (a pause, a long verify, a rate it cannot reach) the
+ * schedule restarts from now instead of catching up in a burst.
+ */
+struct pacer {
+	uint64_t tsc_hz, due, due_rem;
+};
+
+static struct pacer pacer_start(const struct vcpu *c)
+{
+	struct pacer p = {c->cfg.tsc_khz * 1000, cpu_tsc(), 0};
+
+	return p;
+}
+
+/* Accounts for batch more pages and sleeps if the vCPU is ahead of its schedule. */
+static void pace(const struct vcpu *c, struct pacer *p, uint64_t batch)
+{
+	if (c->cfg.rate == 0)
+		return;
+	/* due advances by batch/rate seconds in TSC ticks, the remainder carried. */
+	uint64_t num = batch * p->tsc_hz + p->due_rem;
+	uint64_t step = num / c->cfg.rate;
+	uint64_t now = cpu_tsc();
+
+	p->due += step;
+	p->due_rem = num % c->cfg.rate;
+	/*
+	 * Ahead by more than two batches can only mean the TSC went back (a migration to a host
+	 * whose TSC is not kept in step): wait one batch, not the jump.
+	 */
+	if (now < p->due && p->due - now > 2 * step)
+		p->due = now + step;
+	if (now < p->due) {
+		uint64_t ahead = p->due - now, khz = c->cfg.tsc_khz;
+
+		sleep_us(ahead / khz * 1000 + ahead % khz * 1000 / khz);
+	} else if (now - p->due > p->tsc_hz / 10) {
+		p->due = now;
+	}
+}
+
+/*
  * Dirty: units of batch_pages page writes at pattern-chosen pages of the working set, each unit
- * ended by a heartbeat. With a rate, the vCPU sleeps off whatever time it is ahead of the
- * schedule rate pages per second sets; when it falls far behind (a pause, a long verify, a rate
- * it cannot reach) the schedule restarts from now instead of catching up in a burst.
+ * ended by a heartbeat. Paced to rate pages per second (pace).
  */
 static void __attribute__((noreturn)) run_dirty(struct vcpu *c)
 {
@@ -553,8 +720,7 @@ static void __attribute__((noreturn)) run_dirty(struct vcpu *c)
 	uint64_t hot = wss * c->cfg.hot_permille / 1000;
 	uint64_t rng = mix64(c->cfg.seed ^ DOMAIN_PATTERN ^ (c->index * GOLDEN)) | 1;
 	uint64_t cursor = 0;
-	uint64_t tsc_hz = c->cfg.tsc_khz * 1000;
-	uint64_t due = cpu_tsc(), due_rem = 0;
+	struct pacer p = pacer_start(c);
 
 	if (hot == 0 && c->cfg.hot_permille != 0)
 		hot = 1;
@@ -587,30 +753,105 @@ static void __attribute__((noreturn)) run_dirty(struct vcpu *c)
 		}
 		mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + batch);
 		mb_set(c, MB_WORK_UNITS, mb_get(c, MB_WORK_UNITS) + 1);
+		pace(c, &p, batch);
+		heartbeat(c);
+	}
+}
 
-		if (c->cfg.rate != 0) {
-			/* due advances by batch/rate seconds in TSC ticks, the remainder carried. */
-			uint64_t num = batch * tsc_hz + due_rem;
-			uint64_t step = num / c->cfg.rate;
-			uint64_t now = cpu_tsc();
+/* Writes the next version of a churn page: the same content as write_page, flags cleared. */
+static void write_churn_page(struct vcpu *c, uint64_t idx)
+{
+	uint32_t version = (c->versions[idx] & VERSION_MASK) + 1;
 
-			due += step;
-			due_rem = num % c->cfg.rate;
-			/*
-			 * Ahead by more than two batches can only mean the TSC went back (a
-			 * migration to a host whose TSC is not kept in step): wait one batch, not
-			 * the jump.
-			 */
-			if (now < due && due - now > 2 * step)
-				due = now + step;
-			if (now < due) {
-				uint64_t ahead = due - now, khz = c->cfg.tsc_khz;
+	if (version > VERSION_MASK)
+		version = 1;
+	fill_page(&c->cfg, (uint64_t *)(c->data + idx * PAGE_SIZE), c->data_pfn + idx, version);
+	__asm__ volatile("" ::: "memory");
+	c->versions[idx] = version;
+}
 
-				sleep_us(ahead / khz * 1000 + ahead % khz * 1000 / khz);
-			} else if (now - due > tsc_hz / 10) {
-				due = now;
-			}
+/* Frees a random allocated page: it keeps its content, flagged free. */
+static void free_one(struct vcpu *c, uint64_t *rng)
+{
+	struct allocator *a = c->alloc;
+
+	if (a->free == a->pool)
+		return;
+	if (a->reporting && a->pending == MB_FREE_MAX)
+		flush_pending(c);
+	uint64_t i = a->free + below(xorshift64(rng) >> 32, a->pool - a->free);
+	uint32_t page = a->slots[i];
+
+	a->slots[i] = a->slots[a->free];
+	a->slots[a->free] = page;
+	a->free++;
+	c->versions[page] |= VERSION_FREE;
+	if (a->reporting)
+		a->pending++;
+}
+
+/*
+ * Allocates a random free page that is not pending a report and writes it. The pending block
+ * stays at the top of the free part: the last reported slot fills the taken one's place, the
+ * top pending slot moves down into the reported part's new end, and the page takes the top.
+ */
+static void alloc_one(struct vcpu *c, uint64_t *rng)
+{
+	struct allocator *a = c->alloc;
+
+	if (a->free == a->pending && a->pending > 0)
+		flush_pending(c);
+	if (a->free == 0)
+		return;
+	uint64_t reported = a->free - a->pending;
+	uint64_t j = below(xorshift64(rng) >> 32, reported);
+	uint32_t page = a->slots[j];
+
+	a->slots[j] = a->slots[reported - 1];
+	a->slots[reported - 1] = a->slots[a->free - 1];
+	a->slots[a->free - 1] = page;
+	a->free--;
+	write_churn_page(c, page);
+}
+
+/*
+ * Churn: an OS's page allocator in miniature. At start every pool page is allocated and
+ * written, then all but touch_permille/1000 of them are freed at random, keeping their
+ * content. Each unit of work then frees batch_pages random allocated pages and allocates and
+ * writes as many random free ones, paced to rate allocations per second. Once the VMM asks
+ * (CmdReportFree) the vCPU reports its free pages, and from then on every page it frees.
+ */
+static void __attribute__((noreturn)) run_churn(struct vcpu *c)
+{
+	struct allocator a = {0};
+	uint64_t rng = mix64(c->cfg.seed ^ DOMAIN_CHURN ^ (c->index * GOLDEN)) | 1;
+	const uint64_t batch = c->cfg.batch_pages;
+
+	a.slots = (uint32_t *)c->data;
+	a.meta_pages = (c->data_pages * 4 + PAGE_SIZE - 1) / PAGE_SIZE;
+	a.pool = c->data_pages - a.meta_pages;
+	for (uint64_t i = 0; i < a.pool; i++) {
+		platform_tick();
+		a.slots[i] = (uint32_t)(a.meta_pages + i);
+		write_churn_page(c, a.meta_pages + i);
+	}
+	c->alloc = &a;
+	uint64_t keep = a.pool * c->cfg.touch_permille / 1000;
+
+	while (a.pool - a.free > keep)
+		free_one(c, &rng);
+	mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + a.pool);
+
+	struct pacer p = pacer_start(c);
+
+	for (;;) {
+		for (uint64_t j = 0; j < batch; j++) {
+			free_one(c, &rng);
+			alloc_one(c, &rng);
 		}
+		mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + batch);
+		mb_set(c, MB_WORK_UNITS, mb_get(c, MB_WORK_UNITS) + 1);
+		pace(c, &p, batch);
 		heartbeat(c);
 	}
 }
@@ -636,6 +877,10 @@ static void start_message(struct vcpu *c)
 		text_str(&t, ", wss ");
 		text_u64(&t, c->wss_pages);
 		text_str(&t, " of ");
+	} else if (c->cfg.workload == WORKLOAD_CHURN) {
+		text_str(&t, ", ");
+		text_u64(&t, c->cfg.touch_permille);
+		text_str(&t, " per mille in use of ");
 	} else {
 		text_str(&t, ", ");
 	}
@@ -696,7 +941,7 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
 	c.wss_pages = par_u64(rec, VCPU_WSS_PAGES);
 	c.data_pfn = data_gpa / PAGE_SIZE;
 
-	if (c.cfg.workload > WORKLOAD_DIRTY)
+	if (c.cfg.workload > WORKLOAD_CHURN)
 		panic_value(&c, "unknown workload", c.cfg.workload);
 	if (c.cfg.content > CONTENT_IMAGE)
 		panic_value(&c, "unknown content kind", c.cfg.content);
@@ -717,9 +962,11 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
 		panic_value(&c, "bad version table address", vt_gpa);
 	if (c.data_pages == 0 || c.data_pages > (1ULL << 24))
 		panic_value(&c, "bad data page count", c.data_pages);
-	if (c.cfg.workload == WORKLOAD_DIRTY) {
-		if (c.wss_pages == 0 || c.wss_pages > c.data_pages)
-			panic_value(&c, "bad working set size (pages)", c.wss_pages);
+	if (c.cfg.workload == WORKLOAD_DIRTY && (c.wss_pages == 0 || c.wss_pages > c.data_pages))
+		panic_value(&c, "bad working set size (pages)", c.wss_pages);
+	if (c.cfg.workload == WORKLOAD_CHURN && c.data_pages < 2)
+		panic_value(&c, "churn needs 2 data pages at least, has", c.data_pages);
+	if (c.cfg.workload != WORKLOAD_IDLE) {
 		if (c.cfg.batch_pages == 0 || c.cfg.batch_pages > (1ULL << 24))
 			panic_value(&c, "bad batch size (pages)", c.cfg.batch_pages);
 		if (c.cfg.rate > MAX_RATE)
@@ -734,5 +981,7 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
 		start_message(&c);
 	if (c.cfg.workload == WORKLOAD_IDLE)
 		run_idle(&c);
+	if (c.cfg.workload == WORKLOAD_CHURN)
+		run_churn(&c);
 	run_dirty(&c);
 }

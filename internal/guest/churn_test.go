@@ -1,0 +1,109 @@
+package guest
+
+import "testing"
+
+// churnPool is the allocator's split of a slice: slot pages first, then the pages it hands out.
+func churnPool(dataPages uint64) (meta, pool uint64) {
+	meta = (dataPages*4 + PageSize - 1) / PageSize
+	return meta, dataPages - meta
+}
+
+func churnConfig(touch uint64) Config {
+	cfg := DefaultConfig()
+	cfg.Workload, cfg.Content, cfg.TouchPermille, cfg.BatchPages = WorkloadChurn, ContentRandom, touch, 16
+	return cfg
+}
+
+// TestChurnNative runs the churn allocator natively: its verify passes stay clean, the share of
+// free pages is what --touch asked for, and every page it reports free is free when reported.
+func TestChurnNative(t *testing.T) {
+	const mem, vcpus = 32 << 20, 2
+	r := runNative(t, churnConfig(300), mem, vcpus, NativeRun{Units: 60, VerifyAt: 40, ReportAt: 10})
+	for v := 0; v < vcpus; v++ {
+		meta, pool := churnPool(r.params.VCPUs[v].DataPages)
+		keep := pool * 300 / 1000
+		reps := r.verifies(v)
+		if len(reps) != 2 {
+			t.Fatalf("vCPU %d made %d verify reports, want 2", v, len(reps))
+		}
+		for _, rep := range reps {
+			if rep.Mismatches != 0 || rep.PagesFree != pool-keep || rep.PagesVersioned != keep {
+				t.Errorf("vCPU %d verify %d: %+v, want no mismatch, %d free and %d allocated pages", v, rep.VerifySeq, rep, pool-keep, keep)
+			}
+		}
+		// The dump agrees: slot pages, then pages each written once at least, the free ones
+		// flagged.
+		var free uint64
+		for idx := meta; idx < meta+pool; idx++ {
+			ver := r.version(v, idx)
+			if ver&VersionMask == 0 {
+				t.Fatalf("vCPU %d page %d has version 0x%x: every pool page is written at start", v, idx, ver)
+			}
+			if ver&VersionFree != 0 {
+				free++
+			}
+		}
+		if free != pool-keep {
+			t.Errorf("vCPU %d: %d pages flagged free in the dump, want %d", v, free, pool-keep)
+		}
+	}
+	if len(r.res.Free) != vcpus {
+		t.Fatalf("free page reports of %d vCPUs, want %d: %+v", len(r.res.Free), vcpus, r.res.Free)
+	}
+	for _, f := range r.res.Free {
+		_, pool := churnPool(r.params.VCPUs[f.VCPU].DataPages)
+		if f.Done != 1 || !f.Supported || f.NotFree != 0 || f.Reported < pool-pool*300/1000 {
+			t.Errorf("vCPU %d free reporting %+v: want one done, supported, every reported page free, all %d free pages reported at least", f.VCPU, f, pool-pool*300/1000)
+		}
+	}
+}
+
+// TestReportFreeWithoutAllocator: workloads without an allocator answer CmdReportFree with
+// "not supported" and report nothing.
+func TestReportFreeWithoutAllocator(t *testing.T) {
+	for _, w := range []uint64{WorkloadIdle, WorkloadDirty} {
+		cfg := DefaultConfig()
+		cfg.Workload, cfg.TouchPermille = w, 500
+		r := runNative(t, cfg, 16<<20, 1, NativeRun{Units: 8, ReportAt: 3})
+		if len(r.res.Free) != 1 || r.res.Free[0].Done != 1 || r.res.Free[0].Supported || r.res.Free[0].Reported != 0 {
+			t.Errorf("%s: free reporting %+v, want one answer, not supported, nothing reported", WorkloadName(w), r.res.Free)
+		}
+	}
+}
+
+// TestChurnVerifyCatches: verify under churn sees a flipped byte in an allocated page and in the
+// allocator's slots, and accepts anything in a free page.
+func TestChurnVerifyCatches(t *testing.T) {
+	const mem = 16 << 20
+	p, err := NewParams(churnConfig(0), mem, 1, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := p.VCPUs[0]
+	meta, pool := churnPool(v.DataPages)
+	for _, c := range []struct {
+		name  string
+		touch uint64 // 1000: every page allocated; 0: all but one free
+		gpa   uint64
+		bad   bool
+	}{
+		{"allocated page", 1000, v.DataGPA + (meta+pool/2)*PageSize + 100, true},
+		{"free page", 0, v.DataGPA + (meta+pool/2)*PageSize + 100, false},
+		{"slot", 300, v.DataGPA + 4*7 + 1, true},
+		{"slot count", 300, v.DataGPA + 4*(pool-1), true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := runNative(t, churnConfig(c.touch), mem, 1, NativeRun{Units: 6, VerifyAt: 3, Corrupt: true, CorruptGPA: c.gpa})
+			reps := r.verifies(0)
+			if len(reps) != 2 {
+				t.Fatalf("%d verify reports, want 2", len(reps))
+			}
+			if got := reps[0].Mismatches != 0; got != c.bad {
+				t.Errorf("verify with the flipped byte at 0x%x: %+v; want a mismatch: %v", c.gpa, reps[0], c.bad)
+			}
+			if reps[1].Mismatches != 0 {
+				t.Errorf("verify after the byte was restored: %+v", reps[1])
+			}
+		})
+	}
+}
