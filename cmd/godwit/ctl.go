@@ -46,6 +46,13 @@ func printStats(s vmm.Stats) {
 	fmt.Println()
 	fmt.Printf("vcpus         %d\n", s.VCPUs)
 	fmt.Printf("memory        %s (resident %s)\n", formatBytes(s.MemBytes), formatBytes(s.ResidentBytes))
+	if s.BalloonTarget != "" || s.BalloonBytes > 0 {
+		target := s.BalloonTarget
+		if target == "" {
+			target = "set before a migration"
+		}
+		fmt.Printf("balloon       %s (target %s; %d pages released here)\n", formatBytes(s.BalloonBytes), target, s.BalloonReleased)
+	}
 	if len(s.Workload) > 0 {
 		var parts []string
 		for _, k := range []string{"workload", "wss", "rate", "pattern", "content", "seed"} {
@@ -137,6 +144,29 @@ func simpleCall(g *Globals, ctx context.Context, cl *control.Client, path, done 
 		return nil
 	}
 	fmt.Println(done)
+	return nil
+}
+
+// BalloonCmd is 'godwit balloon'.
+type BalloonCmd struct {
+	ControlFlag
+	Target string `arg:"" placeholder:"SIZE|auto[:SHARE]|0" help:"Free guest memory to keep in the balloon: a size (512M), auto[:SHARE] (a share, 0..1, default 0.9, of whatever is free), or 0 to let it all go."`
+}
+
+func (c *BalloonCmd) Run(g *Globals, ctx context.Context) error {
+	b, err := vmm.ParseBalloon(c.Target, parseSize)
+	if err != nil {
+		return err
+	}
+	var out vmm.Balloon
+	if err := c.client().Call(ctx, http.MethodPost, "/v1/balloon", b, &out); err != nil {
+		return err
+	}
+	if g.JSON {
+		printJSON(out)
+		return nil
+	}
+	fmt.Printf("balloon target %s (see 'godwit stats' for its size)\n", out)
 	return nil
 }
 

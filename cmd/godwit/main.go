@@ -41,6 +41,7 @@ type CLI struct {
 	Verify  VerifyCmd  `cmd:"" help:"Make the guest re-check every page it owns; exits 1 on any mismatch."`
 	Pause   PauseCmd   `cmd:"" help:"Stop a VM's vCPUs."`
 	Resume  ResumeCmd  `cmd:"" help:"Run a paused VM's vCPUs again."`
+	Balloon BalloonCmd `cmd:"" help:"Set the guest's balloon target (churn workload): free memory it hands back to the host, which no migration then sends."`
 	Quit    QuitCmd    `cmd:"" help:"Make the guest verify its memory and exit, ending the VM process."`
 	Migrate MigrateCmd `cmd:"" help:"Live-migrate a running VM to a 'godwit run --incoming' on another host (pre-copy, post-copy or hybrid)."`
 	Bench   BenchCmd   `cmd:"" help:"Run the migration scenario suite on godwit and on QEMU (the baseline); write results, a report and plots."`

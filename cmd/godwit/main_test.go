@@ -172,6 +172,8 @@ func TestBadInputIsAClearError(t *testing.T) {
 		{[]string{"run", "--workload", "dirty", "--wss", "2G", "--mem", "1G"}, "larger than --mem"},
 		{[]string{"run", "--touch", "2"}, "--touch"},
 		{[]string{"run", "--rate", "fast"}, "rate"},
+		{[]string{"run", "--balloon", "auto:2"}, "auto:SHARE"},
+		{[]string{"balloon", "--control", "/nonexistent/vm.sock", "lots"}, "balloon target"},
 		{[]string{"run", "--kvm-device", "/nonexistent/kvm", "--mem", "64M"}, "/nonexistent/kvm"},
 		{[]string{"stats", "--control", "/nonexistent/vm.sock"}, "no VM at /nonexistent/vm.sock"},
 		{[]string{"frobnicate"}, "unexpected argument"},

@@ -420,6 +420,7 @@ var proxyPorts int32
 
 // TestMigrateChurnFreePages runs 'godwit run --workload churn' and migrates it with the
 // defaults: the guest's free pages are reported and not sent, and the destination verifies.
+// There 'godwit balloon' fills the guest's balloon and empties it again.
 func TestMigrateChurnFreePages(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, 0)
@@ -435,5 +436,33 @@ func TestMigrateChurnFreePages(t *testing.T) {
 	if rep.FreePages != "reported by the guest" || rep.FreePagesReported == 0 || rep.Pages.Free < rep.Pages.Raw {
 		t.Fatalf("free pages %q, %d reported, pages %+v: want most pages skipped as free", rep.FreePages, rep.FreePagesReported, rep.Pages)
 	}
+	dst.verifyClean(t)
+
+	before := dst.stats(t)
+	balloon := func(target string, done func(vmm.Stats) bool) vmm.Stats {
+		t.Helper()
+		if out, err := godwit("balloon", "--control", dst.sock, target).CombinedOutput(); err != nil {
+			t.Fatalf("godwit balloon %s: %v: %s", target, err, out)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			s := dst.stats(t)
+			if done(s) {
+				return s
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("after 'godwit balloon %s': stats %+v", target, s)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	full := balloon("auto", func(s vmm.Stats) bool { return s.BalloonBytes > 100<<20 })
+	t.Logf("balloon %d MiB (%s): resident %d -> %d MiB", full.BalloonBytes>>20, full.BalloonTarget, before.ResidentBytes>>20, full.ResidentBytes>>20)
+	// The free pages never came here, so the balloon has nothing to give back: resident
+	// memory must not grow, and the pages are released all the same.
+	if full.BalloonReleased*4096 < full.BalloonBytes || full.ResidentBytes > before.ResidentBytes+8<<20 {
+		t.Errorf("resident memory %d -> %d bytes with %d in the balloon, %d pages released: want all released, no growth", before.ResidentBytes, full.ResidentBytes, full.BalloonBytes, full.BalloonReleased)
+	}
+	balloon("0", func(s vmm.Stats) bool { return s.BalloonBytes == 0 })
 	dst.verifyClean(t)
 }

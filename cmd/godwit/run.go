@@ -43,6 +43,7 @@ type RunCmd struct {
 	// LinkTimeout is the destination's side of 'migrate --link-timeout'.
 	LinkTimeout time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"With --incoming, in post-copy: a link on which nothing arrives for this long is broken; then the VM waits for the source to reconnect. Give the same value as the source's 'migrate --link-timeout'. Default ${default}."`
 	// DirtyTracking is vmm.Config.DirtyTracking.
+	Balloon       string `default:"0" placeholder:"SIZE|auto[:SHARE]" help:"churn: self-ballooning from the start: keep SIZE of free guest memory in the guest's balloon, or with auto a SHARE (0..1, default 0.9) of whatever is free as it comes and goes; the VMM releases ballooned memory to the host, and no migration sends it. 0 = none. Change it later with 'godwit balloon'. Default ${default}."`
 	DirtyTracking string `name:"dirty-tracking" enum:"auto,ring,bitmap" default:"auto" help:"How a migration away from this VM learns of the pages the guest writes: ring, KVM's dirty ring (its cost follows the pages written), or bitmap, KVM's dirty bitmap (its cost follows the memory's size, written or not); auto takes the ring where KVM offers it. The migration report says which (${enum})."`
 	WorkloadFlags
 }
@@ -79,6 +80,10 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	balloon, err := vmm.ParseBalloon(c.Balloon, parseSize)
+	if err != nil {
+		return fmt.Errorf("--balloon: %w", err)
+	}
 	m, err := vmm.New(vmm.Config{
 		Name: c.Name, MemBytes: uint64(c.Mem), VCPUs: c.VCPUs, KVMDevice: c.KVMDevice,
 		Image: guest.Image, Params: params, Workload: c.workloadDescription(),
@@ -88,6 +93,11 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 		return err
 	}
 	defer m.Close()
+	if balloon != (vmm.Balloon{}) {
+		if err := m.SetBalloon(balloon); err != nil {
+			return fmt.Errorf("--balloon: %w", err)
+		}
+	}
 	p, err := newVMProcess(g, c.Name, c.controlPath())
 	if err != nil {
 		return err

@@ -220,6 +220,16 @@ func (p *vmProcess) register() {
 	srv.Handle(http.MethodPost, "/v1/pause", withMachine(func(_ context.Context, m *vmm.Machine, _ []byte) (any, error) {
 		return nil, conflict(m.Pause())
 	}))
+	srv.Handle(http.MethodPost, "/v1/balloon", withMachine(func(_ context.Context, m *vmm.Machine, body []byte) (any, error) {
+		var b vmm.Balloon
+		if err := json.Unmarshal(body, &b); err != nil {
+			return nil, fmt.Errorf("balloon: bad request body: %w", err)
+		}
+		if err := m.SetBalloon(b); err != nil {
+			return nil, err
+		}
+		return b, nil
+	}))
 	srv.Handle(http.MethodPost, "/v1/resume", withMachine(func(_ context.Context, m *vmm.Machine, _ []byte) (any, error) {
 		return nil, conflict(m.Resume())
 	}))

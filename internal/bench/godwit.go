@@ -116,7 +116,11 @@ func godwitRunArgs(s Scenario) []string {
 		rate = strconv.FormatUint(s.Rate, 10)
 	}
 	if s.Workload == "churn" {
-		return append(a, "--touch", strconv.FormatFloat(s.Touch, 'g', -1, 64), "--rate", rate)
+		a = append(a, "--touch", strconv.FormatFloat(s.Touch, 'g', -1, 64), "--rate", rate)
+		if s.Balloon != "" {
+			a = append(a, "--balloon", s.Balloon)
+		}
+		return a
 	}
 	a = append(a, "--wss", strconv.FormatUint(s.WSSBytes>>10, 10)+"K", "--rate", rate, "--pattern", s.Pattern)
 	if s.Pattern == "hotcold" {

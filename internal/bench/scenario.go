@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
+	"github.com/godwit-vm/godwit/internal/vmm"
 )
 
 // Systems a scenario runs on.
@@ -69,6 +70,9 @@ type Scenario struct {
 	// FreePages is godwit's --free-pages: on (the default) or off. QEMU has no counterpart
 	// for this guest (its free page hinting needs a virtio-balloon driver).
 	FreePages string `json:"free_pages,omitempty"`
+	// Balloon is godwit's 'run --balloon' for a churn guest (a size or auto[:SHARE]; empty:
+	// none). QEMU's guest has no balloon.
+	Balloon string `json:"balloon,omitempty"`
 
 	Suites []string `json:"suites"`
 }
@@ -134,6 +138,9 @@ func (s Scenario) Options() string {
 	}
 	if s.FreePages == "off" {
 		o += ", godwit --free-pages off"
+	}
+	if s.Balloon != "" {
+		o += ", godwit balloon " + s.Balloon + " (QEMU: none)"
 	}
 	if s.WarmUp > 0 {
 		o += fmt.Sprintf(", warm-up at least %v", s.WarmUp)
@@ -287,6 +294,9 @@ func parseScenario(f []string) (Scenario, error) {
 			s.Compress, err = oneOf(v, "none", "zstd", "auto")
 		case "free-pages":
 			s.FreePages, err = oneOf(v, "on", "off")
+		case "balloon":
+			s.Balloon = v
+			_, err = vmm.ParseBalloon(v, parseSize)
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
@@ -314,6 +324,9 @@ func parseScenario(f []string) (Scenario, error) {
 	}
 	if s.Workload == "dirty" && (s.WSSBytes < 4096 || s.WSSBytes > s.MemBytes/2) {
 		return s, fmt.Errorf("%s: working set %d bytes: want a page to half of the memory", s.Name, s.WSSBytes)
+	}
+	if s.Balloon != "" && s.Workload != "churn" {
+		return s, fmt.Errorf("%s: balloon=%s: only the churn workload has a balloon", s.Name, s.Balloon)
 	}
 	if (s.Compress == "zstd" || s.Compress == "auto") && s.Technique != Precopy {
 		return s, fmt.Errorf("%s: compress=%s: the QEMU baseline compresses with multifd, for pre-copy only", s.Name, s.Compress)

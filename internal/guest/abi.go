@@ -44,6 +44,8 @@
 //	PortFreePages out  churn: the mailbox list at MbFreeList names eax free pages
 //	PortFreeDone  out  answers CmdReportFree: eax = 1 once every free page is reported, 0 when
 //	                   the workload has no allocator
+//	PortBalloonTarget  in   answers CmdBalloon: the balloon's target
+//	PortBalloonInflate out  churn: the mailbox list names eax pages now in the balloon
 //
 // # Page content and verification
 //
@@ -67,6 +69,12 @@
 // answers PortFreeDone, and from then on lists each page it frees. A listed page is not
 // allocated again until the PortFreePages write that lists it has returned: that is what lets
 // the VMM skip it, since any write to it comes after the VMM took the list.
+//
+// The allocator also runs a balloon (self-ballooning): on CmdBalloon it reads a target, and
+// after each unit of work it moves free pages into the balloon (PortBalloonInflate: the VMM
+// punches them out of guest memory, so the host gets the memory back and no migration sees
+// them) or gives them back, at once when the target falls and a few at a time when it has no
+// other free page to allocate (deflate on demand). A ballooned page is a free page to verify.
 package guest
 
 // Guest physical addresses and sizes of the fixed layout.
@@ -115,6 +123,13 @@ const (
 	// PortFreeDone answers CmdReportFree once every free page is reported: eax = 1, or 0 when
 	// the workload has no allocator (it never reports).
 	PortFreeDone = 0x507
+	// PortBalloonTarget (in) answers CmdBalloon with the balloon's target for this vCPU:
+	// pages, or BalloonAuto | the per mille of its free pages to keep in the balloon.
+	PortBalloonTarget = 0x508
+	// PortBalloonInflate: the pages the mailbox list at MbFreeList names (eax of them) went
+	// into the balloon; the VMM may release their memory. They stay out of the guest's use
+	// until it deflates them, and read as zero (or anything) then.
+	PortBalloonInflate = 0x509
 	// PortFault is written by the VMM's exception stubs at CPL0, never by the guest (its bit in
 	// the I/O bitmap stays set): the vCPU faulted; the stack holds vector, error code and the
 	// CPU's exception frame.
@@ -131,7 +146,13 @@ const (
 	// CmdReportFree: report every free page now (PortFreePages, then PortFreeDone), and from
 	// then on each page freed, in lists of MbFreeMax.
 	CmdReportFree Command = 3
+	// CmdBalloon: read the balloon's new target from PortBalloonTarget.
+	CmdBalloon Command = 4
 )
+
+// BalloonAuto marks a balloon target that is a per mille of the free pages (in its low bits)
+// rather than a number of pages.
+const BalloonAuto = 0x80000000
 
 // Workload kinds.
 const (
@@ -209,6 +230,7 @@ const (
 	MbFound          = 0x040 // uint64 word found there
 	MbPagesVersioned = 0x048 // uint64 pages with a version other than 0
 	MbPagesFree      = 0x050 // uint64 churn: pages free at the last verify
+	MbBalloonPages   = 0x058 // uint64 churn: pages in the balloon now (guest-maintained)
 	MbFreeList       = 0x100 // uint32 page frame numbers of a PortFreePages report
 	MbFreeMax        = 448   // entries the list holds (up to the console area)
 	MbConsole        = 0x800 // console text, up to MbConsoleMax bytes

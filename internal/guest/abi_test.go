@@ -25,6 +25,8 @@ var goToC = map[string]string{
 	"PortFreePages": "PORT_FREE_PAGES", "PortFreeDone": "PORT_FREE_DONE", "CmdReportFree": "CMD_REPORT_FREE",
 	"WorkloadChurn": "WORKLOAD_CHURN", "VersionFree": "VERSION_FREE", "VersionMask": "VERSION_MASK",
 	"MbPagesFree": "MB_PAGES_FREE", "MbFreeList": "MB_FREE_LIST", "MbFreeMax": "MB_FREE_MAX",
+	"PortBalloonTarget": "PORT_BALLOON_TARGET", "PortBalloonInflate": "PORT_BALLOON_INFLATE", "CmdBalloon": "CMD_BALLOON",
+	"BalloonAuto": "BALLOON_AUTO", "MbBalloonPages": "MB_BALLOON_PAGES",
 
 	"CmdContinue": "CMD_CONTINUE", "CmdVerify": "CMD_VERIFY", "CmdExit": "CMD_EXIT",
 	"WorkloadIdle": "WORKLOAD_IDLE", "WorkloadDirty": "WORKLOAD_DIRTY",

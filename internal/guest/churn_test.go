@@ -107,3 +107,40 @@ func TestChurnVerifyCatches(t *testing.T) {
 		})
 	}
 }
+
+// TestBalloonNative runs the churn allocator with a balloon target: pages, a share of the free
+// pages, and all of them (every allocation then deflates on demand). Only free pages go into
+// the balloon, it reaches its target, and verify stays clean with the ballooned pages zeroed
+// under it (as the VMM's release leaves them).
+func TestBalloonNative(t *testing.T) {
+	const mem = 32 << 20
+	for _, c := range []struct {
+		name   string
+		target uint32
+		want   func(free uint64) (lo, hi uint64)
+	}{
+		{"pages", 2000, func(uint64) (uint64, uint64) { return 2000, 2000 }},
+		{"auto 90%", BalloonAuto | 900, func(free uint64) (uint64, uint64) { return free * 85 / 100, free * 9 / 10 }},
+		{"auto all", BalloonAuto | 1000, func(free uint64) (uint64, uint64) { return free - 2*64, free }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := runNative(t, churnConfig(300), mem, 1, NativeRun{Units: 60, VerifyAt: 40, Balloon: true, BalloonTarget: c.target})
+			_, pool := churnPool(r.params.VCPUs[0].DataPages)
+			free := pool - pool*300/1000
+			for _, rep := range r.verifies(0) {
+				if rep.Mismatches != 0 || rep.PagesFree != free {
+					t.Errorf("verify %d: %+v, want clean with %d free pages", rep.VerifySeq, rep, free)
+				}
+			}
+			if len(r.res.Free) != 1 {
+				t.Fatalf("balloon reports %+v", r.res.Free)
+			}
+			f := r.res.Free[0]
+			lo, hi := c.want(free)
+			if f.NotFree != 0 || f.Balloon < lo || f.Balloon > hi || f.Inflated < f.Balloon {
+				t.Errorf("balloon %+v: want only free pages inflated and %d..%d pages in the balloon (of %d free)", f, lo, hi, free)
+			}
+			t.Logf("%s: %d free pages, %d in the balloon, %d inflated in all", c.name, free, f.Balloon, f.Inflated)
+		})
+	}
+}

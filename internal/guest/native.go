@@ -116,6 +116,10 @@ type NativeRun struct {
 	// ReportAt, if not 0, is the heartbeat at which each vCPU is told CmdReportFree; the
 	// harness checks every page reported then and afterwards (NativeResult.Free).
 	ReportAt uint64
+	// Balloon, if set, gives each vCPU CmdBalloon at its first heartbeat with BalloonTarget;
+	// the harness checks and zeroes every page inflated (NativeResult.Free).
+	Balloon       bool
+	BalloonTarget uint32
 	// Corrupt flips the byte at CorruptGPA right before vCPU CorruptVCPU's VerifyAt verify, and
 	// restores it when that report is in.
 	Corrupt     bool
@@ -155,7 +159,9 @@ type NativeFree struct {
 	Done      uint64 // PortFreeDone answers
 	Supported bool   // the last answer said the workload reports
 	Reported  uint64 // pages reported
-	NotFree   uint64 // of them, pages not flagged free (or outside the slice) when reported
+	NotFree   uint64 // of them (and of the inflated), pages not flagged free (or outside the slice)
+	Inflated  uint64 // pages put into the balloon
+	Balloon   uint64 // pages in the balloon at exit
 }
 
 // NativeConsole is one console message.
@@ -230,6 +236,9 @@ func (h *NativeHarness) Run(ctx context.Context, r NativeRun) (*NativeResult, er
 	}
 	if r.ReportAt != 0 {
 		args = append(args, "-r", strconv.FormatUint(r.ReportAt, 10))
+	}
+	if r.Balloon {
+		args = append(args, "-b", strconv.FormatUint(uint64(r.BalloonTarget), 10))
 	}
 	if r.Corrupt {
 		args = append(args, "-c", fmt.Sprintf("%d:0x%x", r.CorruptVCPU, r.CorruptGPA))
@@ -321,7 +330,7 @@ func parseHarnessOutput(out []byte) (*NativeResult, []string, error) {
 		case "free":
 			res.Free = append(res.Free, NativeFree{
 				VCPU: int(n("vcpu")), Done: n("done"), Supported: n("supported") == 1,
-				Reported: n("reported"), NotFree: n("notfree"),
+				Reported: n("reported"), NotFree: n("notfree"), Inflated: n("inflated"), Balloon: n("balloon"),
 			})
 		default:
 			return res, panics, fmt.Errorf("guest: native harness: unknown output line %q", line)

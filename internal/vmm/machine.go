@@ -80,8 +80,9 @@ type Machine struct {
 	life     sync.RWMutex
 	released bool
 
-	ring *dirtyRing  // nil: dirty tracking by bitmap
-	free freeReports // the guest's free page reports (freepages.go)
+	ring    *dirtyRing    // nil: dirty tracking by bitmap
+	free    freeReports   // the guest's free page reports (freepages.go)
+	balloon balloonCounts // self-ballooning (balloon.go)
 
 	mu       sync.Mutex
 	state    State

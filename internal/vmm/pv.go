@@ -51,6 +51,9 @@ type pvDevice struct {
 	// reportFree asks a vCPU for CmdReportFree at its next heartbeat that has no other
 	// command to give.
 	reportFree []atomic.Bool
+	// balloonCmd asks a vCPU for CmdBalloon, after the others; it then reads balloonTarget.
+	balloonCmd    []atomic.Bool
+	balloonTarget []atomic.Uint32
 
 	mu          sync.Mutex
 	startedAt   time.Time // when the vCPUs started (or, after a migration, resumed here)
@@ -69,7 +72,11 @@ type pvDevice struct {
 }
 
 func newPVDevice(m *Machine, n int) *pvDevice {
-	return &pvDevice{m: m, cmd: make([]atomic.Uint32, n), reportFree: make([]atomic.Bool, n), perVCPU: make([]uint64, n), exited: make([]bool, n)}
+	return &pvDevice{
+		m: m, cmd: make([]atomic.Uint32, n), reportFree: make([]atomic.Bool, n),
+		balloonCmd: make([]atomic.Bool, n), balloonTarget: make([]atomic.Uint32, n),
+		perVCPU: make([]uint64, n), exited: make([]bool, n),
+	}
 }
 
 func (p *pvDevice) start(now time.Time) {
@@ -95,9 +102,12 @@ func (p *pvDevice) handle(v *vcpu) (done bool, err error) {
 	}
 	if io.Direction == kvm.IOIn {
 		var reply uint32 = 0xffffffff
-		if io.Port == guest.PortHeartbeat {
+		switch io.Port {
+		case guest.PortHeartbeat:
 			reply = uint32(p.heartbeat(v))
 			v.throttle()
+		case guest.PortBalloonTarget:
+			reply = p.balloonTarget[v.id].Load()
 		}
 		for i := range data {
 			data[i] = byte(reply >> (8 * i))
@@ -123,6 +133,10 @@ func (p *pvDevice) handle(v *vcpu) (done bool, err error) {
 		}
 	case guest.PortFreeDone:
 		p.m.freeDone(v.id, val)
+	case guest.PortBalloonInflate:
+		if err := p.m.balloonInflated(v.id, val); err != nil {
+			return true, err
+		}
 	case guest.PortExit:
 		p.mu.Lock()
 		p.exited[v.id] = true
@@ -172,6 +186,9 @@ func (p *pvDevice) heartbeat(v *vcpu) guest.Command {
 	}
 	if p.reportFree[v.id].CompareAndSwap(true, false) {
 		return guest.CmdReportFree
+	}
+	if p.balloonCmd[v.id].CompareAndSwap(true, false) {
+		return guest.CmdBalloon
 	}
 	return guest.CmdContinue
 }

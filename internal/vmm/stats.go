@@ -41,8 +41,14 @@ type Stats struct {
 	DirtyRingFullExits uint64 `json:"dirty_ring_full_exits,omitempty"`
 	// FreePagesReported counts the pages the guest reported free to a migration away from
 	// here (the churn workload), over the machine's life.
-	FreePagesReported uint64        `json:"free_pages_reported,omitempty"`
-	LastVerify        *VerifyReport `json:"last_verify,omitempty"`
+	FreePagesReported uint64 `json:"free_pages_reported,omitempty"`
+	// The balloon (churn workload): its target, the memory in it now (the guest's own count,
+	// which migrates with it) and the pages put in and released here over the machine's life.
+	BalloonTarget   string        `json:"balloon_target,omitempty"`
+	BalloonBytes    uint64        `json:"balloon_bytes"`
+	BalloonInflated uint64        `json:"balloon_inflated_pages,omitempty"`
+	BalloonReleased uint64        `json:"balloon_released_pages,omitempty"`
+	LastVerify      *VerifyReport `json:"last_verify,omitempty"`
 	// Postcopy holds the figures of the machine's demand paging (the incoming post-copy),
 	// while it runs and after.
 	Postcopy *PostcopyStats `json:"postcopy,omitempty"`
@@ -105,8 +111,13 @@ func (m *Machine) Stats() Stats {
 	if m.ring != nil {
 		s.DirtyRingHarvested, s.DirtyRingFullExits = m.ring.harvested.Load(), m.ring.fullExits.Load()
 	}
-	s.FreePagesReported = m.free.reported.Load()
 	m.mu.Unlock()
+	s.FreePagesReported = m.free.reported.Load()
+	if b := m.balloon.target.Load(); b != nil {
+		s.BalloonTarget = b.String()
+	}
+	s.BalloonInflated, s.BalloonReleased = m.balloon.inflated.Load(), m.balloon.released.Load()
+	s.BalloonBytes = m.balloonPages() * guest.PageSize
 	return s
 }
 

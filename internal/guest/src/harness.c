@@ -9,14 +9,15 @@
  *   verified vcpu=I seq=S checked=C mismatches=M first_bad_page=P first_bad_offset=O
  *            expected=E found=F versioned=V free=R ns=T        (one line)
  *   exit vcpu=I status=S units=U pages=P write_ns=T write_cpu_ns=C slept_us=Z
- *   free vcpu=I done=D supported=S reported=R notfree=N  (with -r, before that vCPU's exit line)
+ *   free vcpu=I done=D supported=S reported=R notfree=N inflated=B balloon=P
+ *            (with -r or -b, before that vCPU's exit line; balloon: the mailbox's count at exit)
  *
  * write_ns is the wall time from the vCPU's start to its last heartbeat, write_cpu_ns the
  * thread's CPU time over the same span: on a busy machine the CPU time still shows what the
  * write loop costs, while the wall time also counts the time other processes had the CPU.
  *   panic vcpu=I text=...
  *
- * Usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v VERIFY_AT] [-r REPORT_AT] [-c VCPU:GPA] [-d DUMP] [-s] [-P]
+ * Usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v VERIFY_AT] [-r REPORT_AT] [-b TARGET] [-c VCPU:GPA] [-d DUMP] [-s] [-P]
  *   -p  the params page (8 KiB, as guest.EncodeParams makes it), placed at ParamsGPA
  *   -m  bytes of guest memory
  *   -u  each vCPU gets CmdExit at its UNITS-th heartbeat
@@ -29,6 +30,9 @@
  *   -r  each vCPU gets CmdReportFree at its REPORT_AT-th heartbeat; every page it reports is
  *       checked to be flagged free in its version table right then (notfree counts those that
  *       are not: an allocator that reports a page in use)
+ *   -b  each vCPU gets CmdBalloon at its first heartbeat and TARGET from PortBalloonTarget;
+ *       every page it inflates is checked like a reported one (notfree), then zeroed as the
+ *       VMM's release would
  *   -P  fault all guest memory in and write (zeros to) every cache line of it before the vCPUs
  *       start, so that a throughput figure shows the write loop rather than first-touch costs.
  *       MAP_POPULATE alone is not enough where the host is itself a VM: there, the first
@@ -69,7 +73,7 @@ struct vstate {
 	uint32_t exit_status;
 	int exited;
 	int corrupted;
-	uint64_t free_done, free_supported, free_reported, free_notfree;
+	uint64_t free_done, free_supported, free_reported, free_notfree, inflated;
 	jmp_buf done; /* PortExit returns here, out of guest_main, which never returns */
 };
 
@@ -79,6 +83,8 @@ static struct {
 	uint64_t units;
 	uint64_t verify_at;
 	uint64_t report_at;
+	int balloon;
+	uint32_t balloon_target;
 	int corrupt;
 	uint64_t corrupt_vcpu;
 	uint64_t corrupt_gpa;
@@ -202,9 +208,13 @@ uint32_t godwit_native_in(uint16_t port)
 {
 	struct vstate *v = self;
 
+	if (port == PORT_BALLOON_TARGET && opt.balloon)
+		return opt.balloon_target;
 	if (port != PORT_HEARTBEAT)
 		die("vcpu %" PRIu64 ": in from port 0x%x", v->index, port);
 	v->heartbeats++;
+	if (v->heartbeats == 1 && opt.balloon)
+		return CMD_BALLOON;
 	if (v->heartbeats == opt.units) {
 		v->write_ns = now_ns() - v->start_ns;
 		v->write_cpu_ns = thread_cpu_ns() - v->start_cpu_ns;
@@ -259,7 +269,8 @@ void godwit_native_out(uint16_t port, uint32_t val)
 		}
 		return;
 	}
-	case PORT_FREE_PAGES: {
+	case PORT_FREE_PAGES:
+	case PORT_BALLOON_INFLATE: {
 		uint64_t rec = PARAMS_GPA + PARAMS_VCPU_OFFSET + i * PARAMS_VCPU_RECORD;
 		uint64_t table = read_u64(rec + VCPU_VERSION_TABLE_GPA);
 		uint64_t data_pfn = read_u64(rec + VCPU_DATA_GPA) / PAGE_SIZE;
@@ -278,8 +289,13 @@ void godwit_native_out(uint16_t port, uint32_t val)
 			memcpy(&version, host(table + 4 * (pfn - data_pfn)), 4);
 			if (!(version & VERSION_FREE))
 				v->free_notfree++;
+			else if (port == PORT_BALLOON_INFLATE)
+				memset(host((uint64_t)pfn * PAGE_SIZE), 0, PAGE_SIZE);
 		}
-		v->free_reported += val;
+		if (port == PORT_BALLOON_INFLATE)
+			v->inflated += val;
+		else
+			v->free_reported += val;
 		return;
 	}
 	case PORT_FREE_DONE:
@@ -287,10 +303,12 @@ void godwit_native_out(uint16_t port, uint32_t val)
 		v->free_supported = val;
 		return;
 	case PORT_EXIT:
-		if (opt.report_at)
+		if (opt.report_at || opt.balloon)
 			emit("free vcpu=%" PRIu64 " done=%" PRIu64 " supported=%" PRIu64
-			     " reported=%" PRIu64 " notfree=%" PRIu64 "\n",
-			     i, v->free_done, v->free_supported, v->free_reported, v->free_notfree);
+			     " reported=%" PRIu64 " notfree=%" PRIu64 " inflated=%" PRIu64
+			     " balloon=%" PRIu64 "\n",
+			     i, v->free_done, v->free_supported, v->free_reported, v->free_notfree,
+			     v->inflated, mb(i, MB_BALLOON_PAGES));
 		v->exit_status = val;
 		v->exited = 1;
 		emit("exit vcpu=%" PRIu64 " status=%u units=%" PRIu64 " pages=%" PRIu64
@@ -398,6 +416,10 @@ int main(int argc, char **argv)
 		case 'r':
 			opt.report_at = parse_u64(val, "report heartbeat");
 			break;
+		case 'b':
+			opt.balloon = 1;
+			opt.balloon_target = (uint32_t)parse_u64(val, "balloon target");
+			break;
 		case 'c': {
 			char *colon = strchr(val, ':');
 
@@ -418,7 +440,7 @@ int main(int argc, char **argv)
 	}
 	if (!opt.params_path || opt.mem_bytes < DATA_GPA || opt.mem_bytes % PAGE_SIZE != 0 ||
 	    opt.units == 0)
-		die("usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v N] [-r N] [-c VCPU:GPA] [-d DUMP] [-s] [-P]"
+		die("usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v N] [-r N] [-b TARGET] [-c VCPU:GPA] [-d DUMP] [-s] [-P]"
 		    " (memory at least 0x%x, page aligned; units at least 1)",
 		    DATA_GPA);
 

@@ -248,10 +248,13 @@ struct config {
 /*
  * The churn workload's page allocator over its vCPU's slice. The first meta_pages data pages
  * hold slots, one uint32 data page index per pool page: slots[0, free) are the free pages,
- * slots[free, pool) the allocated ones. The last `pending` free slots are pages freed since the
- * last report while reporting is on; only the others may be allocated, so a page the VMM was
- * told is free stays free until the report that names it has returned. The struct itself lives
- * on the vCPU's stack (guest memory, so it migrates with the rest).
+ * slots[free, pool) the allocated ones. The first `balloon` free slots are the balloon's:
+ * pages handed to the VMM, which releases their memory; they come back (deflate) when the
+ * target falls or the allocator finds no other free page. The last `pending` free slots are
+ * pages freed since the last report while reporting is on; only the slots between may be
+ * allocated, so a page the VMM was told is free stays free until the report that names it has
+ * returned. The struct itself lives on the vCPU's stack (guest memory, so it migrates with the
+ * rest).
  */
 struct allocator {
 	uint32_t *slots;
@@ -260,7 +263,14 @@ struct allocator {
 	uint64_t free;
 	uint64_t pending;
 	uint64_t reporting;
+	uint64_t balloon;
+	uint32_t target; /* the VMM's: pages, or BALLOON_AUTO | per mille of the free pages */
 };
+
+/* Largest inflation per unit of work: a few lists, so a unit stays short. */
+#define INFLATE_PER_UNIT (4 * MB_FREE_MAX)
+/* Pages a deflate on demand gives back at once. */
+#define DEFLATE_ON_DEMAND 64
 
 /* One vCPU's view: its configuration, slice and mailbox. Lives on that vCPU's stack. */
 struct vcpu {
@@ -485,7 +495,8 @@ static void check_allocator(struct vcpu *c, struct finding *f)
 {
 	struct allocator *a = c->alloc;
 
-	if (a->pool + a->meta_pages != c->data_pages || a->free > a->pool || a->pending > a->free) {
+	if (a->pool + a->meta_pages != c->data_pages || a->free > a->pool || a->pending > a->free ||
+	    a->balloon > a->free - a->pending) {
 		note_bad(f, c->data_pfn, 0, a->pool, a->free);
 		return;
 	}
@@ -621,9 +632,17 @@ static void heartbeat(struct vcpu *c)
 		}
 		c->alloc->reporting = 1;
 		c->alloc->pending = 0;
-		report_free(c, 0, c->alloc->free);
+		/* The balloon's pages are released already: no need to name them. */
+		report_free(c, c->alloc->balloon, c->alloc->free - c->alloc->balloon);
 		port_out32(PORT_FREE_DONE, 1);
 		return;
+	case CMD_BALLOON: {
+		uint32_t target = port_in32(PORT_BALLOON_TARGET);
+
+		if (c->alloc)
+			c->alloc->target = target;
+		return;
+	}
 	}
 	panic_value(c, "unknown heartbeat command", cmd);
 }
@@ -790,21 +809,75 @@ static void free_one(struct vcpu *c, uint64_t *rng)
 		a->pending++;
 }
 
+/* Gives back n balloon pages to the free part: they read as zero until written. */
+static void deflate(struct vcpu *c, uint64_t n)
+{
+	c->alloc->balloon -= n;
+	mb_set(c, MB_BALLOON_PAGES, c->alloc->balloon);
+}
+
 /*
- * Allocates a random free page that is not pending a report and writes it. The pending block
- * stays at the top of the free part: the last reported slot fills the taken one's place, the
- * top pending slot moves down into the reported part's new end, and the page takes the top.
+ * Moves up to n free pages that are not pending a report into the balloon and hands them to
+ * the VMM, a list at a time; each write returns once the VMM took the list.
+ */
+static void inflate(struct vcpu *c, uint64_t n)
+{
+	struct allocator *a = c->alloc;
+	volatile uint32_t *list = (volatile uint32_t *)((volatile uint8_t *)c->mailbox + MB_FREE_LIST);
+	uint64_t room = a->free - a->pending - a->balloon;
+
+	if (n > room)
+		n = room;
+	while (n > 0) {
+		uint64_t k = n < MB_FREE_MAX ? n : MB_FREE_MAX;
+
+		for (uint64_t j = 0; j < k; j++)
+			list[j] = (uint32_t)(c->data_pfn + a->slots[a->balloon + j]);
+		port_out32(PORT_BALLOON_INFLATE, (uint32_t)k);
+		a->balloon += k;
+		n -= k;
+	}
+	mb_set(c, MB_BALLOON_PAGES, a->balloon);
+}
+
+/*
+ * Brings the balloon toward its target after a unit of work: up to INFLATE_PER_UNIT pages in,
+ * or all the way out. An automatic target is a share of the free pages (balloon included).
+ */
+static void balloon_adjust(struct vcpu *c)
+{
+	struct allocator *a = c->alloc;
+	uint64_t want = a->target;
+
+	if (a->target & BALLOON_AUTO)
+		want = a->free * (a->target & ~BALLOON_AUTO) / 1000;
+	if (want > a->pool)
+		want = a->pool;
+	if (want < a->balloon)
+		deflate(c, a->balloon - want);
+	else if (want > a->balloon)
+		inflate(c, want - a->balloon < INFLATE_PER_UNIT ? want - a->balloon : INFLATE_PER_UNIT);
+}
+
+/*
+ * Allocates a random free page that is neither the balloon's nor pending a report, and writes
+ * it; with none left it reports the pending ones, then deflates the balloon a little. The
+ * pending block stays at the top of the free part: the last allocatable slot fills the taken
+ * one's place, the top pending slot moves down into the allocatable part's new end, and the
+ * page takes the top.
  */
 static void alloc_one(struct vcpu *c, uint64_t *rng)
 {
 	struct allocator *a = c->alloc;
 
-	if (a->free == a->pending && a->pending > 0)
+	if (a->free - a->pending == a->balloon && a->pending > 0)
 		flush_pending(c);
+	if (a->free == a->balloon && a->balloon > 0)
+		deflate(c, a->balloon < DEFLATE_ON_DEMAND ? a->balloon : DEFLATE_ON_DEMAND);
 	if (a->free == 0)
 		return;
 	uint64_t reported = a->free - a->pending;
-	uint64_t j = below(xorshift64(rng) >> 32, reported);
+	uint64_t j = a->balloon + below(xorshift64(rng) >> 32, reported - a->balloon);
 	uint32_t page = a->slots[j];
 
 	a->slots[j] = a->slots[reported - 1];
@@ -849,6 +922,8 @@ static void __attribute__((noreturn)) run_churn(struct vcpu *c)
 			free_one(c, &rng);
 			alloc_one(c, &rng);
 		}
+		if (a.target != 0 || a.balloon != 0)
+			balloon_adjust(c);
 		mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + batch);
 		mb_set(c, MB_WORK_UNITS, mb_get(c, MB_WORK_UNITS) + 1);
 		pace(c, &p, batch);
