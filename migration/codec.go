@@ -5,7 +5,10 @@ import (
 	"slices"
 	"strings"
 
+	"sync/atomic"
+
 	"github.com/godwit-vm/godwit/migration/compress"
+	"github.com/godwit-vm/godwit/migration/delta"
 	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
 )
@@ -44,11 +47,26 @@ func CheckCompress(kind, level string) error {
 type pageCodec struct {
 	ps   int
 	zstd *compress.Decoder // CapCompressed accepted
+	// old reads back the copy a delta page (CapDelta accepted) changes. Deltas are taken
+	// only until the switch to post-copy (deltaOff), when those copies stop being the ones
+	// the source last sent.
+	old      PageReader
+	deltaOff atomic.Bool
 }
 
-// newPageCodec makes the decoders for the accepted capabilities.
-func newPageCodec(caps wire.Caps, ps int) (*pageCodec, error) {
+// PageReader is an optional Destination capability: reading back pages it holds, for the
+// delta encoding (a page sent as its change to the copy sent before).
+type PageReader interface {
+	ReadPages(r int, first uint64, dst []byte) error
+}
+
+// newPageCodec makes the decoders for the accepted capabilities; dst reads back pages for
+// deltas.
+func newPageCodec(caps wire.Caps, ps int, dst PageReader) (*pageCodec, error) {
 	c := &pageCodec{ps: ps}
+	if caps&wire.CapDelta != 0 {
+		c.old = dst
+	}
 	if caps&wire.CapCompressed != 0 {
 		d, err := compress.NewDecoder(ps)
 		if err != nil {
@@ -73,20 +91,38 @@ type placing struct {
 }
 
 // spans hands b's pages to place as raw and zero spans, each with the kind it travelled as.
-// Consecutive compressed pages are decoded into pl.buf and handed over as one raw span, so
-// that the Destination gets one call for them, as for a raw run; its data is valid only during
-// the call. A page that does not decode is a protocol violation.
+// Consecutive compressed (or delta) pages are decoded into pl.buf and handed over as one raw
+// span, so that the Destination gets one call for them, as for a raw run; its data is valid
+// only during the call. A page that does not decode is a protocol violation.
 func (c *pageCodec) spans(b *wire.PageBatch, pl *placing, place func(sp wire.Span, k pages.Kind) error) error {
 	r := int(b.Region)
-	var run wire.Span // decoded compressed pages not handed over yet; Count 0: none
+	var run wire.Span // decoded pages not handed over yet; Count 0: none
+	var runKind pages.Kind
 	flush := func() error {
 		if run.Count == 0 {
 			return nil
 		}
 		run.Data = pl.buf[:run.Count*uint64(c.ps)]
-		err := place(run, pages.Compressed)
+		err := place(run, runKind)
 		run.Count = 0
 		return err
+	}
+	// slot returns the buffer for the next decoded page of kind k, at sp.First.
+	slot := func(sp wire.Span, k pages.Kind) ([]byte, error) {
+		if run.Count > 0 && (run.First+run.Count != sp.First || runKind != k) {
+			if err := flush(); err != nil {
+				return nil, err
+			}
+		}
+		if run.Count == 0 {
+			run, runKind = wire.Span{First: sp.First, Enc: wire.EncRaw}, k
+		}
+		off := int(run.Count) * c.ps
+		if len(pl.buf) < off+c.ps {
+			pl.buf = append(pl.buf[:off], make([]byte, c.ps)...)
+		}
+		run.Count++
+		return pl.buf[off : off+c.ps], nil
 	}
 	for sp := range b.Spans {
 		switch sp.Enc {
@@ -105,22 +141,30 @@ func (c *pageCodec) spans(b *wire.PageBatch, pl *placing, place func(sp wire.Spa
 			if c.zstd == nil { // the Reader refuses what was not negotiated
 				return fmt.Errorf("%w: compressed page %d in region %d, and compression was not negotiated", ErrProtocol, sp.First, r)
 			}
-			if run.Count > 0 && run.First+run.Count != sp.First {
-				if err := flush(); err != nil {
-					return err
-				}
+			page, err := slot(sp, pages.Compressed)
+			if err != nil {
+				return err
 			}
-			if run.Count == 0 {
-				run = wire.Span{First: sp.First, Enc: wire.EncRaw}
-			}
-			off := int(run.Count) * c.ps
-			if len(pl.buf) < off+c.ps {
-				pl.buf = append(pl.buf[:off], make([]byte, c.ps)...)
-			}
-			if err := c.zstd.Decode(pl.buf[off:off+c.ps], pages.Ref{Region: r, Index: sp.First}, sp.Data); err != nil {
+			if err := c.zstd.Decode(page, pages.Ref{Region: r, Index: sp.First}, sp.Data); err != nil {
 				return fmt.Errorf("%w: %v", ErrProtocol, err)
 			}
-			run.Count++
+		case wire.EncDelta:
+			switch {
+			case c.old == nil:
+				return fmt.Errorf("%w: delta page %d in region %d, and delta was not negotiated", ErrProtocol, sp.First, r)
+			case c.deltaOff.Load():
+				return fmt.Errorf("%w: delta page %d in region %d after the switch to post-copy", ErrProtocol, sp.First, r)
+			}
+			page, err := slot(sp, pages.Delta)
+			if err != nil {
+				return err
+			}
+			if err := c.old.ReadPages(r, sp.First, page); err != nil {
+				return &vmmError{side: "destination", op: fmt.Sprintf("ReadPages(region %d, page %d) for a delta", r, sp.First), err: err}
+			}
+			if err := (delta.Decoder{}).Decode(page, pages.Ref{Region: r, Index: sp.First}, sp.Data); err != nil {
+				return fmt.Errorf("%w: page %d in region %d: %v", ErrProtocol, sp.First, r, err)
+			}
 		default:
 			return fmt.Errorf("%w: %s page %d in region %d has no decoder", ErrProtocol, sp.Enc, sp.First, r)
 		}

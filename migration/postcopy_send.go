@@ -211,6 +211,10 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 	if prepage == "" {
 		prepage = PrepageSequential
 	}
+	if d.delta != nil {
+		// The destination discards its older copies of the missing pages: no delta from here.
+		d.delta.Stop()
+	}
 	d.pcr = &PostcopyReport{Prepage: prepage, SwitchedAfter: len(d.rep.RoundDetails), SwitchReason: reason}
 	if d.opts.Mode == ModePostcopy {
 		d.pcr.SwitchReason = "mode postcopy"

@@ -234,10 +234,14 @@ func (rc *receiver) migrate() error {
 		supported |= wire.CapStreams
 	}
 	supported |= wire.CapCompressed
+	old, readsBack := rc.dst.(PageReader)
+	if readsBack {
+		supported |= wire.CapDelta
+	}
 	accepted := hello.Caps & supported
 	rc.caps = accepted
 	rc.wdesc = &hello.Desc
-	codec, err := newPageCodec(accepted, int(hello.Desc.PageSize))
+	codec, err := newPageCodec(accepted, int(hello.Desc.PageSize), old)
 	if err != nil {
 		return err
 	}
@@ -310,6 +314,7 @@ func (rc *receiver) migrate() error {
 			rc.phase = "switch"
 			if !rc.switched {
 				rc.switched = true
+				rc.codec.deltaOff.Store(true)
 				rc.newMissing()
 				rc.switchID = m.ID
 				rc.rep.Mode = ModePostcopy

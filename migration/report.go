@@ -178,7 +178,10 @@ type Report struct {
 	// FreePages (source) says whether the guest's free page reports were used ("reported by
 	// the guest", "not reported by the guest", "off"); empty where the source cannot report.
 	// FreePagesReported counts the pages the guest reported free during the migration.
-	FreePages         string        `json:"free_pages,omitempty"`
+	FreePages string `json:"free_pages,omitempty"`
+	// Delta (source) says whether pages went as deltas (SendOptions.Delta), and with what
+	// cache, or why not.
+	Delta             string        `json:"delta,omitempty"`
 	FreePagesReported uint64        `json:"free_pages_reported"`
 	Rounds            int           `json:"rounds"`
 	RoundDetails      []RoundReport `json:"round_details"`

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/compress"
+	"github.com/godwit-vm/godwit/migration/delta"
 	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
 )
@@ -110,7 +111,19 @@ type SendOptions struct {
 	// IgnoreFreePages sends the pages the guest reports free (FreePageReporter) like any
 	// other, to compare; by default they are not sent.
 	IgnoreFreePages bool
+
+	// Delta sends a page of a pre-copy round that changed little since the copy sent before
+	// as its change (package delta), where that copy is still in a cache of DeltaCache bytes
+	// (default DefaultDeltaCache); other pages go as they would without it. The destination
+	// must read back its pages (PageReader) or it declines. Not in pure post-copy (no
+	// rounds); in hybrid until the switch.
+	Delta      bool
+	DeltaCache uint64
 }
+
+// DefaultDeltaCache is the delta cache's size unless SendOptions.DeltaCache says (QEMU's
+// XBZRLE cache has the same default).
+const DefaultDeltaCache = 64 << 20
 
 // Progress is a snapshot for a progress display, delivered after every round and at most
 // every 250ms during one.
@@ -244,6 +257,16 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		}
 		enc = e
 	}
+	var dlt *delta.Encoder
+	if opts.Delta && opts.Mode == ModePostcopy {
+		rep.Delta = "off (pure post-copy has no rounds to send deltas in)"
+	}
+	if opts.Delta && opts.Mode != ModePostcopy && resumeID == nil {
+		if opts.DeltaCache == 0 {
+			opts.DeltaCache = DefaultDeltaCache
+		}
+		dlt = delta.NewEncoder(opts.DeltaCache, int(src.Describe().Layout.PageSize))
+	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit
 	}
@@ -270,6 +293,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		clock: opts.Clock,
 		rep:   rep,
 		enc:   enc,
+		delta: dlt,
 	}
 	if opts.Mode != ModePrecopy || resumeID != nil {
 		s.post = newPostcopyDriver(s, resumeID)
@@ -322,6 +346,7 @@ type sender struct {
 	pageBuf  // the next batch of the main connection
 	cls      pages.Classifier
 	enc      *compress.Encoder // SendOptions.Compress; installed in cls once the destination accepts
+	delta    *delta.Encoder    // SendOptions.Delta; the same
 	limit    limiter
 	limitMu  sync.Mutex // lanes share the limiter
 	lanes    []*lane    // with extra streams: one per connection, the main one first
@@ -598,6 +623,9 @@ func (s *sender) migrate() error {
 	if s.enc != nil {
 		offered |= wire.CapCompressed
 	}
+	if s.delta != nil {
+		offered |= wire.CapDelta
+	}
 	if s.post != nil {
 		s.post.sampleProgress(true)
 	}
@@ -640,6 +668,15 @@ func (s *sender) migrate() error {
 		}
 	case s.enc != nil:
 		s.rep.Compression = CompressNone + " (the destination declined " + CompressZstd + ")"
+	}
+	switch {
+	case s.delta != nil && welcome.Caps&wire.CapDelta != 0:
+		// First: a page that changed little goes smaller as a delta than compressed.
+		s.cls.Encoders = append([]pages.Encoder{s.delta}, s.cls.Encoders...)
+		s.rep.Delta = fmt.Sprintf("on (a cache of %d pages)", s.delta.Cache().Pages())
+	case s.delta != nil:
+		s.rep.Delta = "off (the destination declined it)"
+		s.delta = nil
 	}
 	if s.post != nil && welcome.Caps&wire.CapPostcopy == 0 {
 		return fmt.Errorf("%w: mode %s needs post-copy, and the destination does not support it (it declined the capability: its VMM cannot demand-page); migrate with mode %s", ErrNoPostcopy, s.opts.Mode, ModePrecopy)

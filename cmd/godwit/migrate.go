@@ -41,6 +41,8 @@ type MigrateCmd struct {
 	// Encodings.
 	Compress      string        `default:"none" placeholder:"none|zstd|auto" help:"How pages that hold data travel: none (raw); zstd (each page that shrinks by an eighth or more goes as a zstd frame of its own; the others raw); auto (zstd for the batches the bandwidth cap would hold back, raw for the others, so that the CPU compresses only while the link is the limit; without --max-bandwidth, raw). zstd pays where the link, not the CPU, is the limit: it costs 20 to 40 µs per page of text on one core here, so over a fast link it can make the migration slower. A destination that cannot decode it gets raw pages, and the report says so. Default ${default}."`
 	CompressLevel string        `name:"compress-level" default:"fastest" placeholder:"LEVEL" help:"--compress zstd or auto: fastest, default, better or best (slower, a few per cent smaller). Default ${default}."`
+	Delta         bool          `help:"precopy, hybrid: send a page that changed little since the copy sent before in an earlier round as its change (the words that differ), while that copy is in a cache of --delta-cache at the source; the destination applies it to the page it holds. Pays for guests that rewrite pages with small changes; costs a copy of each page sent into the cache. A destination that cannot do it gets whole pages, and the report says so."`
+	DeltaCache    Size          `name:"delta-cache" default:"64M" placeholder:"SIZE" help:"--delta: the source's cache of pages sent (a page that is not in it goes whole). Default ${default}."`
 	FreePages     string        `name:"free-pages" enum:"on,off" default:"on" help:"on: a guest that reports its free pages (workload churn) has none of them sent (pre-copy skips them and drops them from later rounds; post-copy never fetches them: they read as zero at the destination); off: send them like any other page, to compare. The report says whether the guest reported (${enum}). Default ${default}."`
 	Timeout       time.Duration `default:"0" placeholder:"DURATION" help:"Give up after this long; 0 = no limit. Before a switch to post-copy the VM keeps running here; after it, the VM stays paused here with its memory, since it ran at the destination (see the README on recovery)."`
 }
@@ -54,7 +56,8 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 	if c.Resume {
 		var extra []string
 		for _, f := range []string{"mode", "prepage", "sample-before", "hybrid-rounds", "hybrid-after", "link-timeout", "reconnect-window", "fault-channel",
-			"downtime-limit", "max-bandwidth", "auto-converge", "force", "timeout", "streams", "compress", "compress-level"} {
+			"downtime-limit", "max-bandwidth", "auto-converge", "force", "timeout", "streams", "compress", "compress-level",
+			"delta", "delta-cache", "free-pages"} {
 			if set(f) {
 				extra = append(extra, "--"+f)
 			}
@@ -93,6 +96,8 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 		{"downtime-limit", []string{"precopy", "hybrid"}},
 		{"auto-converge", []string{"precopy", "hybrid"}},
 		{"force", []string{"precopy"}},
+		{"delta", []string{"precopy", "hybrid"}},
+		{"delta-cache", []string{"precopy", "hybrid"}},
 	} {
 		if err := only(f.flag, f.modes...); err != nil {
 			return err
@@ -124,6 +129,12 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 	}
 	if c.Timeout < 0 {
 		return fmt.Errorf("--timeout %v: want a duration of 0 (no limit) or more", c.Timeout)
+	}
+	if c.DeltaCache < 4096 {
+		return fmt.Errorf("--delta-cache %d bytes: want one page (4K) at least", c.DeltaCache)
+	}
+	if set("delta-cache") && !c.Delta {
+		return fmt.Errorf("--delta-cache applies with --delta")
 	}
 	if err := migration.CheckCompress(c.Compress, c.CompressLevel); err != nil {
 		return fmt.Errorf("--compress %s --compress-level %s: %w", c.Compress, c.CompressLevel, err)
@@ -198,6 +209,9 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 			req.Compress, req.CompressLevel = c.Compress, c.CompressLevel
 		}
 		req.IgnoreFreePages = c.FreePages == "off"
+		if c.Delta {
+			req.Delta, req.DeltaCacheBytes = true, uint64(c.DeltaCache)
+		}
 		if c.Mode != migration.ModePrecopy {
 			req.Prepage = c.Prepage
 			req.SampleBeforeMS = c.SampleBefore.Milliseconds()
@@ -330,12 +344,18 @@ func printReport(r migration.Report) {
 	if r.Pages.Free > 0 {
 		fmt.Printf(", free skipped %d", r.Pages.Free)
 	}
+	if r.Pages.Delta > 0 {
+		fmt.Printf(", delta %d (%s saved)", r.Pages.Delta, formatBytes(r.Saved.Delta))
+	}
 	if r.Pages.Compressed > 0 {
 		fmt.Printf(", compressed %d (%s saved)", r.Pages.Compressed, formatBytes(r.Saved.Compressed))
 	}
 	fmt.Println()
 	if r.Compression != "" {
 		fmt.Printf("encoding     %s\n", r.Compression)
+	}
+	if r.Delta != "" {
+		fmt.Printf("delta        %s\n", r.Delta)
 	}
 	if r.FreePages != "" {
 		fmt.Printf("free pages   %s", r.FreePages)

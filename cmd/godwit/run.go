@@ -23,7 +23,7 @@ type WorkloadFlags struct {
 	WSS      Size          `name:"wss" default:"64M" help:"dirty: working set size, split evenly between vCPUs."`
 	Rate     Rate          `default:"max" help:"dirty: page writes per second over all vCPUs (churn: allocations, each with a free and a page write), or 'max' for as fast as the guest can."`
 	Pattern  string        `enum:"sequential,random,hotcold" default:"random" help:"dirty: which pages of the working set are written (${enum})."`
-	Content  string        `enum:"zero,text,random,image" default:"text" help:"Page content: zero pages, compressible text, incompressible random, or image-like pages that repeat within and across VMs of the same seed (${enum})."`
+	Content  string        `enum:"zero,text,random,image,patch" default:"text" help:"Page content: zero pages, compressible text, incompressible random, image-like pages that repeat within and across VMs of the same seed, or patch: text pages of which each write changes one 64-byte slot (what 'migrate --delta' is for) (${enum})."`
 	Seed     uint64        `default:"1" help:"Seed of page content and write pattern."`
 	Touch    float64       `default:"0.25" help:"idle: fraction of memory the guest writes once at start; churn: fraction of its pages allocated (0..1)."`
 	Batch    int           `default:"64" help:"Pages written per unit of work; the guest heartbeats once per unit."`

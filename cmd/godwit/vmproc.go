@@ -303,6 +303,8 @@ type MigrateRequest struct {
 	Compress          string `json:"compress,omitempty"`            // none (default), zstd or auto
 	CompressLevel     string `json:"compress_level,omitempty"`      // zstd: fastest (default), default, better, best
 	IgnoreFreePages   bool   `json:"ignore_free_pages,omitempty"`   // send the pages the guest reports free too
+	Delta             bool   `json:"delta,omitempty"`               // precopy, hybrid: pages that changed little as deltas
+	DeltaCacheBytes   uint64 `json:"delta_cache_bytes,omitempty"`   // the source's cache for them; 0 = default
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
 	Resume bool `json:"resume,omitempty"`
@@ -365,6 +367,8 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 			Compress:        req.Compress,
 			CompressLevel:   req.CompressLevel,
 			IgnoreFreePages: req.IgnoreFreePages,
+			Delta:           req.Delta,
+			DeltaCache:      req.DeltaCacheBytes,
 		},
 		ReconnectWindow: time.Duration(req.ReconnectWindowMS) * time.Millisecond,
 		Release:         func() { m.Close() },

@@ -10,6 +10,7 @@ import (
 
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/qemu"
+	"github.com/godwit-vm/godwit/migration"
 )
 
 // QEMU's guest settings: a heartbeat line per millisecond at most (godwit's guest heartbeats
@@ -168,6 +169,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		PostcopyAfterPasses: s.HybridRounds + 1,
 		MultifdChannels:     s.Streams,
 		MultifdCompression:  map[string]string{"zstd": "zstd", "auto": "zstd"}[s.Compress],
+		XBZRLECache:         map[bool]int64{true: migration.DefaultDeltaCache}[s.Delta],
 		Poll:                20 * time.Millisecond,
 		Timeout:             e.cfg.Timeout,
 		VerifyTimeout:       verifyEvery + 2*time.Minute,
@@ -231,6 +233,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		r.Extra["precopy_bytes"] = float64(ram.PrecopyBytes)
 		r.Extra["downtime_bytes"] = float64(ram.DowntimeBytes)
 		r.Extra["postcopy_bytes"] = float64(ram.PostcopyBytes)
+		r.Extra["normal_pages"] = float64(ram.Normal)
 	}
 	if !res.PostcopyStarted.IsZero() {
 		r.Extra["postcopy_started_ms"] = ms(res.PostcopyStarted.Sub(t0))
@@ -241,6 +244,11 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		if l.Kind == qemu.KindVerifyBegin && l.Time.After(t0) && l.Time.Before(t0.Add(res.Total)) {
 			r.Extra["verify_during_migration"] = 1
 		}
+	}
+	if x := res.QEMU.XBZRLE; x != nil {
+		r.Extra["xbzrle_pages"], r.Extra["xbzrle_bytes"] = float64(x.Pages), float64(x.Bytes)
+		r.Extra["xbzrle_cache_miss"], r.Extra["xbzrle_overflow"] = float64(x.CacheMiss), float64(x.Overflow)
+		r.PagesDelta = uint64(x.Pages)
 	}
 	r.Converged = res.QEMU.Status == "completed" && res.PostcopyStarted.IsZero()
 	r.VerifyPages = res.Verify.Pages

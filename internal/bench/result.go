@@ -59,6 +59,8 @@ type Run struct {
 	PagesHole uint64 `json:"pages_hole"`
 	// PagesCompressed (godwit) were sent compressed; QEMU does not count them apart.
 	PagesCompressed uint64 `json:"pages_compressed,omitempty"`
+	// PagesDelta were sent as deltas (godwit --delta; QEMU: XBZRLE pages).
+	PagesDelta uint64 `json:"pages_delta,omitempty"`
 	// PagesFree (godwit) were not sent: the guest reported them free.
 	PagesFree uint64 `json:"pages_free,omitempty"`
 	Rounds    int    `json:"rounds"` // pre-copy rounds (QEMU: dirty-bitmap syncs)

@@ -70,6 +70,9 @@ type Scenario struct {
 	// FreePages is godwit's --free-pages: on (the default) or off. QEMU has no counterpart
 	// for this guest (its free page hinting needs a virtio-balloon driver).
 	FreePages string `json:"free_pages,omitempty"`
+	// Delta is godwit's --delta (its default cache) and QEMU's XBZRLE with a cache of the
+	// same size.
+	Delta bool `json:"delta,omitempty"`
 	// Balloon is godwit's 'run --balloon' for a churn guest (a size or auto[:SHARE]; empty:
 	// none). QEMU's guest has no balloon.
 	Balloon string `json:"balloon,omitempty"`
@@ -138,6 +141,9 @@ func (s Scenario) Options() string {
 	}
 	if s.FreePages == "off" {
 		o += ", godwit --free-pages off"
+	}
+	if s.Delta {
+		o += ", godwit --delta (QEMU: xbzrle), 64 MiB cache"
 	}
 	if s.Balloon != "" {
 		o += ", godwit balloon " + s.Balloon + " (QEMU: none)"
@@ -255,7 +261,7 @@ func parseScenario(f []string) (Scenario, error) {
 		case "hot-prob":
 			s.HotProb, err = parseFraction(v)
 		case "content":
-			s.Content, err = oneOf(v, "zero", "text", "random", "image")
+			s.Content, err = oneOf(v, "zero", "text", "random", "image", "patch")
 		case "link":
 			if v == "unshaped" {
 				s.LinkBps = 0
@@ -292,6 +298,8 @@ func parseScenario(f []string) (Scenario, error) {
 			}
 		case "compress":
 			s.Compress, err = oneOf(v, "none", "zstd", "auto")
+		case "delta":
+			s.Delta, err = strconv.ParseBool(v)
 		case "free-pages":
 			s.FreePages, err = oneOf(v, "on", "off")
 		case "balloon":
@@ -300,7 +308,7 @@ func parseScenario(f []string) (Scenario, error) {
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
-				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages"); err != nil {
+				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages", "delta"); err != nil {
 					break
 				}
 			}
@@ -324,6 +332,9 @@ func parseScenario(f []string) (Scenario, error) {
 	}
 	if s.Workload == "dirty" && (s.WSSBytes < 4096 || s.WSSBytes > s.MemBytes/2) {
 		return s, fmt.Errorf("%s: working set %d bytes: want a page to half of the memory", s.Name, s.WSSBytes)
+	}
+	if s.Delta && s.Technique == Postcopy {
+		return s, fmt.Errorf("%s: delta=true: delta is for pre-copy rounds", s.Name)
 	}
 	if s.Balloon != "" && s.Workload != "churn" {
 		return s, fmt.Errorf("%s: balloon=%s: only the churn workload has a balloon", s.Name, s.Balloon)

@@ -56,7 +56,9 @@
 // checked and mismatches, and names the first bad page. Kinds: ContentZero (page stays zero),
 // ContentText (words from a small dictionary: compresses well), ContentRandom
 // (incompressible), ContentImage (drawn from a pool of ImagePoolPages distinct pages that
-// depend only on the seed, so pages repeat within a VM and across VMs with the same seed).
+// depend only on the seed, so pages repeat within a VM and across VMs with the same seed),
+// ContentPatch (a text page of which each version rewrites one 64-byte slot: a re-dirtied
+// page that changed little).
 //
 // # Churn and free page reporting
 //
@@ -167,6 +169,7 @@ const (
 	ContentText   = 1
 	ContentRandom = 2
 	ContentImage  = 3
+	ContentPatch  = 4 // text that each version changes in one 64-byte slot (deltas are small)
 )
 
 // Write patterns of the dirty workload.

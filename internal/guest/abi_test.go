@@ -31,7 +31,7 @@ var goToC = map[string]string{
 	"CmdContinue": "CMD_CONTINUE", "CmdVerify": "CMD_VERIFY", "CmdExit": "CMD_EXIT",
 	"WorkloadIdle": "WORKLOAD_IDLE", "WorkloadDirty": "WORKLOAD_DIRTY",
 	"ContentZero": "CONTENT_ZERO", "ContentText": "CONTENT_TEXT", "ContentRandom": "CONTENT_RANDOM",
-	"ContentImage":      "CONTENT_IMAGE",
+	"ContentImage": "CONTENT_IMAGE", "ContentPatch": "CONTENT_PATCH",
 	"PatternSequential": "PATTERN_SEQUENTIAL", "PatternRandom": "PATTERN_RANDOM", "PatternHotCold": "PATTERN_HOTCOLD",
 	"ParamsMagic": "PARAMS_MAGIC", "ABIVersion": "ABI_VERSION",
 

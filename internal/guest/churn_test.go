@@ -1,6 +1,9 @@
 package guest
 
-import "testing"
+import (
+	"bytes"
+	"testing"
+)
 
 // churnPool is the allocator's split of a slice: slot pages first, then the pages it hands out.
 func churnPool(dataPages uint64) (meta, pool uint64) {
@@ -142,5 +145,35 @@ func TestBalloonNative(t *testing.T) {
 			}
 			t.Logf("%s: %d free pages, %d in the balloon, %d inflated in all", c.name, free, f.Balloon, f.Inflated)
 		})
+	}
+}
+
+// TestPatchContent: under patch content two consecutive versions of a page differ in one
+// 64-byte slot, and verify passes.
+func TestPatchContent(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Workload, cfg.Content, cfg.Pattern, cfg.WSSPages, cfg.BatchPages = WorkloadDirty, ContentPatch, PatternSequential, 1, 1
+	var pages [2][]byte
+	var versions [2]uint32
+	for i, units := range []uint64{100, 101} {
+		r := runNative(t, cfg, 16<<20, 1, NativeRun{Units: units, VerifyAt: 50})
+		for _, rep := range r.verifies(0) {
+			if rep.Mismatches != 0 {
+				t.Fatalf("verify %+v", rep)
+			}
+		}
+		pages[i], versions[i] = r.page(0, 0), r.version(0, 0)
+	}
+	if versions[1] != versions[0]+1 {
+		t.Fatalf("versions %d and %d: want consecutive", versions[0], versions[1])
+	}
+	var diff []int
+	for off := 0; off < PageSize; off += 64 {
+		if !bytes.Equal(pages[0][off:off+64], pages[1][off:off+64]) {
+			diff = append(diff, off/64)
+		}
+	}
+	if len(diff) != 1 || diff[0] != int(versions[1]%64) {
+		t.Fatalf("versions %d and %d differ in slots %v, want slot %d only", versions[0], versions[1], diff, versions[1]%64)
 	}
 }

@@ -8,7 +8,7 @@ import (
 
 var (
 	workloadNames = map[uint64]string{WorkloadIdle: "idle", WorkloadDirty: "dirty", WorkloadChurn: "churn"}
-	contentNames  = map[uint64]string{ContentZero: "zero", ContentText: "text", ContentRandom: "random", ContentImage: "image"}
+	contentNames  = map[uint64]string{ContentZero: "zero", ContentText: "text", ContentRandom: "random", ContentImage: "image", ContentPatch: "patch"}
 	patternNames  = map[uint64]string{PatternSequential: "sequential", PatternRandom: "random", PatternHotCold: "hotcold"}
 )
 

@@ -129,7 +129,7 @@ func (r *run) requireClean() {
 	}
 }
 
-var allContents = []uint64{ContentZero, ContentText, ContentRandom, ContentImage}
+var allContents = []uint64{ContentZero, ContentText, ContentRandom, ContentImage, ContentPatch}
 var allPatterns = []uint64{PatternSequential, PatternRandom, PatternHotCold}
 
 // TestVerifyClean runs every content kind with every pattern (and the idle workload) and

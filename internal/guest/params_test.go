@@ -153,7 +153,7 @@ func TestParamsErrors(t *testing.T) {
 		want  string
 	}{
 		{mod(func(c *Config) { c.Workload = 3 }), 32 << 20, 1, 0, "unknown workload 3"},
-		{mod(func(c *Config) { c.Content = 4 }), 32 << 20, 1, 0, "unknown content kind 4"},
+		{mod(func(c *Config) { c.Content = 5 }), 32 << 20, 1, 0, "unknown content kind 5"},
 		{mod(func(c *Config) { c.Pattern = 3 }), 32 << 20, 1, 0, "unknown write pattern 3"},
 		{Config{}, 32 << 20, 1, 0, "batch of 0 pages"},
 		{mod(func(c *Config) { c.BatchPages = 1<<24 + 1 }), 32 << 20, 1, 0, "batch of 16777217 pages"},

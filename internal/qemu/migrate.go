@@ -39,6 +39,9 @@ type MigrateConfig struct {
 	// MultifdCompression (zstd, zlib) turns it on too and compresses each channel's pages.
 	MultifdChannels    int
 	MultifdCompression string
+	// XBZRLECache above 0 turns on XBZRLE (pre-copy pages sent as their change to a cached
+	// copy) with a cache of that many bytes at the source.
+	XBZRLECache int64
 	// Poll is the query-migrate interval (default 20 ms); Timeout bounds the migration
 	// (default 5 minutes) and VerifyTimeout the destination guest's verification after it
 	// (default 2 minutes).
@@ -75,7 +78,17 @@ type MigrationInfo struct {
 	ExpectedDowntime int64     `json:"expected-downtime"`
 	SetupTime        int64     `json:"setup-time"`
 	RAM              *RAMStats `json:"ram"`
+	XBZRLE           *XBZRLE   `json:"xbzrle-cache"`
 	ErrorDesc        string    `json:"error-desc"`
+}
+
+// XBZRLE is query-migrate's "xbzrle-cache" member, present while XBZRLE is on.
+type XBZRLE struct {
+	CacheSize int64 `json:"cache-size"`
+	Bytes     int64 `json:"bytes"` // sent as XBZRLE
+	Pages     int64 `json:"pages"`
+	CacheMiss int64 `json:"cache-miss"`
+	Overflow  int64 `json:"overflow"` // pages whose encoding was too long: sent whole
 }
 
 // Result is what a migration did, by QEMU's account and by the guest's.
@@ -196,6 +209,9 @@ func Migrate(ctx context.Context, src, dst *VM, cfg MigrateConfig) (*Result, err
 		}
 		caps["multifd"] = true
 	}
+	if cfg.XBZRLECache > 0 {
+		caps["xbzrle"] = true
+	}
 	if err := setCapabilities(mctx, dst, caps); err != nil {
 		return nil, err
 	}
@@ -211,6 +227,9 @@ func Migrate(ctx context.Context, src, dst *VM, cfg MigrateConfig) (*Result, err
 	}
 	if cfg.MaxPostcopyBandwidth > 0 {
 		params["max-postcopy-bandwidth"] = cfg.MaxPostcopyBandwidth
+	}
+	if cfg.XBZRLECache > 0 {
+		params["xbzrle-cache-size"] = cfg.XBZRLECache
 	}
 	if multifd {
 		// Both ends must agree on the channel count and the compression.

@@ -46,6 +46,7 @@ var (
 	_ migration.PageViewer    = MigrationSource{}
 
 	_ migration.FreePageReporter = MigrationSource{}
+	_ migration.PageReader       = (*MigrationDestination)(nil)
 )
 
 func (s MigrationSource) Describe() migration.Description {
@@ -256,6 +257,19 @@ func (d *MigrationDestination) WritePages(r int, first uint64, src []byte) error
 		return mem.FillAt(src, int64(first*guest.PageSize))
 	}
 	_, err = mem.WriteAt(src, int64(first*guest.PageSize))
+	return err
+}
+
+// ReadPages reads back pages already written (pread), for deltas (migration.PageReader).
+func (d *MigrationDestination) ReadPages(r int, first uint64, dst []byte) error {
+	mem, err := d.region(r, first, uint64(len(dst))/guest.PageSize)
+	if err != nil {
+		return err
+	}
+	n, err := mem.ReadAt(dst, int64(first*guest.PageSize))
+	if err == nil && n != len(dst) {
+		err = fmt.Errorf("vmm: read %d of %d bytes at page %d", n, len(dst), first)
+	}
 	return err
 }
 

@@ -593,6 +593,25 @@ func (d *Dest) WritePages(r int, first uint64, src []byte) error {
 	return nil
 }
 
+// ReadPages reads back pages placed (migration.PageReader, for deltas).
+func (d *Dest) ReadPages(r int, first uint64, dst []byte) error {
+	if err := d.hook("ReadPages"); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	ps := d.desc.Layout.PageSize
+	if uint64(len(dst))%ps != 0 {
+		return fmt.Errorf("migrationtest: ReadPages with %d bytes, not whole pages", len(dst))
+	}
+	m, err := d.region(r, first, uint64(len(dst))/ps)
+	if err != nil {
+		return err
+	}
+	copy(dst, m)
+	return nil
+}
+
 func (d *Dest) ZeroPages(r int, first, n uint64) error {
 	if err := d.hook("ZeroPages"); err != nil {
 		return err

@@ -18,7 +18,7 @@ const (
 	Raw        Kind = 1 // sent as is
 	Compressed Kind = 2 // sent compressed (package compress)
 	Dedup      Kind = 3 // sent as a 128-bit hash of an identical page sent before (reserved)
-	Delta      Kind = 4 // sent as a delta to the version sent before (reserved)
+	Delta      Kind = 4 // sent as a delta to the version sent before (package delta)
 	Hole       Kind = 5 // never populated: not sent at all
 	Free       Kind = 6 // reported free by the guest: not sent (its content does not matter)
 	NumKinds        = 7
@@ -120,22 +120,41 @@ func (c *Classifier) Merge(o *Classifier) {
 func (c *Classifier) Classify(ref Ref, page []byte, scratch *[]byte) (Kind, []byte) {
 	if IsZero(page) {
 		c.Counters[Zero]++
+		c.record(0, ref, page)
 		return Zero, nil
 	}
 	encoders := c.Encoders
 	if c.Raw {
 		encoders = nil
 	}
-	for _, e := range encoders {
+	for i, e := range encoders {
 		start := len(*scratch)
 		out, ok := e.Encode(*scratch, ref, page)
 		if ok && len(out)-start > 0 && len(out)-start <= len(page) {
 			*scratch = out
 			c.Counters[e.Kind()]++
 			c.Encoded[e.Kind()] += uint64(len(out) - start)
+			c.record(i+1, ref, page)
 			return e.Kind(), out[start:]
 		}
 	}
+	c.record(len(encoders), ref, page)
 	c.Counters[Raw]++
 	return Raw, page
+}
+
+// Recorder is an optional Encoder capability, for encoders that keep the pages sent (delta):
+// Record hears of every page sent without the encoder's Encode (a zero page, a page sent raw
+// by choice, a page an encoder before it took), as it goes.
+type Recorder interface {
+	Record(ref Ref, page []byte)
+}
+
+// record tells the recorders among Encoders[from:], which were not asked, of page.
+func (c *Classifier) record(from int, ref Ref, page []byte) {
+	for _, e := range c.Encoders[from:] {
+		if r, ok := e.(Recorder); ok {
+			r.Record(ref, page)
+		}
+	}
 }

@@ -116,3 +116,51 @@ func BenchmarkClassifyRandom(b *testing.B) {
 		c.Classify(Ref{}, p, &s)
 	}
 }
+
+// recording is an encoder that accepts pages whose first byte is its mark, and records the
+// others it is told of.
+type recording struct {
+	mark     byte
+	encoded  []Ref
+	recorded []Ref
+}
+
+func (r *recording) Kind() Kind { return Delta }
+
+func (r *recording) Encode(dst []byte, ref Ref, page []byte) ([]byte, bool) {
+	if page[0] != r.mark {
+		r.recorded = append(r.recorded, ref) // asked and declined: it sees the page too
+		return dst, false
+	}
+	r.encoded = append(r.encoded, ref)
+	return append(dst, 1), true
+}
+
+func (r *recording) Record(ref Ref, _ []byte) { r.recorded = append(r.recorded, ref) }
+
+// TestClassifyRecords: a Recorder hears of every page it was not asked about: zero pages,
+// pages sent raw by choice, pages an encoder before it took.
+func TestClassifyRecords(t *testing.T) {
+	first := &recording{mark: 1}
+	rec := &recording{mark: 2}
+	c := Classifier{Encoders: []Encoder{first, rec}}
+	page := func(b byte) []byte { p := make([]byte, 4096); p[0] = b; return p }
+	var scratch []byte
+	for i, b := range []byte{0, 1, 2, 3} { // zero, taken by first, by rec, raw
+		c.Classify(Ref{Index: uint64(i)}, page(b), &scratch)
+	}
+	c.Raw = true
+	c.Classify(Ref{Index: 4}, page(2), &scratch) // raw by choice
+	seen := map[uint64]bool{}
+	for _, r := range append(rec.encoded, rec.recorded...) {
+		seen[r.Index] = true
+	}
+	for i := range uint64(5) {
+		if !seen[i] {
+			t.Errorf("page %d: the recorder never heard of it (encoded %v, recorded %v)", i, rec.encoded, rec.recorded)
+		}
+	}
+	if len(rec.encoded) != 1 || rec.encoded[0].Index != 2 {
+		t.Errorf("encoded %v, want page 2", rec.encoded)
+	}
+}

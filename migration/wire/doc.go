@@ -26,6 +26,10 @@
 //	               of an EncCompressed page is one zstd frame (RFC 8878) that decodes to exactly
 //	               one page, with no dictionary. The capability was never accepted before, so
 //	               the version stays 1.
+//	1  2026-12-02  delta pages under CapDelta, which version 1 had reserved: the data of an
+//	               EncDelta page is its change to the copy the destination holds (runs of
+//	               replaced 8-byte words; the format is in package delta), sent in pre-copy
+//	               rounds only. The capability was never accepted before: the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout

@@ -158,7 +158,7 @@ const (
 	CapBlackout   Caps = 1 << 0 // the destination waits for the guest's first heartbeat and reports it in Done
 	CapCompressed Caps = 1 << 1 // EncCompressed pages: each a zstd frame of one page
 	CapDedup      Caps = 1 << 2 // EncDedup pages (reserved)
-	CapDelta      Caps = 1 << 3 // EncDelta pages (reserved)
+	CapDelta      Caps = 1 << 3 // EncDelta pages: a page's change to the copy sent before (package delta)
 	CapPostcopy   Caps = 1 << 4 // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
 	CapStreams    Caps = 1 << 5 // pre-copy pages on extra connections: Streams, Join
 	CapAhead      Caps = 1 << 6 // pure post-copy: most of the missing set ahead of the pause, in Ahead (needs CapPostcopy)
@@ -175,7 +175,7 @@ const (
 	EncRaw        Encoding = 1 // page size bytes of data
 	EncCompressed Encoding = 2 // a zstd frame that decodes to the page (needs CapCompressed)
 	EncDedup      Encoding = 3 // reserved: 16-byte hash of a page sent before (needs CapDedup)
-	EncDelta      Encoding = 4 // reserved: variable-length delta to the last sent version (needs CapDelta)
+	EncDelta      Encoding = 4 // variable-length delta to the copy sent before, in a pre-copy round (needs CapDelta)
 	numEncodings           = 5
 )
 

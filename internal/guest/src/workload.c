@@ -31,6 +31,11 @@ typedef uint64_t u64_unaligned __attribute__((aligned(1), may_alias));
 #define DOMAIN_IMAGE_PICK 0x696d6167657069ccULL
 #define DOMAIN_PATTERN 0x7061747465726e31ULL
 #define DOMAIN_CHURN 0x636875726e636875ULL
+#define DOMAIN_PATCH 0x7061746368706174ULL
+
+/* Patch content: the page's 64-byte slots, one of which each version rewrites. */
+#define PATCH_SLOTS 64
+#define PATCH_SLOT_WORDS (PAGE_SIZE / 8 / PATCH_SLOTS)
 
 /* Marks a page while verify walks the allocator's slots, to find one listed twice. */
 #define VERSION_SEEN 0x40000000u
@@ -228,6 +233,29 @@ static void fill_text(uint8_t *page, uint64_t seed, uint64_t pfn, uint32_t versi
 	page[PAGE_SIZE - 1] = '\n';
 }
 
+/*
+ * Patch: a page that each version changes a little, as a program that updates a record in
+ * place does. The base is the page's text of version 0; version v rewrote slot v % 64 (64
+ * bytes) with a stamp of (pfn, v), so slot j holds the stamp of the latest version w <= v with
+ * w % 64 == j, or the base where there is none. Version v and v+1 differ in one slot.
+ */
+static void fill_patch(uint64_t *page, uint64_t seed, uint64_t pfn, uint32_t version)
+{
+	fill_text((uint8_t *)page, seed, pfn, 0);
+	for (uint32_t j = 0; j < PATCH_SLOTS; j++) {
+		if (version < j)
+			break;
+		uint32_t w = version - (version - j) % PATCH_SLOTS;
+
+		if (w == 0)
+			continue;
+		uint64_t key = mix64(seed ^ DOMAIN_PATCH ^ page_key(pfn, w));
+
+		for (uint32_t k = 0; k < PATCH_SLOT_WORDS; k++)
+			page[j * PATCH_SLOT_WORDS + k] = mix64(key + k * GOLDEN);
+	}
+}
+
 /* Parameters shared by all vCPUs, copied out of the params page. */
 struct config {
 	uint64_t nr_vcpus;
@@ -298,6 +326,9 @@ static void fill_page(const struct config *cfg, uint64_t *page, uint64_t pfn, ui
 		break;
 	case CONTENT_IMAGE:
 		fill_image(page, cfg->seed, cfg->image_pool_pages, pfn, version);
+		break;
+	case CONTENT_PATCH:
+		fill_patch(page, cfg->seed, pfn, version);
 		break;
 	default:
 		fill_zero(page);
@@ -392,6 +423,8 @@ static const char *content_name(uint64_t k)
 		return "random";
 	case CONTENT_IMAGE:
 		return "image";
+	case CONTENT_PATCH:
+		return "patch";
 	}
 	return "?";
 }
@@ -1018,7 +1051,7 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
 
 	if (c.cfg.workload > WORKLOAD_CHURN)
 		panic_value(&c, "unknown workload", c.cfg.workload);
-	if (c.cfg.content > CONTENT_IMAGE)
+	if (c.cfg.content > CONTENT_PATCH)
 		panic_value(&c, "unknown content kind", c.cfg.content);
 	if (c.cfg.pattern > PATTERN_HOTCOLD)
 		panic_value(&c, "unknown write pattern", c.cfg.pattern);
