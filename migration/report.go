@@ -56,11 +56,13 @@ type SavedBytes struct {
 	Compressed uint64 `json:"compressed"`
 	Dedup      uint64 `json:"dedup"`
 	Delta      uint64 `json:"delta"`
+	Free       uint64 `json:"free"` // the page sends skipped as free, whole
 }
 
 func savedBytes(c *pages.Classifier, ps int) SavedBytes {
 	saved := func(k pages.Kind) uint64 { return c.Counters.Get(k)*uint64(ps) - c.Encoded.Get(k) }
-	return SavedBytes{Compressed: saved(pages.Compressed), Dedup: saved(pages.Dedup), Delta: saved(pages.Delta)}
+	return SavedBytes{Compressed: saved(pages.Compressed), Dedup: saved(pages.Dedup), Delta: saved(pages.Delta),
+		Free: c.Counters.Get(pages.Free) * uint64(ps)}
 }
 
 // RoundReport describes one round.

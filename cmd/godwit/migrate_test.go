@@ -419,7 +419,8 @@ func TestMigrationFailuresLeaveSourceRunning(t *testing.T) {
 var proxyPorts int32
 
 // TestMigrateChurnFreePages runs 'godwit run --workload churn' and migrates it with the
-// defaults: the guest's free pages are reported and not sent, and the destination verifies.
+// defaults and --delta: the guest's free pages are reported and not sent, and the destination
+// verifies.
 // There 'godwit balloon' fills the guest's balloon and empties it again.
 func TestMigrateChurnFreePages(t *testing.T) {
 	requireKVM(t)
@@ -428,10 +429,13 @@ func TestMigrateChurnFreePages(t *testing.T) {
 	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "churn", "--touch", "0.3", "--rate", "5000", "--content", "random")
 	dst := startVM(t, tb.Host(1), "dst", "--incoming", to)
 	src.waitHeartbeats(t, 20)
-	rep, err := migrate(t, src, to)
+	rep, err := migrate(t, src, to, "--delta", "--delta-cache", "32M")
 	logReport(t, "churn", rep)
 	if err != nil || rep.Result != "ok" {
 		t.Fatalf("migrate: %v, report %+v", err, rep)
+	}
+	if rep.Delta != "on (a cache of 8192 pages)" {
+		t.Errorf("--delta --delta-cache 32M: report says delta %q", rep.Delta)
 	}
 	if rep.FreePages != "reported by the guest" || rep.FreePagesReported == 0 || rep.Pages.Free < rep.Pages.Raw {
 		t.Fatalf("free pages %q, %d reported, pages %+v: want most pages skipped as free", rep.FreePages, rep.FreePagesReported, rep.Pages)
