@@ -116,6 +116,14 @@ func TestCompressBadOptions(t *testing.T) {
 // TestCorruptCompressedPage: a compressed page whose frame is intact but whose zstd data is
 // not is refused: the destination aborts and tells the source why.
 func TestCorruptCompressedPage(t *testing.T) {
+	refuseCorruptPage(t, wire.CapCompressed, wire.EncCompressed, []byte("not a zstd frame"), "page 5 of region 0", "zstd")
+}
+
+// refuseCorruptPage plays a source that negotiates caps and sends page 5 encoded as enc with
+// data that does not decode: the destination must abort with a protocol error whose text has
+// wantDst, and tell the source in an Error frame whose text has wantSrc.
+func refuseCorruptPage(t *testing.T, caps wire.Caps, enc wire.Encoding, data []byte, wantDst, wantSrc string) {
+	t.Helper()
 	d := mt.NewDest()
 	sc, dc := tcpPair(t)
 	got := make(chan error, 1)
@@ -134,17 +142,17 @@ func TestCorruptCompressedPage(t *testing.T) {
 	if _, err := rd.ReadPreamble(); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.WriteHello(&wire.Hello{Caps: wire.CapCompressed, Desc: desc}); err != nil {
+	if err := w.WriteHello(&wire.Hello{Caps: caps, Desc: desc}); err != nil {
 		t.Fatal(err)
 	}
-	rd.SetOffered(wire.CapCompressed)
+	rd.SetOffered(caps)
 	rd.SetDescription(&desc)
-	if m, err := rd.Next(); err != nil || m.(*wire.Welcome).Caps&wire.CapCompressed == 0 {
-		t.Fatalf("welcome %v, %v: compression not accepted", m, err)
+	if m, err := rd.Next(); err != nil || m.(*wire.Welcome).Caps&caps == 0 {
+		t.Fatalf("welcome %v, %v: %v not accepted", m, err, enc)
 	}
 	var b wire.OutBatch
 	b.Reset(0, 4096)
-	b.Add(5, wire.EncCompressed, []byte("not a zstd frame"))
+	b.Add(5, enc, data)
 	if err := w.WriteRound(&wire.Round{N: 1, Pages: 1}); err != nil {
 		t.Fatal(err)
 	}
@@ -153,10 +161,10 @@ func TestCorruptCompressedPage(t *testing.T) {
 	}
 	_, perr := rd.Next()
 	err := <-got
-	if !errors.Is(err, migration.ErrProtocol) || !strings.Contains(err.Error(), "page 5 of region 0") {
+	if !errors.Is(err, migration.ErrProtocol) || !strings.Contains(err.Error(), wantDst) {
 		t.Fatalf("destination: %v", err)
 	}
-	if !errors.Is(perr, wire.ErrPeer) || !strings.Contains(perr.Error(), "zstd") {
+	if !errors.Is(perr, wire.ErrPeer) || !strings.Contains(perr.Error(), wantSrc) {
 		t.Fatalf("source read %v, want the destination's Error frame", perr)
 	}
 	if d.State() != "aborted" {

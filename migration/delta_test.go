@@ -2,7 +2,6 @@ package migration_test
 
 import (
 	"context"
-	"errors"
 	"strings"
 	"testing"
 	"testing/synctest"
@@ -106,51 +105,6 @@ func TestDeltaDeclined(t *testing.T) {
 // TestCorruptDeltaPage: a delta page whose frame is intact but whose runs run past the page is
 // refused: the destination aborts with a protocol error naming the page and tells the source.
 func TestCorruptDeltaPage(t *testing.T) {
-	d := mt.NewDest()
-	sc, dc := tcpPair(t)
-	got := make(chan error, 1)
-	go func() {
-		rep, err := migration.Receive(t.Context(), d, dc, migration.ReceiveOptions{})
-		if err == nil || rep.Result != migration.ResultFailed {
-			err = errors.New("the destination accepted it")
-		}
-		got <- err
-	}()
-	w, rd := wire.NewWriter(sc), wire.NewReader(sc, wire.AtSource)
-	desc := wire.Description{PageSize: 4096, VCPUs: 1, Regions: []wire.Region{{Name: "ram", Size: MiB}}}
-	if err := w.WritePreamble(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := rd.ReadPreamble(); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.WriteHello(&wire.Hello{Caps: wire.CapDelta, Desc: desc}); err != nil {
-		t.Fatal(err)
-	}
-	rd.SetOffered(wire.CapDelta)
-	rd.SetDescription(&desc)
-	if m, err := rd.Next(); err != nil || m.(*wire.Welcome).Caps&wire.CapDelta == 0 {
-		t.Fatalf("welcome %v, %v: delta not accepted", m, err)
-	}
-	var b wire.OutBatch
-	b.Reset(0, 4096)
-	b.Add(5, wire.EncDelta, []byte{0x80, 0x04, 1, 1, 2, 3, 4, 5, 6, 7, 8}) // word 512: past the page
-	if err := w.WriteRound(&wire.Round{N: 1, Pages: 1}); err != nil {
-		t.Fatal(err)
-	}
-	if err := w.WritePages(&b); err != nil {
-		t.Fatal(err)
-	}
-	_, perr := rd.Next()
-	err := <-got
-	if !errors.Is(err, migration.ErrProtocol) || !strings.Contains(err.Error(), "page 5 in region 0") {
-		t.Fatalf("destination: %v", err)
-	}
-	if !errors.Is(perr, wire.ErrPeer) || !strings.Contains(perr.Error(), "delta") {
-		t.Fatalf("source read %v, want the destination's Error frame", perr)
-	}
-	if d.State() != "aborted" {
-		t.Fatalf("destination state %q", d.State())
-	}
-	t.Logf("destination: %v", err)
+	// Word 512: past the page.
+	refuseCorruptPage(t, wire.CapDelta, wire.EncDelta, []byte{0x80, 0x04, 1, 1, 2, 3, 4, 5, 6, 7, 8}, "page 5 in region 0", "delta")
 }

@@ -104,22 +104,12 @@ func (m *Machine) SetBalloon(b Balloon) error {
 // balloonInflated takes vCPU id's list of n pages that went into the balloon
 // (PortBalloonInflate) and releases their memory.
 func (m *Machine) balloonInflated(id int, n uint32) error {
-	if n > guest.MbFreeMax {
-		return fmt.Errorf("vmm: vCPU %d: balloon list of %d pages; the list holds %d at most", id, n, guest.MbFreeMax)
-	}
 	if n == 0 {
 		return nil
 	}
-	b, err := m.pv.readMailbox(context.Background(), id, guest.MbFreeList, 4*int(n))
+	pfns, err := m.readPageList(id, n, "balloon list")
 	if err != nil {
-		return fmt.Errorf("vmm: vCPU %d: reading its balloon list: %w", id, err)
-	}
-	pfns := make([]uint64, n)
-	for i := range pfns {
-		pfns[i] = uint64(binary.LittleEndian.Uint32(b[4*i:]))
-		if pfns[i] >= m.mem.Pages() {
-			return fmt.Errorf("vmm: vCPU %d: put page frame 0x%x into the balloon, beyond the memory's %d pages", id, pfns[i], m.mem.Pages())
-		}
+		return err
 	}
 	m.balloon.inflated.Add(uint64(n))
 	if m.pc.Load() != nil {

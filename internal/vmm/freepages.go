@@ -32,33 +32,43 @@ type freeReports struct {
 	reported  atomic.Uint64    // pages reported while on, over the machine's life
 }
 
+// readPageList reads vCPU id's mailbox list of n page frame numbers (PortFreePages,
+// PortBalloonInflate: what names the list), checked against the memory. On a machine still
+// receiving by post-copy the read may wait for the mailbox page; the vCPU sits in its exit
+// meanwhile, so the list holds still.
+func (m *Machine) readPageList(id int, n uint32, what string) ([]uint64, error) {
+	if n > guest.MbFreeMax {
+		return nil, fmt.Errorf("vmm: vCPU %d: %s of %d pages; the list holds %d at most", id, what, n, guest.MbFreeMax)
+	}
+	b, err := m.pv.readMailbox(context.Background(), id, guest.MbFreeList, 4*int(n))
+	if err != nil {
+		return nil, fmt.Errorf("vmm: vCPU %d: reading its %s: %w", id, what, err)
+	}
+	pfns := make([]uint64, n)
+	for i := range pfns {
+		pfns[i] = uint64(binary.LittleEndian.Uint32(b[4*i:]))
+		if pfns[i] >= m.mem.Pages() {
+			return nil, fmt.Errorf("vmm: vCPU %d: %s names page frame 0x%x, beyond the memory's %d pages", id, what, pfns[i], m.mem.Pages())
+		}
+	}
+	return pfns, nil
+}
+
 // freePagesReported takes vCPU id's list of n free pages (PortFreePages).
 func (m *Machine) freePagesReported(id int, n uint32) error {
-	if n > guest.MbFreeMax {
-		return fmt.Errorf("vmm: vCPU %d: free page report of %d pages; the list holds %d at most", id, n, guest.MbFreeMax)
-	}
 	if n == 0 {
 		return nil
 	}
-	// Read before taking the lock: on a machine still receiving by post-copy the read may
-	// wait for the mailbox page. The vCPU sits in the exit meanwhile, so the list holds still.
-	b, err := m.pv.readMailbox(context.Background(), id, guest.MbFreeList, 4*int(n))
+	// Read before taking the lock: the read may wait (readPageList).
+	pfns, err := m.readPageList(id, n, "free page report")
 	if err != nil {
-		return fmt.Errorf("vmm: vCPU %d: reading its free page report: %w", id, err)
+		return err
 	}
 	f := &m.free
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if !f.on {
 		return nil
-	}
-	pfns := make([]uint64, 0, n)
-	for i := range int(n) {
-		pfn := uint64(binary.LittleEndian.Uint32(b[4*i:]))
-		if pfn >= m.mem.Pages() {
-			return fmt.Errorf("vmm: vCPU %d: reported page frame 0x%x free, beyond the memory's %d pages", id, pfn, m.mem.Pages())
-		}
-		pfns = append(pfns, pfn)
 	}
 	if err := m.forgetDirty(pfns); err != nil {
 		return fmt.Errorf("vmm: vCPU %d: clearing the dirty log of %d pages reported free: %w", id, n, err)
