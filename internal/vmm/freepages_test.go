@@ -11,7 +11,8 @@ import (
 // and the race that makes skipping them hard runs all along: every page the guest allocates
 // during the migration was reported free before, and is written after; the destination guest
 // verifies each allocated page (and its allocator), so a page whose new content went missing
-// fails the test. With --free-pages off the same migration sends the free pages.
+// fails the test. With --free-pages off the same migration sends the free pages (compared once,
+// by pre-copy with the ring).
 func TestFreePagesOnRealKVM(t *testing.T) {
 	for _, c := range []struct {
 		mode, tracking string
@@ -24,7 +25,11 @@ func TestFreePagesOnRealKVM(t *testing.T) {
 		t.Run(c.mode+"/"+c.tracking, func(t *testing.T) {
 			w := workload{kind: "churn", content: "random", touch: 0.3, rate: 20000, tracking: c.tracking}
 			var bytes [2]int64
-			for i, ignore := range []bool{false, true} {
+			runs := []bool{false, true}
+			if c.mode != migration.ModePrecopy || c.tracking != DirtyRing {
+				runs = runs[:1] // the comparison once is enough (the nested host is slow)
+			}
+			for i, ignore := range runs {
 				src := newMachine(t, 256, 1, w)
 				if err := src.Start(); err != nil {
 					t.Fatal(err)
@@ -50,7 +55,7 @@ func TestFreePagesOnRealKVM(t *testing.T) {
 					t.Fatalf("free pages %q, %d skipped, want most of the %d free pages", srep.FreePages, srep.Pages.Free, r.PagesFree)
 				}
 			}
-			if bytes[0]*2 > bytes[1] {
+			if len(runs) == 2 && bytes[0]*2 > bytes[1] {
 				t.Errorf("%d bytes with free pages skipped, %d without: want at most half", bytes[0], bytes[1])
 			}
 		})
