@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-
 	"sync/atomic"
 
 	"github.com/godwit-vm/godwit/migration/compress"

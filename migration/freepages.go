@@ -2,7 +2,6 @@ package migration
 
 import (
 	"context"
-
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/pages"

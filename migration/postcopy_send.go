@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
 )
 
@@ -250,16 +249,13 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 				return err
 			}
 		}
+		// Free pages are left out of it, so the destination never fetches them: they read
+		// as zero there.
 		set, err := d.populated()
 		if err != nil {
 			return err
 		}
-		for r, bm := range set {
-			d.cls.Counters.Add(pages.Hole, d.sizes[r]-bm.Count(d.sizes[r]))
-		}
-		// Free pages are left out of it, so the destination never fetches them: they read
-		// as zero there.
-		populated = d.dropFree(set)
+		populated = set
 		if d.caps&wire.CapAhead != 0 {
 			if err := writeSet(populated, d.sizes, func(ps *wire.PageSet, more bool) error {
 				return d.link.w.WriteAhead(&wire.Ahead{PageSet: *ps}, more)

@@ -6,7 +6,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
 )
 
@@ -72,11 +71,6 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 	if err != nil {
 		return err
 	}
-	for r, bm := range set {
-		n := d.regionPages(r)
-		d.cls.Counters.Add(pages.Hole, n-bm.Count(n))
-	}
-	set = d.dropFree(set)
 	if err := d.sendRound(1, d.plan(set), false); err != nil {
 		return err
 	}

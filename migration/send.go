@@ -565,13 +565,21 @@ func (s *sender) fetchDirty() ([]Bitmap, error) {
 	return set, s.takeFree(set)
 }
 
-// populated is the Source's Populated, its bitmaps checked against the layout.
+// populated is the Source's Populated, its bitmaps checked against the layout: the pages to
+// send first. The others are counted as holes, and the pages the guest reported free are left
+// out (dropFree).
 func (s *sender) populated() ([]Bitmap, error) {
 	set, err := s.src.Populated()
 	if err := s.vmm("Populated", err); err != nil {
 		return nil, err
 	}
-	return set, checkBitmaps("Populated", set, &s.desc.Layout)
+	if err := checkBitmaps("Populated", set, &s.desc.Layout); err != nil {
+		return nil, err
+	}
+	for r, bm := range set {
+		s.cls.Counters.Add(pages.Hole, s.sizes[r]-bm.Count(s.sizes[r]))
+	}
+	return s.dropFree(set), nil
 }
 
 // live returns the reason to stop if the migration was cancelled or the peer failed.

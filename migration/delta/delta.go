@@ -120,9 +120,13 @@ func NewCache(bytes uint64, ps int) *Cache {
 // Pages is how many pages the cache holds at most.
 func (c *Cache) Pages() int { return len(c.slots) }
 
-func (c *Cache) index(ref pages.Ref) int {
+// lock finds ref's slot, locks it and returns it, its page and the unlock.
+func (c *Cache) lock(ref pages.Ref) (s *slot, page []byte, unlock func()) {
 	h := uint64(ref.Index)*0x9e3779b97f4a7c15 ^ uint64(ref.Region)*0xbf58476d1ce4e5b9
-	return int((h >> 17) % uint64(len(c.slots)))
+	i := int((h >> 17) % uint64(len(c.slots)))
+	mu := &c.locks[i%len(c.locks)]
+	mu.Lock()
+	return &c.slots[i], c.mem[i*c.ps : (i+1)*c.ps], mu.Unlock
 }
 
 // Encoder is the delta encoding as a pages.Encoder over a Cache. Every page the migration
@@ -155,12 +159,8 @@ func (e *Encoder) Encode(dst []byte, ref pages.Ref, page []byte) ([]byte, bool) 
 		return dst, false
 	}
 	c := e.c
-	i := c.index(ref)
-	mu := &c.locks[i%len(c.locks)]
-	mu.Lock()
-	defer mu.Unlock()
-	old := c.mem[i*c.ps : (i+1)*c.ps]
-	s := &c.slots[i]
+	s, old, unlock := c.lock(ref)
+	defer unlock()
 	hit := s.valid && s.ref == ref
 	out := dst
 	ok := false
@@ -181,13 +181,10 @@ func (e *Encoder) Record(ref pages.Ref, page []byte) {
 	if e.off.Load() || len(page) != e.c.ps {
 		return
 	}
-	c := e.c
-	i := c.index(ref)
-	mu := &c.locks[i%len(c.locks)]
-	mu.Lock()
-	defer mu.Unlock()
-	copy(c.mem[i*c.ps:(i+1)*c.ps], page)
-	c.slots[i] = slot{ref: ref, valid: true}
+	s, cached, unlock := e.c.lock(ref)
+	defer unlock()
+	copy(cached, page)
+	*s = slot{ref: ref, valid: true}
 }
 
 // Decoder applies deltas to the pages the destination holds.
