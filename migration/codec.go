@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 
 	"github.com/godwit-vm/godwit/migration/compress"
+	"github.com/godwit-vm/godwit/migration/dedup"
 	"github.com/godwit-vm/godwit/migration/delta"
 	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
@@ -44,13 +45,19 @@ func CheckCompress(kind, level string) error {
 // two things a Destination takes, raw spans and zero spans, and names what each travelled as
 // for the counts. The decoders are the migration's, not a connection's.
 type pageCodec struct {
-	ps   int
-	zstd *compress.Decoder // CapCompressed accepted
-	// old reads back the copy a delta page (CapDelta accepted) changes. Deltas are taken
-	// only until the switch to post-copy (deltaOff), when those copies stop being the ones
-	// the source last sent.
+	ps    int
+	sizes []uint64          // pages per region
+	zstd  *compress.Decoder // CapCompressed accepted
+	// old reads back the copy a delta page (CapDelta accepted) changes and the page a dedup
+	// page (CapDedup) refers to. Deltas are taken only until the switch to post-copy
+	// (switched), when the pages the destination holds stop being the ones the source last
+	// sent; from then on the guest runs here and may change the page a reference names, so a
+	// reference that does not check is not an error but a page to fetch again
+	// (placing.again).
 	old      PageReader
-	deltaOff atomic.Bool
+	delta    bool
+	dedup    bool
+	switched atomic.Bool
 }
 
 // PageReader is an optional Destination capability: reading back pages it holds, for the
@@ -59,13 +66,10 @@ type PageReader interface {
 	ReadPages(r int, first uint64, dst []byte) error
 }
 
-// newPageCodec makes the decoders for the accepted capabilities; dst reads back pages for
-// deltas.
-func newPageCodec(caps wire.Caps, ps int, dst PageReader) (*pageCodec, error) {
-	c := &pageCodec{ps: ps}
-	if caps&wire.CapDelta != 0 {
-		c.old = dst
-	}
+// newPageCodec makes the decoders for the accepted capabilities for regions of the given page
+// counts; dst reads back pages for deltas and dedup references.
+func newPageCodec(caps wire.Caps, ps int, sizes []uint64, dst PageReader) (*pageCodec, error) {
+	c := &pageCodec{ps: ps, sizes: sizes, old: dst, delta: caps&wire.CapDelta != 0, dedup: caps&wire.CapDedup != 0}
 	if caps&wire.CapCompressed != 0 {
 		d, err := compress.NewDecoder(ps)
 		if err != nil {
@@ -82,11 +86,13 @@ func (c *pageCodec) close() {
 	}
 }
 
-// placing is one reader's part in placing pages: its counts by kind, and the buffer its
-// decoded pages go through on their way to the Destination.
+// placing is one reader's part in placing pages: its counts by kind, the buffer its decoded
+// pages go through on their way to the Destination, and the pages of the last batch whose
+// dedup reference did not check after the switch (not placed: to fetch again).
 type placing struct {
 	counts pages.Counters
 	buf    []byte
+	again  []PageRef
 }
 
 // spans hands b's pages to place as raw and zero spans, each with the kind it travelled as.
@@ -149,9 +155,9 @@ func (c *pageCodec) spans(b *wire.PageBatch, pl *placing, place func(sp wire.Spa
 			}
 		case wire.EncDelta:
 			switch {
-			case c.old == nil:
+			case !c.delta || c.old == nil:
 				return fmt.Errorf("%w: delta page %d in region %d, and delta was not negotiated", ErrProtocol, sp.First, r)
-			case c.deltaOff.Load():
+			case c.switched.Load():
 				return fmt.Errorf("%w: delta page %d in region %d after the switch to post-copy", ErrProtocol, sp.First, r)
 			}
 			page, err := slot(sp, pages.Delta)
@@ -163,6 +169,37 @@ func (c *pageCodec) spans(b *wire.PageBatch, pl *placing, place func(sp wire.Spa
 			}
 			if err := (delta.Decoder{}).Decode(page, pages.Ref{Region: r, Index: sp.First}, sp.Data); err != nil {
 				return fmt.Errorf("%w: page %d in region %d: %v", ErrProtocol, sp.First, r, err)
+			}
+		case wire.EncDedup:
+			if !c.dedup || c.old == nil {
+				return fmt.Errorf("%w: dedup page %d in region %d, and dedup was not negotiated", ErrProtocol, sp.First, r)
+			}
+			ref, err := dedup.Parse(sp.Data)
+			if err != nil {
+				return fmt.Errorf("%w: page %d in region %d: %v", ErrProtocol, sp.First, r, err)
+			}
+			if ref.Region >= len(c.sizes) || ref.Page >= c.sizes[ref.Region] {
+				return fmt.Errorf("%w: dedup page %d in region %d refers to page %d in region %d, which does not exist", ErrProtocol, sp.First, r, ref.Page, ref.Region)
+			}
+			if ref.Region == r && run.Count > 0 && ref.Page >= run.First && ref.Page < run.First+run.Count {
+				// The page referred to is decoded but not placed yet: place it first.
+				if err := flush(); err != nil {
+					return err
+				}
+			}
+			page, err := slot(sp, pages.Dedup)
+			if err != nil {
+				return err
+			}
+			if err := c.old.ReadPages(ref.Region, ref.Page, page); err != nil {
+				return &vmmError{side: "destination", op: fmt.Sprintf("ReadPages(region %d, page %d) for a dedup reference", ref.Region, ref.Page), err: err}
+			}
+			if err := ref.Check(page); err != nil {
+				if !c.switched.Load() {
+					return fmt.Errorf("%w: dedup page %d in region %d refers to page %d in region %d, which holds other content", ErrProtocol, sp.First, r, ref.Page, ref.Region)
+				}
+				run.Count-- // give back the slot just taken: this page is not placed
+				pl.again = append(pl.again, PageRef{r, sp.First})
 			}
 		default:
 			return fmt.Errorf("%w: %s page %d in region %d has no decoder", ErrProtocol, sp.Enc, sp.First, r)

@@ -35,6 +35,10 @@ type pcRecv struct {
 	requests   uint64 // pages requested
 	placed     uint64
 	duplicates uint64 // pages received that were present already
+	// fetchedAgain counts dedup references that did not check (the guest had changed the
+	// page named) and were requested again; askedAgain holds those still absent.
+	fetchedAgain uint64
+	askedAgain   map[PageRef]bool
 
 	// The current connection: nil between a break and the next rejoin. Guarded by wmu (held
 	// while writing); read without it by the goroutine that attaches and detaches it.
@@ -378,7 +382,8 @@ func (p *pcRecv) serve() error {
 		case *wire.Keepalive:
 		case *wire.PushEnd:
 			p.pushEnd = m
-			if n := p.missingCount(); n != 0 && p.rc.streams == nil {
+			// Pages asked for again (their dedup reference failed) come after the push.
+			if n, again := p.missingAfterPush(); n != again && p.rc.streams == nil {
 				return fmt.Errorf("%w: the source ended its push, and %d pages are still missing", ErrProtocol, n)
 			}
 			// With a fault channel, requested pages may still be on their way on it.
@@ -393,6 +398,13 @@ func (p *pcRecv) serve() error {
 	}
 }
 
+// missingAfterPush is the count of missing pages, and of those asked for again.
+func (p *pcRecv) missingAfterPush() (missing, again uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.remaining, uint64(len(p.askedAgain))
+}
+
 func (p *pcRecv) missingCount() uint64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -403,6 +415,25 @@ func (p *pcRecv) missingCount() uint64 {
 // missing, is never overwritten: the running guest may have changed it) and completes the
 // migration when the last one is in.
 func (p *pcRecv) place(b *wire.PageBatch, pl *placing) error {
+	pl.again = pl.again[:0]
+	err := p.placeSpans(b, pl)
+	if len(pl.again) > 0 && err == nil {
+		// References to pages the guest has changed since: fetch these pages again.
+		p.mu.Lock()
+		p.fetchedAgain += uint64(len(pl.again))
+		if p.askedAgain == nil {
+			p.askedAgain = map[PageRef]bool{}
+		}
+		for _, ref := range pl.again {
+			p.askedAgain[ref] = true
+		}
+		p.mu.Unlock()
+		p.requestPages(slices.Clone(pl.again), true)
+	}
+	return err
+}
+
+func (p *pcRecv) placeSpans(b *wire.PageBatch, pl *placing) error {
 	r := int(b.Region)
 	ps := int(p.ps)
 	return p.rc.codec.spans(b, pl, func(sp wire.Span, k pages.Kind) error {
@@ -446,6 +477,7 @@ func (p *pcRecv) place(b *wire.PageBatch, pl *placing) error {
 				got++
 				bm.Clear(pg)
 				ref := PageRef{r, pg}
+				delete(p.askedAgain, ref)
 				if at, ok := p.faultAt[ref]; ok {
 					p.lat = append(p.lat, now.Sub(at))
 					delete(p.faultAt, ref)
@@ -525,6 +557,7 @@ func (p *pcRecv) statsLocked(after float64) wire.Stats {
 	}
 	rep := p.rc.rep.Postcopy
 	rep.DemandFaults = st.DemandFaults
+	rep.DedupFetchedAgain = p.fetchedAgain
 	rep.FaultLatencyP50US = float64(st.P50Nanos) / 1e3
 	rep.FaultLatencyP99US = float64(st.P99Nanos) / 1e3
 	rep.FaultLatencyMaxUS = float64(st.MaxNanos) / 1e3
@@ -600,7 +633,10 @@ func (p *pcRecv) faultLoop() {
 }
 
 // request writes Request frames for the pages, grouped by region.
-func (p *pcRecv) request(want []PageRef) {
+func (p *pcRecv) request(want []PageRef) { p.requestPages(want, false) }
+
+// requestPages is request; again asks for pages sent already (Request.Again).
+func (p *pcRecv) requestPages(want []PageRef, again bool) {
 	if len(want) == 0 {
 		return
 	}
@@ -612,7 +648,7 @@ func (p *pcRecv) request(want []PageRef) {
 	})
 	for len(want) > 0 {
 		r := want[0].Region
-		q := wire.Request{Region: uint32(r)}
+		q := wire.Request{Region: uint32(r), Again: again}
 		n := 0
 		for len(want) > 0 && want[0].Region == r && n < wire.MaxBatchPages {
 			pg := want[0].Page

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
 )
 
@@ -43,7 +44,8 @@ var setChunkRuns = wire.MaxSetRuns
 type demandQueue struct {
 	mu     sync.Mutex
 	refs   []PageRef
-	n      uint64 // pages requested, over all connections
+	again  []PageRef // of refs, those requested again (Request.Again)
+	n      uint64    // pages requested, over all connections
 	signal chan struct{}
 }
 
@@ -51,7 +53,11 @@ func (q *demandQueue) push(m *wire.Request) {
 	q.mu.Lock()
 	for _, run := range m.Runs {
 		for i := range uint64(run.Count) {
-			q.refs = append(q.refs, PageRef{int(m.Region), run.First + i})
+			ref := PageRef{int(m.Region), run.First + i}
+			q.refs = append(q.refs, ref)
+			if m.Again {
+				q.again = append(q.again, ref)
+			}
 		}
 		q.n += uint64(run.Count)
 	}
@@ -62,17 +68,21 @@ func (q *demandQueue) push(m *wire.Request) {
 	}
 }
 
-func (q *demandQueue) take(dst []PageRef) []PageRef {
+// take appends the requested pages to dst and notes in again those requested again.
+func (q *demandQueue) take(dst []PageRef, again map[PageRef]bool) []PageRef {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	dst = append(dst, q.refs...)
-	q.refs = q.refs[:0]
+	for _, ref := range q.again {
+		again[ref] = true
+	}
+	q.refs, q.again = q.refs[:0], q.again[:0]
 	return dst
 }
 
 func (q *demandQueue) reset() {
 	q.mu.Lock()
-	q.refs = q.refs[:0]
+	q.refs, q.again = q.refs[:0], q.again[:0]
 	q.mu.Unlock()
 }
 
@@ -106,6 +116,8 @@ type postcopyDriver struct {
 	carry     *PageRef
 	dq        demandQueue
 	demanded  []PageRef
+	again     map[PageRef]bool // demanded again: their dedup reference failed
+	plain     pages.Classifier // demanded pages: the encoders but dedup (counts merged into cls)
 	pushEnded bool
 
 	filled   bool // the destination has every page: the source may release its memory
@@ -118,7 +130,7 @@ type postcopyDriver struct {
 }
 
 func newPostcopyDriver(s *sender, resumeID *wire.MigrationID) *postcopyDriver {
-	d := &postcopyDriver{sender: s, resumeID: resumeID}
+	d := &postcopyDriver{sender: s, resumeID: resumeID, again: map[PageRef]bool{}}
 	d.dq.signal = make(chan struct{}, 1)
 	d.prog, _ = s.src.(ProgressCounter)
 	return d
@@ -307,6 +319,17 @@ func (d *postcopyDriver) switchover(ctx *switchCtx, unsent []Bitmap, reason stri
 		// work that follows the memory's size, and a paused VM dirties nothing.
 	}
 	d.pending = missing
+	if d.dedup != nil {
+		// From here every page's copy is final and the missing set only shrinks: references
+		// follow the rounds' rules with it as the set of one more round (it changes as pages
+		// go, so a copy). A page pushed goes on any connection, so it serves references on its
+		// own; a page sent before the switch and not missing serves all of them, until the
+		// destination's guest changes it: then the reference fails there and the page is
+		// fetched again (Request with Again). Demanded pages go without references (plain).
+		set := cloneBitmaps(missing)
+		d.dedup.StartRound(uint32(d.rep.Rounds+1), func(r int, p uint64) bool { return set[r].Has(p) })
+	}
+	d.plain.Encoders = slices.DeleteFunc(slices.Clone(d.cls.Encoders), func(e pages.Encoder) bool { return e.Kind() == pages.Dedup })
 	d.remaining = 0
 	for r, bm := range missing {
 		n := bm.Count(d.sizes[r])
@@ -507,7 +530,7 @@ func (d *postcopyDriver) serve() (*wire.Done, error) {
 		if err := d.link.err(); err != nil {
 			return nil, err
 		}
-		d.demanded = d.dq.take(d.demanded)
+		d.demanded = d.dq.take(d.demanded, d.again)
 		if len(d.demanded) > 0 {
 			if idler != nil {
 				idle.Reset(NoneIdle)
@@ -601,7 +624,8 @@ func (d *postcopyDriver) takeStats(m *wire.Stats) {
 // batch of one region at a time. A requested page sent already is on its way on the main
 // connection, maybe behind a backlog of pushed pages: with a fault channel it goes again
 // there (the destination keeps whichever copy comes first; both are the final one), without
-// one it is dropped.
+// one it is dropped, unless it is requested again (its dedup reference failed): then it goes
+// again on any connection.
 func (d *postcopyDriver) pushDemanded() error {
 	r := -1
 	var batch []uint64
@@ -611,7 +635,7 @@ func (d *postcopyDriver) pushDemanded() error {
 		valid := p.Region >= 0 && p.Region < len(d.pending) && p.Page < d.sizes[p.Region]
 		pending := valid && d.pending[p.Region].Has(p.Page)
 		switch {
-		case !valid || (!pending && d.fault == nil) || (p.Region == r && slices.Contains(batch, p.Page)):
+		case !valid || (!pending && d.fault == nil && !d.again[p]) || (p.Region == r && slices.Contains(batch, p.Page)):
 			// sent already, or asked twice and in this batch already: drop
 		case (r == -1 || p.Region == r) && len(batch) < d.bufPages:
 			r = p.Region
@@ -620,6 +644,12 @@ func (d *postcopyDriver) pushDemanded() error {
 				d.prepager.Demanded(p)
 			} else {
 				again++
+			}
+			if d.again[p] {
+				if err := d.forget(p); err != nil {
+					return err
+				}
+				delete(d.again, p)
 			}
 			batch = append(batch, p.Page)
 		default:
@@ -637,7 +667,21 @@ func (d *postcopyDriver) pushDemanded() error {
 	if d.fault != nil {
 		w = d.fault.w
 	}
-	return d.sendPages(r, batch, w)
+	return d.sendPages(r, batch, w, &d.plain)
+}
+
+// forget drops from the dedup index the content of page p, whose reference failed at the
+// destination: the page the reference named has changed there, and would fail again.
+func (d *postcopyDriver) forget(p PageRef) error {
+	if d.dedup == nil {
+		return nil
+	}
+	page := make([]byte, d.ps)
+	if err := d.src.ReadPages(p.Region, p.Page, page); err != nil {
+		return d.vmm(fmt.Sprintf("ReadPages(region %d, page %d)", p.Region, p.Page), err)
+	}
+	d.dedup.Forget(page)
+	return nil
 }
 
 // pushNext sends the next batch the prepaging policy offers; false when it offers none.
@@ -715,7 +759,7 @@ func (d *postcopyDriver) pushLane() (*lane, error) {
 // pushMain writes a push batch on the main connection and counts it to its lane, if any.
 func (d *postcopyDriver) pushMain(r int, batch []uint64) error {
 	sent0, b0 := d.sent, d.link.w.Written()
-	err := d.sendPages(r, batch, d.link.w)
+	err := d.sendPages(r, batch, d.link.w, &d.cls)
 	if d.lanes != nil {
 		d.lanes[0].pages += d.sent - sent0
 		d.lanes[0].bytes += d.link.w.Written() - b0
@@ -724,13 +768,13 @@ func (d *postcopyDriver) pushMain(r int, batch []uint64) error {
 }
 
 // sendPages reads the given pages of region r and writes them as one batch on w.
-func (d *postcopyDriver) sendPages(r int, batch []uint64, w *wire.Writer) error {
+func (d *postcopyDriver) sendPages(r int, batch []uint64, w *wire.Writer, cls *pages.Classifier) error {
 	d.discard()
 	if err := d.readPages(r, batch, &d.pageBuf); err != nil {
 		return err
 	}
 	d.linkSent += uint64(len(batch))
-	return d.flushOn(w)
+	return d.flushOn(w, cls)
 }
 
 // readPages reads the given pages of region r into the empty b, in runs.

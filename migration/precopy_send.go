@@ -176,6 +176,10 @@ func (d *precopyDriver) run(ctx *switchCtx) error {
 // sendRound sends the pages of p as round n; a live round ends with its end marker.
 func (d *precopyDriver) sendRound(n int, p *roundPlan, final bool) error {
 	d.round = n
+	if d.dedup != nil {
+		set := p.set
+		d.dedup.StartRound(uint32(n), func(r int, pg uint64) bool { return set[r].Has(pg) })
+	}
 	if err := d.link.w.WriteRound(&wire.Round{N: uint32(n), Final: final, Pages: p.pages}); err != nil {
 		return err
 	}

@@ -236,12 +236,16 @@ func (rc *receiver) migrate() error {
 	supported |= wire.CapCompressed
 	old, readsBack := rc.dst.(PageReader)
 	if readsBack {
-		supported |= wire.CapDelta
+		supported |= wire.CapDelta | wire.CapDedup
 	}
 	accepted := hello.Caps & supported
 	rc.caps = accepted
 	rc.wdesc = &hello.Desc
-	codec, err := newPageCodec(accepted, int(hello.Desc.PageSize), old)
+	sizes := make([]uint64, len(hello.Desc.Regions))
+	for i, reg := range hello.Desc.Regions {
+		sizes[i] = reg.Size / uint64(hello.Desc.PageSize)
+	}
+	codec, err := newPageCodec(accepted, int(hello.Desc.PageSize), sizes, old)
 	if err != nil {
 		return err
 	}
@@ -314,7 +318,7 @@ func (rc *receiver) migrate() error {
 			rc.phase = "switch"
 			if !rc.switched {
 				rc.switched = true
-				rc.codec.deltaOff.Store(true)
+				rc.codec.switched.Store(true)
 				rc.newMissing()
 				rc.switchID = m.ID
 				rc.rep.Mode = ModePostcopy
@@ -472,7 +476,8 @@ func (rc *receiver) endRound() {
 // place writes a batch's pages into the destination.
 func (rc *receiver) place(b *wire.PageBatch, pl *placing) error {
 	r := int(b.Region)
-	return rc.codec.spans(b, pl, func(sp wire.Span, k pages.Kind) error {
+	pl.again = pl.again[:0]
+	err := rc.codec.spans(b, pl, func(sp wire.Span, k pages.Kind) error {
 		var err error
 		if sp.Enc == wire.EncZero {
 			err = rc.vmm(fmt.Sprintf("ZeroPages(region %d, page %d, %d pages)", r, sp.First, sp.Count), rc.dst.ZeroPages(r, sp.First, sp.Count))
@@ -484,6 +489,11 @@ func (rc *receiver) place(b *wire.PageBatch, pl *placing) error {
 		}
 		return err
 	})
+	if err == nil && len(pl.again) > 0 {
+		// Only post-copy's placing fetches a page again; here it would be lost.
+		err = fmt.Errorf("%w: dedup page %d in region %d did not check, outside post-copy's placing", ErrProtocol, pl.again[0].Page, r)
+	}
+	return err
 }
 
 // newMissing makes the bitmaps of the post-copy set, unless the Ahead set made them already.

@@ -183,7 +183,10 @@ type Report struct {
 	FreePages string `json:"free_pages,omitempty"`
 	// Delta (source) says whether pages went as deltas (SendOptions.Delta), and with what
 	// cache, or why not.
-	Delta             string        `json:"delta,omitempty"`
+	Delta string `json:"delta,omitempty"`
+	// Dedup (source) says whether pages went as references to identical pages sent before
+	// (SendOptions.Dedup), or why not.
+	Dedup             string        `json:"dedup,omitempty"`
 	FreePagesReported uint64        `json:"free_pages_reported"`
 	Rounds            int           `json:"rounds"`
 	RoundDetails      []RoundReport `json:"round_details"`
@@ -240,6 +243,9 @@ type PostcopyReport struct {
 	// PagesResent are requested pages sent again on the fault channel because their first copy
 	// was still on its way behind the push.
 	PagesResent uint64 `json:"pages_resent,omitempty"`
+	// DedupFetchedAgain (destination) counts dedup references that did not check because the
+	// guest had changed the page named since it arrived: those pages were requested again.
+	DedupFetchedAgain uint64 `json:"dedup_fetched_again,omitempty"`
 
 	// Guest progress (heartbeats per second): in the second before the pause on the source,
 	// on the destination from start until every page is present, and in the second after.

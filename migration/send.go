@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/compress"
+	"github.com/godwit-vm/godwit/migration/dedup"
 	"github.com/godwit-vm/godwit/migration/delta"
 	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
@@ -119,6 +120,15 @@ type SendOptions struct {
 	// rounds); in hybrid until the switch.
 	Delta      bool
 	DeltaCache uint64
+
+	// Dedup sends a page whose content a page sent before holds at the destination as a
+	// reference to that page (package dedup), checked there by SHA-256 before it is copied;
+	// after a post-copy switch a reference that does not check (the destination's guest
+	// changed the page named) is fetched again, whole. Demanded pages never go as references.
+	// The source indexes up to DedupEntries contents (default dedup.DefaultEntries). The
+	// destination must read back its pages (PageReader) or it declines. Not on a resume.
+	Dedup        bool
+	DedupEntries int
 }
 
 // DefaultDeltaCache is the delta cache's size unless SendOptions.DeltaCache says (QEMU's
@@ -267,6 +277,15 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		}
 		dlt = delta.NewEncoder(opts.DeltaCache, int(src.Describe().Layout.PageSize))
 	}
+	var ddp *dedup.Index
+	if opts.Dedup && resumeID == nil {
+		l := src.Describe().Layout
+		sizes := make([]uint64, len(l.Regions))
+		for i, reg := range l.Regions {
+			sizes[i] = reg.Size / l.PageSize
+		}
+		ddp = dedup.NewIndex(sizes, opts.DedupEntries)
+	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit
 	}
@@ -294,6 +313,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		rep:   rep,
 		enc:   enc,
 		delta: dlt,
+		dedup: ddp,
 	}
 	if opts.Mode != ModePrecopy || resumeID != nil {
 		s.post = newPostcopyDriver(s, resumeID)
@@ -347,6 +367,7 @@ type sender struct {
 	cls      pages.Classifier
 	enc      *compress.Encoder // SendOptions.Compress; installed in cls once the destination accepts
 	delta    *delta.Encoder    // SendOptions.Delta; the same
+	dedup    *dedup.Index      // SendOptions.Dedup; the same (each connection has its Lane)
 	limit    limiter
 	limitMu  sync.Mutex // lanes share the limiter
 	lanes    []*lane    // with extra streams: one per connection, the main one first
@@ -421,6 +442,9 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	if s.enc != nil { // every lane is idle by now
 		s.enc.Close()
 	}
+	if s.dedup != nil && s.rep.Dedup == "on" {
+		s.rep.Dedup = fmt.Sprintf("on (%d distinct pages indexed)", s.dedup.Entries())
+	}
 
 	s.rep.TotalMS = ms(s.clock.Now().Sub(s.start))
 	if s.post != nil && s.post.filled {
@@ -428,6 +452,9 @@ func (s *sender) run(parent context.Context) (*Report, error) {
 	}
 	s.rep.BytesWire = s.written()
 	s.rep.BytesRead = s.bytesR + s.link.r.BytesRead()
+	if s.post != nil {
+		s.cls.Merge(&s.post.plain)
+	}
 	s.rep.Pages = pageCounts(&s.cls.Counters)
 	s.rep.Saved = savedBytes(&s.cls, s.ps)
 	s.rep.ThrottleMax = max(s.rep.ThrottleMax, s.throttle)
@@ -634,6 +661,9 @@ func (s *sender) migrate() error {
 	if s.delta != nil {
 		offered |= wire.CapDelta
 	}
+	if s.dedup != nil {
+		offered |= wire.CapDedup
+	}
 	if s.post != nil {
 		s.post.sampleProgress(true)
 	}
@@ -685,6 +715,16 @@ func (s *sender) migrate() error {
 	case s.delta != nil:
 		s.rep.Delta = "off (the destination declined it)"
 		s.delta = nil
+	}
+	switch {
+	case s.dedup != nil && welcome.Caps&wire.CapDedup != 0:
+		// First of all: a reference is the smallest form of a page. The main connection is
+		// lane 0; newLane gives each connection its own.
+		s.cls.Encoders = append([]pages.Encoder{s.dedup.Lane(0)}, s.cls.Encoders...)
+		s.rep.Dedup = "on"
+	case s.dedup != nil:
+		s.rep.Dedup = "off (the destination declined it)"
+		s.dedup = nil
 	}
 	if s.post != nil && welcome.Caps&wire.CapPostcopy == 0 {
 		return fmt.Errorf("%w: mode %s needs post-copy, and the destination does not support it (it declined the capability: its VMM cannot demand-page); migrate with mode %s", ErrNoPostcopy, s.opts.Mode, ModePrecopy)
@@ -1000,17 +1040,18 @@ func (s *sender) discard() { s.pageBuf.reset() }
 // flush classifies the pages in the batch buffer and writes them as one batch, paced by the
 // bandwidth cap. Classification waits until here so that pages read ahead and then discarded
 // are never counted (and never seen by an encoder that keeps history).
-func (s *sender) flush() error { return s.flushOn(s.link.w) }
+func (s *sender) flush() error { return s.flushOn(s.link.w, &s.cls) }
 
-// flushOn is flush on the writer w (the main connection's, or the fault channel's).
-func (s *sender) flushOn(w *wire.Writer) error {
+// flushOn is flush on the writer w (the main connection's, or the fault channel's), with the
+// classifier cls.
+func (s *sender) flushOn(w *wire.Writer, cls *pages.Classifier) error {
 	if s.used == 0 {
 		return nil
 	}
 	if err := s.link.err(); err != nil {
 		return err
 	}
-	s.encode(&s.cls, s.ps, s.opts.Compress == CompressAuto)
+	s.encode(cls, s.ps, s.opts.Compress == CompressAuto)
 	s.limitMu.Lock() // post-copy's push lanes share it meanwhile
 	held, err := s.limit.wait(s.link.ctx, s.batch.PayloadLen()+wire.HeaderSize)
 	s.limitMu.Unlock()

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/godwit-vm/godwit/migration/dedup"
 	"github.com/godwit-vm/godwit/migration/pages"
 	"github.com/godwit-vm/godwit/migration/wire"
 )
@@ -153,7 +155,13 @@ func (s *sender) openExtra(count int) ([]*lane, error) {
 
 // newLane makes a lane without its buffer: the fault channel writes from the sender's.
 func (s *sender) newLane(i int, conn io.ReadWriter, w *wire.Writer) *lane {
-	return &lane{index: i, conn: conn, w: w, cls: pages.Classifier{Encoders: s.cls.Encoders}}
+	encoders := slices.Clone(s.cls.Encoders)
+	for k, e := range encoders {
+		if _, ok := e.(*dedup.Encoder); ok {
+			encoders[k] = s.dedup.Lane(i) // references follow the connection's order
+		}
+	}
+	return &lane{index: i, conn: conn, w: w, cls: pages.Classifier{Encoders: encoders}}
 }
 
 // closeStreams closes the extra connections once no lane uses them and adds the lanes'

@@ -208,19 +208,23 @@ func TestMigrateWithStreams(t *testing.T) {
 }
 
 // TestMigrateOverUnixSocket moves a writer between two VM processes of one host over a Unix
-// socket, with two streams, and the destination verifies its memory.
+// socket, with two streams and --dedup (its pages repeat: content image), and the destination
+// verifies its memory.
 func TestMigrateOverUnixSocket(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, 0)
 	to := "unix:" + filepath.Join(t.TempDir(), "incoming.sock")
 	// A rate the nested host's slow link keeps up with too.
-	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "dirty", "--wss", "32M", "--rate", "2k", "--pattern", "random", "--content", "random")
+	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "dirty", "--wss", "32M", "--rate", "2k", "--pattern", "random", "--content", "image")
 	dst := startVM(t, tb.Host(0), "dst", "--incoming", to)
 	src.waitHeartbeats(t, 200)
-	rep, err := migrate(t, src, to, "--streams", "2", "--auto-converge")
+	rep, err := migrate(t, src, to, "--streams", "2", "--auto-converge", "--dedup")
 	logReport(t, "unix socket", rep)
 	if err != nil || rep.Result != "ok" || len(rep.Streams) != 2 {
 		t.Fatalf("migrate: %v, report %+v", err, rep)
+	}
+	if !strings.HasPrefix(rep.Dedup, "on") || rep.Pages.Dedup < 4096 || rep.Saved.Dedup == 0 {
+		t.Errorf("--dedup: report says dedup %q, pages %+v, saved %+v", rep.Dedup, rep.Pages, rep.Saved)
 	}
 	if err := <-src.exited; err != nil {
 		t.Fatalf("source process after migrating away: %v %s", err, src.stderr)

@@ -305,6 +305,7 @@ type MigrateRequest struct {
 	IgnoreFreePages   bool   `json:"ignore_free_pages,omitempty"`   // send the pages the guest reports free too
 	Delta             bool   `json:"delta,omitempty"`               // precopy, hybrid: pages that changed little as deltas
 	DeltaCacheBytes   uint64 `json:"delta_cache_bytes,omitempty"`   // the source's cache for them; 0 = default
+	Dedup             bool   `json:"dedup,omitempty"`               // precopy, hybrid: pages identical to one sent before as references
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
 	// is ignored (the migration keeps its options).
 	Resume bool `json:"resume,omitempty"`
@@ -369,6 +370,7 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 			IgnoreFreePages: req.IgnoreFreePages,
 			Delta:           req.Delta,
 			DeltaCache:      req.DeltaCacheBytes,
+			Dedup:           req.Dedup,
 		},
 		ReconnectWindow: time.Duration(req.ReconnectWindowMS) * time.Millisecond,
 		Release:         func() { m.Close() },

@@ -161,6 +161,9 @@ func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
 	if s.Delta {
 		a = append(a, "--delta")
 	}
+	if s.Dedup {
+		a = append(a, "--dedup")
+	}
 	if s.CapBps > 0 {
 		a = append(a, "--max-bandwidth", strconv.FormatInt(s.CapBps, 10)+"bit")
 	}
@@ -286,6 +289,7 @@ func fillFromReport(r *Run, rep *migration.Report) {
 	r.BytesWire = rep.BytesWire
 	r.PagesRaw, r.PagesZero, r.PagesHole = rep.Pages.Raw, rep.Pages.Zero, rep.Pages.Hole
 	r.PagesCompressed, r.PagesFree, r.PagesDelta = rep.Pages.Compressed, rep.Pages.Free, rep.Pages.Delta
+	r.PagesDedup = rep.Pages.Dedup
 	r.Rounds, r.Converged, r.Throttle = rep.Rounds, rep.Converged, rep.ThrottleMax
 	r.RoundDetails = rep.RoundDetails
 	r.Extra = map[string]float64{

@@ -61,6 +61,8 @@ type Run struct {
 	PagesCompressed uint64 `json:"pages_compressed,omitempty"`
 	// PagesDelta were sent as deltas (godwit --delta; QEMU: XBZRLE pages).
 	PagesDelta uint64 `json:"pages_delta,omitempty"`
+	// PagesDedup (godwit --dedup) were sent as references to identical pages sent before.
+	PagesDedup uint64 `json:"pages_dedup,omitempty"`
 	// PagesFree (godwit) were not sent: the guest reported them free.
 	PagesFree uint64 `json:"pages_free,omitempty"`
 	Rounds    int    `json:"rounds"` // pre-copy rounds (QEMU: dirty-bitmap syncs)

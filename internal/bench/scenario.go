@@ -73,6 +73,8 @@ type Scenario struct {
 	// Delta is godwit's --delta (its default cache) and QEMU's XBZRLE with a cache of the
 	// same size.
 	Delta bool `json:"delta,omitempty"`
+	// Dedup is godwit's --dedup. QEMU has no counterpart (it finds zero pages only).
+	Dedup bool `json:"dedup,omitempty"`
 	// Balloon is godwit's 'run --balloon' for a churn guest (a size or auto[:SHARE]; empty:
 	// none). QEMU's guest has no balloon.
 	Balloon string `json:"balloon,omitempty"`
@@ -144,6 +146,9 @@ func (s Scenario) Options() string {
 	}
 	if s.Delta {
 		o += ", godwit --delta (QEMU: xbzrle), 64 MiB cache"
+	}
+	if s.Dedup {
+		o += ", godwit --dedup (QEMU: none)"
 	}
 	if s.Balloon != "" {
 		o += ", godwit balloon " + s.Balloon + " (QEMU: none)"
@@ -300,6 +305,8 @@ func parseScenario(f []string) (Scenario, error) {
 			s.Compress, err = oneOf(v, "none", "zstd", "auto")
 		case "delta":
 			s.Delta, err = strconv.ParseBool(v)
+		case "dedup":
+			s.Dedup, err = strconv.ParseBool(v)
 		case "free-pages":
 			s.FreePages, err = oneOf(v, "on", "off")
 		case "balloon":
@@ -308,7 +315,7 @@ func parseScenario(f []string) (Scenario, error) {
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
-				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages", "delta"); err != nil {
+				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages", "delta", "dedup"); err != nil {
 					break
 				}
 			}

@@ -48,6 +48,7 @@ type Guest struct {
 	calls     map[string]int
 	writes    uint64
 	beats     uint64
+	pool      []byte // FillPool's distinct pages, which a writer with Pool set copies
 }
 
 // NewGuest returns a guest with all-zero, never-touched memory (all holes) and, for every
@@ -144,6 +145,28 @@ func (g *Guest) FillText(seed uint64, holes, zeros float64) {
 					pg[i] = ' '
 					i++
 				}
+			}
+		}
+	}
+}
+
+// FillPool is Fill with each data page a copy of one of pool distinct random pages, as in a
+// guest whose memory holds many copies of the same data.
+func (g *Guest) FillPool(seed uint64, pool int, holes, zeros float64) {
+	g.Fill(seed, holes, zeros)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	src := rand.NewChaCha8([32]byte{byte(seed), byte(seed >> 8), 9})
+	contents := make([]byte, pool*g.ps)
+	src.Read(contents)
+	g.pool = contents
+	rng := rand.New(rand.NewPCG(seed, 5))
+	for r, m := range g.mem {
+		for p := 0; p < len(m)/g.ps; p++ {
+			pg := m[p*g.ps : (p+1)*g.ps]
+			if g.populated[r].Has(uint64(p)) && !isZero(pg) {
+				k := rng.IntN(pool)
+				copy(pg, contents[k*g.ps:(k+1)*g.ps])
 			}
 		}
 	}
@@ -426,6 +449,9 @@ type WriterConfig struct {
 	First      uint64        // first page of the working set
 	WorkingSet uint64        // pages in the working set; 0 = the whole region
 	Seed       uint64
+	// Pool makes every write copy one of FillPool's pages over the page: content moves between
+	// pages, and a page becomes a copy of pages sent before.
+	Pool bool
 }
 
 // RunWriter starts a goroutine that writes pages like a busy guest: every tick it touches
@@ -456,7 +482,13 @@ func (g *Guest) RunWriter(ctx context.Context, cfg WriterConfig) (wait func()) {
 					g.beats++
 					carry += float64(cfg.Rate) * cfg.Tick.Seconds() * float64(100-g.throttle) / 100
 					for ; carry >= 1; carry-- {
-						g.touch(cfg.Region, cfg.First+rng.Uint64N(cfg.WorkingSet))
+						p := cfg.First + rng.Uint64N(cfg.WorkingSet)
+						if n := len(g.pool) / g.ps; cfg.Pool && n > 0 {
+							k := rng.IntN(n)
+							g.write(cfg.Region, p, 0, g.pool[k*g.ps:(k+1)*g.ps])
+							continue
+						}
+						g.touch(cfg.Region, p)
 					}
 				}
 				g.mu.Unlock()

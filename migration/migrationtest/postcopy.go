@@ -2,6 +2,7 @@ package migrationtest
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -38,8 +39,9 @@ type PostcopyDest struct {
 	started  chan struct{}
 	accesses atomic.Uint64
 	nfaults  atomic.Uint64
-	placed   uint64 // pages installed by Place calls (not already present)
-	dupes    uint64 // pages passed to Place calls that were present already
+	placed   uint64         // pages installed by Place calls (not already present)
+	dupes    uint64         // pages passed to Place calls that were present already
+	stores   map[key]uint64 // VCPUConfig.Store: the last value each page got (under Dest.mu)
 }
 
 type key struct {
@@ -286,6 +288,9 @@ type VCPUConfig struct {
 	Pages  []uint64      // the pages it loads, in order; it starts over at the end
 	Think  time.Duration // time between two loads; default 10µs
 	Once   bool          // stop after one pass instead of starting over
+	// Store makes every access a store too: the vCPU writes a fresh 8-byte value at the
+	// start of the page, once it is present. ApplyStores tells the oracle.
+	Store bool
 }
 
 // RunVCPU starts a goroutine that waits for Start, then loads pages as cfg says until ctx is
@@ -309,6 +314,9 @@ func (d *PostcopyDest) RunVCPU(ctx context.Context, cfg VCPUConfig) (wait func()
 				if err := d.Access(ctx, cfg.Region, p); err != nil {
 					return
 				}
+				if cfg.Store {
+					d.store(cfg.Region, p)
+				}
 				t := time.NewTimer(cfg.Think)
 				select {
 				case <-t.C:
@@ -323,6 +331,50 @@ func (d *PostcopyDest) RunVCPU(ctx context.Context, cfg VCPUConfig) (wait func()
 		}
 	}()
 	return func() { <-done }
+}
+
+// store writes a fresh value at the start of page p of region r, which is present.
+func (d *PostcopyDest) store(r int, p uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.stores == nil {
+		d.stores = map[key]uint64{}
+	}
+	v := uint64(len(d.stores))<<32 | d.accesses.Load() | 1
+	ps := d.desc.Layout.PageSize
+	binary.LittleEndian.PutUint64(d.mem[r][p*ps:], v)
+	d.stores[key{r, p}] = v
+}
+
+// ApplyStores makes the source's memory what the destination's should be after its vCPU's
+// stores (VCPUConfig.Store), for Compare. Call it once the migration is over; it returns the
+// pages stored to.
+func (d *PostcopyDest) ApplyStores(g *Guest) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for k, v := range d.stores {
+		binary.LittleEndian.PutUint64(g.mem[k.r][k.p*uint64(g.ps):], v)
+	}
+	return len(d.stores)
+}
+
+// ReadPages reads back pages (migration.PageReader) in any state of a post-copy; an absent page
+// reads as zero.
+func (d *PostcopyDest) ReadPages(r int, first uint64, dst []byte) error {
+	if err := d.hook("ReadPages"); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	ps := d.desc.Layout.PageSize
+	n := uint64(len(dst)) / ps
+	if uint64(len(dst))%ps != 0 || r < 0 || r >= len(d.mem) || (first+n)*ps > uint64(len(d.mem[r])) || first+n < first {
+		return fmt.Errorf("migrationtest: ReadPages of %d bytes at page %d of region %d: out of range or not whole pages", len(dst), first, r)
+	}
+	copy(dst, d.mem[r][first*ps:])
+	return nil
 }
 
 // LocalityPattern returns n page loads with locality: runs of window consecutive pages from

@@ -1,6 +1,6 @@
 // Package pages decides how each guest page travels: not at all (a hole), as a zero marker, as
-// raw bytes, compressed, or (later) as a dedup reference or as a delta to a version sent
-// before. It knows nothing of the stream format: the migration engine maps a [Kind] to the wire
+// raw bytes, compressed, as a reference to an identical page sent before (dedup) or as a
+// delta to the version sent before. It knows nothing of the stream format: the migration engine maps a [Kind] to the wire
 // encoding with the same number.
 //
 // Zero detection runs on every page of every round, so it reads memory a word at a time and
@@ -17,7 +17,7 @@ const (
 	Zero       Kind = 0 // all zero: sent as a marker without data
 	Raw        Kind = 1 // sent as is
 	Compressed Kind = 2 // sent compressed (package compress)
-	Dedup      Kind = 3 // sent as a 128-bit hash of an identical page sent before (reserved)
+	Dedup      Kind = 3 // sent as a reference to an identical page sent before (package dedup)
 	Delta      Kind = 4 // sent as a delta to the version sent before (package delta)
 	Hole       Kind = 5 // never populated: not sent at all
 	Free       Kind = 6 // reported free by the guest: not sent (its content does not matter)
@@ -143,7 +143,8 @@ func (c *Classifier) Classify(ref Ref, page []byte, scratch *[]byte) (Kind, []by
 	return Raw, page
 }
 
-// Recorder is an optional Encoder capability, for encoders that keep the pages sent (delta):
+// Recorder is an optional Encoder capability, for encoders that keep track of the pages sent
+// (delta, dedup):
 // Record hears of every page sent without the encoder's Encode (a zero page, a page sent raw
 // by choice, a page an encoder before it took), as it goes.
 type Recorder interface {

@@ -40,7 +40,7 @@ func (b *OutBatch) Fits(n int) bool {
 }
 
 // Add appends page index of the batch's region. Pages must be added in ascending index order.
-// data is the encoded page: empty for EncZero, the page for EncRaw, the hash for EncDedup, at
+// data is the encoded page: empty for EncZero, the page for EncRaw, the reference for EncDedup, at
 // most a page for the variable encodings. A violation of these rules is a bug in the caller
 // and panics.
 func (b *OutBatch) Add(index uint64, e Encoding, data []byte) {
@@ -51,7 +51,7 @@ func (b *OutBatch) Add(index uint64, e Encoding, data []byte) {
 	case EncRaw:
 		want = b.pageSize
 	case EncDedup:
-		want = HashSize
+		want = DedupSize
 	case EncCompressed, EncDelta:
 		if len(data) == 0 || len(data) > b.pageSize {
 			panic(fmt.Sprintf("wire: OutBatch.Add: %s page %d has %d bytes of data, want 1..%d", e, index, len(data), b.pageSize))
@@ -178,7 +178,7 @@ func decodePageBatch(p []byte, d *Description, caps Caps, b *PageBatch) error {
 		return c.err
 	}
 	ps := uint64(d.PageSize)
-	want := uint64(b.counts[EncRaw])*ps + uint64(b.counts[EncDedup])*HashSize
+	want := uint64(b.counts[EncRaw])*ps + uint64(b.counts[EncDedup])*DedupSize
 	for i := 0; i < int(nvar); i++ {
 		n := uint64(le.Uint32(b.lens[4*i:]))
 		if n == 0 || n > ps {
@@ -218,7 +218,7 @@ func (b *PageBatch) Spans(yield func(Span) bool) {
 			case EncRaw:
 				n = b.pageSize
 			case EncDedup:
-				n = HashSize
+				n = DedupSize
 			case EncCompressed, EncDelta:
 				n = int(le.Uint32(b.lens[4*li:]))
 				li++

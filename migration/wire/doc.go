@@ -30,6 +30,12 @@
 //	               EncDelta page is its change to the copy the destination holds (runs of
 //	               replaced 8-byte words; the format is in package delta), sent in pre-copy
 //	               rounds only. The capability was never accepted before: the version stays 1.
+//	1  2026-12-02  dedup pages under CapDedup, which version 1 had reserved: the data of an
+//	               EncDedup page is 28 bytes, a reference to a page the destination holds
+//	               (u32 region, u64 page) and the first 16 bytes of the SHA-256 of the content
+//	               it stands for (the reserved layout had a bare 16-byte hash); FlagAgain on
+//	               Request, and page batches after PushEnd for the pages it asks for. The
+//	               capability was never accepted before: the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -87,7 +93,9 @@
 //	  lens:   variable-length page count x u32: the data length of each compressed or delta
 //	          page, in page order
 //	  data:   the pages' data in page order: zero -> nothing, raw -> page size bytes,
-//	          dedup -> 16-byte hash of a page sent before, compressed and delta -> next length
+//	          dedup -> 28 bytes: u32 region, u64 page of a page the destination holds, and
+//	          the first 16 bytes of the SHA-256 of the content (checked there, against that
+//	          page, before it is copied), compressed and delta -> next length
 //	          from lens (at most the page size); compressed: one zstd frame (RFC 8878, no
 //	          dictionary) of exactly one page, decoded by the engine (package compress), not
 //	          here
@@ -116,7 +124,9 @@
 //
 //	DoneAck (source -> destination, 0x33, acknowledges Done), empty
 //
-//	Request (destination -> source, 0x40, post-copy; needs CapPostcopy)
+//	Request (destination -> source, 0x40, post-copy; needs CapPostcopy), flag FlagAgain (with
+//	CapDedup) for pages sent already as dedup references that did not check at the destination
+//	(its guest had changed the page named): the source sends them again, whole
 //	  u32 region index, u32 run count, runs as in PageBatch (at most MaxBatchPages pages)
 //
 // Post-copy frames need CapPostcopy. A page set (the Ahead, Switch and Lacking frames) is a set of pages
@@ -154,7 +164,8 @@
 //	PushEnd (source -> destination, 0x42, post-copy, at most once per connection)
 //	  u64 pages pushed since the switch, u64 pages sent on request (both over all connections).
 //	  Every page the destination lacked has been sent on this connection: once it has placed the
-//	  batches before PushEnd it must have them all.
+//	  batches before PushEnd it must have them all, but for those it asked for again (Request
+//	  with FlagAgain, under CapDedup), which may come in batches after PushEnd.
 //
 //	Keepalive (either direction, 0x43, post-copy), empty. Sent by a side that has written
 //	nothing for a quarter of its link timeout.

@@ -310,6 +310,8 @@ func FuzzDecodePageBatch(f *testing.F) {
 	vb.Add(3, EncRaw, page(4))
 	vb.Add(4, EncCompressed, []byte{1})
 	vb.Add(9, EncZero, nil)
+	vb.Add(10, EncDedup, make([]byte, DedupSize))
+	vb.Add(11, EncDelta, []byte{0, 1, 1, 2, 3, 4, 5, 6, 7, 8})
 	vp := vb.appendHead(nil)
 	for _, x := range vb.data {
 		vp = append(vp, x...)

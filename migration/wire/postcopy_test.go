@@ -106,7 +106,7 @@ func rejoinDestStream(t testing.TB) []byte {
 	w.WritePreamble()
 	w.WriteLacking(&Lacking{PageSet: PageSet{Total: 2, Region: 0, Runs: []Run{{First: 2, Count: 1}}}}, true)
 	w.WriteLacking(&Lacking{PageSet: PageSet{Total: 2, Region: 1, Runs: []Run{{First: 15, Count: 1}}}}, false)
-	w.WriteRequest(&Request{Region: 1, Runs: []Run{{First: 15, Count: 1}}})
+	w.WriteRequest(&Request{Region: 1, Runs: []Run{{First: 15, Count: 1}}, Again: true})
 	w.WriteFilled(&Filled{Pages: 7, UnixNano: 1})
 	w.WriteStats(&Stats{})
 	if err := w.WriteDone(&Done{}); err != nil {
@@ -173,7 +173,7 @@ func TestPostcopyRoundTrip(t *testing.T) {
 		"round ack &{N:1 Pages:1}",
 		"resumed &{ResumeUnixNano:99 RestoreNanos:5 StartNanos:6 ArmNanos:8}",
 		"keepalive &{}",
-		"request &{Region:0 Runs:[{First:60 Count:1}]}",
+		"request &{Region:0 Runs:[{First:60 Count:1}] Again:false}",
 		"keepalive &{}",
 		"filled &{Pages:7 UnixNano:1234}",
 		"post-copy stats &{DemandFaults:1 PagesRequested:1 PostcopyNanos:9 P50Nanos:4 P99Nanos:5 MaxNanos:5 ProgressDuring:10.5 ProgressAfter:20 Reconnects:1 Latencies:[4 5]}",
@@ -202,7 +202,7 @@ func TestPostcopyRoundTrip(t *testing.T) {
 	want = []string{
 		"lacking &{PageSet:{Total:2 Region:0 Runs:[{First:2 Count:1}]} More:true}",
 		"lacking &{PageSet:{Total:2 Region:1 Runs:[{First:15 Count:1}]} More:false}",
-		"request &{Region:1 Runs:[{First:15 Count:1}]}",
+		"request &{Region:1 Runs:[{First:15 Count:1}] Again:true}",
 		"filled &{Pages:7 UnixNano:1}",
 		"post-copy stats &{DemandFaults:0 PagesRequested:0 PostcopyNanos:0 P50Nanos:0 P99Nanos:0 MaxNanos:0 ProgressDuring:0 ProgressAfter:0 Reconnects:0 Latencies:[]}",
 		"done &{FirstProgressUnixNano:0}",

@@ -403,7 +403,8 @@ func (r *Reader) accept(t Type) error {
 		case TypeRound:
 			ok = r.st == stStream || r.st == stRoundEnd
 		case TypePageBatch:
-			ok = r.st == stRound || r.st == stFinal || (r.st == stPost && !r.pushEnd) || r.st == stPages
+			// With CapDedup, pages asked for again (Request.Again) may follow PushEnd.
+			ok = r.st == stRound || r.st == stFinal || (r.st == stPost && (!r.pushEnd || r.caps&CapDedup != 0)) || r.st == stPages
 		case TypeStreams:
 			ok = r.st == stStream && r.streams == 0
 		case TypeJoin:
@@ -659,6 +660,9 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 			return nil, false, bad(ErrOrder, "request before the layout is known")
 		}
 		q, err := DecodeRequest(p, r.desc)
+		if err == nil {
+			q.Again = flags&FlagAgain != 0
+		}
 		return q, false, err
 	}
 	return nil, false, bad(ErrUnknownType, "")

@@ -32,7 +32,9 @@ const (
 	MaxSections     = 1 << 16   // state sections in one migration
 	MaxStreams      = 64        // connections of one migration carrying pages (CapStreams)
 	MaxErrorMessage = 4096      // bytes of an Error frame's message
-	HashSize        = 16        // bytes of a dedup reference (128-bit page hash)
+	// DedupSize is the data of an EncDedup page: u32 region, u64 page of the page sent
+	// before, and the first 16 bytes of the SHA-256 of the content it stands for.
+	DedupSize = 28
 	// MaxSetRuns is how many runs one Switch or Lacking frame holds at most.
 	MaxSetRuns = (MaxFramePayload - switchHeadSize) / runSize
 	// MaxSetPages bounds a page set's total: every page of the largest memory.
@@ -136,6 +138,7 @@ func (t Type) known() bool {
 const (
 	FlagFinal uint8 = 1 << 0 // Round: the stop-and-copy round (the source is paused)
 	FlagMore  uint8 = 1 << 0 // State, Switch, Lacking, Ahead: the section or page set continues in the next frame
+	FlagAgain uint8 = 1 << 0 // Request: pages sent already whose dedup reference failed; send them again (CapDedup)
 )
 
 // allowedFlags is the set of flag bits each type may carry.
@@ -145,6 +148,8 @@ func allowedFlags(t Type) uint8 {
 		return FlagFinal
 	case TypeState, TypeSwitch, TypeLacking, TypeAhead:
 		return FlagMore
+	case TypeRequest:
+		return FlagAgain
 	}
 	return 0
 }
@@ -157,7 +162,7 @@ type Caps uint64
 const (
 	CapBlackout   Caps = 1 << 0 // the destination waits for the guest's first heartbeat and reports it in Done
 	CapCompressed Caps = 1 << 1 // EncCompressed pages: each a zstd frame of one page
-	CapDedup      Caps = 1 << 2 // EncDedup pages (reserved)
+	CapDedup      Caps = 1 << 2 // EncDedup pages: a reference to a page sent before with the same content
 	CapDelta      Caps = 1 << 3 // EncDelta pages: a page's change to the copy sent before (package delta)
 	CapPostcopy   Caps = 1 << 4 // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
 	CapStreams    Caps = 1 << 5 // pre-copy pages on extra connections: Streams, Join
@@ -174,7 +179,7 @@ const (
 	EncZero       Encoding = 0 // the page is all zero; no data
 	EncRaw        Encoding = 1 // page size bytes of data
 	EncCompressed Encoding = 2 // a zstd frame that decodes to the page (needs CapCompressed)
-	EncDedup      Encoding = 3 // reserved: 16-byte hash of a page sent before (needs CapDedup)
+	EncDedup      Encoding = 3 // a reference to a page with the same content (needs CapDedup)
 	EncDelta      Encoding = 4 // variable-length delta to the copy sent before, in a pre-copy round (needs CapDelta)
 	numEncodings           = 5
 )
@@ -308,6 +313,10 @@ type Run struct {
 type Request struct {
 	Region uint32
 	Runs   []Run
+	// Again (flag FlagAgain; not in the payload) asks for pages the source sent already, as
+	// dedup references the destination could not resolve: its guest had changed the page
+	// named. The source sends them again, whole.
+	Again bool
 }
 
 // MigrationID names one migration: chosen at random by the source, carried by its Switch

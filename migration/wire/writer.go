@@ -251,7 +251,11 @@ func (w *Writer) WriteDoneAck() error {
 
 // WriteRequest asks the source for pages (post-copy).
 func (w *Writer) WriteRequest(q *Request) error {
-	return w.frame(TypeRequest, 0, func(b []byte) []byte { return AppendRequest(b, q) })
+	var flags uint8
+	if q.Again {
+		flags = FlagAgain
+	}
+	return w.frame(TypeRequest, flags, func(b []byte) []byte { return AppendRequest(b, q) })
 }
 
 // WriteError tells the peer why this side aborts. It is the last frame a side writes.
