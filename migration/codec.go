@@ -17,6 +17,9 @@ import (
 const (
 	CompressNone = "none"
 	CompressZstd = "zstd" // every page that shrinks by an eighth or more, as a zstd frame of its own
+	// CompressS2 is CompressZstd with S2 blocks: about four times less CPU per page, larger
+	// pages; for when the CPU, not the link, would limit zstd.
+	CompressS2 = "s2"
 	// CompressAuto compresses while the link, not the CPU, is the limit: a batch is
 	// compressed when the bandwidth cap held the one before it (on its connection) back, and
 	// goes raw when it did not, so that the CPU compresses only what would otherwise wait.
@@ -30,9 +33,12 @@ const (
 // before they start a migration.
 func CheckCompress(kind, level string) error {
 	switch kind {
-	case "", CompressNone, CompressZstd, CompressAuto:
+	case "", CompressNone, CompressZstd, CompressS2, CompressAuto:
 	default:
-		return fmt.Errorf("unknown compression %q (want %s, %s or %s)", kind, CompressNone, CompressZstd, CompressAuto)
+		return fmt.Errorf("unknown compression %q (want %s, %s, %s or %s)", kind, CompressNone, CompressZstd, CompressS2, CompressAuto)
+	}
+	if level != "" && kind == CompressS2 {
+		return fmt.Errorf("compression %s has no levels (%q given)", CompressS2, level)
 	}
 	if level != "" && !slices.Contains(compress.Levels, level) {
 		return fmt.Errorf("unknown zstd level %q (want one of %s)", level, strings.Join(compress.Levels, ", "))
@@ -46,8 +52,9 @@ func CheckCompress(kind, level string) error {
 // for the counts. The decoders are the migration's, not a connection's.
 type pageCodec struct {
 	ps    int
-	sizes []uint64          // pages per region
-	zstd  *compress.Decoder // CapCompressed accepted
+	sizes []uint64            // pages per region
+	zstd  *compress.Decoder   // CapCompressed accepted
+	s2    *compress.S2Decoder // CapS2 accepted
 	// old reads back the copy a delta page (CapDelta accepted) changes and the page a dedup
 	// page (CapDedup) refers to. Deltas are taken only until the switch to post-copy
 	// (switched), when the pages the destination holds stop being the ones the source last
@@ -70,6 +77,9 @@ type PageReader interface {
 // counts; dst reads back pages for deltas and dedup references.
 func newPageCodec(caps wire.Caps, ps int, sizes []uint64, dst PageReader) (*pageCodec, error) {
 	c := &pageCodec{ps: ps, sizes: sizes, old: dst, delta: caps&wire.CapDelta != 0, dedup: caps&wire.CapDedup != 0}
+	if caps&wire.CapS2 != 0 {
+		c.s2 = &compress.S2Decoder{PageSize: ps}
+	}
 	if caps&wire.CapCompressed != 0 {
 		d, err := compress.NewDecoder(ps)
 		if err != nil {
@@ -151,6 +161,17 @@ func (c *pageCodec) spans(b *wire.PageBatch, pl *placing, place func(sp wire.Spa
 				return err
 			}
 			if err := c.zstd.Decode(page, pages.Ref{Region: r, Index: sp.First}, sp.Data); err != nil {
+				return fmt.Errorf("%w: %v", ErrProtocol, err)
+			}
+		case wire.EncS2:
+			if c.s2 == nil {
+				return fmt.Errorf("%w: s2 page %d in region %d, and s2 was not negotiated", ErrProtocol, sp.First, r)
+			}
+			page, err := slot(sp, pages.S2)
+			if err != nil {
+				return err
+			}
+			if err := c.s2.Decode(page, pages.Ref{Region: r, Index: sp.First}, sp.Data); err != nil {
 				return fmt.Errorf("%w: %v", ErrProtocol, err)
 			}
 		case wire.EncDelta:

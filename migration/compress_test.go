@@ -21,15 +21,18 @@ func textGuest(size uint64, seed uint64) *mt.Guest {
 	return g
 }
 
+// compressions are the page compressions and what the report calls them.
+var compressions = []struct{ kind, report string }{{migration.CompressZstd, "zstd (fastest)"}, {migration.CompressS2, "s2"}}
+
 // checkCompressed asserts that both sides counted the same compressed pages, that they are
 // most of the data pages, and that the bytes on the wire show it.
-func checkCompressed(t *testing.T, s, r outcome) {
+func checkCompressed(t *testing.T, s, r outcome, report string) {
 	t.Helper()
 	sp, rp := s.rep.Pages, r.rep.Pages
 	if sp.Compressed == 0 || sp.Compressed < sp.Raw || sp.Compressed != rp.Compressed || sp.Raw != rp.Raw {
 		t.Fatalf("pages: source %+v, destination %+v; want mostly compressed, counted alike", sp, rp)
 	}
-	if s.rep.Saved.Compressed < sp.Compressed*4096/2 || s.rep.Compression != "zstd (fastest)" {
+	if s.rep.Saved.Compressed < sp.Compressed*4096/2 || s.rep.Compression != report {
 		t.Fatalf("saved %+v by %q for %d compressed pages", s.rep.Saved, s.rep.Compression, sp.Compressed)
 	}
 	if data := int64(sp.Raw+sp.Compressed) * 4096; s.rep.BytesWire > data/2 {
@@ -38,28 +41,30 @@ func checkCompressed(t *testing.T, s, r outcome) {
 }
 
 // TestCompressPrecopy: a text guest with a writer, over one connection and over three, with
-// zstd: the destination matches the source, most pages travel compressed, and the wire
-// carries less than half the data. A random guest's pages are all declined and go raw.
+// zstd and with s2: the destination matches the source, most pages travel compressed, and the
+// wire carries less than half the data. A random guest's pages are all declined and go raw.
 func TestCompressPrecopy(t *testing.T) {
 	for _, streams := range []int{1, 3} {
-		t.Run(map[int]string{1: "one-stream", 3: "three-streams"}[streams], func(t *testing.T) {
-			n := newStreamNet(t)
-			g := textGuest(16*MiB, 40)
-			ctx, stop := context.WithCancel(t.Context())
-			wait := g.RunWriter(ctx, mt.WriterConfig{Rate: 20000, WorkingSet: 512, Seed: 41})
-			d := mt.NewDest()
-			so, ro := streamOptions(n, streams)
-			so.Compress = migration.CompressZstd
-			so.MaxBandwidth = 128 * MiB
-			so.Force = true // under the race detector zstd is slower than the writer
-			sc, dc := n.pair(t)
-			s, r := migrate(t.Context(), g, d, sc, dc, so, ro)
-			stop()
-			wait()
-			checkOK(t, g, d, s, r)
-			checkCompressed(t, s, r)
-			t.Logf("%d rounds, %d bytes, pages %+v, saved %+v", s.rep.Rounds, s.rep.BytesWire, s.rep.Pages, s.rep.Saved)
-		})
+		for _, c := range compressions {
+			t.Run(map[int]string{1: "one-stream", 3: "three-streams"}[streams]+"/"+c.kind, func(t *testing.T) {
+				n := newStreamNet(t)
+				g := textGuest(16*MiB, 40)
+				ctx, stop := context.WithCancel(t.Context())
+				wait := g.RunWriter(ctx, mt.WriterConfig{Rate: 20000, WorkingSet: 512, Seed: 41})
+				d := mt.NewDest()
+				so, ro := streamOptions(n, streams)
+				so.Compress = c.kind
+				so.MaxBandwidth = 128 * MiB
+				so.Force = true // under the race detector zstd is slower than the writer
+				sc, dc := n.pair(t)
+				s, r := migrate(t.Context(), g, d, sc, dc, so, ro)
+				stop()
+				wait()
+				checkOK(t, g, d, s, r)
+				checkCompressed(t, s, r, c.report)
+				t.Logf("%d rounds, %d bytes, pages %+v, saved %+v", s.rep.Rounds, s.rep.BytesWire, s.rep.Pages, s.rep.Saved)
+			})
+		}
 	}
 	t.Run("random", func(t *testing.T) {
 		g := newGuest(8*MiB, 42)
@@ -73,36 +78,38 @@ func TestCompressPrecopy(t *testing.T) {
 	})
 }
 
-// TestCompressPostcopy: post-copy and hybrid with zstd, a writer before the switch and a vCPU
-// faulting after it: pushed and demanded pages decode alike.
+// TestCompressPostcopy: post-copy and hybrid with zstd and with s2, a writer before the switch
+// and a vCPU faulting after it: pushed and demanded pages decode alike.
 func TestCompressPostcopy(t *testing.T) {
 	for _, mode := range []string{migration.ModePostcopy, migration.ModeHybrid} {
-		t.Run(mode, func(t *testing.T) {
-			synctest.Test(t, func(t *testing.T) {
-				c := &pcCase{
-					g:      textGuest(8*MiB, 43),
-					link:   mt.LinkConfig{Bandwidth: 50 * MiB, Latency: 500 * time.Microsecond, Buffer: 256 << 10},
-					writer: &mt.WriterConfig{Rate: 20000, Seed: 44},
-					vcpu:   &mt.VCPUConfig{Pages: mt.LocalityPattern(7, 0, 2048, 600, 16), Think: 200 * time.Microsecond},
-				}
-				c.so = migration.SendOptions{Mode: mode, Compress: migration.CompressZstd}
-				if mode == migration.ModeHybrid { // a writer that outruns the link: it switches
-					c.writer.Rate, c.so.MaxBandwidth, c.so.BatchBytes = 100000, 2500*4096, 64<<10
-				}
-				s, r := c.run(t)
-				checkPostcopyOK(t, c, s, r)
-				checkCompressed(t, s, r)
-				if p := s.rep.Postcopy; p.DemandFaults == 0 || (mode == migration.ModeHybrid && p.SwitchedAfter == 0) {
-					t.Fatalf("no demand faults, or no pre-copy rounds in hybrid: %+v", p)
-				}
+		for _, comp := range compressions {
+			t.Run(mode+"/"+comp.kind, func(t *testing.T) {
+				synctest.Test(t, func(t *testing.T) {
+					c := &pcCase{
+						g:      textGuest(8*MiB, 43),
+						link:   mt.LinkConfig{Bandwidth: 50 * MiB, Latency: 500 * time.Microsecond, Buffer: 256 << 10},
+						writer: &mt.WriterConfig{Rate: 20000, Seed: 44},
+						vcpu:   &mt.VCPUConfig{Pages: mt.LocalityPattern(7, 0, 2048, 600, 16), Think: 200 * time.Microsecond},
+					}
+					c.so = migration.SendOptions{Mode: mode, Compress: comp.kind}
+					if mode == migration.ModeHybrid { // a writer that outruns the link: it switches
+						c.writer.Rate, c.so.MaxBandwidth, c.so.BatchBytes = 100000, 2500*4096, 64<<10
+					}
+					s, r := c.run(t)
+					checkPostcopyOK(t, c, s, r)
+					checkCompressed(t, s, r, comp.report)
+					if p := s.rep.Postcopy; p.DemandFaults == 0 || (mode == migration.ModeHybrid && p.SwitchedAfter == 0) {
+						t.Fatalf("no demand faults, or no pre-copy rounds in hybrid: %+v", p)
+					}
+				})
 			})
-		})
+		}
 	}
 }
 
 // TestCompressBadOptions: an unknown encoding or level fails before the source is touched.
 func TestCompressBadOptions(t *testing.T) {
-	for _, so := range []migration.SendOptions{{Compress: "lz4"}, {Compress: migration.CompressZstd, CompressLevel: "max"}} {
+	for _, so := range []migration.SendOptions{{Compress: "lz4"}, {Compress: migration.CompressZstd, CompressLevel: "max"}, {Compress: migration.CompressS2, CompressLevel: "best"}} {
 		g := newGuest(MiB, 45)
 		sc, _ := tcpPair(t)
 		rep, err := migration.Send(t.Context(), g, sc, so)
@@ -117,6 +124,7 @@ func TestCompressBadOptions(t *testing.T) {
 // not is refused: the destination aborts and tells the source why.
 func TestCorruptCompressedPage(t *testing.T) {
 	refuseCorruptPage(t, wire.CapCompressed, wire.EncCompressed, []byte("not a zstd frame"), "page 5 of region 0", "zstd")
+	refuseCorruptPage(t, wire.CapS2, wire.EncS2, []byte("not an s2 block"), "page 5 of region 0", "s2")
 }
 
 // refuseCorruptPage plays a source that negotiates caps and sends page 5 encoded as enc with

@@ -233,7 +233,7 @@ func (rc *receiver) migrate() error {
 	if rc.opts.AcceptStream != nil {
 		supported |= wire.CapStreams
 	}
-	supported |= wire.CapCompressed
+	supported |= wire.CapCompressed | wire.CapS2
 	old, readsBack := rc.dst.(PageReader)
 	if readsBack {
 		supported |= wire.CapDelta | wire.CapDedup

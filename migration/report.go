@@ -36,9 +36,9 @@ var (
 type PageCounts struct {
 	Raw        uint64 `json:"raw"`
 	Zero       uint64 `json:"zero"`
-	Hole       uint64 `json:"hole"` // skipped: not populated in round 1
-	Free       uint64 `json:"free"` // skipped: reported free by the guest (each time a set dropped one)
-	Compressed uint64 `json:"compressed"`
+	Hole       uint64 `json:"hole"`       // skipped: not populated in round 1
+	Free       uint64 `json:"free"`       // skipped: reported free by the guest (each time a set dropped one)
+	Compressed uint64 `json:"compressed"` // zstd or s2 (the report's compression says which)
 	Dedup      uint64 `json:"dedup"`
 	Delta      uint64 `json:"delta"`
 }
@@ -46,7 +46,7 @@ type PageCounts struct {
 func pageCounts(c *pages.Counters) PageCounts {
 	return PageCounts{
 		Raw: c.Get(pages.Raw), Zero: c.Get(pages.Zero), Hole: c.Get(pages.Hole), Free: c.Get(pages.Free),
-		Compressed: c.Get(pages.Compressed), Dedup: c.Get(pages.Dedup), Delta: c.Get(pages.Delta),
+		Compressed: c.Get(pages.Compressed) + c.Get(pages.S2), Dedup: c.Get(pages.Dedup), Delta: c.Get(pages.Delta),
 	}
 }
 
@@ -61,7 +61,7 @@ type SavedBytes struct {
 
 func savedBytes(c *pages.Classifier, ps int) SavedBytes {
 	saved := func(k pages.Kind) uint64 { return c.Counters.Get(k)*uint64(ps) - c.Encoded.Get(k) }
-	return SavedBytes{Compressed: saved(pages.Compressed), Dedup: saved(pages.Dedup), Delta: saved(pages.Delta),
+	return SavedBytes{Compressed: saved(pages.Compressed) + saved(pages.S2), Dedup: saved(pages.Dedup), Delta: saved(pages.Delta),
 		Free: c.Counters.Get(pages.Free) * uint64(ps)}
 }
 

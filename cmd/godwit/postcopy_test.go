@@ -304,6 +304,8 @@ func TestPostcopyBadFlags(t *testing.T) {
 		{[]string{"--mode", "postcopy", "--delta"}, "--delta applies to --mode precopy or hybrid"},
 		{[]string{"--delta-cache", "16M"}, "--delta-cache applies with --delta"},
 		{[]string{"--delta", "--delta-cache", "1K"}, "--delta-cache 1024 bytes"},
+		{[]string{"--compress", "s2", "--compress-level", "best"}, "--compress-level applies to --compress zstd or auto, not to --compress s2"},
+		{[]string{"--compress", "lz4"}, `unknown compression "lz4" (want none, zstd, s2 or auto)`},
 		{[]string{"--mode", "postcopy", "--sample-before=-1s"}, "--sample-before -1s: want a duration of 0"},
 		{[]string{"--mode", "hybrid", "--hybrid-rounds", "0"}, "--hybrid-rounds 0: want at least 1"},
 		{[]string{"--mode", "postcopy", "--link-timeout", "0s"}, "--link-timeout 0s: want a positive duration"},

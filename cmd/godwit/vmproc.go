@@ -300,7 +300,7 @@ type MigrateRequest struct {
 	ReconnectWindowMS int64  `json:"reconnect_window_ms,omitempty"` // redial the same address this long; 0 = not at all
 	Streams           int    `json:"streams,omitempty"`             // precopy: connections for the pages; 0 = chosen by the engine
 	NoFaultChannel    bool   `json:"no_fault_channel,omitempty"`    // postcopy, hybrid: requested pages on the main connection
-	Compress          string `json:"compress,omitempty"`            // none (default), zstd or auto
+	Compress          string `json:"compress,omitempty"`            // none (default), zstd, s2 or auto
 	CompressLevel     string `json:"compress_level,omitempty"`      // zstd: fastest (default), default, better, best
 	IgnoreFreePages   bool   `json:"ignore_free_pages,omitempty"`   // send the pages the guest reports free too
 	Delta             bool   `json:"delta,omitempty"`               // precopy, hybrid: pages that changed little as deltas

@@ -152,7 +152,7 @@ func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
 			a = append(a, "--streams", strconv.Itoa(s.Streams))
 		}
 	}
-	if s.Compress == "zstd" || s.Compress == "auto" {
+	if s.Compress == "zstd" || s.Compress == "s2" || s.Compress == "auto" {
 		a = append(a, "--compress", s.Compress)
 	}
 	if s.FreePages == "off" {

@@ -168,7 +168,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 		// counts dirty-bitmap syncs, one at the start and one after each pass.
 		PostcopyAfterPasses: s.HybridRounds + 1,
 		MultifdChannels:     s.Streams,
-		MultifdCompression:  map[string]string{"zstd": "zstd", "auto": "zstd"}[s.Compress],
+		MultifdCompression:  map[string]string{"zstd": "zstd", "auto": "zstd", "s2": "zstd"}[s.Compress],
 		XBZRLECache:         map[bool]int64{true: migration.DefaultDeltaCache}[s.Delta],
 		Poll:                20 * time.Millisecond,
 		Timeout:             e.cfg.Timeout,

@@ -64,8 +64,8 @@ type Scenario struct {
 	// system's default (godwit's engine chooses, QEMU takes one connection, raw TCP one).
 	Streams int `json:"streams,omitempty"`
 	// Compress is the page encoding: none, zstd (godwit --compress zstd; QEMU multifd with
-	// multifd-compression zstd, over Streams channels, at least one) or auto (godwit
-	// --compress auto; QEMU as with zstd).
+	// multifd-compression zstd, over Streams channels, at least one), auto (godwit
+	// --compress auto; QEMU as with zstd) or s2 (godwit --compress s2; QEMU as with zstd).
 	Compress string `json:"compress,omitempty"`
 	// FreePages is godwit's --free-pages: on (the default) or off. QEMU has no counterpart
 	// for this guest (its free page hinting needs a virtio-balloon driver).
@@ -140,6 +140,8 @@ func (s Scenario) Options() string {
 		o += ", zstd (QEMU: multifd-compression zstd)"
 	case "auto":
 		o += ", godwit --compress auto (QEMU: multifd-compression zstd, which has no auto)"
+	case "s2":
+		o += ", godwit --compress s2 (QEMU: multifd-compression zstd, which has no s2)"
 	}
 	if s.FreePages == "off" {
 		o += ", godwit --free-pages off"
@@ -302,7 +304,7 @@ func parseScenario(f []string) (Scenario, error) {
 				err = fmt.Errorf("want 1..64")
 			}
 		case "compress":
-			s.Compress, err = oneOf(v, "none", "zstd", "auto")
+			s.Compress, err = oneOf(v, "none", "zstd", "s2", "auto")
 		case "delta":
 			s.Delta, err = strconv.ParseBool(v)
 		case "dedup":
@@ -346,7 +348,7 @@ func parseScenario(f []string) (Scenario, error) {
 	if s.Balloon != "" && s.Workload != "churn" {
 		return s, fmt.Errorf("%s: balloon=%s: only the churn workload has a balloon", s.Name, s.Balloon)
 	}
-	if (s.Compress == "zstd" || s.Compress == "auto") && s.Technique != Precopy {
+	if (s.Compress == "zstd" || s.Compress == "s2" || s.Compress == "auto") && s.Technique != Precopy {
 		return s, fmt.Errorf("%s: compress=%s: the QEMU baseline compresses with multifd, for pre-copy only", s.Name, s.Compress)
 	}
 	if s.Streams > 1 && s.Technique != Precopy {

@@ -204,25 +204,32 @@ func TestPostcopyStreamsOnRealKVM(t *testing.T) {
 }
 
 // TestCompressOnRealKVM migrates a guest that writes text at full speed over a 64 MiB
-// working set with zstd, in pre-copy (forced, if it must) and in post-copy: most pages travel
-// compressed, both sides count them alike, and the destination verifies its memory.
+// working set with zstd and with s2, in pre-copy (forced, if it must) and in post-copy: most
+// pages travel compressed, both sides count them alike, and the destination verifies its
+// memory.
 func TestCompressOnRealKVM(t *testing.T) {
-	for _, mode := range []string{migration.ModePrecopy, migration.ModePostcopy} {
-		t.Run(mode, func(t *testing.T) {
+	for _, c := range []struct{ mode, compress, report string }{
+		{migration.ModePrecopy, migration.CompressZstd, "zstd (fastest)"},
+		{migration.ModePostcopy, migration.CompressZstd, "zstd (fastest)"},
+		{migration.ModePrecopy, migration.CompressS2, "s2"},
+		{migration.ModePostcopy, migration.CompressS2, "s2"},
+	} {
+		mode := c.mode
+		t.Run(mode+"/"+c.compress, func(t *testing.T) {
 			src := newMachine(t, 128, 1, workload{kind: "dirty", content: "text", pattern: "random", wssMiB: 64})
 			if err := src.Start(); err != nil {
 				t.Fatal(err)
 			}
 			waitHeartbeats(t, src, 50)
 			before := src.Stats()
-			dst, srep, drep := migrateLocal(t, src, migration.SendOptions{Mode: mode, Compress: migration.CompressZstd, Force: true, Streams: 2})
+			dst, srep, drep := migrateLocal(t, src, migration.SendOptions{Mode: mode, Compress: c.compress, Force: true, Streams: 2})
 			waitHeartbeats(t, dst, before.Heartbeats+20)
 			r := verifyClean(t, dst)
 			sp, dp := srep.Pages, drep.Pages
 			if sp.Compressed == 0 || sp.Compressed < 4*sp.Raw || sp.Compressed != dp.Compressed || sp.Raw != dp.Raw {
 				t.Fatalf("pages: source %+v, destination %+v; want mostly compressed, counted alike", sp, dp)
 			}
-			if srep.Saved.Compressed < sp.Compressed*guest.PageSize/2 || srep.Compression != "zstd (fastest)" {
+			if srep.Saved.Compressed < sp.Compressed*guest.PageSize/2 || srep.Compression != c.report {
 				t.Fatalf("saved %+v with %q for %d compressed pages", srep.Saved, srep.Compression, sp.Compressed)
 			}
 			t.Logf("%s: %d rounds, total %.0f ms, downtime %.2f ms, %d bytes on the wire, pages %+v, saved %d bytes; destination verified %d pages",

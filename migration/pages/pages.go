@@ -10,7 +10,7 @@ package pages
 
 import "fmt"
 
-// Kind is how a page was sent. The first five values equal the wire encodings.
+// Kind is how a page was sent. The first six values equal the wire encodings.
 type Kind uint8
 
 const (
@@ -19,9 +19,10 @@ const (
 	Compressed Kind = 2 // sent compressed (package compress)
 	Dedup      Kind = 3 // sent as a reference to an identical page sent before (package dedup)
 	Delta      Kind = 4 // sent as a delta to the version sent before (package delta)
-	Hole       Kind = 5 // never populated: not sent at all
-	Free       Kind = 6 // reported free by the guest: not sent (its content does not matter)
-	NumKinds        = 7
+	S2         Kind = 5 // sent as an S2 block (package compress): cheaper than zstd, larger
+	Hole       Kind = 6 // never populated: not sent at all
+	Free       Kind = 7 // reported free by the guest: not sent (its content does not matter)
+	NumKinds        = 8
 )
 
 func (k Kind) String() string {
@@ -36,6 +37,8 @@ func (k Kind) String() string {
 		return "dedup"
 	case Delta:
 		return "delta"
+	case S2:
+		return "s2"
 	case Hole:
 		return "hole"
 	case Free:

@@ -52,7 +52,7 @@ func (b *OutBatch) Add(index uint64, e Encoding, data []byte) {
 		want = b.pageSize
 	case EncDedup:
 		want = DedupSize
-	case EncCompressed, EncDelta:
+	case EncCompressed, EncDelta, EncS2:
 		if len(data) == 0 || len(data) > b.pageSize {
 			panic(fmt.Sprintf("wire: OutBatch.Add: %s page %d has %d bytes of data, want 1..%d", e, index, len(data), b.pageSize))
 		}
@@ -170,7 +170,7 @@ func decodePageBatch(p []byte, d *Description, caps Caps, b *PageBatch) error {
 		}
 		b.counts[e]++
 	}
-	if want := b.counts[EncCompressed] + b.counts[EncDelta]; nvar != want {
+	if want := b.counts[EncCompressed] + b.counts[EncDelta] + b.counts[EncS2]; nvar != want {
 		return bad(ErrMalformed, "header says %d variable-length pages, encodings say %d", nvar, want)
 	}
 	b.lens = c.take(4*int(nvar), "lengths")
@@ -219,7 +219,7 @@ func (b *PageBatch) Spans(yield func(Span) bool) {
 				n = b.pageSize
 			case EncDedup:
 				n = DedupSize
-			case EncCompressed, EncDelta:
+			case EncCompressed, EncDelta, EncS2:
 				n = int(le.Uint32(b.lens[4*li:]))
 				li++
 			}

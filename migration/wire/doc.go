@@ -36,6 +36,9 @@
 //	               it stands for (the reserved layout had a bare 16-byte hash); FlagAgain on
 //	               Request, and page batches after PushEnd for the pages it asks for. The
 //	               capability was never accepted before: the version stays 1.
+//	1  2026-12-02  S2 pages under CapS2 (1<<7): EncS2 (5), one S2 block (klauspost/compress/s2,
+//	               a superset of Snappy's block format) that decodes to exactly one page. A new
+//	               encoding behind a new capability: the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -90,15 +93,15 @@
 //	  runs:   run count x (u64 first page, u32 page count)   ascending, not overlapping,
 //	          inside the region; the pages of the batch are the runs' pages in order
 //	  encs:   page count x u8 encoding (Enc*)
-//	  lens:   variable-length page count x u32: the data length of each compressed or delta
-//	          page, in page order
+//	  lens:   variable-length page count x u32: the data length of each compressed, delta or
+//	          s2 page, in page order
 //	  data:   the pages' data in page order: zero -> nothing, raw -> page size bytes,
 //	          dedup -> 28 bytes: u32 region, u64 page of a page the destination holds, and
 //	          the first 16 bytes of the SHA-256 of the content (checked there, against that
-//	          page, before it is copied), compressed and delta -> next length
+//	          page, before it is copied), compressed, delta and s2 -> next length
 //	          from lens (at most the page size); compressed: one zstd frame (RFC 8878, no
-//	          dictionary) of exactly one page, decoded by the engine (package compress), not
-//	          here
+//	          dictionary) of exactly one page, s2: one S2 block of exactly one page, both
+//	          decoded by the engine (package compress), not here
 //
 //	RoundEnd (source -> destination, 0x12; closes every live round, never the final one)
 //	  u32 round number (the round it closes), u32 reserved, u64 pages in the round's batches

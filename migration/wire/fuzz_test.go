@@ -312,6 +312,7 @@ func FuzzDecodePageBatch(f *testing.F) {
 	vb.Add(9, EncZero, nil)
 	vb.Add(10, EncDedup, make([]byte, DedupSize))
 	vb.Add(11, EncDelta, []byte{0, 1, 1, 2, 3, 4, 5, 6, 7, 8})
+	vb.Add(12, EncS2, []byte{0x80, 0x20, 0x00})
 	vp := vb.appendHead(nil)
 	for _, x := range vb.data {
 		vp = append(vp, x...)

@@ -167,9 +167,10 @@ const (
 	CapPostcopy   Caps = 1 << 4 // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
 	CapStreams    Caps = 1 << 5 // pre-copy pages on extra connections: Streams, Join
 	CapAhead      Caps = 1 << 6 // pure post-copy: most of the missing set ahead of the pause, in Ahead (needs CapPostcopy)
+	CapS2         Caps = 1 << 7 // EncS2 pages: each an S2 block of one page
 
 	// KnownCaps is every capability this version can accept.
-	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead
+	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead | CapS2
 )
 
 // Encoding is how one page travels in a PageBatch.
@@ -181,7 +182,8 @@ const (
 	EncCompressed Encoding = 2 // a zstd frame that decodes to the page (needs CapCompressed)
 	EncDedup      Encoding = 3 // a reference to a page with the same content (needs CapDedup)
 	EncDelta      Encoding = 4 // variable-length delta to the copy sent before, in a pre-copy round (needs CapDelta)
-	numEncodings           = 5
+	EncS2         Encoding = 5 // an S2 block (Snappy's format, extended) that decodes to the page (needs CapS2)
+	numEncodings           = 6
 )
 
 func (e Encoding) String() string {
@@ -196,12 +198,14 @@ func (e Encoding) String() string {
 		return "dedup"
 	case EncDelta:
 		return "delta"
+	case EncS2:
+		return "s2"
 	}
 	return fmt.Sprintf("encoding %d", uint8(e))
 }
 
 // variable reports whether the encoding's data length is given in the batch's lens table.
-func (e Encoding) variable() bool { return e == EncCompressed || e == EncDelta }
+func (e Encoding) variable() bool { return e == EncCompressed || e == EncDelta || e == EncS2 }
 
 // needs is the capability an encoding requires (0 for the baseline ones).
 func (e Encoding) needs() Caps {
@@ -212,6 +216,8 @@ func (e Encoding) needs() Caps {
 		return CapDedup
 	case EncDelta:
 		return CapDelta
+	case EncS2:
+		return CapS2
 	}
 	return 0
 }
