@@ -154,20 +154,6 @@ func TestDedupPostcopy(t *testing.T) {
 	}
 }
 
-// TestDedupOff: a destination that cannot read back its pages declines references.
-func TestDedupOff(t *testing.T) {
-	t.Run("declined", func(t *testing.T) {
-		g := poolGuest(4*MiB, 65)
-		d := mt.NewDest()
-		sc, dc := tcpPair(t)
-		s, r := migrate(t.Context(), g, readBackless{d}, sc, dc, migration.SendOptions{Dedup: true}, migration.ReceiveOptions{})
-		checkOK(t, g, d, s, r)
-		if s.rep.Pages.Dedup != 0 || s.rep.Dedup != "off (the destination declined it)" {
-			t.Fatalf("pages %+v, dedup %q", s.rep.Pages, s.rep.Dedup)
-		}
-	})
-}
-
 // TestCorruptDedupPage: a reference whose frame is intact but that names a page holding other
 // content, or a page that does not exist, is refused: the destination aborts with a protocol
 // error naming the page and tells the source.

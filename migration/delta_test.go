@@ -89,16 +89,27 @@ func TestDeltaHybrid(t *testing.T) {
 // readBackless is a destination that cannot read back its pages: it must decline delta.
 type readBackless struct{ migration.Destination }
 
-// TestDeltaDeclined: a destination that cannot read back its pages gets no deltas, and the
-// report says why.
-func TestDeltaDeclined(t *testing.T) {
-	g := newGuest(4*MiB, 54)
-	d := mt.NewDest()
-	sc, dc := tcpPair(t)
-	s, r := migrate(t.Context(), g, readBackless{d}, sc, dc, migration.SendOptions{Delta: true}, migration.ReceiveOptions{})
-	checkOK(t, g, d, s, r)
-	if s.rep.Pages.Delta != 0 || s.rep.Delta != "off (the destination declined it)" {
-		t.Fatalf("pages %+v, delta %q", s.rep.Pages, s.rep.Delta)
+// TestRefsDeclined: a destination that cannot read back its pages gets no deltas and no dedup
+// references, and the report says why.
+func TestRefsDeclined(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		so    migration.SendOptions
+		count func(*migration.Report) (uint64, string)
+	}{
+		{"delta", migration.SendOptions{Delta: true}, func(r *migration.Report) (uint64, string) { return r.Pages.Delta, r.Delta }},
+		{"dedup", migration.SendOptions{Dedup: true}, func(r *migration.Report) (uint64, string) { return r.Pages.Dedup, r.Dedup }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			g := poolGuest(4*MiB, 54)
+			d := mt.NewDest()
+			sc, dc := tcpPair(t)
+			s, r := migrate(t.Context(), g, readBackless{d}, sc, dc, c.so, migration.ReceiveOptions{})
+			checkOK(t, g, d, s, r)
+			if n, says := c.count(s.rep); n != 0 || says != "off (the destination declined it)" {
+				t.Fatalf("%d %s pages, report says %q", n, c.name, says)
+			}
+		})
 	}
 }
 

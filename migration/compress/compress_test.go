@@ -136,20 +136,24 @@ func FuzzDecodeS2(f *testing.F) {
 	f.Add(block[:len(block)/2])
 	f.Add([]byte{0x80, 0x20, 0x00})
 	d := S2Decoder{PageSize: ps}
-	f.Fuzz(func(t *testing.T, data []byte) {
-		buf := make([]byte, 2*ps)
-		for i := ps; i < len(buf); i++ {
-			buf[i] = 0xa5
+	f.Fuzz(func(t *testing.T, data []byte) { decodeInPage(t, d, data) })
+}
+
+// decodeInPage decodes data into a page followed by guard bytes, and fails if the decoder wrote
+// past the page.
+func decodeInPage(t *testing.T, d pages.Decoder, data []byte) {
+	buf := make([]byte, ps+64)
+	for i := ps; i < len(buf); i++ {
+		buf[i] = 0xa5
+	}
+	if err := d.Decode(buf[:ps], pages.Ref{}, data); err != nil {
+		return
+	}
+	for i := ps; i < len(buf); i++ {
+		if buf[i] != 0xa5 {
+			t.Fatalf("Decode wrote past the page at %d", i)
 		}
-		if err := d.Decode(buf[:ps], pages.Ref{}, data); err != nil {
-			return
-		}
-		for i := ps; i < len(buf); i++ {
-			if buf[i] != 0xa5 {
-				t.Fatalf("Decode wrote past the page at %d", i)
-			}
-		}
-	})
+	}
 }
 
 // TestDecodeRejects: anything that is not one frame of exactly one page is an error.
@@ -200,20 +204,7 @@ func FuzzDecode(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	f.Fuzz(func(t *testing.T, data []byte) {
-		buf := make([]byte, ps+64)
-		for i := ps; i < len(buf); i++ {
-			buf[i] = 0xa5
-		}
-		if err := d.Decode(buf[:ps], pages.Ref{}, data); err != nil {
-			return
-		}
-		for i := ps; i < len(buf); i++ {
-			if buf[i] != 0xa5 {
-				t.Fatalf("Decode wrote past the page at %d", i)
-			}
-		}
-	})
+	f.Fuzz(func(t *testing.T, data []byte) { decodeInPage(t, d, data) })
 }
 
 // BenchmarkCodec: ns per page to encode (or decline) and decode text and random pages, and
