@@ -51,10 +51,10 @@ func CheckCompress(kind, level string) error {
 // two things a Destination takes, raw spans and zero spans, and names what each travelled as
 // for the counts. The decoders are the migration's, not a connection's.
 type pageCodec struct {
-	ps    int
-	sizes []uint64            // pages per region
-	zstd  *compress.Decoder   // CapCompressed accepted
-	s2    *compress.S2Decoder // CapS2 accepted
+	ps   int
+	desc *wire.Description   // the layout: a reference must name a page in it
+	zstd *compress.Decoder   // CapCompressed accepted
+	s2   *compress.S2Decoder // CapS2 accepted
 	// old reads back the copy a delta page (CapDelta accepted) changes and the page a dedup
 	// page (CapDedup) refers to. Deltas are taken only until the switch to post-copy
 	// (switched), when the pages the destination holds stop being the ones the source last
@@ -73,10 +73,11 @@ type PageReader interface {
 	ReadPages(r int, first uint64, dst []byte) error
 }
 
-// newPageCodec makes the decoders for the accepted capabilities for regions of the given page
-// counts; dst reads back pages for deltas and dedup references.
-func newPageCodec(caps wire.Caps, ps int, sizes []uint64, dst PageReader) (*pageCodec, error) {
-	c := &pageCodec{ps: ps, sizes: sizes, old: dst, delta: caps&wire.CapDelta != 0, dedup: caps&wire.CapDedup != 0}
+// newPageCodec makes the decoders for the accepted capabilities over the layout desc; dst reads
+// back pages for deltas and dedup references.
+func newPageCodec(caps wire.Caps, desc *wire.Description, dst PageReader) (*pageCodec, error) {
+	ps := int(desc.PageSize)
+	c := &pageCodec{ps: ps, desc: desc, old: dst, delta: caps&wire.CapDelta != 0, dedup: caps&wire.CapDedup != 0}
 	if caps&wire.CapS2 != 0 {
 		c.s2 = &compress.S2Decoder{PageSize: ps}
 	}
@@ -199,7 +200,7 @@ func (c *pageCodec) spans(b *wire.PageBatch, pl *placing, place func(sp wire.Spa
 			if err != nil {
 				return fmt.Errorf("%w: page %d in region %d: %v", ErrProtocol, sp.First, r, err)
 			}
-			if ref.Region >= len(c.sizes) || ref.Page >= c.sizes[ref.Region] {
+			if ref.Region >= len(c.desc.Regions) || ref.Page >= c.desc.Pages(ref.Region) {
 				return fmt.Errorf("%w: dedup page %d in region %d refers to page %d in region %d, which does not exist", ErrProtocol, sp.First, r, ref.Page, ref.Region)
 			}
 			if ref.Region == r && run.Count > 0 && ref.Page >= run.First && ref.Page < run.First+run.Count {

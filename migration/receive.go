@@ -241,11 +241,7 @@ func (rc *receiver) migrate() error {
 	accepted := hello.Caps & supported
 	rc.caps = accepted
 	rc.wdesc = &hello.Desc
-	sizes := make([]uint64, len(hello.Desc.Regions))
-	for i, reg := range hello.Desc.Regions {
-		sizes[i] = reg.Size / uint64(hello.Desc.PageSize)
-	}
-	codec, err := newPageCodec(accepted, int(hello.Desc.PageSize), sizes, old)
+	codec, err := newPageCodec(accepted, rc.wdesc, old)
 	if err != nil {
 		return err
 	}

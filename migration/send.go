@@ -282,15 +282,6 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		}
 		dlt = delta.NewEncoder(opts.DeltaCache, int(src.Describe().Layout.PageSize))
 	}
-	var ddp *dedup.Index
-	if opts.Dedup && resumeID == nil {
-		l := src.Describe().Layout
-		sizes := make([]uint64, len(l.Regions))
-		for i, reg := range l.Regions {
-			sizes[i] = reg.Size / l.PageSize
-		}
-		ddp = dedup.NewIndex(sizes, opts.DedupEntries)
-	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = DefaultDowntimeLimit
 	}
@@ -318,7 +309,6 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		rep:   rep,
 		enc:   enc,
 		delta: dlt,
-		dedup: ddp,
 	}
 	if opts.Mode != ModePrecopy || resumeID != nil {
 		s.post = newPostcopyDriver(s, resumeID)
@@ -372,7 +362,7 @@ type sender struct {
 	cls      pages.Classifier
 	enc      *compress.Encoder // SendOptions.Compress; installed in cls once the destination accepts
 	delta    *delta.Encoder    // SendOptions.Delta; the same
-	dedup    *dedup.Index      // SendOptions.Dedup; the same (each connection has its Lane)
+	dedup    *dedup.Index      // SendOptions.Dedup, made once the layout is known; the same (each connection has its Lane)
 	limit    limiter
 	limitMu  sync.Mutex // lanes share the limiter
 	lanes    []*lane    // with extra streams: one per connection, the main one first
@@ -643,6 +633,9 @@ func (s *sender) migrate() error {
 	if s.post != nil && s.post.resumeID != nil {
 		return s.post.resume()
 	}
+	if s.opts.Dedup {
+		s.dedup = dedup.NewIndex(s.sizes, s.opts.DedupEntries)
+	}
 	if s.opts.Mode != ModePostcopy {
 		s.pre = newPrecopyDriver(s) // before the reader goroutine, which checks its rounds
 	}
@@ -716,7 +709,11 @@ func (s *sender) migrate() error {
 			s.rep.Compression = fmt.Sprintf("%s: %s (%s) while the bandwidth cap holds pages back", CompressAuto, CompressZstd, s.enc.Level())
 		}
 	case s.enc != nil:
-		s.rep.Compression = fmt.Sprintf("%s (the destination declined %s)", CompressNone, map[bool]string{true: CompressS2, false: CompressZstd}[s.enc.Kind() == pages.S2])
+		declined := CompressZstd
+		if s.enc.Kind() == pages.S2 {
+			declined = CompressS2
+		}
+		s.rep.Compression = fmt.Sprintf("%s (the destination declined %s)", CompressNone, declined)
 	}
 	switch {
 	case s.delta != nil && welcome.Caps&wire.CapDelta != 0:
