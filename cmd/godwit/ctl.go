@@ -51,11 +51,12 @@ func printStats(s vmm.Stats) {
 		if target == "" {
 			target = "set before a migration"
 		}
-		fmt.Printf("balloon       %s (target %s; %d pages released here)\n", formatBytes(s.BalloonBytes), target, s.BalloonReleased)
+		fmt.Printf("balloon       %s (target %s; %d pages released here; %d taken back, %d of them on demand)\n",
+			formatBytes(s.BalloonBytes), target, s.BalloonReleased, s.BalloonDeflated, s.BalloonOnDemand)
 	}
 	if len(s.Workload) > 0 {
 		var parts []string
-		for _, k := range []string{"workload", "wss", "rate", "pattern", "content", "seed"} {
+		for _, k := range []string{"workload", "wss", "touch", "peak", "rate", "pattern", "content", "seed"} {
 			if v, ok := s.Workload[k]; ok {
 				if f, isNum := v.(float64); isNum && k == "wss" {
 					v = formatBytes(uint64(f))

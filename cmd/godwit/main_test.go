@@ -171,6 +171,8 @@ func TestBadInputIsAClearError(t *testing.T) {
 		{[]string{"run", "--workload", "busy"}, "idle"},
 		{[]string{"run", "--workload", "dirty", "--wss", "2G", "--mem", "1G"}, "larger than --mem"},
 		{[]string{"run", "--touch", "2"}, "--touch"},
+		{[]string{"run", "--workload", "churn", "--touch", "0.5", "--peak", "0.4"}, "above --touch"},
+		{[]string{"run", "--workload", "dirty", "--peak", "0.8"}, "only the churn workload"},
 		{[]string{"run", "--rate", "fast"}, "rate"},
 		{[]string{"run", "--balloon", "auto:2"}, "auto:SHARE"},
 		{[]string{"balloon", "--control", "/nonexistent/vm.sock", "lots"}, "balloon target"},

@@ -51,6 +51,15 @@ func (w *WorkloadFlags) guestConfig(memBytes uint64, vcpus int) (guest.Config, e
 		}
 		*f.dst = uint64(math.Round(f.v * 1000))
 	}
+	if w.Peak != 0 {
+		switch {
+		case w.Workload != "churn":
+			return c, fmt.Errorf("--peak %g: only the churn workload swings (this is --workload %s)", w.Peak, w.Workload)
+		case w.Peak <= w.Touch || w.Peak > 1:
+			return c, fmt.Errorf("--peak %g: want a fraction above --touch %g and at most 1", w.Peak, w.Touch)
+		}
+		c.PeakPermille = uint64(math.Round(w.Peak * 1000))
+	}
 	if w.Interval <= 0 {
 		return c, fmt.Errorf("--idle-interval %v: want a positive duration", w.Interval)
 	}

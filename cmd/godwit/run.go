@@ -26,6 +26,7 @@ type WorkloadFlags struct {
 	Content  string        `enum:"zero,text,random,image,patch" default:"text" help:"Page content: zero pages, compressible text, incompressible random, image-like pages that repeat within and across VMs of the same seed, or patch: text pages of which each write changes one 64-byte slot (what 'migrate --delta' is for) (${enum})."`
 	Seed     uint64        `default:"1" help:"Seed of page content and write pattern."`
 	Touch    float64       `default:"0.25" help:"idle: fraction of memory the guest writes once at start; churn: fraction of its pages allocated (0..1)."`
+	Peak     float64       `default:"0" help:"churn: make the allocated fraction swing between --touch and this one (above --touch, at most 1): units of work that only allocate until it is reached, then units that only free down to --touch, at --rate. A guest that needs memory again takes it back out of its balloon (deflate on demand). 0 = no swing."`
 	Batch    int           `default:"64" help:"Pages written per unit of work; the guest heartbeats once per unit."`
 	HotSize  float64       `name:"hot-size" default:"0.1" help:"hotcold: fraction of the working set that is hot."`
 	HotProb  float64       `name:"hot-prob" default:"0.9" help:"hotcold: fraction of writes that go to the hot part."`
@@ -65,6 +66,9 @@ func (c *RunCmd) workloadDescription() map[string]any {
 		w["pattern"] = c.Pattern
 	case "churn":
 		w["touch"] = c.Touch
+		if c.Peak > 0 {
+			w["peak"] = c.Peak
+		}
 		w["rate"] = c.Rate.String()
 	default:
 		w["touch"] = c.Touch

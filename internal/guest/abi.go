@@ -46,6 +46,7 @@
 //	                   the workload has no allocator
 //	PortBalloonTarget  in   answers CmdBalloon: the balloon's target
 //	PortBalloonInflate out  churn: the mailbox list names eax pages now in the balloon
+//	PortBalloonHeld    out  answers CmdBalloonList: the mailbox list names eax pages in the balloon
 //
 // # Page content and verification
 //
@@ -76,7 +77,12 @@
 // after each unit of work it moves free pages into the balloon (PortBalloonInflate: the VMM
 // punches them out of guest memory, so the host gets the memory back and no migration sees
 // them) or gives them back, at once when the target falls and a few at a time when it has no
-// other free page to allocate (deflate on demand). A ballooned page is a free page to verify.
+// other free page to allocate (deflate on demand; the mailbox counts both kinds of deflate). It
+// takes only memory the guest has not needed for a while: never more than the fewest free
+// pages of the last one to two seconds (given the TSC frequency). A ballooned page is a free
+// page to verify. With a peak above touch, the allocated share swings
+// between the two, a batch of allocations (or of frees) per unit of work, so that the guest's
+// need for memory grows and falls as a real one's does; growing into the balloon deflates it.
 package guest
 
 // Guest physical addresses and sizes of the fixed layout.
@@ -132,6 +138,9 @@ const (
 	// into the balloon; the VMM may release their memory. They stay out of the guest's use
 	// until it deflates them, and read as zero (or anything) then.
 	PortBalloonInflate = 0x509
+	// PortBalloonHeld answers CmdBalloonList: the mailbox list names eax pages that are in the
+	// balloon already (named before, by PortBalloonInflate); the VMM may release them now.
+	PortBalloonHeld = 0x50a
 	// PortFault is written by the VMM's exception stubs at CPL0, never by the guest (its bit in
 	// the I/O bitmap stays set): the vCPU faulted; the stack holds vector, error code and the
 	// CPU's exception frame.
@@ -150,6 +159,10 @@ const (
 	CmdReportFree Command = 3
 	// CmdBalloon: read the balloon's new target from PortBalloonTarget.
 	CmdBalloon Command = 4
+	// CmdBalloonList: name every page in the balloon again (PortBalloonHeld), a few lists per
+	// unit of work. A VMM that could not release pages when they went in (it was receiving by
+	// post-copy then) asks for it once it can.
+	CmdBalloonList Command = 5
 )
 
 // BalloonAuto marks a balloon target that is a per mille of the free pages (in its low bits)
@@ -210,6 +223,7 @@ const (
 	ParHotPermille      = 0x60 // hot/cold: hot part, per mille of the working set
 	ParHotProbPermille  = 0x68 // hot/cold: per mille of writes that go to the hot part
 	ParImagePoolPages   = 0x70 // image content: distinct pages in the pool
+	ParPeakPermille     = 0x78 // churn: per mille allocated at the top of the swing (0 = none)
 	ParamsVCPUOffset    = 0x400
 	ParamsVCPURecord    = 0x40
 	VCPUVersionTableGPA = 0x00 // offsets within a per-vCPU record
@@ -234,6 +248,8 @@ const (
 	MbPagesVersioned = 0x048 // uint64 pages with a version other than 0
 	MbPagesFree      = 0x050 // uint64 churn: pages free at the last verify
 	MbBalloonPages   = 0x058 // uint64 churn: pages in the balloon now (guest-maintained)
+	MbBalloonDeflate = 0x060 // uint64 churn: pages taken back out of the balloon, ever
+	MbBalloonDemand  = 0x068 // uint64 churn: of them, pages taken back on demand
 	MbFreeList       = 0x100 // uint32 page frame numbers of a PortFreePages report
 	MbFreeMax        = 448   // entries the list holds (up to the console area)
 	MbConsole        = 0x800 // console text, up to MbConsoleMax bytes

@@ -27,6 +27,8 @@ var goToC = map[string]string{
 	"MbPagesFree": "MB_PAGES_FREE", "MbFreeList": "MB_FREE_LIST", "MbFreeMax": "MB_FREE_MAX",
 	"PortBalloonTarget": "PORT_BALLOON_TARGET", "PortBalloonInflate": "PORT_BALLOON_INFLATE", "CmdBalloon": "CMD_BALLOON",
 	"BalloonAuto": "BALLOON_AUTO", "MbBalloonPages": "MB_BALLOON_PAGES",
+	"PortBalloonHeld": "PORT_BALLOON_HELD", "CmdBalloonList": "CMD_BALLOON_LIST",
+	"MbBalloonDeflate": "MB_BALLOON_DEFLATED", "MbBalloonDemand": "MB_BALLOON_DEMAND", "ParPeakPermille": "PAR_PEAK_PERMILLE",
 
 	"CmdContinue": "CMD_CONTINUE", "CmdVerify": "CMD_VERIFY", "CmdExit": "CMD_EXIT",
 	"WorkloadIdle": "WORKLOAD_IDLE", "WorkloadDirty": "WORKLOAD_DIRTY",

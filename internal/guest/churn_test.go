@@ -112,9 +112,10 @@ func TestChurnVerifyCatches(t *testing.T) {
 }
 
 // TestBalloonNative runs the churn allocator with a balloon target: pages, a share of the free
-// pages, and all of them (every allocation then deflates on demand). Only free pages go into
-// the balloon, it reaches its target, and verify stays clean with the ballooned pages zeroed
-// under it (as the VMM's release leaves them).
+// pages, and all of them (each free gives the allocator the one page it takes next, so the
+// balloon never has to give one back). Only free pages go into the balloon, it reaches its
+// target, and verify stays clean with the ballooned pages zeroed under it (as the VMM's
+// release leaves them).
 func TestBalloonNative(t *testing.T) {
 	const mem = 32 << 20
 	for _, c := range []struct {
@@ -175,5 +176,56 @@ func TestPatchContent(t *testing.T) {
 	}
 	if len(diff) != 1 || diff[0] != int(versions[1]%64) {
 		t.Fatalf("versions %d and %d differ in slots %v, want slot %d only", versions[0], versions[1], diff, versions[1]%64)
+	}
+}
+
+// TestBalloonDeflateOnDemandNative: a guest whose need for memory grows (a swing from 30% to
+// 80% allocated) into a balloon that holds most of its free pages takes them back on demand,
+// and gives nothing up: verify stays clean through growth and shrinking, and the balloon
+// refills to its target once the guest needs the memory no more.
+func TestBalloonDeflateOnDemandNative(t *testing.T) {
+	const mem = 32 << 20
+	cfg := churnConfig(300)
+	cfg.PeakPermille, cfg.BatchPages = 800, 64
+	p, err := NewParams(cfg, mem, 1, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, pool := churnPool(p.VCPUs[0].DataPages)
+	target := pool * 6 / 10 // of the 70% free at first; 20% stay free at the peak
+	swing := pool*800/1000 - pool*300/1000
+	units := 3*swing/64 + 20 // grow, shrink, grow part of the way again
+	r := runNative(t, cfg, mem, 1, NativeRun{Units: units, VerifyAt: swing/64 + 5, Balloon: true, BalloonTarget: uint32(target)})
+	for _, rep := range r.verifies(0) {
+		if rep.Mismatches != 0 {
+			t.Errorf("verify %d: %+v", rep.VerifySeq, rep)
+		}
+	}
+	if len(r.res.Free) != 1 {
+		t.Fatalf("balloon reports %+v", r.res.Free)
+	}
+	f := r.res.Free[0]
+	t.Logf("pool %d, target %d, swing %d pages: %+v", pool, target, swing, f)
+	// At the peak only 20% of the pool is free: the balloon gave up at least 40% of it.
+	if f.NotFree != 0 || f.Demand < pool*4/10 || f.Deflated < f.Demand || f.Inflated-f.Deflated != f.Balloon || f.Inflated <= target {
+		t.Errorf("balloon %+v: want at least %d pages deflated on demand, the counts agreeing, and the balloon inflated again", f, pool*4/10)
+	}
+}
+
+// TestBalloonListNative: CmdBalloonList names every page in the balloon again, only those
+// (the harness zeroes each: a page in use would fail verify), and the churn goes on.
+func TestBalloonListNative(t *testing.T) {
+	const mem = 32 << 20
+	r := runNative(t, churnConfig(300), mem, 1, NativeRun{Units: 60, VerifyAt: 40, Balloon: true, BalloonTarget: 2000, ListAt: 10})
+	for _, rep := range r.verifies(0) {
+		if rep.Mismatches != 0 {
+			t.Errorf("verify %d: %+v", rep.VerifySeq, rep)
+		}
+	}
+	if len(r.res.Free) != 1 {
+		t.Fatalf("balloon reports %+v", r.res.Free)
+	}
+	if f := r.res.Free[0]; f.NotFree != 0 || f.Relisted != 2000 || f.Balloon != 2000 {
+		t.Errorf("balloon %+v: want the 2000 pages of the balloon named again, and only free ones", f)
 	}
 }

@@ -120,6 +120,9 @@ type NativeRun struct {
 	// the harness checks and zeroes every page inflated (NativeResult.Free).
 	Balloon       bool
 	BalloonTarget uint32
+	// ListAt, if not 0, is the heartbeat at which each vCPU is told CmdBalloonList; the
+	// harness checks and zeroes every page named again (NativeFree.Relisted).
+	ListAt uint64
 	// Corrupt flips the byte at CorruptGPA right before vCPU CorruptVCPU's VerifyAt verify, and
 	// restores it when that report is in.
 	Corrupt     bool
@@ -162,6 +165,9 @@ type NativeFree struct {
 	NotFree   uint64 // of them (and of the inflated), pages not flagged free (or outside the slice)
 	Inflated  uint64 // pages put into the balloon
 	Balloon   uint64 // pages in the balloon at exit
+	Relisted  uint64 // pages named again on CmdBalloonList
+	Deflated  uint64 // pages taken out of the balloon (the mailbox's count at exit)
+	Demand    uint64 // of them, pages taken out on demand
 }
 
 // NativeConsole is one console message.
@@ -239,6 +245,9 @@ func (h *NativeHarness) Run(ctx context.Context, r NativeRun) (*NativeResult, er
 	}
 	if r.Balloon {
 		args = append(args, "-b", strconv.FormatUint(uint64(r.BalloonTarget), 10))
+	}
+	if r.ListAt != 0 {
+		args = append(args, "-l", strconv.FormatUint(r.ListAt, 10))
 	}
 	if r.Corrupt {
 		args = append(args, "-c", fmt.Sprintf("%d:0x%x", r.CorruptVCPU, r.CorruptGPA))
@@ -331,6 +340,7 @@ func parseHarnessOutput(out []byte) (*NativeResult, []string, error) {
 			res.Free = append(res.Free, NativeFree{
 				VCPU: int(n("vcpu")), Done: n("done"), Supported: n("supported") == 1,
 				Reported: n("reported"), NotFree: n("notfree"), Inflated: n("inflated"), Balloon: n("balloon"),
+				Relisted: n("relisted"), Deflated: n("deflated"), Demand: n("demand"),
 			})
 		default:
 			return res, panics, fmt.Errorf("guest: native harness: unknown output line %q", line)

@@ -49,6 +49,10 @@ type Config struct {
 	// an idle VM whose memory is all in use; lower values leave never-touched pages. Under
 	// churn it is the share of pages allocated: the others were written once and freed.
 	TouchPermille uint64
+	// PeakPermille, under churn and above TouchPermille, makes the allocated share swing
+	// between the two (growing a batch of pages per unit of work, then shrinking): memory the
+	// guest needs again, which it takes out of its balloon. 0 (or not above touch): no swing.
+	PeakPermille uint64
 	// IdleIntervalUS is how long the idle workload sleeps per unit of work.
 	IdleIntervalUS uint64
 
@@ -100,6 +104,7 @@ func (c Config) Validate() error {
 		v    uint64
 	}{
 		{"touch per mille", c.TouchPermille},
+		{"peak per mille", c.PeakPermille},
 		{"hot per mille", c.HotPermille},
 		{"hot probability per mille", c.HotProbPermille},
 	} {
@@ -290,6 +295,7 @@ func (p *Params) headerFields() []struct {
 		{ParHotPermille, &p.HotPermille},
 		{ParHotProbPermille, &p.HotProbPermille},
 		{ParImagePoolPages, &p.ImagePoolPages},
+		{ParPeakPermille, &p.PeakPermille},
 	}
 }
 

@@ -20,8 +20,11 @@ import (
 // (PortBalloonInflate) and the VMM punches them out of the memfd: the host gets the memory
 // back, and a migration never sees them (they are holes). A page the guest takes back
 // (deflate) reads as zero and gets fresh memory when it is written; the guest only tells
-// through its mailbox count. While this machine is itself still receiving by post-copy the
-// VMM punches nothing: a punched page would read as missing again to the demand pager.
+// through its mailbox counts. While this machine is itself still receiving by post-copy the
+// VMM punches nothing: a punched page would read as missing again to the demand pager. Since
+// deflates name no pages, the VMM cannot tell afterwards which of the pages it kept are still
+// in the balloon: once post-copy is over it asks the guest to name its balloon again
+// (CmdBalloonList, answered through PortBalloonHeld) and releases what it names.
 
 // Balloon is a balloon target: Bytes of guest memory, or, with Auto, Share (0..1) of the
 // guest's free memory. The zero Balloon is none.
@@ -83,7 +86,9 @@ func (b Balloon) word(vcpus int) (uint32, error) {
 type balloonCounts struct {
 	target   atomic.Pointer[Balloon]
 	inflated atomic.Uint64 // pages the guest put into the balloon
-	released atomic.Uint64 // of them, pages punched out of memory
+	released atomic.Uint64 // pages punched out of memory (named again: counted again)
+	// kept says that pages went into the balloon while post-copy was armed, unreleased.
+	kept atomic.Bool
 }
 
 // SetBalloon gives the guest a new balloon target; every vCPU takes it at its next heartbeat.
@@ -101,9 +106,9 @@ func (m *Machine) SetBalloon(b Balloon) error {
 	return nil
 }
 
-// balloonInflated takes vCPU id's list of n pages that went into the balloon
-// (PortBalloonInflate) and releases their memory.
-func (m *Machine) balloonInflated(id int, n uint32) error {
+// balloonListed takes vCPU id's list of n pages in the balloon (inflated: new ones, from
+// PortBalloonInflate; otherwise named again, from PortBalloonHeld) and releases their memory.
+func (m *Machine) balloonListed(id int, n uint32, inflated bool) error {
 	if n == 0 {
 		return nil
 	}
@@ -111,9 +116,16 @@ func (m *Machine) balloonInflated(id int, n uint32) error {
 	if err != nil {
 		return err
 	}
-	m.balloon.inflated.Add(uint64(n))
+	if inflated {
+		m.balloon.inflated.Add(uint64(n))
+	}
 	if m.pc.Load() != nil {
-		return nil
+		// Flag first, then look again: either disarmPostcopy sees the flag and asks for the
+		// list, or this sees it disarmed and releases the pages itself.
+		m.balloon.kept.Store(true)
+		if m.pc.Load() != nil {
+			return nil
+		}
 	}
 	slices.Sort(pfns)
 	for i := 0; i < len(pfns); {
@@ -130,17 +142,35 @@ func (m *Machine) balloonInflated(id int, n uint32) error {
 	return nil
 }
 
-// balloonPages sums the guest's own count of its balloon (the mailboxes), which migrates with
-// it. It gives up on a mailbox still on its way by post-copy.
-func (m *Machine) balloonPages() uint64 {
-	var n uint64
+// releaseKept asks the guest to name its balloon again if pages went into it unreleased
+// (while post-copy was armed); called once post-copy is disarmed.
+func (m *Machine) releaseKept() {
+	if !m.balloon.kept.Swap(false) {
+		return
+	}
+	for i := range m.pv.balloonList {
+		m.pv.balloonList[i].Store(true)
+	}
+}
+
+// guestBalloon is the guest's own count of its balloon (the mailboxes), which migrates with it.
+type guestBalloon struct {
+	pages, deflated, onDemand uint64
+}
+
+// guestBalloon sums the mailboxes' balloon counts. It gives up on a mailbox still on its way
+// by post-copy.
+func (m *Machine) guestBalloon() guestBalloon {
+	var g guestBalloon
 	for id := range m.vcpus {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
-		b, err := m.pv.readMailbox(ctx, id, guest.MbBalloonPages, 8)
+		b, err := m.pv.readMailbox(ctx, id, guest.MbBalloonPages, 24)
 		cancel()
 		if err == nil {
-			n += binary.LittleEndian.Uint64(b)
+			g.pages += binary.LittleEndian.Uint64(b)
+			g.deflated += binary.LittleEndian.Uint64(b[8:])
+			g.onDemand += binary.LittleEndian.Uint64(b[16:])
 		}
 	}
-	return n
+	return g
 }

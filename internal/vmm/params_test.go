@@ -24,5 +24,6 @@ func testParams(memBytes uint64, vcpus int, w workload) (func(uint32) ([]byte, e
 	if w.touch > 0 {
 		c.TouchPermille = uint64(w.touch * 1000)
 	}
+	c.PeakPermille = uint64(w.peak * 1000)
 	return guest.ParamsBuilder(c, memBytes, vcpus)
 }

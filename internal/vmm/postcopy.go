@@ -101,6 +101,7 @@ func (m *Machine) disarmPostcopy() error {
 		return errors.New("vmm: disarm post-copy: disarmed concurrently")
 	}
 	m.lastPC.Store(pc)
+	m.releaseKept()
 	if err := pc.Shutdown(); err != nil {
 		return fmt.Errorf("vmm: disarm post-copy: %w", err)
 	}

@@ -54,6 +54,8 @@ type pvDevice struct {
 	// balloonCmd asks a vCPU for CmdBalloon, after the others; it then reads balloonTarget.
 	balloonCmd    []atomic.Bool
 	balloonTarget []atomic.Uint32
+	// balloonList asks a vCPU for CmdBalloonList, after the others (releaseKept).
+	balloonList []atomic.Bool
 
 	mu          sync.Mutex
 	startedAt   time.Time // when the vCPUs started (or, after a migration, resumed here)
@@ -74,7 +76,7 @@ type pvDevice struct {
 func newPVDevice(m *Machine, n int) *pvDevice {
 	return &pvDevice{
 		m: m, cmd: make([]atomic.Uint32, n), reportFree: make([]atomic.Bool, n),
-		balloonCmd: make([]atomic.Bool, n), balloonTarget: make([]atomic.Uint32, n),
+		balloonCmd: make([]atomic.Bool, n), balloonTarget: make([]atomic.Uint32, n), balloonList: make([]atomic.Bool, n),
 		perVCPU: make([]uint64, n), exited: make([]bool, n),
 	}
 }
@@ -133,8 +135,8 @@ func (p *pvDevice) handle(v *vcpu) (done bool, err error) {
 		}
 	case guest.PortFreeDone:
 		p.m.freeDone(v.id, val)
-	case guest.PortBalloonInflate:
-		if err := p.m.balloonInflated(v.id, val); err != nil {
+	case guest.PortBalloonInflate, guest.PortBalloonHeld:
+		if err := p.m.balloonListed(v.id, val, io.Port == guest.PortBalloonInflate); err != nil {
 			return true, err
 		}
 	case guest.PortExit:
@@ -189,6 +191,9 @@ func (p *pvDevice) heartbeat(v *vcpu) guest.Command {
 	}
 	if p.balloonCmd[v.id].CompareAndSwap(true, false) {
 		return guest.CmdBalloon
+	}
+	if p.balloonList[v.id].CompareAndSwap(true, false) {
+		return guest.CmdBalloonList
 	}
 	return guest.CmdContinue
 }

@@ -73,6 +73,12 @@ type pvState struct {
 	Exited     []bool   `json:"exited"`
 	LastHBWall int64    `json:"last_heartbeat_unix_ns"`
 	Console    []string `json:"console,omitempty"`
+	// The balloon's target as last set, and per vCPU the commands it has not taken yet: a
+	// target set moments before the pause, or a list asked for, still reaches the guest.
+	BalloonTarget  *Balloon `json:"balloon_target,omitempty"`
+	BalloonPending []bool   `json:"balloon_pending,omitempty"`
+	BalloonWords   []uint32 `json:"balloon_words,omitempty"`
+	BalloonList    []bool   `json:"balloon_list,omitempty"`
 }
 
 func (m *Machine) msrList() ([]uint32, error) {
@@ -124,6 +130,22 @@ func (m *Machine) SaveState() ([]Section, error) {
 	p := m.pv
 	p.mu.Lock()
 	ps := pvState{TSCKHz: p.tscKHz, Heartbeats: p.heartbeats, PerVCPU: p.perVCPU, Exited: p.exited, LastHBWall: p.lastHBWall, Console: p.console}
+	if b := m.balloon.target.Load(); b != nil {
+		ps.BalloonTarget = b
+		for i := range p.balloonCmd {
+			ps.BalloonPending = append(ps.BalloonPending, p.balloonCmd[i].Load())
+			ps.BalloonWords = append(ps.BalloonWords, p.balloonTarget[i].Load())
+		}
+	}
+	for i := range p.balloonList {
+		if p.balloonList[i].Load() {
+			ps.BalloonList = make([]bool, len(p.balloonList))
+			for j := range p.balloonList {
+				ps.BalloonList[j] = p.balloonList[j].Load()
+			}
+			break
+		}
+	}
 	pd, err := json.Marshal(ps)
 	p.mu.Unlock()
 	if err != nil {
@@ -238,6 +260,24 @@ func (m *Machine) restoreSection(s Section) error {
 		}
 		if len(ps.PerVCPU) != len(m.vcpus) || len(ps.Exited) != len(m.vcpus) {
 			return fmt.Errorf("vmm: restore %q: state for %d vCPUs, machine has %d", s.ID, len(ps.PerVCPU), len(m.vcpus))
+		}
+		for _, l := range []int{len(ps.BalloonPending), len(ps.BalloonWords), len(ps.BalloonList)} {
+			if l != 0 && l != len(m.vcpus) {
+				return fmt.Errorf("vmm: restore %q: balloon state for %d vCPUs, machine has %d", s.ID, l, len(m.vcpus))
+			}
+		}
+		if (ps.BalloonTarget == nil) != (len(ps.BalloonPending) == 0) || len(ps.BalloonPending) != len(ps.BalloonWords) {
+			return fmt.Errorf("vmm: restore %q: balloon target %v with %d pending commands and %d targets", s.ID, ps.BalloonTarget, len(ps.BalloonPending), len(ps.BalloonWords))
+		}
+		if ps.BalloonTarget != nil {
+			m.balloon.target.Store(ps.BalloonTarget)
+		}
+		for i := range ps.BalloonPending {
+			m.pv.balloonTarget[i].Store(ps.BalloonWords[i])
+			m.pv.balloonCmd[i].Store(ps.BalloonPending[i])
+		}
+		for i, l := range ps.BalloonList {
+			m.pv.balloonList[i].Store(l)
 		}
 		p := m.pv
 		p.mu.Lock()

@@ -42,10 +42,14 @@ type Stats struct {
 	// FreePagesReported counts the pages the guest reported free to a migration away from
 	// here (the churn workload), over the machine's life.
 	FreePagesReported uint64 `json:"free_pages_reported,omitempty"`
-	// The balloon (churn workload): its target, the memory in it now (the guest's own count,
-	// which migrates with it) and the pages put in and released here over the machine's life.
+	// The balloon (churn workload): its target; the memory in it now and the pages the guest
+	// took back out of it, in all and on demand (the guest's own counts, which migrate with
+	// it); the pages put in and released here over the machine's life (after an incoming
+	// post-copy the guest names its balloon again, and those pages count as released again).
 	BalloonTarget   string        `json:"balloon_target,omitempty"`
 	BalloonBytes    uint64        `json:"balloon_bytes"`
+	BalloonDeflated uint64        `json:"balloon_deflated_pages,omitempty"`
+	BalloonOnDemand uint64        `json:"balloon_deflated_on_demand_pages,omitempty"`
 	BalloonInflated uint64        `json:"balloon_inflated_pages,omitempty"`
 	BalloonReleased uint64        `json:"balloon_released_pages,omitempty"`
 	LastVerify      *VerifyReport `json:"last_verify,omitempty"`
@@ -117,7 +121,8 @@ func (m *Machine) Stats() Stats {
 		s.BalloonTarget = b.String()
 	}
 	s.BalloonInflated, s.BalloonReleased = m.balloon.inflated.Load(), m.balloon.released.Load()
-	s.BalloonBytes = m.balloonPages() * guest.PageSize
+	g := m.guestBalloon()
+	s.BalloonBytes, s.BalloonDeflated, s.BalloonOnDemand = g.pages*guest.PageSize, g.deflated, g.onDemand
 	return s
 }
 

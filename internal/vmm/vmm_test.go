@@ -25,9 +25,10 @@ type workload struct {
 	kind, content, pattern string
 	wssMiB, rate           uint64 // rate: pages/s over all vCPUs, 0 = max
 	touch                  float64
-	streams                int    // migration tests: connections for the pages
-	tracking               string // Config.DirtyTracking
-	ringBytes              int    // Config.DirtyRingBytes
+	peak                   float64 // churn: the allocated share swings from touch to peak
+	streams                int     // migration tests: connections for the pages
+	tracking               string  // Config.DirtyTracking
+	ringBytes              int     // Config.DirtyRingBytes
 }
 
 func newMachine(t testing.TB, memMiB uint64, vcpus int, w workload) *Machine {

@@ -9,15 +9,16 @@
  *   verified vcpu=I seq=S checked=C mismatches=M first_bad_page=P first_bad_offset=O
  *            expected=E found=F versioned=V free=R ns=T        (one line)
  *   exit vcpu=I status=S units=U pages=P write_ns=T write_cpu_ns=C slept_us=Z
- *   free vcpu=I done=D supported=S reported=R notfree=N inflated=B balloon=P
- *            (with -r or -b, before that vCPU's exit line; balloon: the mailbox's count at exit)
+ *   free vcpu=I done=D supported=S reported=R notfree=N inflated=B balloon=P relisted=L
+ *            deflated=F demand=G      (one line, with -r or -b, before that vCPU's exit line;
+ *            balloon, deflated, demand: the mailbox's counts at exit)
  *
  * write_ns is the wall time from the vCPU's start to its last heartbeat, write_cpu_ns the
  * thread's CPU time over the same span: on a busy machine the CPU time still shows what the
  * write loop costs, while the wall time also counts the time other processes had the CPU.
  *   panic vcpu=I text=...
  *
- * Usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v VERIFY_AT] [-r REPORT_AT] [-b TARGET] [-c VCPU:GPA] [-d DUMP] [-s] [-P]
+ * Usage: harness -p PARAMS -m MEMBYTES -u UNITS [-v VERIFY_AT] [-r REPORT_AT] [-b TARGET] [-l LIST_AT] [-c VCPU:GPA] [-d DUMP] [-s] [-P]
  *   -p  the params page (8 KiB, as guest.EncodeParams makes it), placed at ParamsGPA
  *   -m  bytes of guest memory
  *   -u  each vCPU gets CmdExit at its UNITS-th heartbeat
@@ -33,6 +34,8 @@
  *   -b  each vCPU gets CmdBalloon at its first heartbeat and TARGET from PortBalloonTarget;
  *       every page it inflates is checked like a reported one (notfree), then zeroed as the
  *       VMM's release would
+ *   -l  each vCPU gets CmdBalloonList at its LIST_AT-th heartbeat; every page it names again
+ *       (PortBalloonHeld) is checked and zeroed like an inflated one (relisted counts them)
  *   -P  fault all guest memory in and write (zeros to) every cache line of it before the vCPUs
  *       start, so that a throughput figure shows the write loop rather than first-touch costs.
  *       MAP_POPULATE alone is not enough where the host is itself a VM: there, the first
@@ -73,7 +76,7 @@ struct vstate {
 	uint32_t exit_status;
 	int exited;
 	int corrupted;
-	uint64_t free_done, free_supported, free_reported, free_notfree, inflated;
+	uint64_t free_done, free_supported, free_reported, free_notfree, inflated, relisted;
 	jmp_buf done; /* PortExit returns here, out of guest_main, which never returns */
 };
 
@@ -85,6 +88,7 @@ static struct {
 	uint64_t report_at;
 	int balloon;
 	uint32_t balloon_target;
+	uint64_t list_at;
 	int corrupt;
 	uint64_t corrupt_vcpu;
 	uint64_t corrupt_gpa;
@@ -230,6 +234,8 @@ uint32_t godwit_native_in(uint16_t port)
 	}
 	if (v->heartbeats == opt.report_at)
 		return CMD_REPORT_FREE;
+	if (v->heartbeats == opt.list_at)
+		return CMD_BALLOON_LIST;
 	return CMD_CONTINUE;
 }
 
@@ -270,7 +276,8 @@ void godwit_native_out(uint16_t port, uint32_t val)
 		return;
 	}
 	case PORT_FREE_PAGES:
-	case PORT_BALLOON_INFLATE: {
+	case PORT_BALLOON_INFLATE:
+	case PORT_BALLOON_HELD: {
 		uint64_t rec = PARAMS_GPA + PARAMS_VCPU_OFFSET + i * PARAMS_VCPU_RECORD;
 		uint64_t table = read_u64(rec + VCPU_VERSION_TABLE_GPA);
 		uint64_t data_pfn = read_u64(rec + VCPU_DATA_GPA) / PAGE_SIZE;
@@ -289,11 +296,13 @@ void godwit_native_out(uint16_t port, uint32_t val)
 			memcpy(&version, host(table + 4 * (pfn - data_pfn)), 4);
 			if (!(version & VERSION_FREE))
 				v->free_notfree++;
-			else if (port == PORT_BALLOON_INFLATE)
+			else if (port != PORT_FREE_PAGES)
 				memset(host((uint64_t)pfn * PAGE_SIZE), 0, PAGE_SIZE);
 		}
 		if (port == PORT_BALLOON_INFLATE)
 			v->inflated += val;
+		else if (port == PORT_BALLOON_HELD)
+			v->relisted += val;
 		else
 			v->free_reported += val;
 		return;
@@ -306,9 +315,11 @@ void godwit_native_out(uint16_t port, uint32_t val)
 		if (opt.report_at || opt.balloon)
 			emit("free vcpu=%" PRIu64 " done=%" PRIu64 " supported=%" PRIu64
 			     " reported=%" PRIu64 " notfree=%" PRIu64 " inflated=%" PRIu64
-			     " balloon=%" PRIu64 "\n",
+			     " balloon=%" PRIu64 " relisted=%" PRIu64 " deflated=%" PRIu64
+			     " demand=%" PRIu64 "\n",
 			     i, v->free_done, v->free_supported, v->free_reported, v->free_notfree,
-			     v->inflated, mb(i, MB_BALLOON_PAGES));
+			     v->inflated, mb(i, MB_BALLOON_PAGES), v->relisted, mb(i, MB_BALLOON_DEFLATED),
+			     mb(i, MB_BALLOON_DEMAND));
 		v->exit_status = val;
 		v->exited = 1;
 		emit("exit vcpu=%" PRIu64 " status=%u units=%" PRIu64 " pages=%" PRIu64
@@ -419,6 +430,9 @@ int main(int argc, char **argv)
 		case 'b':
 			opt.balloon = 1;
 			opt.balloon_target = (uint32_t)parse_u64(val, "balloon target");
+			break;
+		case 'l':
+			opt.list_at = parse_u64(val, "balloon list heartbeat");
 			break;
 		case 'c': {
 			char *colon = strchr(val, ':');

@@ -8,7 +8,7 @@
  * line. The command line carries the workload as key=value words (decimal numbers; the
  * Go side, guest.MultibootCmdline, writes them):
  *
- *   workload content pattern seed rate batch wss touch idle_us hot hot_prob pool   (guest.Config)
+ *   workload content pattern seed rate batch wss touch idle_us hot hot_prob pool peak   (guest.Config)
  *   tsc_khz    the TSC frequency (required: QEMU gives the guest no way to learn it)
  *   vcpus      must be 1 (only the bootstrap processor runs)
  *   hb_us      at most one heartbeat line per this many microseconds (0: one per unit of work)
@@ -297,6 +297,7 @@ enum {
 	K_HOT,
 	K_HOT_PROB,
 	K_POOL,
+	K_PEAK,
 	K_TSC_KHZ,
 	K_VCPUS,
 	K_HB_US,
@@ -307,7 +308,7 @@ enum {
 
 static const char *const keys[K_COUNT] = {
 	"workload", "content", "pattern", "seed", "rate", "batch", "wss", "touch", "idle_us",
-	"hot", "hot_prob", "pool", "tsc_khz", "vcpus", "hb_us", "verify_ms", "exit_ms",
+	"hot", "hot_prob", "pool", "peak", "tsc_khz", "vcpus", "hb_us", "verify_ms", "exit_ms",
 };
 
 static int is_space(char c)
@@ -445,6 +446,7 @@ void mb_main(uint32_t mbi)
 	par_set(PAR_HOT_PERMILLE, v[K_HOT]);
 	par_set(PAR_HOT_PROB_PERMILLE, v[K_HOT_PROB]);
 	par_set(PAR_IMAGE_POOL_PAGES, v[K_POOL]);
+	par_set(PAR_PEAK_PERMILLE, v[K_PEAK]);
 	par_set(PARAMS_VCPU_OFFSET + VCPU_VERSION_TABLE_GPA, DATA_GPA);
 	par_set(PARAMS_VCPU_OFFSET + VCPU_DATA_GPA, DATA_GPA + table_pages * PAGE_SIZE);
 	par_set(PARAMS_VCPU_OFFSET + VCPU_DATA_PAGES, data_pages);

@@ -271,6 +271,7 @@ struct config {
 	uint64_t hot_permille;
 	uint64_t hot_prob_permille;
 	uint64_t image_pool_pages;
+	uint64_t peak_permille;
 };
 
 /*
@@ -293,12 +294,27 @@ struct allocator {
 	uint64_t reporting;
 	uint64_t balloon;
 	uint32_t target; /* the VMM's: pages, or BALLOON_AUTO | per mille of the free pages */
+	/* CmdBalloonList: balloon slots [relist_next, relist_end) are still to be named again. */
+	uint64_t relist_next;
+	uint64_t relist_end;
+	/* The fewest free pages in the current and the last second (BALLOON_WINDOW). */
+	uint64_t window_tsc;
+	uint64_t free_min_now;
+	uint64_t free_min_last;
 };
 
 /* Largest inflation per unit of work: a few lists, so a unit stays short. */
 #define INFLATE_PER_UNIT (4 * MB_FREE_MAX)
 /* Pages a deflate on demand gives back at once. */
 #define DEFLATE_ON_DEMAND 64
+/*
+ * The balloon takes only memory the guest has not needed for a while: it never holds more
+ * than the fewest free pages of the last one to two seconds (two windows of this many ms).
+ * Memory the guest needs again soon would otherwise go round through the balloon, each time at
+ * the cost of a release and of a fresh page from the host (Linux's free page reporting waits
+ * 2 s for the same reason). Without the TSC frequency there are no windows.
+ */
+#define BALLOON_WINDOW_MS 1000
 
 /* One vCPU's view: its configuration, slice and mailbox. Lives on that vCPU's stack. */
 struct vcpu {
@@ -676,6 +692,12 @@ static void heartbeat(struct vcpu *c)
 			c->alloc->target = target;
 		return;
 	}
+	case CMD_BALLOON_LIST:
+		if (c->alloc) {
+			c->alloc->relist_next = 0;
+			c->alloc->relist_end = c->alloc->balloon;
+		}
+		return;
 	}
 	panic_value(c, "unknown heartbeat command", cmd);
 }
@@ -842,11 +864,43 @@ static void free_one(struct vcpu *c, uint64_t *rng)
 		a->pending++;
 }
 
-/* Gives back n balloon pages to the free part: they read as zero until written. */
-static void deflate(struct vcpu *c, uint64_t n)
+/*
+ * Gives back n balloon pages to the free part (the top of the balloon's slots): they read as
+ * zero until written. on_demand: the allocator needed them, rather than the target falling.
+ */
+static void deflate(struct vcpu *c, uint64_t n, int on_demand)
 {
 	c->alloc->balloon -= n;
 	mb_set(c, MB_BALLOON_PAGES, c->alloc->balloon);
+	mb_set(c, MB_BALLOON_DEFLATED, mb_get(c, MB_BALLOON_DEFLATED) + n);
+	if (on_demand)
+		mb_set(c, MB_BALLOON_DEMAND, mb_get(c, MB_BALLOON_DEMAND) + n);
+}
+
+/* Names balloon pages again (CmdBalloonList), up to INFLATE_PER_UNIT per unit of work. */
+static void relist(struct vcpu *c)
+{
+	struct allocator *a = c->alloc;
+	volatile uint32_t *list = (volatile uint32_t *)((volatile uint8_t *)c->mailbox + MB_FREE_LIST);
+	/* Deflated pages left from the top of the balloon: they are no longer the balloon's. */
+	uint64_t end = a->relist_end < a->balloon ? a->relist_end : a->balloon;
+	uint64_t budget = INFLATE_PER_UNIT;
+
+	while (a->relist_next < end && budget > 0) {
+		uint64_t k = end - a->relist_next;
+
+		if (k > MB_FREE_MAX)
+			k = MB_FREE_MAX;
+		if (k > budget)
+			k = budget;
+		for (uint64_t j = 0; j < k; j++)
+			list[j] = (uint32_t)(c->data_pfn + a->slots[a->relist_next + j]);
+		port_out32(PORT_BALLOON_HELD, (uint32_t)k);
+		a->relist_next += k;
+		budget -= k;
+	}
+	if (a->relist_next >= end)
+		a->relist_next = a->relist_end = 0;
 }
 
 /*
@@ -886,8 +940,23 @@ static void balloon_adjust(struct vcpu *c)
 		want = a->free * (a->target & ~BALLOON_AUTO) / 1000;
 	if (want > a->pool)
 		want = a->pool;
+	if (c->cfg.tsc_khz != 0) {
+		uint64_t now = cpu_tsc();
+
+		if (now - a->window_tsc >= c->cfg.tsc_khz * BALLOON_WINDOW_MS) {
+			a->free_min_last = a->free_min_now;
+			a->free_min_now = a->free;
+			a->window_tsc = now;
+		}
+		if (a->free < a->free_min_now)
+			a->free_min_now = a->free;
+		if (want > a->free_min_now)
+			want = a->free_min_now;
+		if (want > a->free_min_last)
+			want = a->free_min_last;
+	}
 	if (want < a->balloon)
-		deflate(c, a->balloon - want);
+		deflate(c, a->balloon - want, 0);
 	else if (want > a->balloon)
 		inflate(c, want - a->balloon < INFLATE_PER_UNIT ? want - a->balloon : INFLATE_PER_UNIT);
 }
@@ -906,7 +975,7 @@ static void alloc_one(struct vcpu *c, uint64_t *rng)
 	if (a->free - a->pending == a->balloon && a->pending > 0)
 		flush_pending(c);
 	if (a->free == a->balloon && a->balloon > 0)
-		deflate(c, a->balloon < DEFLATE_ON_DEMAND ? a->balloon : DEFLATE_ON_DEMAND);
+		deflate(c, a->balloon < DEFLATE_ON_DEMAND ? a->balloon : DEFLATE_ON_DEMAND, 1);
 	if (a->free == 0)
 		return;
 	uint64_t reported = a->free - a->pending;
@@ -924,7 +993,9 @@ static void alloc_one(struct vcpu *c, uint64_t *rng)
  * Churn: an OS's page allocator in miniature. At start every pool page is allocated and
  * written, then all but touch_permille/1000 of them are freed at random, keeping their
  * content. Each unit of work then frees batch_pages random allocated pages and allocates and
- * writes as many random free ones, paced to rate allocations per second. Once the VMM asks
+ * writes as many random free ones, paced to rate allocations per second. With a peak above
+ * touch the allocated share swings instead: units that only allocate until it reaches
+ * peak_permille/1000, then units that only free until it is back at touch. Once the VMM asks
  * (CmdReportFree) the vCPU reports its free pages, and from then on every page it frees.
  */
 static void __attribute__((noreturn)) run_churn(struct vcpu *c)
@@ -941,8 +1012,12 @@ static void __attribute__((noreturn)) run_churn(struct vcpu *c)
 		a.slots[i] = (uint32_t)(a.meta_pages + i);
 		write_churn_page(c, a.meta_pages + i);
 	}
+	a.free_min_now = a.free_min_last = ~0ULL; /* no history yet: the first window is now */
 	c->alloc = &a;
 	uint64_t keep = a.pool * c->cfg.touch_permille / 1000;
+
+	uint64_t peak = a.pool * c->cfg.peak_permille / 1000;
+	int growing = 1;
 
 	while (a.pool - a.free > keep)
 		free_one(c, &rng);
@@ -951,12 +1026,22 @@ static void __attribute__((noreturn)) run_churn(struct vcpu *c)
 	struct pacer p = pacer_start(c);
 
 	for (;;) {
+		uint64_t used = a.pool - a.free;
+
+		if (used >= peak)
+			growing = 0;
+		else if (used <= keep)
+			growing = 1;
 		for (uint64_t j = 0; j < batch; j++) {
-			free_one(c, &rng);
-			alloc_one(c, &rng);
+			if (peak <= keep || !growing)
+				free_one(c, &rng);
+			if (peak <= keep || growing)
+				alloc_one(c, &rng);
 		}
 		if (a.target != 0 || a.balloon != 0)
 			balloon_adjust(c);
+		if (a.relist_end != 0)
+			relist(c);
 		mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + batch);
 		mb_set(c, MB_WORK_UNITS, mb_get(c, MB_WORK_UNITS) + 1);
 		pace(c, &p, batch);
@@ -988,6 +1073,10 @@ static void start_message(struct vcpu *c)
 	} else if (c->cfg.workload == WORKLOAD_CHURN) {
 		text_str(&t, ", ");
 		text_u64(&t, c->cfg.touch_permille);
+		if (c->cfg.peak_permille > c->cfg.touch_permille) {
+			text_str(&t, " to ");
+			text_u64(&t, c->cfg.peak_permille);
+		}
 		text_str(&t, " per mille in use of ");
 	} else {
 		text_str(&t, ", ");
@@ -1029,6 +1118,7 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
 	c.cfg.hot_permille = par_u64(par, PAR_HOT_PERMILLE);
 	c.cfg.hot_prob_permille = par_u64(par, PAR_HOT_PROB_PERMILLE);
 	c.cfg.image_pool_pages = par_u64(par, PAR_IMAGE_POOL_PAGES);
+	c.cfg.peak_permille = par_u64(par, PAR_PEAK_PERMILLE);
 
 	if (c.cfg.nr_vcpus == 0 || c.cfg.nr_vcpus > MAX_VCPUS)
 		panic_value(&c, "bad vcpu count", c.cfg.nr_vcpus);
@@ -1059,6 +1149,8 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
 		panic_value(&c, "touch per mille above 1000:", c.cfg.touch_permille);
 	if (c.cfg.hot_permille > 1000)
 		panic_value(&c, "hot per mille above 1000:", c.cfg.hot_permille);
+	if (c.cfg.peak_permille > 1000)
+		panic_value(&c, "peak per mille above 1000:", c.cfg.peak_permille);
 	if (c.cfg.hot_prob_permille > 1000)
 		panic_value(&c, "hot probability per mille above 1000:", c.cfg.hot_prob_permille);
 	if (c.cfg.content == CONTENT_IMAGE &&
