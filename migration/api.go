@@ -210,6 +210,14 @@ type DirtyTracker interface {
 	DirtyTracking() string
 }
 
+// StopWindowScaler is an optional Source capability: the work it does in the stop window
+// whose cost follows the size of memory rather than what changed, each item naming its
+// downtime part (the json name in DowntimeParts) and why, for the report. The engine's own
+// work there follows the pages in its sets (Bitmap); nil says the source has none either.
+type StopWindowScaler interface {
+	StopWindowScaling() []string
+}
+
 // Reconnector gives the engine a new connection after the link broke during post-copy, when
 // neither side may give up: the source holds the only complete copy of memory, the
 // destination runs the vCPUs. The source's implementation dials the destination again (its

@@ -208,6 +208,10 @@ type Report struct {
 	StreamsChosen string `json:"streams_chosen,omitempty"`
 	// DirtyTracking is how the source learned of dirty pages (DirtyTracker), if it says.
 	DirtyTracking string `json:"dirty_tracking,omitempty"`
+	// DowntimeScaling names the parts of the downtime whose cost grows with the size of
+	// memory, and why (StopWindowScaler); "none" when the source says it has none. Empty when
+	// the source does not say.
+	DowntimeScaling []string `json:"downtime_scaling,omitempty"`
 }
 
 // PostcopyReport describes the post-copy phase. The source's report carries the destination's

@@ -316,6 +316,11 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	if dt, ok := src.(DirtyTracker); ok {
 		rep.DirtyTracking = dt.DirtyTracking()
 	}
+	if sc, ok := src.(StopWindowScaler); ok {
+		if rep.DowntimeScaling = sc.StopWindowScaling(); len(rep.DowntimeScaling) == 0 {
+			rep.DowntimeScaling = []string{"none"}
+		}
+	}
 	s.viewer, _ = src.(PageViewer)
 	return s.run(ctx)
 }

@@ -342,6 +342,11 @@ func printReport(r migration.Report) {
 	}
 	// Not a part: it also counts Resumed's way back, after the destination already ran.
 	fmt.Printf(" + restore %.2f + start %.2f (acknowledged %.2f ms after the pause)\n", d.RestoreMS, d.StartMS, r.PauseToAckMS)
+	for _, s := range r.DowntimeScaling {
+		if s != "none" {
+			fmt.Printf("             grows with memory size: %s\n", s)
+		}
+	}
 	if r.BlackoutMS != nil {
 		fmt.Printf("blackout     %.2f ms (largest gap in guest heartbeats)\n", *r.BlackoutMS)
 	}

@@ -87,6 +87,17 @@ func (m *Machine) setUpDirtyTracking() error {
 	return m.vm.EnableManualDirtyLogProtect()
 }
 
+// StopWindowScaling names the machine's stop-window work that grows with memory
+// (migration.StopWindowScaler): with bitmaps, the last dirty fetch reads and clears a bit per
+// page of memory, written or not; a ring's harvest costs the entries it holds, and nothing
+// else in the pause (state, the last pages) depends on memory's size.
+func (m *Machine) StopWindowScaling() []string {
+	if m.ring == nil {
+		return []string{"final_round_ms: dirty tracking by bitmap reads and clears KVM's dirty log, a bit per page of memory, in the last fetch (run the VM with --dirty-tracking ring where KVM offers it)"}
+	}
+	return nil
+}
+
 // DirtyTracking says how the machine tracks dirty pages, for reports: "ring (N entries per
 // vCPU)" or "bitmap".
 func (m *Machine) DirtyTracking() string {

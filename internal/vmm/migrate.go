@@ -40,10 +40,11 @@ func (m *Machine) deviceIDs() []string {
 type MigrationSource struct{ M *Machine }
 
 var (
-	_ migration.Source        = MigrationSource{}
-	_ migration.Throttler     = MigrationSource{}
-	_ migration.ProgressClock = MigrationSource{}
-	_ migration.PageViewer    = MigrationSource{}
+	_ migration.Source           = MigrationSource{}
+	_ migration.Throttler        = MigrationSource{}
+	_ migration.ProgressClock    = MigrationSource{}
+	_ migration.PageViewer       = MigrationSource{}
+	_ migration.StopWindowScaler = MigrationSource{}
 
 	_ migration.FreePageReporter = MigrationSource{}
 	_ migration.PageReader       = (*MigrationDestination)(nil)
@@ -128,6 +129,8 @@ func (s MigrationSource) StopDirtyLog() error {
 
 // DirtyTracking says how the source tracks dirty pages (migration.DirtyTracker).
 func (s MigrationSource) DirtyTracking() string { return s.M.DirtyTracking() }
+
+func (s MigrationSource) StopWindowScaling() []string { return s.M.StopWindowScaling() }
 
 // ReadPages reads through the memfd (pread): it never faults pages in through the mapping, so
 // reading a page that was punched meanwhile costs no memory.

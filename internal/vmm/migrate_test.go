@@ -154,6 +154,11 @@ func TestPrecopyMigrationOnRealKVM(t *testing.T) {
 			if strings.HasPrefix(srep.DirtyTracking, DirtyRing) != wantRing || srep.DirtyTracking != ss.DirtyTracking {
 				t.Errorf("report says dirty tracking %q, stats %q; want the ring: %v", srep.DirtyTracking, ss.DirtyTracking, wantRing)
 			}
+			// With bitmaps the last fetch is the one part of the downtime that grows with
+			// memory, and the report says so; with the ring nothing does.
+			if scales := srep.DowntimeScaling; len(scales) != 1 || (wantRing != (scales[0] == "none")) || (!wantRing && !strings.HasPrefix(scales[0], "final_round_ms: ")) {
+				t.Errorf("report says %q of the downtime grows with memory; dirty ring: %v", scales, wantRing)
+			}
 			if wantRing && w.kind == "dirty" && ss.DirtyRingHarvested == 0 {
 				t.Errorf("a writer migrated with the dirty ring, and no entry was harvested")
 			}
