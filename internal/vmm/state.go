@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -137,14 +138,12 @@ func (m *Machine) SaveState() ([]Section, error) {
 			ps.BalloonWords = append(ps.BalloonWords, p.balloonTarget[i].Load())
 		}
 	}
+	list := make([]bool, len(p.balloonList))
 	for i := range p.balloonList {
-		if p.balloonList[i].Load() {
-			ps.BalloonList = make([]bool, len(p.balloonList))
-			for j := range p.balloonList {
-				ps.BalloonList[j] = p.balloonList[j].Load()
-			}
-			break
-		}
+		list[i] = p.balloonList[i].Load()
+	}
+	if slices.Contains(list, true) {
+		ps.BalloonList = list
 	}
 	pd, err := json.Marshal(ps)
 	p.mu.Unlock()
