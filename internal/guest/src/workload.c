@@ -631,11 +631,10 @@ static void verify_and_report(struct vcpu *c)
 }
 
 /*
- * Reports the pages in slots[first, first+n) free, in lists of MB_FREE_MAX. Each write blocks
- * until the VMM has taken the list; until then the pages cannot be allocated (this vCPU is the
- * only one that allocates them, and it sits in the write).
+ * Names the pages in slots[first, first+n) to the VMM through port, in mailbox lists of
+ * MB_FREE_MAX. Each write blocks until the VMM has taken the list.
  */
-static void report_free(struct vcpu *c, uint64_t first, uint64_t n)
+static void name_slots(struct vcpu *c, uint16_t port, uint64_t first, uint64_t n)
 {
 	volatile uint32_t *list = (volatile uint32_t *)((volatile uint8_t *)c->mailbox + MB_FREE_LIST);
 
@@ -644,10 +643,20 @@ static void report_free(struct vcpu *c, uint64_t first, uint64_t n)
 
 		for (uint64_t j = 0; j < k; j++)
 			list[j] = (uint32_t)(c->data_pfn + c->alloc->slots[first + j]);
-		port_out32(PORT_FREE_PAGES, (uint32_t)k);
+		port_out32(port, (uint32_t)k);
 		first += k;
 		n -= k;
 	}
+}
+
+/*
+ * Reports the pages in slots[first, first+n) free. Until the write that lists a page returns,
+ * it cannot be allocated (this vCPU is the only one that allocates them, and it sits in the
+ * write).
+ */
+static void report_free(struct vcpu *c, uint64_t first, uint64_t n)
+{
+	name_slots(c, PORT_FREE_PAGES, first, n);
 }
 
 /* Reports the pages freed since the last report; they may be allocated afterwards. */
@@ -881,24 +890,14 @@ static void deflate(struct vcpu *c, uint64_t n, int on_demand)
 static void relist(struct vcpu *c)
 {
 	struct allocator *a = c->alloc;
-	volatile uint32_t *list = (volatile uint32_t *)((volatile uint8_t *)c->mailbox + MB_FREE_LIST);
 	/* Deflated pages left from the top of the balloon: they are no longer the balloon's. */
 	uint64_t end = a->relist_end < a->balloon ? a->relist_end : a->balloon;
-	uint64_t budget = INFLATE_PER_UNIT;
+	uint64_t k = a->relist_next < end ? end - a->relist_next : 0;
 
-	while (a->relist_next < end && budget > 0) {
-		uint64_t k = end - a->relist_next;
-
-		if (k > MB_FREE_MAX)
-			k = MB_FREE_MAX;
-		if (k > budget)
-			k = budget;
-		for (uint64_t j = 0; j < k; j++)
-			list[j] = (uint32_t)(c->data_pfn + a->slots[a->relist_next + j]);
-		port_out32(PORT_BALLOON_HELD, (uint32_t)k);
-		a->relist_next += k;
-		budget -= k;
-	}
+	if (k > INFLATE_PER_UNIT)
+		k = INFLATE_PER_UNIT;
+	name_slots(c, PORT_BALLOON_HELD, a->relist_next, k);
+	a->relist_next += k;
 	if (a->relist_next >= end)
 		a->relist_next = a->relist_end = 0;
 }
@@ -910,20 +909,12 @@ static void relist(struct vcpu *c)
 static void inflate(struct vcpu *c, uint64_t n)
 {
 	struct allocator *a = c->alloc;
-	volatile uint32_t *list = (volatile uint32_t *)((volatile uint8_t *)c->mailbox + MB_FREE_LIST);
 	uint64_t room = a->free - a->pending - a->balloon;
 
 	if (n > room)
 		n = room;
-	while (n > 0) {
-		uint64_t k = n < MB_FREE_MAX ? n : MB_FREE_MAX;
-
-		for (uint64_t j = 0; j < k; j++)
-			list[j] = (uint32_t)(c->data_pfn + a->slots[a->balloon + j]);
-		port_out32(PORT_BALLOON_INFLATE, (uint32_t)k);
-		a->balloon += k;
-		n -= k;
-	}
+	name_slots(c, PORT_BALLOON_INFLATE, a->balloon, n);
+	a->balloon += n;
 	mb_set(c, MB_BALLOON_PAGES, a->balloon);
 }
 
