@@ -73,20 +73,34 @@ type limiter struct {
 	next  time.Time
 }
 
-// wait paces n bytes and says whether the cap held them back (it slept).
-func (l *limiter) wait(ctx context.Context, n int) (held bool, err error) {
+// reserve counts n bytes against the cap and returns how long to sleep before writing them (0:
+// at once). Writers that share a limiter reserve under their lock and sleep outside it, so that
+// one writer's sleep never holds up another's reservation.
+func (l *limiter) reserve(n int) time.Duration {
 	if l.rate <= 0 {
-		return false, nil
+		return 0
 	}
 	now := l.clock.Now()
-	if floor := now.Add(-l.burst); l.next.Before(floor) {
-		l.next = floor
+	l.next = l.finish(now, n)
+	return max(0, l.next.Sub(now)-l.burst)
+}
+
+// ahead is how long a write of n bytes would sleep if it were reserved now.
+func (l *limiter) ahead(n int) time.Duration {
+	if l.rate <= 0 {
+		return 0
 	}
-	l.next = l.next.Add(time.Duration(float64(n) / l.rate * float64(time.Second)))
-	if d := l.next.Sub(now) - l.burst; d > 0 {
-		return true, l.clock.Sleep(ctx, d)
+	now := l.clock.Now()
+	return max(0, l.finish(now, n).Sub(now)-l.burst)
+}
+
+// finish is the virtual finish time of n more bytes at now.
+func (l *limiter) finish(now time.Time, n int) time.Time {
+	next := l.next
+	if floor := now.Add(-l.burst); next.Before(floor) {
+		next = floor
 	}
-	return false, nil
+	return next.Add(time.Duration(float64(n) / l.rate * float64(time.Second)))
 }
 
 // vmmError is a failure of the VMM behind Source or Destination.

@@ -27,6 +27,10 @@ const (
 	// pushBytes bounds a background-push batch: small enough that a demanded page does not
 	// wait long behind it at the source (the pusher finishes the write it is in first).
 	pushBytes = 32 << 10
+	// urgentShare is the most of a bandwidth cap that requested pages take without waiting:
+	// the rest is the push's, so that a guest that faults faster than the cap cannot starve
+	// the push and leave every page to be demanded.
+	urgentShare = 0.75
 	// maxBackoff bounds the wait between two reconnection attempts.
 	maxBackoff = 2 * time.Second
 	// pushNotSent is the TCP_NOTSENT_LOWAT of a post-copy connection: at most about this
@@ -47,6 +51,9 @@ type demandQueue struct {
 	again  []PageRef // of refs, those requested again (Request.Again)
 	n      uint64    // pages requested, over all connections
 	signal chan struct{}
+	// wake, while the pusher sleeps for the bandwidth cap, ends that sleep: a request never
+	// waits for the push's pacing.
+	wake context.CancelFunc
 }
 
 func (q *demandQueue) push(m *wire.Request) {
@@ -61,7 +68,11 @@ func (q *demandQueue) push(m *wire.Request) {
 		}
 		q.n += uint64(run.Count)
 	}
+	wake := q.wake
 	q.mu.Unlock()
+	if wake != nil {
+		wake()
+	}
 	select {
 	case q.signal <- struct{}{}:
 	default:
@@ -541,6 +552,12 @@ func (d *postcopyDriver) serve() (*wire.Done, error) {
 			continue
 		}
 		if d.remaining > 0 {
+			if wait := d.pushPace(); wait > 0 {
+				if err := d.pauseFor(wait); err != nil {
+					return nil, err
+				}
+				continue
+			}
 			ok, err := d.pushNext()
 			if err != nil {
 				return nil, err
@@ -601,6 +618,32 @@ func (d *postcopyDriver) serve() (*wire.Done, error) {
 			return nil, context.Cause(d.link.ctx)
 		}
 	}
+}
+
+// pushPace is how long the next push batch would wait for the bandwidth cap.
+func (d *postcopyDriver) pushPace() time.Duration {
+	d.limitMu.Lock()
+	defer d.limitMu.Unlock()
+	return d.limit.ahead(pushBytes + wire.HeaderSize)
+}
+
+// pauseFor sleeps for up to wait, the push's pacing, and wakes as soon as a request arrives:
+// the push waits for the cap before it takes a batch, never with one in hand, so a demanded
+// page never waits for it. It fails only when the link ends.
+func (d *postcopyDriver) pauseFor(wait time.Duration) error {
+	ctx, cancel := context.WithCancel(d.link.ctx)
+	defer cancel()
+	d.dq.mu.Lock()
+	asked := len(d.dq.refs) > 0
+	d.dq.wake = cancel
+	d.dq.mu.Unlock()
+	if !asked {
+		d.clock.Sleep(ctx, wait) // ends early when woken, or with the link
+	}
+	d.dq.mu.Lock()
+	d.dq.wake = nil
+	d.dq.mu.Unlock()
+	return context.Cause(d.link.ctx)
 }
 
 // takeStats copies the destination's figures into the report.
@@ -667,7 +710,7 @@ func (d *postcopyDriver) pushDemanded() error {
 	if d.fault != nil {
 		w = d.fault.w
 	}
-	return d.sendPages(r, batch, w, &d.plain)
+	return d.sendPages(r, batch, w, &d.plain, true)
 }
 
 // forget drops from the dedup index the content of page p, whose reference failed at the
@@ -759,7 +802,7 @@ func (d *postcopyDriver) pushLane() (*lane, error) {
 // pushMain writes a push batch on the main connection and counts it to its lane, if any.
 func (d *postcopyDriver) pushMain(r int, batch []uint64) error {
 	sent0, b0 := d.sent, d.link.w.Written()
-	err := d.sendPages(r, batch, d.link.w, &d.cls)
+	err := d.sendPages(r, batch, d.link.w, &d.cls, false)
 	if d.lanes != nil {
 		d.lanes[0].pages += d.sent - sent0
 		d.lanes[0].bytes += d.link.w.Written() - b0
@@ -767,14 +810,15 @@ func (d *postcopyDriver) pushMain(r int, batch []uint64) error {
 	return err
 }
 
-// sendPages reads the given pages of region r and writes them as one batch on w.
-func (d *postcopyDriver) sendPages(r int, batch []uint64, w *wire.Writer, cls *pages.Classifier) error {
+// sendPages reads the given pages of region r and writes them as one batch on w (urgent: see
+// flushOn).
+func (d *postcopyDriver) sendPages(r int, batch []uint64, w *wire.Writer, cls *pages.Classifier, urgent bool) error {
 	d.discard()
 	if err := d.readPages(r, batch, &d.pageBuf); err != nil {
 		return err
 	}
 	d.linkSent += uint64(len(batch))
-	return d.flushOn(w, cls)
+	return d.flushOn(w, cls, urgent)
 }
 
 // readPages reads the given pages of region r into the empty b, in runs.

@@ -230,6 +230,51 @@ func TestHybridSwitches(t *testing.T) {
 	})
 }
 
+// TestPostcopyCapRequestsFirst: under a bandwidth cap a requested page does not wait for the
+// push's pacing. The cap (1000 pages/s) would hold each 32 KiB push batch for 8 ms; a vCPU that
+// faults now and then must be served in about a round trip.
+func TestPostcopyCapRequestsFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := &pcCase{
+			g:      newGuest(4*MiB, 3),
+			link:   mt.LinkConfig{Bandwidth: 1 << 30, Latency: 100 * time.Microsecond},
+			writer: &mt.WriterConfig{Rate: 100000, Seed: 4},
+			vcpu:   &mt.VCPUConfig{Pages: mt.LocalityPattern(8, 0, 1024, 200, 1), Think: 5 * time.Millisecond, Once: true},
+		}
+		c.so = migration.SendOptions{Mode: migration.ModeHybrid, MaxBandwidth: 1000 * 4096, BatchBytes: 64 << 10}
+		s, r := c.run(t)
+		checkPostcopyOK(t, c, s, r)
+		p := s.rep.Postcopy
+		if p.DemandFaults < 20 || p.FaultLatencyP50US > 1000 {
+			t.Fatalf("%d demand faults, p50 %.0fµs p99 %.0fµs under a cap whose push batches take 8 ms: want p50 within 1 ms", p.DemandFaults, p.FaultLatencyP50US, p.FaultLatencyP99US)
+		}
+		t.Logf("faults %d: p50 %.0fµs, p99 %.0fµs; pushed %d, demanded %d of %d", p.DemandFaults, p.FaultLatencyP50US, p.FaultLatencyP99US, p.PagesPushed, p.PagesDemanded, p.MissingAtStart)
+	})
+}
+
+// TestPostcopyCapPushMoves: a vCPU that faults faster than the cap must not starve the push:
+// requested pages take at most three quarters of the cap, and the push moves with the rest.
+func TestPostcopyCapPushMoves(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := &pcCase{
+			g:      newGuest(16*MiB, 3),
+			writer: &mt.WriterConfig{Rate: 100000, Seed: 4},
+			vcpu:   &mt.VCPUConfig{Pages: mt.LocalityPattern(8, 0, 4096, 8192, 1), Think: time.Microsecond},
+		}
+		c.so = migration.SendOptions{Mode: migration.ModeHybrid, MaxBandwidth: 10000 * 4096, BatchBytes: 64 << 10}
+		s, r := c.run(t)
+		checkPostcopyOK(t, c, s, r)
+		p := s.rep.Postcopy
+		if p.MissingAtStart < 3000 || p.PagesPushed < p.MissingAtStart/5 {
+			t.Fatalf("pushed %d, demanded %d of %d missing: the requests starved the push", p.PagesPushed, p.PagesDemanded, p.MissingAtStart)
+		}
+		if min := float64(p.MissingAtStart) / 10000 * 1000 * 0.9; p.PostcopyMS < min {
+			t.Fatalf("post-copy of %d pages took %.0fms, under the %.0fms the cap allows", p.MissingAtStart, p.PostcopyMS, min)
+		}
+		t.Logf("pushed %d, demanded %d of %d missing in %.0fms; faults %d: p50 %.0fµs, p99 %.0fµs", p.PagesPushed, p.PagesDemanded, p.MissingAtStart, p.PostcopyMS, p.DemandFaults, p.FaultLatencyP50US, p.FaultLatencyP99US)
+	})
+}
+
 // TestHybridNotConverging: the pre-copy policy gives up before the round limit: hybrid switches
 // at once and says why.
 func TestHybridNotConverging(t *testing.T) {

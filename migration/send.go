@@ -369,12 +369,15 @@ type sender struct {
 	delta    *delta.Encoder    // SendOptions.Delta; the same
 	dedup    *dedup.Index      // SendOptions.Dedup, made once the layout is known; the same (each connection has its Lane)
 	limit    limiter
-	limitMu  sync.Mutex // lanes share the limiter
-	lanes    []*lane    // with extra streams: one per connection, the main one first
-	free     chan *lane // idle lanes
-	sent     uint64     // pages in all batches
-	lastProg time.Time
-	rtt      time.Duration // shortest round trip seen: handshake, round acknowledgements
+	// urgentLimit paces requested pages to urgentShare of the cap: they never wait for the push,
+	// but they may not take the whole cap either, so the push always moves.
+	urgentLimit limiter
+	limitMu     sync.Mutex // lanes share the limiters
+	lanes       []*lane    // with extra streams: one per connection, the main one first
+	free        chan *lane // idle lanes
+	sent        uint64     // pages in all batches
+	lastProg    time.Time
+	rtt         time.Duration // shortest round trip seen: handshake, round acknowledgements
 
 	// What a failure before the destination runs the VM undoes.
 	logging  bool
@@ -628,6 +631,7 @@ func (s *sender) migrate() error {
 	s.bufPages = max(1, min(s.opts.BatchBytes, wire.MaxFramePayload/2)/s.ps)
 	s.buf = make([]byte, s.bufPages*s.ps)
 	s.limit = limiter{rate: float64(s.opts.MaxBandwidth), burst: 10 * time.Millisecond, clock: s.clock}
+	s.urgentLimit = limiter{rate: float64(s.opts.MaxBandwidth) * urgentShare, burst: 10 * time.Millisecond, clock: s.clock}
 	s.sizes = make([]uint64, len(s.desc.Layout.Regions))
 	for r := range s.sizes {
 		s.sizes[r] = s.regionPages(r)
@@ -1053,11 +1057,13 @@ func (s *sender) discard() { s.pageBuf.reset() }
 // flush classifies the pages in the batch buffer and writes them as one batch, paced by the
 // bandwidth cap. Classification waits until here so that pages read ahead and then discarded
 // are never counted (and never seen by an encoder that keeps history).
-func (s *sender) flush() error { return s.flushOn(s.link.w, &s.cls) }
+func (s *sender) flush() error { return s.flushOn(s.link.w, &s.cls, false) }
 
 // flushOn is flush on the writer w (the main connection's, or the fault channel's), with the
-// classifier cls.
-func (s *sender) flushOn(w *wire.Writer, cls *pages.Classifier) error {
+// classifier cls. Urgent pages (demanded in post-copy: a vCPU waits for them) are counted
+// against the cap but not held back by the push's use of it: the push that follows pays for
+// them. They wait only when they alone exceed urgentShare of the cap.
+func (s *sender) flushOn(w *wire.Writer, cls *pages.Classifier, urgent bool) error {
 	if s.used == 0 {
 		return nil
 	}
@@ -1065,12 +1071,18 @@ func (s *sender) flushOn(w *wire.Writer, cls *pages.Classifier) error {
 		return err
 	}
 	s.encode(cls, s.ps, s.opts.Compress == CompressAuto)
+	n := s.batch.PayloadLen() + wire.HeaderSize
 	s.limitMu.Lock() // post-copy's push lanes share it meanwhile
-	held, err := s.limit.wait(s.link.ctx, s.batch.PayloadLen()+wire.HeaderSize)
+	hold := s.limit.reserve(n)
+	if urgent {
+		hold = s.urgentLimit.reserve(n)
+	}
 	s.limitMu.Unlock()
-	s.capHeld = held
-	if err != nil {
-		return err
+	s.capHeld = hold > 0
+	if s.capHeld {
+		if err := s.clock.Sleep(s.link.ctx, hold); err != nil {
+			return err
+		}
 	}
 	if err := w.WritePages(&s.batch); err != nil {
 		if w != s.link.w {

@@ -308,9 +308,13 @@ func (s *sender) flushLane(ln *lane) {
 	ln.encode(&ln.cls, s.ps, s.opts.Compress == CompressAuto)
 	n := ln.batch.PayloadLen() + wire.HeaderSize
 	s.limitMu.Lock()
-	held, err := s.limit.wait(s.link.ctx, n)
+	hold := s.limit.reserve(n)
 	s.limitMu.Unlock()
-	ln.capHeld = held
+	ln.capHeld = hold > 0
+	var err error
+	if ln.capHeld {
+		err = s.clock.Sleep(s.link.ctx, hold)
+	}
 	if err == nil {
 		err = ln.w.WritePages(&ln.batch)
 	}

@@ -210,7 +210,8 @@ func rawTCPLoopback(b *testing.B, size, conns int) float64 {
 // at random (random content) over loopback TCP: without the fault channel, with it, and with
 // it and 2 and 4 page streams for the push; and with the fault channel and one stream once more
 // with every page copied out of guest memory (views=false: the paused source's pages are
-// otherwise written from guest memory itself). It reports the demand faults' service latency (as
+// otherwise written from guest memory itself); and under a 100 MiB/s bandwidth cap (cap=100M),
+// where demanded pages must not wait for the push's pacing. It reports the demand faults' service latency (as
 // the destination's VMM saw them), the total time, the push's rate and its share of a bulk
 // transfer over as many loopback TCP connections measured in the same run. Every destination
 // verifies its memory.
@@ -220,8 +221,13 @@ func BenchmarkPostcopyLoopback(b *testing.B) {
 		channel bool
 		streams int
 		views   bool
-	}{{false, 1, true}, {true, 1, false}, {true, 1, true}, {true, 2, true}, {true, 4, true}} {
-		b.Run(fmt.Sprintf("fault-channel=%v/streams=%d/views=%v", c.channel, c.streams, c.views), func(b *testing.B) {
+		capMiB  int64
+	}{{false, 1, true, 0}, {true, 1, false, 0}, {true, 1, true, 0}, {true, 2, true, 0}, {true, 4, true, 0}, {true, 1, true, 100}} {
+		name := fmt.Sprintf("fault-channel=%v/streams=%d/views=%v", c.channel, c.streams, c.views)
+		if c.capMiB > 0 {
+			name += fmt.Sprintf("/cap=%dM", c.capMiB)
+		}
+		b.Run(name, func(b *testing.B) {
 			var p50, p99, total, faults, pushBps, rawBps float64
 			for i := 0; i < b.N; i++ {
 				b.StopTimer()
@@ -238,7 +244,7 @@ func BenchmarkPostcopyLoopback(b *testing.B) {
 				if !c.views {
 					from = copyingSource{MigrationSource{M: src}}
 				}
-				dst, srep, _ := migrateFrom(b, from, migration.SendOptions{Mode: migration.ModePostcopy, FaultChannel: c.channel, Streams: c.streams})
+				dst, srep, _ := migrateFrom(b, from, migration.SendOptions{Mode: migration.ModePostcopy, FaultChannel: c.channel, Streams: c.streams, MaxBandwidth: c.capMiB << 20})
 				b.StopTimer()
 				p := srep.Postcopy
 				if c.channel != (p.FaultChannelBytes > 0) {
