@@ -81,6 +81,29 @@ type Throttler interface {
 	SetThrottle(percent int) error
 }
 
+// MemoryFiles is the Source capability a handover (ModeHandover) needs: the file descriptors
+// of guest memory, one per region in layout order (memfds, or files on shared memory), which
+// the destination maps instead of receiving pages. They stay the Source's. Once the
+// destination has resumed, the source must never write, punch or resize them again: they are
+// the destination's memory.
+type MemoryFiles interface {
+	MemoryFDs() ([]int, error)
+}
+
+// MemoryAdopter is the Destination capability a handover needs: AdoptMemory replaces Prepare
+// and builds the VM on the given files, one per region of d's layout, each at least the
+// region's size (checked here), without writing to them: until the source has paused and the
+// destination runs, the source's guest still uses that memory. The descriptors become the
+// Destination's, also when it fails; Abort gives up the mapping and leaves the files' contents
+// alone.
+type MemoryAdopter interface {
+	AdoptMemory(d Description, fds []int) error
+}
+
+// fdTaker is a connection that keeps the file descriptors its peer passes (a Unix socket of
+// package transport).
+type fdTaker interface{ TakeFDs() []int }
+
 // ProgressClock is an optional Source capability: the host wall-clock time of the guest's
 // last heartbeat. With the destination's FirstProgress it yields the blackout.
 type ProgressClock interface {
@@ -140,6 +163,9 @@ const (
 	ModePrecopy  = "precopy"
 	ModePostcopy = "postcopy" // switch at once: vCPUs first, memory on demand and by push
 	ModeHybrid   = "hybrid"   // pre-copy rounds, then switch to post-copy
+	// ModeHandover moves a VM to another process on the same host without copying its memory:
+	// the memory's files pass over a Unix socket, and only state travels.
+	ModeHandover = "handover"
 )
 
 // Prepaging policies: the order of the source's background push in post-copy. Demand

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/godwit-vm/godwit/migration/pages"
@@ -87,6 +88,7 @@ type receiver struct {
 	phase    string
 	prepared bool
 	resumed  bool // Resumed was written: the source may consider the migration done
+	started  bool // Start was called: the VM may have run here
 	codec    *pageCodec
 	pl       placing // the main connection's (and, after a rejoin, post-copy's current one's)
 	round    *RoundReport
@@ -167,8 +169,11 @@ func (rc *receiver) fail(parent context.Context, err error) error {
 		rc.dst.Abort()
 	}
 	rc.link.intr.hold()
+	// A handover's source resumes on the memory handed over when this side says it failed:
+	// once the VM may have run here, say nothing (the source then stays paused).
+	ran := rc.caps&wire.CapHandover != 0 && rc.started
 	// After a version or magic mismatch the peer cannot parse our frames: say nothing.
-	if !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && rc.link.w.Err() == nil {
+	if !ran && !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && rc.link.w.Err() == nil {
 		if setDeadline(rc.link.conn, time.Now().Add(time.Second)) || !interrupted {
 			if rc.link.w.WriteError(errorCode(err, "destination"), err.Error()) == nil {
 				rc.linger()
@@ -238,7 +243,15 @@ func (rc *receiver) migrate() error {
 	if readsBack {
 		supported |= wire.CapDelta | wire.CapDedup
 	}
+	ad, adopts := rc.dst.(MemoryAdopter)
+	ft, takesFiles := rc.link.conn.(fdTaker)
+	if adopts && takesFiles {
+		supported |= wire.CapHandover
+	}
 	accepted := hello.Caps & supported
+	if accepted&wire.CapHandover != 0 {
+		accepted &= wire.CapHandover | wire.CapBlackout // no pages travel: nothing else applies
+	}
 	rc.caps = accepted
 	rc.wdesc = &hello.Desc
 	codec, err := newPageCodec(accepted, rc.wdesc, old)
@@ -247,14 +260,21 @@ func (rc *receiver) migrate() error {
 	}
 	rc.codec = codec
 
-	rc.phase = "prepare"
-	rc.prepared = true
-	if err := rc.vmm("Prepare", rc.dst.Prepare(desc)); err != nil {
-		return err
+	if accepted&wire.CapHandover == 0 {
+		rc.phase = "prepare"
+		rc.prepared = true
+		if err := rc.vmm("Prepare", rc.dst.Prepare(desc)); err != nil {
+			return err
+		}
 	}
 	rc.link.r.SetCaps(accepted)
 	if err := rc.link.w.WriteWelcome(&wire.Welcome{Caps: accepted}); err != nil {
 		return err
+	}
+	if accepted&wire.CapHandover != 0 {
+		if err := rc.adopt(desc, ad, ft); err != nil {
+			return err
+		}
 	}
 
 	rc.phase = "rounds"
@@ -376,6 +396,7 @@ func (rc *receiver) migrate() error {
 		return err
 	}
 	rc.phase = "start"
+	rc.started = true
 	t1 := rc.clock.Now()
 	var p *pcRecv
 	if rc.switched {
@@ -502,4 +523,36 @@ func (rc *receiver) newMissing() {
 	for r := range rc.missing {
 		rc.missing[r] = NewBitmap(rc.wdesc.Pages(r))
 	}
+}
+
+// adopt takes a handover's memory (CapHandover): the Memory frame, the files that came with
+// it, the VM built on them; then it tells the source, which pauses only then.
+func (rc *receiver) adopt(desc Description, ad MemoryAdopter, ft fdTaker) error {
+	rc.phase = "handover"
+	m, err := rc.link.r.Next()
+	if err != nil {
+		return err
+	}
+	mem, ok := m.(*wire.Memory)
+	if !ok {
+		return unexpected(m, "memory")
+	}
+	// The files arrived with the frame's first byte, so they have been read by now.
+	fds := ft.TakeFDs()
+	if len(fds) != len(mem.Sizes) {
+		for _, fd := range fds {
+			syscall.Close(fd)
+		}
+		return fmt.Errorf("%w: memory of %d regions came with %d files", ErrProtocol, len(mem.Sizes), len(fds))
+	}
+	rc.prepared = true
+	if err := rc.vmm("AdoptMemory", ad.AdoptMemory(desc, fds)); err != nil {
+		return err
+	}
+	rc.rep.Mode = ModeHandover
+	rc.rep.Handover = &HandoverReport{Files: len(fds)}
+	for _, n := range mem.Sizes {
+		rc.rep.Handover.Bytes += n
+	}
+	return rc.link.w.WriteMemoryAck()
 }

@@ -30,6 +30,13 @@ var (
 	// and lacks pages that only the paused source holds; neither side may give up its part, and
 	// a resume (SendOptions.ResumeID) can finish the migration.
 	ErrStranded = errors.New("migration: post-copy interrupted after the switch")
+	// ErrNoHandover: a handover was asked for and cannot be: the destination declined it, or
+	// the connection cannot pass files. The source has not paused.
+	ErrNoHandover = errors.New("migration: no memory handover")
+	// ErrHandoverUndecided: a handover failed after the state went out, and the destination
+	// did not say that it failed before it ran the VM: it may have run it on the memory handed
+	// over. The source stays paused and must not run the VM again.
+	ErrHandoverUndecided = errors.New("migration: handover undecided")
 )
 
 // PageCounts counts pages by how they travelled, over all rounds.
@@ -200,6 +207,8 @@ type Report struct {
 	Warnings           []string `json:"warnings,omitempty"` // problems after the point of no return
 	// Postcopy is set when the migration switched to post-copy (modes postcopy and hybrid).
 	Postcopy *PostcopyReport `json:"postcopy,omitempty"`
+	// Handover is set when the memory was handed over as files (mode handover).
+	Handover *HandoverReport `json:"handover,omitempty"`
 	// Streams is each connection's share of the pages when they took several
 	// (SendOptions.Streams); empty with one.
 	Streams []StreamReport `json:"streams,omitempty"`
@@ -259,3 +268,12 @@ type PostcopyReport struct {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// HandoverReport describes a memory handover (ModeHandover): no page travelled.
+type HandoverReport struct {
+	Files int    `json:"files"` // file descriptors passed, one per region
+	Bytes uint64 `json:"bytes"` // guest memory handed over
+	// MappedMS (source) is when the destination had mapped the memory, from the start: the
+	// source paused only then.
+	MappedMS float64 `json:"mapped_ms,omitempty"`
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"runtime"
 	"slices"
 	"sync"
@@ -58,7 +59,8 @@ type SendOptions struct {
 	Progress   func(Progress)
 	Clock      Clock // default SystemClock
 
-	// Mode is ModePrecopy (the default), ModePostcopy or ModeHybrid.
+	// Mode is ModePrecopy (the default), ModePostcopy, ModeHybrid or ModeHandover (same host:
+	// the Source must be MemoryFiles and conn a Unix socket that passes file descriptors).
 	Mode string
 	// Prepage orders the post-copy push: PrepageSequential (default), PrepageBubble,
 	// PrepageHot or PrepageNone.
@@ -227,8 +229,20 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	}
 	switch opts.Mode {
 	case ModePrecopy, ModePostcopy, ModeHybrid:
+	case ModeHandover:
+		if _, ok := src.(MemoryFiles); !ok {
+			return bad(fmt.Errorf("%w: the source VM cannot hand its memory over (%T has no memory files)", ErrNoHandover, src))
+		}
+		if _, ok := conn.(interface {
+			WriteMsgUnix(b, oob []byte, addr *net.UnixAddr) (int, int, error)
+		}); !ok {
+			return bad(fmt.Errorf("%w: the connection (%T) cannot pass file descriptors; a handover needs a Unix socket to a process on this host", ErrNoHandover, conn))
+		}
+		if opts.ResumeID != "" || opts.Streams > 1 {
+			return bad(fmt.Errorf("migration: a handover sends no pages: it takes no resume or extra streams"))
+		}
 	default:
-		return bad(fmt.Errorf("migration: unknown mode %q (want %s, %s or %s)", opts.Mode, ModePrecopy, ModePostcopy, ModeHybrid))
+		return bad(fmt.Errorf("migration: unknown mode %q (want %s, %s, %s or %s)", opts.Mode, ModePrecopy, ModePostcopy, ModeHybrid, ModeHandover))
 	}
 	if _, err := NewPrepager(opts.Prepage, nil, nil, nil); err != nil {
 		return bad(err)
@@ -310,7 +324,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		enc:   enc,
 		delta: dlt,
 	}
-	if opts.Mode != ModePrecopy || resumeID != nil {
+	if (opts.Mode != ModePrecopy && opts.Mode != ModeHandover) || resumeID != nil {
 		s.post = newPostcopyDriver(s, resumeID)
 	}
 	if dt, ok := src.(DirtyTracker); ok {
@@ -497,6 +511,14 @@ func (s *sender) fail(parent context.Context, err error) error {
 	err = &phaseError{phase: s.phase, err: err}
 	s.cancel(err)
 
+	// A handover whose state went out, without the destination's word that it failed before
+	// it ran the VM: it may have run it on the very memory this side would resume on. Stay
+	// paused.
+	var pe *wire.PeerError
+	if s.opts.Mode == ModeHandover && s.completeSent.Load() && !errors.As(err, &pe) {
+		err = fmt.Errorf("%w: %w; the destination may have run the VM on the memory handed over, so it stays paused here and must not run here again: see whether the destination runs it", ErrHandoverUndecided, err)
+		s.paused = false // not to be resumed
+	}
 	// Restore the VM first: every millisecond here is downtime.
 	var restore []error
 	if s.paused {
@@ -649,6 +671,9 @@ func (s *sender) migrate() error {
 		s.pre = newPrecopyDriver(s) // before the reader goroutine, which checks its rounds
 	}
 	var offered wire.Caps
+	if s.opts.Mode == ModeHandover {
+		offered |= wire.CapHandover
+	}
 	pc, heartbeats := s.src.(ProgressClock)
 	if heartbeats {
 		offered |= wire.CapBlackout
@@ -746,7 +771,13 @@ func (s *sender) migrate() error {
 	if s.post != nil && welcome.Caps&wire.CapPostcopy == 0 {
 		return fmt.Errorf("%w: mode %s needs post-copy, and the destination does not support it (it declined the capability: its VMM cannot demand-page); migrate with mode %s", ErrNoPostcopy, s.opts.Mode, ModePrecopy)
 	}
+	if s.opts.Mode == ModeHandover && welcome.Caps&wire.CapHandover == 0 {
+		return fmt.Errorf("%w: the destination declined it (it is another host, or its VMM cannot map memory it is given); migrate with mode %s", ErrNoHandover, ModePrecopy)
+	}
 	s.startReader()
+	if s.opts.Mode == ModeHandover {
+		return s.handover(&switchCtx{heartbeats: heartbeats && welcome.Caps&wire.CapBlackout != 0, pc: pc})
+	}
 	switch {
 	case welcome.Caps&wire.CapStreams != 0:
 		if err := s.openStreams(); err != nil {
@@ -1140,4 +1171,58 @@ func checkSections(secs []Section, devices []string) error {
 		}
 	}
 	return nil
+}
+
+// handover moves the VM without its memory (ModeHandover): the memory's files go to the
+// destination, which maps them while the guest still runs here; once it says so, the source
+// pauses and sends only the state. From the pause on, neither side touches memory until the
+// destination runs.
+func (s *sender) handover(ctx *switchCtx) error {
+	s.phase = "handover"
+	fds, err := s.src.(MemoryFiles).MemoryFDs()
+	if err := s.vmm("MemoryFDs", err); err != nil {
+		return err
+	}
+	m := &wire.Memory{}
+	for _, r := range s.desc.Layout.Regions {
+		m.Sizes = append(m.Sizes, r.Size)
+	}
+	if err := s.link.w.WriteMemory(m, fds); err != nil {
+		return err
+	}
+	s.rep.Handover = &HandoverReport{Files: len(fds), Bytes: s.memoryBytes()}
+	s.rep.DowntimeScaling = []string{"none"} // no page moves in the stop window
+	s.phase = "waiting for memory ack"
+	ack, err := s.await(s.opts.AckTimeout, "memory ack")
+	if err != nil {
+		return err
+	}
+	if _, ok := ack.(*wire.MemoryAck); !ok {
+		return unexpected(ack, "memory ack")
+	}
+	s.rep.Handover.MappedMS = ms(s.clock.Now().Sub(s.start))
+	s.phase = "pause"
+	if err := s.live(); err != nil {
+		return err
+	}
+	s.paused = true // before the call: see precopyDriver.run
+	if err := s.vmm("Pause", s.src.Pause()); err != nil {
+		return err
+	}
+	s.stopped = true
+	ctx.pauseAt = s.clock.Now()
+	if ctx.heartbeats {
+		ctx.lastBeat = ctx.pc.LastProgress()
+	}
+	ctx.finalAt = ctx.pauseAt
+	return s.complete(ctx)
+}
+
+// memoryBytes is the size of guest memory.
+func (s *sender) memoryBytes() uint64 {
+	var n uint64
+	for _, r := range s.desc.Layout.Regions {
+		n += r.Size
+	}
+	return n
 }

@@ -22,7 +22,7 @@ import (
 type MigrateCmd struct {
 	ControlFlag
 	To   string `required:"" placeholder:"tcp:HOST:PORT|unix:PATH" help:"The destination: a 'godwit run --incoming' waiting there (unix:PATH: on this host). With --resume: where that destination now listens (its old or a new address)."`
-	Mode string `default:"precopy" placeholder:"MODE" help:"precopy: copy memory while the VM runs here, then stop it and copy the rest (until the very end the VM can run here again, and does on any failure). postcopy: move the vCPUs at once; the destination runs the VM and fetches each page it touches from here while the rest is pushed (short downtime; from the switch on the VM needs both hosts until every page has arrived). hybrid: pre-copy rounds, then switch to post-copy (see --hybrid-rounds, --hybrid-after). Default ${default}."`
+	Mode string `placeholder:"MODE" help:"precopy: copy memory while the VM runs here, then stop it and copy the rest (until the very end the VM can run here again, and does on any failure). postcopy: move the vCPUs at once; the destination runs the VM and fetches each page it touches from here while the rest is pushed (short downtime; from the switch on the VM needs both hosts until every page has arrived). hybrid: pre-copy rounds, then switch to post-copy (see --hybrid-rounds, --hybrid-after). handover (unix:PATH only, a process on this host, e.g. a new godwit binary): copy no memory at all; the destination maps this VM's memory files, passed over the socket, and only vCPU and device state is copied (any failure before the destination has the state leaves the VM running here). Default: handover to unix:PATH, precopy to tcp:HOST:PORT."`
 	// Post-copy and hybrid.
 	Prepage         string        `default:"sequential" placeholder:"POLICY" help:"postcopy, hybrid: the order in which the pages the destination has not asked for are pushed after the switch (pages it asks for always go first): sequential (ascending addresses), bubble (outward from the latest demand faults), hot (the pages most written before and most faulted after the switch first), none (push nothing: every page comes by demand). Default ${default}."`
 	HybridRounds    int           `name:"hybrid-rounds" default:"2" placeholder:"N" help:"hybrid: switch to post-copy after this many pre-copy rounds (at least 1), or sooner if pre-copy stops converging; if pre-copy converges first, it stops and copies as in precopy. Default ${default}."`
@@ -68,10 +68,28 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 		}
 		return nil
 	}
+	addr, _ := transport.Parse(c.To)
+	if c.Mode == "" {
+		c.Mode = defaultMode(addr)
+	}
 	switch c.Mode {
 	case migration.ModePrecopy, migration.ModePostcopy, migration.ModeHybrid:
+	case migration.ModeHandover:
+		if addr.Network != transport.Unix {
+			return fmt.Errorf("--mode handover passes the memory's files to a process on this host: it needs --to unix:PATH, not %s (between hosts use precopy, postcopy or hybrid)", c.To)
+		}
+		var pages []string
+		for _, f := range []string{"prepage", "sample-before", "hybrid-rounds", "hybrid-after", "link-timeout", "reconnect-window", "fault-channel",
+			"downtime-limit", "max-bandwidth", "auto-converge", "force", "streams", "compress", "compress-level", "delta", "delta-cache", "dedup", "free-pages"} {
+			if set(f) {
+				pages = append(pages, "--"+f)
+			}
+		}
+		if len(pages) > 0 {
+			return fmt.Errorf("--mode handover copies no pages: %s do not apply (to copy memory over the socket, use --mode precopy)", strings.Join(pages, ", "))
+		}
 	default:
-		return fmt.Errorf("--mode %q: want precopy, postcopy or hybrid", c.Mode)
+		return fmt.Errorf("--mode %q: want precopy, postcopy, hybrid or handover", c.Mode)
 	}
 	switch c.Prepage {
 	case migration.PrepageSequential, migration.PrepageBubble, migration.PrepageHot, migration.PrepageNone:
@@ -222,7 +240,7 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 			req.Delta, req.DeltaCacheBytes = true, uint64(c.DeltaCache)
 		}
 		req.Dedup = c.Dedup
-		if c.Mode != migration.ModePrecopy {
+		if c.Mode == migration.ModePostcopy || c.Mode == migration.ModeHybrid {
 			req.Prepage = c.Prepage
 			req.SampleBeforeMS = c.SampleBefore.Milliseconds()
 			req.LinkTimeoutMS = c.LinkTimeout.Milliseconds()
@@ -326,9 +344,16 @@ func printReport(r migration.Report) {
 		return
 	}
 	fmt.Printf("godwit       %s\n", versionLine())
-	fmt.Printf("mode         %s, %d rounds", r.Mode, r.Rounds)
-	if r.Mode != migration.ModePostcopy {
-		fmt.Printf(", converged %v", r.Converged)
+	switch h := r.Handover; {
+	case h != nil:
+		fmt.Printf("mode         handover: %s of memory in %d file(s) handed over, no page copied", formatBytes(h.Bytes), h.Files)
+		if h.MappedMS > 0 {
+			fmt.Printf("; mapped by the destination %.2f ms after the start, the VM paused only then", h.MappedMS)
+		}
+	case r.Mode == migration.ModePostcopy:
+		fmt.Printf("mode         %s, %d rounds", r.Mode, r.Rounds)
+	default:
+		fmt.Printf("mode         %s, %d rounds, converged %v", r.Mode, r.Rounds, r.Converged)
 		if r.Reason != "" {
 			fmt.Printf(" (%s)", r.Reason)
 		}

@@ -46,9 +46,15 @@ type vmProc struct {
 // startVM starts 'godwit run --json ARGS' in host h.
 func startVM(t testing.TB, h *testbed.Host, name string, args ...string) *vmProc {
 	t.Helper()
+	return startVMWith(t, h, os.Args[0], nil, name, args...)
+}
+
+// startVMWith is startVM with another godwit binary and more environment.
+func startVMWith(t testing.TB, h *testbed.Host, bin string, env []string, name string, args ...string) *vmProc {
+	t.Helper()
 	p := &vmProc{sock: filepath.Join(t.TempDir(), name+".sock"), exited: make(chan error, 1), stdout: new(bytes.Buffer), stderr: new(bytes.Buffer)}
-	p.cmd = h.Command(os.Args[0], append([]string{"run", "--json", "--name", name, "--control", p.sock}, args...)...)
-	p.cmd.Env = append(os.Environ(), "GODWIT_AS_MAIN=1")
+	p.cmd = h.Command(bin, append([]string{"run", "--json", "--name", name, "--control", p.sock}, args...)...)
+	p.cmd.Env = append(append(os.Environ(), "GODWIT_AS_MAIN=1"), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -208,7 +214,8 @@ func TestMigrateWithStreams(t *testing.T) {
 }
 
 // TestMigrateOverUnixSocket moves a writer between two VM processes of one host over a Unix
-// socket, with two streams and --dedup (its pages repeat: content image), and the destination
+// socket, copying its memory (--mode precopy: the default there is a handover), with two
+// streams and --dedup (its pages repeat: content image), and the destination
 // verifies its memory.
 func TestMigrateOverUnixSocket(t *testing.T) {
 	requireKVM(t)
@@ -218,7 +225,7 @@ func TestMigrateOverUnixSocket(t *testing.T) {
 	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "dirty", "--wss", "32M", "--rate", "2k", "--pattern", "random", "--content", "image")
 	dst := startVM(t, tb.Host(0), "dst", "--incoming", to)
 	src.waitHeartbeats(t, 200)
-	rep, err := migrate(t, src, to, "--streams", "2", "--auto-converge", "--dedup")
+	rep, err := migrate(t, src, to, "--mode", "precopy", "--streams", "2", "--auto-converge", "--dedup")
 	logReport(t, "unix socket", rep)
 	if err != nil || rep.Result != "ok" || len(rep.Streams) != 2 {
 		t.Fatalf("migrate: %v, report %+v", err, rep)

@@ -193,6 +193,25 @@ type arrivingDestination struct {
 	started func()
 }
 
+// faultEnv names a fault to inject into an incoming migration, for the tests of what a
+// failure leaves behind: faultExitAfterAdopt makes the process die once it has mapped the
+// memory of a handover, before it answers.
+const (
+	faultEnv            = "GODWIT_FAULT"
+	faultExitAfterAdopt = "exit-after-adopt"
+)
+
+func (d arrivingDestination) AdoptMemory(desc migration.Description, fds []int) error {
+	if err := d.MigrationDestination.AdoptMemory(desc, fds); err != nil {
+		return err
+	}
+	if os.Getenv(faultEnv) == faultExitAfterAdopt {
+		fmt.Fprintf(os.Stderr, "godwit: %s=%s: exiting with the memory handed over mapped\n", faultEnv, faultExitAfterAdopt)
+		os.Exit(3)
+	}
+	return nil
+}
+
 func (d arrivingDestination) Start() error {
 	if err := d.MigrationDestination.Start(); err != nil {
 		return err

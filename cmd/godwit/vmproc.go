@@ -291,7 +291,7 @@ type MigrateRequest struct {
 	Force           bool   `json:"force"`
 	TimeoutMS       int64  `json:"timeout_ms"`
 	// Post-copy and hybrid; empty and zero values take the engine's defaults.
-	Mode              string `json:"mode,omitempty"`             // precopy (default), postcopy, hybrid
+	Mode              string `json:"mode,omitempty"`             // precopy, postcopy, hybrid, handover; default: handover to unix:, else precopy
 	Prepage           string `json:"prepage,omitempty"`          // sequential (default), bubble, hot, none
 	SampleBeforeMS    int64  `json:"sample_before_ms,omitempty"` // postcopy: watch the guest this long first; 0 = default
 	HybridRounds      int    `json:"hybrid_rounds,omitempty"`
@@ -328,9 +328,15 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if req.Resume {
 		return p.resumeOut(ctx, addr, emit)
 	}
-	mode := cmp.Or(req.Mode, migration.ModePrecopy)
-	if mode != migration.ModePrecopy && mode != migration.ModePostcopy && mode != migration.ModeHybrid {
-		return nil, badRequest(fmt.Errorf("migrate: mode %q: want precopy, postcopy or hybrid", req.Mode))
+	mode := cmp.Or(req.Mode, defaultMode(addr))
+	switch mode {
+	case migration.ModePrecopy, migration.ModePostcopy, migration.ModeHybrid:
+	case migration.ModeHandover:
+		if addr.Network != transport.Unix {
+			return nil, badRequest(fmt.Errorf("migrate: mode handover passes the memory's files to a process on this host: it needs a unix:PATH destination, not %s", addr))
+		}
+	default:
+		return nil, badRequest(fmt.Errorf("migrate: mode %q: want precopy, postcopy, hybrid or handover", req.Mode))
 	}
 	if req.Streams < 0 || req.Streams > 64 || (req.Streams == 64 && mode != migration.ModePrecopy && !req.NoFaultChannel) {
 		return nil, badRequest(fmt.Errorf("migrate: streams %d: want 1..64 (1..63 with the fault channel of mode %s)", req.Streams, mode))
@@ -475,6 +481,9 @@ func (p *vmProcess) holding() error {
 		return nil
 	}
 	switch o.State() {
+	case outgoing.Undecided:
+		_, err := o.Result()
+		return conflict(fmt.Errorf("VM %q was handed over to a process on this host, and the handover failed once the destination had its state (%v): the destination may run it on the same memory, so it must not run here again; this process holds it paused", p.name, err))
 	case outgoing.Stranded:
 		_, err := o.Result()
 		return conflict(fmt.Errorf("VM %q runs at the destination since its switch to post-copy, and the migration failed after the switch (%v); this process holds the VM's memory, paused: it must not run here again; finish the migration with 'godwit migrate --resume'", p.name, err))
@@ -493,4 +502,13 @@ func conflict(err error) error {
 
 func badRequest(err error) error {
 	return &control.StatusError{Status: http.StatusBadRequest, Err: err}
+}
+
+// defaultMode is the mode of a migration to addr that names none: a handover to a process on
+// this host (a Unix socket), else pre-copy.
+func defaultMode(addr transport.Address) string {
+	if addr.Network == transport.Unix {
+		return migration.ModeHandover
+	}
+	return migration.ModePrecopy
 }

@@ -61,6 +61,27 @@ func OpenRegion(name string, gpa, size uint64, fd int) (*Region, error) {
 	return mapRegion(name, gpa, size, fd)
 }
 
+// AdoptRegion maps memory another VMM handed over, after checking that fd is a file of
+// exactly size bytes that can be mapped shared (a memfd, or a file on tmpfs or hugetlbfs):
+// anything else would be a different VM's memory, or one that the two processes do not share.
+// The region owns fd from then on; on failure fd is closed.
+func AdoptRegion(name string, gpa, size uint64, fd int) (*Region, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("guestmem: region %q handed over: fstat: %w", name, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		unix.Close(fd)
+		return nil, fmt.Errorf("guestmem: region %q handed over is not a regular file (mode %#o)", name, st.Mode)
+	}
+	if uint64(st.Size) != size {
+		unix.Close(fd)
+		return nil, fmt.Errorf("guestmem: region %q handed over holds %d bytes, the layout says %d", name, st.Size, size)
+	}
+	return mapRegion(name, gpa, size, fd)
+}
+
 func mapRegion(name string, gpa, size uint64, fd int) (*Region, error) {
 	mem, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
 	if err != nil {

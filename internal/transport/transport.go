@@ -1,5 +1,5 @@
 // Package transport names where a migration connects and makes its connections: TCP between
-// hosts, Unix sockets within one (and, with them, file descriptor passing later). Every
+// hosts, Unix sockets within one, which also pass file descriptors (a memory handover). Every
 // connection of a migration (the main one, extra page streams, a fault channel, a reconnection)
 // is made from the same Address, so that they all reach the same listener.
 //
@@ -54,12 +54,16 @@ func Parse(s string) (Address, error) {
 
 func (a Address) String() string { return a.Network + ":" + a.Addr }
 
-// Dial connects to a, for at most DialTimeout.
+// Dial connects to a, for at most DialTimeout. A Unix connection is a *FileConn.
 func (a Address) Dial(ctx context.Context) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, DialTimeout)
 	defer cancel()
 	var d net.Dialer
-	return d.DialContext(ctx, a.Network, a.Addr)
+	c, err := d.DialContext(ctx, a.Network, a.Addr)
+	if err != nil {
+		return nil, err
+	}
+	return wrap(c), nil
 }
 
 // Listen listens on a. A Unix socket's path is taken over if a stale socket file is there
@@ -70,7 +74,29 @@ func (a Address) Listen() (net.Listener, error) {
 			return nil, err
 		}
 	}
-	return net.Listen(a.Network, a.Addr)
+	ln, err := net.Listen(a.Network, a.Addr)
+	if err != nil || a.Network != Unix {
+		return ln, err
+	}
+	return fileListener{ln}, nil
+}
+
+// fileListener accepts Unix connections as *FileConn.
+type fileListener struct{ net.Listener }
+
+func (l fileListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return wrap(c), nil
+}
+
+func wrap(c net.Conn) net.Conn {
+	if u, ok := c.(*net.UnixConn); ok {
+		return &FileConn{UnixConn: u}
+	}
+	return c
 }
 
 // removeStale removes path if it is a Unix socket nobody listens on.

@@ -50,6 +50,10 @@ type Config struct {
 	// (0: the largest KVM offers, up to MaxDirtyRingBytes).
 	DirtyTracking  string
 	DirtyRingBytes int
+
+	// memoryFD, when set, is the file of guest memory handed over by another VMM (a
+	// handover): New maps it instead of creating memory, and owns it from then on.
+	memoryFD *int
 }
 
 // State of the machine's vCPUs.
@@ -103,6 +107,12 @@ type Machine struct {
 // New builds a machine. A machine with an Image boots that image when started; one without
 // waits for RestoreState.
 func New(cfg Config) (*Machine, error) {
+	fdOwned := cfg.memoryFD != nil // until AdoptRegion takes it
+	defer func() {
+		if fdOwned {
+			unix.Close(*cfg.memoryFD)
+		}
+	}()
 	if cfg.VCPUs < 1 || cfg.VCPUs > guest.MaxVCPUs {
 		return nil, fmt.Errorf("vmm: %d vCPUs: want 1..%d", cfg.VCPUs, guest.MaxVCPUs)
 	}
@@ -117,6 +127,9 @@ func New(cfg Config) (*Machine, error) {
 	}
 	if len(cfg.Image) > 0 && cfg.Params == nil {
 		return nil, errors.New("vmm: a guest image needs its params")
+	}
+	if cfg.memoryFD != nil && len(cfg.Image) > 0 {
+		return nil, errors.New("vmm: memory handed over holds a guest already: no image to boot")
 	}
 	m := &Machine{cfg: cfg, created: time.Now(), state: StateCreated, done: make(chan struct{})}
 	ok := false
@@ -148,7 +161,13 @@ func New(cfg Config) (*Machine, error) {
 	if err = m.setUpDirtyTracking(); err != nil {
 		return nil, err
 	}
-	if m.mem, err = guestmem.NewRegion("ram", 0, cfg.MemBytes); err != nil {
+	if cfg.memoryFD != nil {
+		fdOwned = false
+		m.mem, err = guestmem.AdoptRegion("ram", 0, cfg.MemBytes, *cfg.memoryFD)
+	} else {
+		m.mem, err = guestmem.NewRegion("ram", 0, cfg.MemBytes)
+	}
+	if err != nil {
 		return nil, err
 	}
 	if err = m.vm.SetMemorySlot(kvm.MemorySlot{Slot: 0, GPA: 0, Mem: m.mem.Mem}); err != nil {

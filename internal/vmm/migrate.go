@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/guestmem"
 	"github.com/godwit-vm/godwit/internal/kvm"
@@ -53,6 +55,9 @@ var (
 func (s MigrationSource) Describe() migration.Description {
 	return migration.Description{Layout: s.M.layout(), VCPUs: len(s.M.vcpus), Devices: s.M.deviceIDs()}
 }
+
+// MemoryFDs returns the memfd of guest RAM, for a handover; it stays the machine's.
+func (s MigrationSource) MemoryFDs() ([]int, error) { return []int{s.M.mem.Fd()}, nil }
 
 func (s MigrationSource) Populated() ([]migration.Bitmap, error) {
 	b, err := s.M.mem.Populated()
@@ -203,16 +208,40 @@ type MigrationDestination struct {
 var (
 	_ migration.Destination   = (*MigrationDestination)(nil)
 	_ migration.FirstProgress = (*MigrationDestination)(nil)
+	_ migration.MemoryAdopter = (*MigrationDestination)(nil)
+	_ migration.MemoryFiles   = MigrationSource{}
 )
 
 func (d *MigrationDestination) Prepare(desc migration.Description) error {
+	return d.build(desc, nil)
+}
+
+// AdoptMemory builds the machine on the memory another VMM on this host handed over (a
+// handover): nothing is written to it here.
+func (d *MigrationDestination) AdoptMemory(desc migration.Description, fds []int) error {
+	if len(fds) != 1 {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		return fmt.Errorf("vmm: %d memory files handed over, this VMM has one region", len(fds))
+	}
+	return d.build(desc, &fds[0])
+}
+
+// build makes the machine of an incoming migration, on memory handed over when memoryFD is
+// set (which it then owns).
+func (d *MigrationDestination) build(desc migration.Description, memoryFD *int) error {
 	l := desc.Layout
 	if l.PageSize != guest.PageSize || len(l.Regions) != 1 || l.Regions[0].GPA != 0 {
+		if memoryFD != nil {
+			unix.Close(*memoryFD)
+		}
 		return fmt.Errorf("vmm: incoming VM has a memory layout this VMM cannot build (page size %d, %d regions)", l.PageSize, len(l.Regions))
 	}
 	cfg := d.Template
 	cfg.MemBytes, cfg.VCPUs = l.Regions[0].Size, desc.VCPUs
 	cfg.Image, cfg.Params = nil, nil
+	cfg.memoryFD = memoryFD
 	m, err := New(cfg)
 	if err != nil {
 		return err

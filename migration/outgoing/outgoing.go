@@ -33,9 +33,12 @@ const (
 	Stranded                // switched, Send gave up: the VM waits here, paused, for Resume
 	Succeeded               // the destination has everything; the source's memory was released
 	Failed                  // before the switch: the VM runs here as before
+	// Undecided: a handover failed after the state went out, and the destination may run the
+	// VM on the memory handed over: it stays paused here, never to run here again.
+	Undecided
 )
 
-var stateNames = [...]string{"connecting", "live", "switched", "recovering", "stranded", "succeeded", "failed"}
+var stateNames = [...]string{"connecting", "live", "switched", "recovering", "stranded", "succeeded", "failed", "undecided"}
 
 func (s State) String() string {
 	if s >= 0 && int(s) < len(stateNames) {
@@ -202,6 +205,11 @@ func (m *Migration) finish(r *run, rep *migration.Report, err error) {
 			rep.TotalMS = float64(r.at.Sub(m.start).Microseconds())/1000 + engineTotal
 		}
 		next = Succeeded
+	case errors.Is(err, migration.ErrHandoverUndecided):
+		// Whether the destination runs the VM is unknown: nothing here may run it.
+		rep.Error = err.Error()
+		m.cfg.Note(err.Error())
+		next = Undecided
 	case stranded:
 		if gaveUp != nil {
 			// The reconnect window, not a caller, ended it.

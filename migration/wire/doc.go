@@ -39,6 +39,9 @@
 //	1  2026-12-02  S2 pages under CapS2 (1<<7): EncS2 (5), one S2 block (klauspost/compress/s2,
 //	               a superset of Snappy's block format) that decodes to exactly one page. A new
 //	               encoding behind a new capability: the version stays 1.
+//	1  2026-12-03  memory handed over as files on one host under CapHandover (1<<8): Memory
+//	               (0x16) with the files beside it (SCM_RIGHTS), MemoryAck (0x17); no pages.
+//	               New frames behind a new capability: the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -204,6 +207,16 @@
 //	  batches follow, nothing else; the source closes the connection when it is done. A Join
 //	  that names another migration, or an index taken, is answered with Error
 //
+//	Memory (source -> destination, 0x16, CapHandover, right after Welcome)
+//	  u16 region count (must be the Hello's), region count x u64 size (each the Hello's size
+//	  of that region). On a Unix socket, one file descriptor per region, in region order, is
+//	  passed with the frame's bytes (SCM_RIGHTS in the same sendmsg): the destination maps
+//	  those files as guest memory instead of receiving pages. Nothing else is accepted until
+//	  the state: a handover has no rounds, pages, switch or streams
+//
+//	MemoryAck (destination -> source, 0x17, CapHandover, answers Memory once the memory is
+//	mapped; empty). The source pauses only after it
+//
 //	Error (either direction, 0x7f, the last frame a side sends)
 //	  u16 code (ErrCode*), u16 message length (at most MaxErrorMessage), message
 //
@@ -228,6 +241,14 @@
 //	  DoneAck  ---------------------------->
 //	                   <-------------------   Request... (post-copy only, any time after Welcome)
 //	  Error may replace any frame in either direction; the sender closes after it.
+//
+// A handover on one host (CapHandover), the memory passed as files instead of pages:
+//
+//	Memory (+ one fd per region)  ------->   map the files
+//	                 <--------------------  MemoryAck
+//	[pause] State..., Complete  --------->   restore, start
+//	                 <--------------------  Resumed, Done
+//	DoneAck  ---------------------------->
 //
 // Post-copy (after the live rounds in hybrid, right after the handshake in pure post-copy):
 //
@@ -266,6 +287,7 @@
 //	Hello (Round PageBatch* RoundEnd)* Round[final] PageBatch* State* Complete DoneAck
 //	Hello (Round PageBatch* RoundEnd)* Switch[more]* Switch State* Complete Post DoneAck
 //	Hello Ahead[more]* Ahead Switch[more]* Switch State* Complete Post DoneAck      (CapAhead)
+//	Hello Memory State* Complete DoneAck                             (CapHandover)
 //	Rejoin Post DoneAck                                              (a rejoining connection)
 //	Join PageBatch*                                                  (an extra page connection)
 //	Post = (PageBatch | Keepalive)* [PushEnd Keepalive*]
@@ -275,6 +297,7 @@
 // and at the source:
 //
 //	Welcome (RoundAck | Request)* Resumed Done
+//	Welcome MemoryAck Resumed Done                                   (CapHandover)
 //	Welcome (RoundAck | Request)* Resumed (Request | Keepalive)* [Filled (Request | Keepalive)* Stats (Request | Keepalive)*] Done
 //	Lacking[more]* Lacking (Request | Keepalive)* [Filled ... Stats ...] Done        (a rejoining connection)
 //

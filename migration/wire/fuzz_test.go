@@ -26,15 +26,19 @@ func drain(t *testing.T, data []byte, side Side) { drainFrom(t, data, side, fals
 
 // drainFrom is drain, on a rejoining connection when rejoin is set.
 func drainFrom(t *testing.T, data []byte, side Side, rejoin bool) {
-	drainConn(t, data, side, rejoin, false)
+	drainConn(t, data, side, rejoin, false, streamCaps)
 }
+
+// streamCaps are the capabilities the stream fuzzers negotiate: all but CapHandover, which
+// allows no pages at all (FuzzReaderHandover has it).
+const streamCaps = KnownCaps &^ CapHandover
 
 // drainConn is drain on any kind of connection: a rejoining one (rejoin) or an extra page
 // stream (pageStream, at the destination).
-func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool) {
+func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool, caps Caps) {
 	r := NewReader(bytes.NewReader(data), side)
-	r.SetOffered(KnownCaps)
-	r.SetCaps(KnownCaps)
+	r.SetOffered(caps)
+	r.SetCaps(caps)
 	if side == AtSource || rejoin || pageStream {
 		d := testDesc()
 		r.SetDescription(&d)
@@ -49,7 +53,7 @@ func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool) {
 	if pageStream {
 		r.PageStream()
 	}
-	joined, streams := false, false
+	joined, streams, handedOver := false, false, false
 	// What the Reader promises about rounds, recomputed from the messages it returned.
 	var round *Round
 	var roundPages uint64
@@ -89,7 +93,21 @@ func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool) {
 			return
 		}
 		switch m := m.(type) {
+		case *Memory:
+			d := r.Description()
+			if handedOver || round != nil || caps&CapHandover == 0 || len(m.Sizes) != len(d.Regions) {
+				t.Fatalf("memory %+v accepted (handed over before: %v, round %+v, caps %#x)", m, handedOver, round, uint64(caps))
+			}
+			for i, n := range m.Sizes {
+				if n != d.Regions[i].Size {
+					t.Fatalf("memory %+v accepted for regions %+v", m, d.Regions)
+				}
+			}
+			handedOver = true
 		case *PageBatch:
+			if caps&CapHandover != 0 {
+				t.Fatalf("page batch accepted in a handover")
+			}
 			checkBatch(t, m, r.Description())
 			if round == nil && !post && !joined {
 				t.Fatalf("page batch outside a round")
@@ -200,7 +218,21 @@ func FuzzReaderRejoin(f *testing.F) {
 // FuzzReaderPageStream reads an extra page connection at the destination.
 func FuzzReaderPageStream(f *testing.F) {
 	f.Add(pageStream(f))
-	f.Fuzz(func(t *testing.T, data []byte) { drainConn(t, data, AtDestination, false, true) })
+	f.Fuzz(func(t *testing.T, data []byte) { drainConn(t, data, AtDestination, false, true, streamCaps) })
+}
+
+// FuzzReaderHandover reads a memory handover (CapHandover), at either side.
+func FuzzReaderHandover(f *testing.F) {
+	f.Add(false, handoverSourceStream(f))
+	f.Add(true, handoverDestStream(f))
+	f.Add(false, sourceStream(f))
+	f.Fuzz(func(t *testing.T, atSource bool, data []byte) {
+		side := AtDestination
+		if atSource {
+			side = AtSource
+		}
+		drainConn(t, data, side, false, false, KnownCaps)
+	})
 }
 
 // pageStream is an extra page connection: preamble, Join, two batches.
@@ -505,6 +537,11 @@ func FuzzDecodeRejoin(f *testing.F) {
 func FuzzDecodeStreams(f *testing.F) {
 	fuzzDecoder(f, [][]byte{AppendStreams(nil, &Streams{ID: testID, Count: 3})}, DecodeStreams,
 		func(m *Streams) []byte { return AppendStreams(nil, m) })
+}
+
+func FuzzDecodeMemory(f *testing.F) {
+	fuzzDecoder(f, [][]byte{AppendMemory(nil, &Memory{Sizes: []uint64{1 << 30, 4096}})}, DecodeMemory,
+		func(m *Memory) []byte { return AppendMemory(nil, m) })
 }
 
 func FuzzDecodeJoin(f *testing.F) {

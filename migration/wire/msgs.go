@@ -863,3 +863,44 @@ func DecodeJoin(p []byte) (*Join, error) {
 	}
 	return m, nil
 }
+
+// AppendMemory appends a Memory payload.
+func AppendMemory(b []byte, m *Memory) []byte {
+	b = le.AppendUint16(b, uint16(len(m.Sizes)))
+	for _, n := range m.Sizes {
+		b = le.AppendUint64(b, n)
+	}
+	return b
+}
+
+// DecodeMemory decodes a Memory payload. That the sizes are the Hello's is the Reader's check.
+func DecodeMemory(p []byte) (*Memory, error) {
+	c := &cursor{p: p, t: TypeMemory}
+	n := int(c.u16("region count"))
+	if c.err != nil {
+		return nil, c.err
+	}
+	if n == 0 || n > MaxRegions {
+		return nil, &FrameError{Type: TypeMemory, Kind: ErrMalformed, Detail: fmt.Sprintf("%d regions, want 1..%d", n, MaxRegions)}
+	}
+	if len(p) != 2+8*n {
+		return nil, &FrameError{Type: TypeMemory, Kind: ErrMalformed, Detail: fmt.Sprintf("%d bytes for %d regions, want %d", len(p), n, 2+8*n)}
+	}
+	m := &Memory{Sizes: make([]uint64, n)}
+	for i := range m.Sizes {
+		m.Sizes[i] = c.u64("region size")
+	}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// DecodeMemoryAck decodes a MemoryAck payload (empty).
+func DecodeMemoryAck(p []byte) (*MemoryAck, error) {
+	c := &cursor{p: p, t: TypeMemoryAck}
+	if err := c.end(); err != nil {
+		return nil, err
+	}
+	return &MemoryAck{}, nil
+}

@@ -41,6 +41,7 @@ const (
 	stJoin                  // destination: an extra page connection, nothing yet
 	stPages                 // destination: an extra page connection after Join
 	stAhead                 // destination: after the Ahead set began (pure post-copy, CapAhead)
+	stMemory                // destination: after Memory (CapHandover): state or complete next
 	stEnd                   // either: the peer's last frame was read; only EOF may follow
 )
 
@@ -81,6 +82,8 @@ func (s state) expecting() string {
 		return "page batch"
 	case stAhead:
 		return "switch"
+	case stMemory:
+		return "state or complete"
 	}
 	return "end of stream"
 }
@@ -89,6 +92,12 @@ func (s state) expecting() string {
 func (r *Reader) expecting() string {
 	if r.st == stResumed && r.caps&CapPostcopy != 0 {
 		return "request, keepalive, filled, stats or done"
+	}
+	if r.st == stStream && r.caps&CapHandover != 0 {
+		return "memory"
+	}
+	if r.st == stRun && r.caps&CapHandover != 0 && !r.memoryAck {
+		return "memory ack"
 	}
 	if r.st == stStream && r.caps&CapStreams != 0 && r.streams == 0 {
 		return "streams or round 1"
@@ -136,6 +145,8 @@ type Reader struct {
 
 	// Extra page connections (CapStreams).
 	streams uint16 // main connection at the destination: extra connections announced
+
+	memoryAck bool // source: MemoryAck read (CapHandover)
 }
 
 // setState follows a page set (Switch or Lacking) across its frames.
@@ -394,6 +405,17 @@ func (r *Reader) accept(t Type) error {
 	if r.caps&CapStreams == 0 && (t == TypeStreams || t == TypeJoin) {
 		return fmt.Errorf("%s, but extra streams were not negotiated", t)
 	}
+	handover := r.caps&CapHandover != 0
+	if !handover && (t == TypeMemory || t == TypeMemoryAck) {
+		return fmt.Errorf("%s, but a memory handover was not negotiated", t)
+	}
+	// A handover carries memory as files and nothing but state after them: no pages.
+	if handover && r.side == AtDestination && t != TypeHello && t != TypeMemory && t != TypeState && t != TypeComplete && t != TypeDoneAck {
+		return fmt.Errorf("%s in a memory handover", t)
+	}
+	if handover && r.side == AtSource && !r.memoryAck && t != TypeWelcome && t != TypeMemoryAck {
+		return fmt.Errorf("%s before the memory ack of a handover", t)
+	}
 	ok := false
 	switch r.side {
 	case AtDestination:
@@ -413,12 +435,14 @@ func (r *Reader) accept(t Type) error {
 			ok = r.st == stRound
 		case TypeAhead:
 			ok = r.st == stStream
+		case TypeMemory:
+			ok = r.st == stStream
 		case TypeSwitch:
 			ok = r.st == stStream || r.st == stRoundEnd || r.st == stAhead || (r.st == stSwitch && r.set.open)
 		case TypeState:
-			ok = r.st == stFinal || r.st == stState || r.st == stSwitch
+			ok = r.st == stFinal || r.st == stState || r.st == stSwitch || r.st == stMemory
 		case TypeComplete:
-			ok = r.st == stFinal || r.st == stState || r.st == stSwitch
+			ok = r.st == stFinal || r.st == stState || r.st == stSwitch || r.st == stMemory
 		case TypeKeepalive:
 			ok = r.st == stPost
 		case TypePushEnd:
@@ -434,6 +458,8 @@ func (r *Reader) accept(t Type) error {
 			ok = r.st == stWelcome
 		case TypeRoundAck:
 			ok = r.st == stRun
+		case TypeMemoryAck:
+			ok = r.st == stRun && !r.memoryAck
 		case TypeRequest:
 			if !post {
 				return fmt.Errorf("request, but post-copy was not negotiated")
@@ -620,6 +646,28 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 		}
 		r.streams = m.Count
 		return m, false, nil
+	case TypeMemory:
+		m, err := DecodeMemory(p)
+		if err != nil {
+			return nil, false, err
+		}
+		if r.desc == nil || len(m.Sizes) != len(r.desc.Regions) {
+			return nil, false, bad(ErrMalformed, "%d regions handed over, the hello described %d", len(m.Sizes), r.regions())
+		}
+		for i, n := range m.Sizes {
+			if n != r.desc.Regions[i].Size {
+				return nil, false, bad(ErrMalformed, "region %d handed over with %d bytes, the hello described %d", i, n, r.desc.Regions[i].Size)
+			}
+		}
+		r.st = stMemory
+		return m, false, nil
+	case TypeMemoryAck:
+		m, err := DecodeMemoryAck(p)
+		if err != nil {
+			return nil, false, err
+		}
+		r.memoryAck = true
+		return m, false, nil
 	case TypeJoin:
 		m, err := DecodeJoin(p)
 		if err != nil {
@@ -751,4 +799,12 @@ func (r *Reader) decodeState(flags uint8, p []byte) (Msg, bool, error) {
 		s.Data = []byte{}
 	}
 	return s, false, nil
+}
+
+// regions is the number of regions of the Hello's description (0 before it).
+func (r *Reader) regions() int {
+	if r.desc == nil {
+		return 0
+	}
+	return len(r.desc.Regions)
 }

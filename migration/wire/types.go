@@ -55,6 +55,8 @@ const (
 	TypeRoundAck  Type = 0x13
 	TypeStreams   Type = 0x14
 	TypeJoin      Type = 0x15
+	TypeMemory    Type = 0x16
+	TypeMemoryAck Type = 0x17
 	TypeState     Type = 0x20
 	TypeComplete  Type = 0x30
 	TypeResumed   Type = 0x31
@@ -118,6 +120,10 @@ func (t Type) String() string {
 		return "lacking"
 	case TypeAhead:
 		return "ahead"
+	case TypeMemory:
+		return "memory"
+	case TypeMemoryAck:
+		return "memory ack"
 	case TypeError:
 		return "error"
 	}
@@ -128,7 +134,7 @@ func (t Type) known() bool {
 	switch t {
 	case TypeHello, TypeWelcome, TypeRound, TypePageBatch, TypeRoundEnd, TypeRoundAck, TypeStreams, TypeJoin, TypeState,
 		TypeComplete, TypeResumed, TypeDone, TypeDoneAck, TypeRequest, TypeSwitch, TypePushEnd,
-		TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking, TypeAhead, TypeError:
+		TypeKeepalive, TypeFilled, TypeStats, TypeRejoin, TypeLacking, TypeAhead, TypeMemory, TypeMemoryAck, TypeError:
 		return true
 	}
 	return false
@@ -168,9 +174,10 @@ const (
 	CapStreams    Caps = 1 << 5 // pre-copy pages on extra connections: Streams, Join
 	CapAhead      Caps = 1 << 6 // pure post-copy: most of the missing set ahead of the pause, in Ahead (needs CapPostcopy)
 	CapS2         Caps = 1 << 7 // EncS2 pages: each an S2 block of one page
+	CapHandover   Caps = 1 << 8 // memory handed over as files on one host: Memory, MemoryAck; no pages
 
 	// KnownCaps is every capability this version can accept.
-	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead | CapS2
+	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead | CapS2 | CapHandover
 )
 
 // Encoding is how one page travels in a PageBatch.
@@ -420,6 +427,16 @@ type Streams struct {
 	Count uint16 // extra connections: 1..MaxStreams-1
 }
 
+// Memory hands guest memory over (CapHandover): one file per region, passed beside the
+// frame's bytes (SCM_RIGHTS on a Unix socket), whose sizes the frame names. The files are not
+// part of the message: the connection delivers them (see Writer.WriteMemory).
+type Memory struct {
+	Sizes []uint64 // bytes of each region's file, in region order; equal to the Hello's sizes
+}
+
+// MemoryAck says that the destination has mapped the memory handed over: the source may pause.
+type MemoryAck struct{}
+
 // Join is the first frame of an extra page connection, instead of Hello.
 type Join struct {
 	ID    MigrationID // the Streams frame's
@@ -462,3 +479,5 @@ func (*Rejoin) Type() Type    { return TypeRejoin }
 func (*Lacking) Type() Type   { return TypeLacking }
 func (*Streams) Type() Type   { return TypeStreams }
 func (*Join) Type() Type      { return TypeJoin }
+func (*Memory) Type() Type    { return TypeMemory }
+func (*MemoryAck) Type() Type { return TypeMemoryAck }

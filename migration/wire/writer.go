@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"syscall"
 
 	"github.com/zeebo/xxh3"
 )
@@ -261,6 +262,46 @@ func (w *Writer) WriteRequest(q *Request) error {
 // WriteError tells the peer why this side aborts. It is the last frame a side writes.
 func (w *Writer) WriteError(code ErrCode, msg string) error {
 	return w.frame(TypeError, 0, func(b []byte) []byte { return AppendError(b, code, msg) })
+}
+
+// unixWriter is a connection that passes file descriptors beside bytes: *net.UnixConn and
+// anything that wraps one with its methods.
+type unixWriter interface {
+	WriteMsgUnix(b, oob []byte, addr *net.UnixAddr) (n, oobn int, err error)
+}
+
+// WriteMemory hands guest memory over (CapHandover): the Memory frame, with fds (one per
+// region, in order) passed beside its bytes as SCM_RIGHTS in the same sendmsg, so that they
+// arrive with the frame's first byte. It needs a Unix socket; the fds stay the caller's.
+func (w *Writer) WriteMemory(m *Memory, fds []int) error {
+	if w.err != nil {
+		return w.err
+	}
+	uw, ok := w.w.(unixWriter)
+	if !ok {
+		return fmt.Errorf("wire: write memory: the connection (%T) cannot pass file descriptors; a handover needs a Unix socket", w.w)
+	}
+	if len(fds) != len(m.Sizes) || len(fds) == 0 || len(fds) > maxPassedFDs {
+		return fmt.Errorf("wire: write memory: %d files for %d regions (at most %d)", len(fds), len(m.Sizes), maxPassedFDs)
+	}
+	b := append(w.buf[:0], make([]byte, HeaderSize)...)
+	b = AppendMemory(b, m)
+	w.buf = b
+	w.putHeader(b, TypeMemory, 0, len(b)-HeaderSize, b[HeaderSize:])
+	n, _, err := uw.WriteMsgUnix(b, syscall.UnixRights(fds...), nil)
+	w.n += int64(n)
+	if err == nil && n < len(b) {
+		err = io.ErrShortWrite
+	}
+	return w.failed(int64(n), err, " (memory)")
+}
+
+// maxPassedFDs is the most file descriptors Linux passes in one message (SCM_MAX_FD).
+const maxPassedFDs = 253
+
+// WriteMemoryAck says that the memory handed over is mapped.
+func (w *Writer) WriteMemoryAck() error {
+	return w.frame(TypeMemoryAck, 0, func(b []byte) []byte { return b })
 }
 
 // WriteRawFrame writes a frame with an arbitrary type, flags and payload, bypassing every

@@ -1,0 +1,138 @@
+package vmm
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/godwit-vm/godwit/internal/transport"
+	"github.com/godwit-vm/godwit/migration"
+	"github.com/godwit-vm/godwit/migration/wire"
+)
+
+// handoverTo hands src over to dst on a Unix socket made by package transport, as two VMM
+// processes on one host would, and returns both outcomes.
+func handoverTo(t *testing.T, src migration.Source, dst migration.Destination, opts migration.SendOptions) (srep, drep *migration.Report, serr, derr error) {
+	t.Helper()
+	addr, _ := transport.Parse("unix:" + filepath.Join(t.TempDir(), "handover.sock"))
+	ln, err := addr.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	type result struct {
+		rep *migration.Report
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer c.Close()
+		rep, err := migration.Receive(ctx, dst, c, migration.ReceiveOptions{})
+		done <- result{rep, err}
+	}()
+	c, err := addr.Dial(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	opts.Mode = migration.ModeHandover
+	srep, serr = migration.Send(ctx, src, c, opts)
+	c.Close()
+	r := <-done
+	return srep, r.rep, serr, r.err
+}
+
+// inode is the identity of the file behind fd.
+func inode(t *testing.T, fd int) uint64 {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+// TestHandoverOnRealKVM hands a heavy writer over to a new machine: the destination runs on the
+// very memory the source had (the same memfd), no page travels, the source's machine closes
+// without touching it, and the guest verifies its memory at the destination.
+func TestHandoverOnRealKVM(t *testing.T) {
+	src := newMachine(t, 128, 2, workload{kind: "dirty", content: "random", pattern: "random", wssMiB: 64, rate: 0})
+	if err := src.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitHeartbeats(t, src, 50)
+	dst := &MigrationDestination{Template: Config{Name: "dst"}}
+	srep, drep, serr, derr := handoverTo(t, MigrationSource{M: src}, dst, migration.SendOptions{})
+	if serr != nil || derr != nil {
+		t.Fatalf("handover failed: source %v, destination %v", serr, derr)
+	}
+	defer dst.M.Close()
+	if srep.Mode != migration.ModeHandover || drep.Mode != migration.ModeHandover || srep.Handover == nil || srep.Handover.Files != 1 || srep.Handover.Bytes != 128<<20 {
+		t.Fatalf("reports: source %+v (%+v), destination mode %q", srep, srep.Handover, drep.Mode)
+	}
+	if srep.Pages != (migration.PageCounts{}) || srep.BytesWire > 64<<10 {
+		t.Fatalf("a handover sent pages %+v, %d bytes", srep.Pages, srep.BytesWire)
+	}
+	if a, b := inode(t, src.mem.Fd()), inode(t, dst.M.mem.Fd()); a != b {
+		t.Fatalf("the destination's memory is inode %d, the source's %d: copied, not handed over", b, a)
+	}
+	src.Close() // as the source process exits: its guest lives on at the destination
+	waitHeartbeats(t, dst.M, dst.M.Stats().Heartbeats+50)
+	r := verifyClean(t, dst.M)
+	t.Logf("handover of %d MiB: downtime %.2f ms (%+v), total %.2f ms, memory mapped after %.2f ms, %d bytes on the wire; verified %d pages",
+		srep.Handover.Bytes>>20, srep.DowntimeMS, srep.Downtime, srep.TotalMS, srep.Handover.MappedMS, srep.BytesWire, r.PagesChecked)
+}
+
+// failingRestore is a destination that fails before it runs the VM.
+type failingRestore struct{ *MigrationDestination }
+
+func (failingRestore) RestoreState([]migration.Section) error {
+	return errors.New("injected: restore failed")
+}
+
+// declining is a destination that cannot take memory handed over (it is only a Destination).
+type declining struct{ migration.Destination }
+
+// TestHandoverFailureLeavesSourceRunning: a destination that fails after it mapped the memory
+// and before it ran, and one that declines the handover: the source runs on, and its guest
+// verifies its memory.
+func TestHandoverFailureLeavesSourceRunning(t *testing.T) {
+	src := newMachine(t, 64, 1, workload{kind: "dirty", content: "random", pattern: "random", wssMiB: 32, rate: 0})
+	if err := src.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitHeartbeats(t, src, 50)
+	for _, c := range []struct {
+		name string
+		dst  migration.Destination
+		want error
+	}{
+		{"restore fails", failingRestore{&MigrationDestination{Template: Config{Name: "dst"}}}, wire.ErrPeer},
+		{"declines", declining{&MigrationDestination{Template: Config{Name: "dst"}}}, migration.ErrNoHandover},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			srep, _, serr, derr := handoverTo(t, MigrationSource{M: src}, c.dst, migration.SendOptions{})
+			if serr == nil || derr == nil {
+				t.Fatalf("handover to a failing destination: source %v, destination %v", serr, derr)
+			}
+			if !errors.Is(serr, c.want) {
+				t.Fatalf("source: %v, want %v", serr, c.want)
+			}
+			if errors.Is(serr, migration.ErrHandoverUndecided) {
+				t.Fatalf("source: %v: the destination said it failed before it ran", serr)
+			}
+			t.Logf("source: %v (%s)", serr, srep.Result)
+			waitHeartbeats(t, src, src.Stats().Heartbeats+50)
+			verifyClean(t, src)
+		})
+	}
+}
