@@ -132,9 +132,13 @@ func godwitRunArgs(s Scenario) []string {
 // godwitMigrateArgs are the 'godwit migrate' flags of the scenario's technique (only those the
 // technique takes: migrate refuses the others).
 func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
-	var a []string
+	if s.Technique == Handover {
+		return []string{"--mode", Handover, "--timeout", timeout.String()}
+	}
+	// The mode always: the default depends on the address (a handover to a unix: one).
+	a := []string{"--mode", s.Technique}
 	if s.Technique != Precopy {
-		a = append(a, "--mode", s.Technique, "--prepage", s.Prepage)
+		a = append(a, "--prepage", s.Prepage)
 	}
 	if s.Technique == Hybrid {
 		a = append(a, "--hybrid-rounds", strconv.Itoa(s.HybridRounds))
@@ -192,8 +196,11 @@ func (e *runEnv) godwit(ctx context.Context) error {
 		return err
 	}
 	defer src.kill()
-	to := fmt.Sprintf("tcp:%s:%d", e.tb.Host(1).Addr(), e.port)
-	dst, err := e.startGodwit(1, "dst", "--incoming", to)
+	to, dstHost := fmt.Sprintf("tcp:%s:%d", e.tb.Host(1).Addr(), e.port), 1
+	if s.Hosts == HostsSame {
+		to, dstHost = "unix:"+filepath.Join(filepath.Dir(src.sock), fmt.Sprintf("incoming-%d.sock", e.port)), 0
+	}
+	dst, err := e.startGodwit(dstHost, "dst", "--incoming", to)
 	if err != nil {
 		return err
 	}
@@ -221,7 +228,7 @@ func (e *runEnv) godwit(ctx context.Context) error {
 				units = max(units, int64(st.WorkUnits))
 			}
 		}
-		return Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: units}
+		return Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: units, MemBytes: pssOf(src.cmd.Process.Pid, dst.cmd.Process.Pid)}
 	})
 	defer sm.stop()
 	time.Sleep(time.Until(t0))
@@ -235,7 +242,10 @@ func (e *runEnv) godwit(ctx context.Context) error {
 	runErr := cmd.Run()
 	r.EndMS = ms(time.Since(t0))
 	end := e.meter.tx()
-	samples := sm.stop()
+	// The memory both processes hold as the migration ends, before the source lets go of
+	// its copy (a handover is over within one sampling interval).
+	last := Sample{TMS: r.EndMS, LinkBytes: -1, Bytes: -1, Units: -1, MemBytes: pssOf(src.cmd.Process.Pid, dst.cmd.Process.Pid)}
+	samples := append(sm.stop(), last)
 	relative(samples, base)
 	r.Timeline = samples
 	if end >= 0 && base >= 0 {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sort"
 	"time"
 
@@ -109,14 +110,24 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	}
 	var src, dst *qemu.VM
 	var dstErr error
+	dstHost, uri := e.tb.Host(1), fmt.Sprintf("tcp:%s:%d", e.tb.Host(1).Addr(), e.port)
+	if s.Hosts == HostsSame {
+		dstHost, uri = e.tb.Host(0), "unix:"+filepath.Join(dir, "incoming.sock")
+	}
+	// A handover: both QEMUs map guest RAM from one file in shared memory.
+	var memFile string
+	if s.Technique == Handover {
+		memFile = fmt.Sprintf("/dev/shm/godwit-bench-%d-%d.ram", os.Getpid(), e.port)
+		defer os.Remove(memFile)
+	}
 	started := make(chan struct{})
 	go func() {
 		defer close(started)
-		dst, dstErr = qemu.Start(sctx, qemu.Config{Netns: e.tb.Host(1).Netns(), MemMiB: s.MemBytes >> 20, Guest: gc, Options: opts,
-			Dir: dir, Name: "dst", Log: prefixWriter(e.cfg.Log, "qemu dst: "), Incoming: true})
+		dst, dstErr = qemu.Start(sctx, qemu.Config{Netns: dstHost.Netns(), MemMiB: s.MemBytes >> 20, Guest: gc, Options: opts,
+			Dir: dir, Name: "dst", Log: prefixWriter(e.cfg.Log, "qemu dst: "), Incoming: true, MemoryFile: memFile})
 	}()
 	src, err = qemu.Start(sctx, qemu.Config{Netns: e.tb.Host(0).Netns(), MemMiB: s.MemBytes >> 20, Guest: gc, Options: opts,
-		Dir: dir, Name: "src", Log: prefixWriter(e.cfg.Log, "qemu src: ")})
+		Dir: dir, Name: "src", Log: prefixWriter(e.cfg.Log, "qemu src: "), MemoryFile: memFile})
 	<-started
 	if src != nil {
 		defer src.Close()
@@ -150,7 +161,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	if s.AutoConverge && s.Technique != Postcopy {
+	if s.AutoConverge && (s.Technique == Precopy || s.Technique == Hybrid) {
 		if err := src.QMP.Execute(sctx, "migrate-set-capabilities", map[string]any{
 			"capabilities": []map[string]any{{"capability": "auto-converge", "state": true}}}, nil); err != nil {
 			return fmt.Errorf("qemu: auto-converge: %w", err)
@@ -158,9 +169,14 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	}
 
 	capBytes := s.CapBps / 8
+	mode := qemu.Mode(s.Technique)
+	if s.Technique == Handover {
+		mode = qemu.Precopy // with x-ignore-shared: only the state and devices go
+	}
 	mc := qemu.MigrateConfig{
-		Mode:                 qemu.Mode(s.Technique),
-		URI:                  fmt.Sprintf("tcp:%s:%d", e.tb.Host(1).Addr(), e.port),
+		Mode:                 mode,
+		URI:                  uri,
+		IgnoreShared:         s.Technique == Handover,
 		MaxBandwidth:         capBytes,
 		MaxPostcopyBandwidth: capBytes,
 		DowntimeLimit:        s.DowntimeLimit,
@@ -181,7 +197,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 
 	t0 := time.Now().Add(time.Second)
 	sm := startSampler(100*time.Millisecond, func(now time.Time) Sample {
-		smp := Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: -1}
+		smp := Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: -1, MemBytes: pssOf(src.Pid(), dst.Pid())}
 		if now.After(t0) {
 			qctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 			defer cancel()
@@ -199,6 +215,8 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	e.phase("migrating")
 	issued := time.Now()
 	res, merr := qemu.Migrate(ctx, src, dst, mc)
+	// No sample after Migrate: it returns once the destination guest has verified its
+	// memory, which faults every page in.
 	samples := sm.stop()
 	relative(samples, base)
 	// The guest's progress comes from its heartbeat lines (hb UNITS), timestamped on arrival.

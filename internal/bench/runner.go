@@ -172,6 +172,7 @@ func runScenario(ctx context.Context, cfg *Config, s Scenario, index, count int,
 						r.LinkUse = float64(r.BytesWire) / (r.TotalMS / 1000) / r.RawTCPBps
 					}
 					r.setWorkLost()
+					r.setMemory()
 				}
 			}
 			r.WallMS = ms(time.Since(t0))

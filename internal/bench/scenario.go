@@ -24,6 +24,15 @@ const (
 	Precopy  = "precopy"
 	Postcopy = "postcopy"
 	Hybrid   = "hybrid"
+	// Handover moves the VM to another process on the same host without copying memory:
+	// godwit's memfds over a Unix socket; QEMU's x-ignore-shared on a shared memory file.
+	Handover = "handover"
+)
+
+// Where the destination runs.
+const (
+	HostsTwo  = "two"  // the other namespace host, over the testbed link
+	HostsSame = "same" // the source's host, over a Unix socket
 )
 
 // Scenario is one migration set-up: a guest, a link and a technique with its options. Each
@@ -53,6 +62,10 @@ type Scenario struct {
 	// qemuVerifyInterval), so a scenario whose migration outlasts 4 s sets one longer than its
 	// migration.
 	WarmUp time.Duration `json:"warm_up,omitempty"`
+
+	// Hosts is where the destination runs: HostsTwo (default) or HostsSame (a Unix socket on
+	// the source's host; the only choice for Handover).
+	Hosts string `json:"hosts,omitempty"`
 
 	Technique     string        `json:"technique"`
 	Prepage       string        `json:"prepage,omitempty"`
@@ -118,7 +131,17 @@ func (s Scenario) Guest() string {
 
 // Options describes the technique and its options in one line.
 func (s Scenario) Options() string {
+	if s.Technique == Handover {
+		o := "handover on one host (godwit: its memfds over a Unix socket; QEMU: x-ignore-shared with guest memory on a shared file in /dev/shm, over a Unix socket)"
+		if s.WarmUp > 0 {
+			o += fmt.Sprintf(", warm-up at least %v", s.WarmUp)
+		}
+		return o
+	}
 	o := s.Technique
+	if s.Hosts == HostsSame {
+		o += " on one host over a Unix socket"
+	}
 	if s.Technique != Postcopy {
 		o += fmt.Sprintf(", downtime limit %v", s.DowntimeLimit)
 		if s.AutoConverge {
@@ -278,7 +301,9 @@ func parseScenario(f []string) (Scenario, error) {
 		case "cap":
 			capText = v
 		case "technique":
-			s.Technique, err = oneOf(v, Precopy, Postcopy, Hybrid)
+			s.Technique, err = oneOf(v, Precopy, Postcopy, Hybrid, Handover)
+		case "hosts":
+			s.Hosts, err = oneOf(v, HostsTwo, HostsSame)
 		case "prepage":
 			s.Prepage, err = oneOf(v, "sequential", "bubble", "hot", "none")
 		case "hybrid-rounds":
@@ -317,7 +342,7 @@ func parseScenario(f []string) (Scenario, error) {
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
-				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages", "delta", "dedup"); err != nil {
+				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages", "delta", "dedup", "handover"); err != nil {
 					break
 				}
 			}
@@ -356,6 +381,18 @@ func parseScenario(f []string) (Scenario, error) {
 	}
 	if s.MemBytes < guest.MinMemory || s.MemBytes > guest.MaxMemory {
 		return s, fmt.Errorf("%s: memory %d bytes: want %d MiB to %d GiB", s.Name, s.MemBytes, guest.MinMemory>>20, guest.MaxMemory>>30)
+	}
+	if s.Technique == Handover {
+		switch {
+		case s.Hosts == HostsTwo:
+			return s, fmt.Errorf("%s: technique=handover hands memory to a process on the same host: hosts=two cannot be", s.Name)
+		case s.Streams > 1 || s.Delta || s.Dedup || (s.Compress != "" && s.Compress != "none"):
+			return s, fmt.Errorf("%s: technique=handover copies no pages: streams, compress, delta and dedup do not apply", s.Name)
+		}
+		s.Hosts, s.CapBps, s.LinkBps = HostsSame, 0, 0
+	}
+	if s.Hosts == "" {
+		s.Hosts = HostsTwo
 	}
 	return s, nil
 }

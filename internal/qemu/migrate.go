@@ -42,6 +42,9 @@ type MigrateConfig struct {
 	// XBZRLECache above 0 turns on XBZRLE (pre-copy pages sent as their change to a cached
 	// copy) with a cache of that many bytes at the source.
 	XBZRLECache int64
+	// IgnoreShared (x-ignore-shared) sends no page of RAM that both sides map shared from the
+	// same file (Config.MemoryFile): a handover on one host.
+	IgnoreShared bool
 	// Poll is the query-migrate interval (default 20 ms); Timeout bounds the migration
 	// (default 5 minutes) and VerifyTimeout the destination guest's verification after it
 	// (default 2 minutes).
@@ -211,6 +214,9 @@ func Migrate(ctx context.Context, src, dst *VM, cfg MigrateConfig) (*Result, err
 	}
 	if cfg.XBZRLECache > 0 {
 		caps["xbzrle"] = true
+	}
+	if cfg.IgnoreShared {
+		caps["x-ignore-shared"] = true
 	}
 	if err := setCapabilities(mctx, dst, caps); err != nil {
 		return nil, err

@@ -55,6 +55,10 @@ type Config struct {
 	Dir string
 	// Name names the VM in QEMU (-name) and in errors; empty means "godwit-guest".
 	Name string
+	// MemoryFile, when set, puts guest RAM in this file, mapped shared
+	// (memory-backend-file,share=on): two QEMUs of one host that name the same file share the
+	// memory, which a migration with MigrateConfig.IgnoreShared then does not copy.
+	MemoryFile string
 	// Args are extra QEMU arguments, appended.
 	Args []string
 	// Log, if set, receives QEMU's stderr and the guest's lines other than heartbeats, as
@@ -187,8 +191,15 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	if cfg.TCG {
 		accel = []string{"-accel", "tcg", "-cpu", "max"}
 	}
-	argv := []string{bin, "-name", "guest=" + cfg.Name, "-machine", "pc"}
+	machine := "pc"
+	if cfg.MemoryFile != "" {
+		machine += ",memory-backend=ram0"
+	}
+	argv := []string{bin, "-name", "guest=" + cfg.Name, "-machine", machine}
 	argv = append(argv, accel...)
+	if cfg.MemoryFile != "" {
+		argv = append(argv, "-object", fmt.Sprintf("memory-backend-file,id=ram0,size=%dM,mem-path=%s,share=on", cfg.MemMiB, cfg.MemoryFile))
+	}
 	argv = append(argv,
 		"-m", strconv.FormatUint(cfg.MemMiB, 10), "-smp", "1",
 		"-display", "none", "-nodefaults", "-no-user-config",
@@ -281,6 +292,9 @@ func (v *VM) explain(err error) error {
 		return err
 	}
 }
+
+// Pid is the QEMU process's id.
+func (v *VM) Pid() int { return v.cmd.Process.Pid }
 
 // Done is closed when QEMU has exited.
 func (v *VM) Done() <-chan struct{} { return v.done }
