@@ -191,6 +191,7 @@ func unsupported(text string) bool {
 func (e *runEnv) godwit(ctx context.Context) error {
 	s, r := e.s, e.run
 	e.phase("starting VMs")
+	e.memBase = hostUsed()
 	src, err := e.startGodwit(0, "src", godwitRunArgs(s)...)
 	if err != nil {
 		return err
@@ -228,7 +229,7 @@ func (e *runEnv) godwit(ctx context.Context) error {
 				units = max(units, int64(st.WorkUnits))
 			}
 		}
-		return Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: units, MemBytes: pssOf(src.cmd.Process.Pid, dst.cmd.Process.Pid)}
+		return Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: units, MemBytes: vmMemory(e.memBase)}
 	})
 	defer sm.stop()
 	time.Sleep(time.Until(t0))
@@ -244,7 +245,7 @@ func (e *runEnv) godwit(ctx context.Context) error {
 	end := e.meter.tx()
 	// The memory both processes hold as the migration ends, before the source lets go of
 	// its copy (a handover is over within one sampling interval).
-	last := Sample{TMS: r.EndMS, LinkBytes: -1, Bytes: -1, Units: -1, MemBytes: pssOf(src.cmd.Process.Pid, dst.cmd.Process.Pid)}
+	last := Sample{TMS: r.EndMS, LinkBytes: -1, Bytes: -1, Units: -1, MemBytes: vmMemory(e.memBase)}
 	samples := append(sm.stop(), last)
 	relative(samples, base)
 	r.Timeline = samples

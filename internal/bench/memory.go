@@ -3,46 +3,57 @@ package bench
 import (
 	"bufio"
 	"bytes"
-	"fmt"
 	"os"
 	"strconv"
 )
 
-// pssOf is the proportional set size of the processes together (bytes; 0 if unknown): pages
-// they share count once in the sum, so that it is the host memory both hold. A handover
-// shares guest memory between the source and destination processes; a copy holds it twice.
-func pssOf(pids ...int) int64 {
-	var sum int64
-	for _, pid := range pids {
-		n, err := pss(pid)
-		if err != nil {
-			continue // the process has exited: it holds nothing
-		}
-		sum += n
-	}
-	return sum
-}
-
-// pss reads a process's Pss from /proc/PID/smaps_rollup.
-func pss(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+// hostUsed is the host's memory in use, MemTotal - MemAvailable from /proc/meminfo (bytes; -1
+// if unknown). It counts what the VM processes hold whatever holds it: the per-process PSS
+// misses the pages of a memfd that a process wrote with pwrite but never mapped (godwit's
+// destination receives pages that way), and counts a shared page once per sharer's share.
+func hostUsed() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
 	if err != nil {
-		return 0, err
+		return -1
 	}
+	var total, avail int64 = -1, -1
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	for sc.Scan() {
 		f := bytes.Fields(sc.Bytes())
-		if len(f) >= 2 && string(f[0]) == "Pss:" {
-			kb, err := strconv.ParseInt(string(f[1]), 10, 64)
-			return kb << 10, err
+		if len(f) < 2 {
+			continue
+		}
+		kb, err := strconv.ParseInt(string(f[1]), 10, 64)
+		if err != nil {
+			continue
+		}
+		switch string(f[0]) {
+		case "MemTotal:":
+			total = kb << 10
+		case "MemAvailable:":
+			avail = kb << 10
 		}
 	}
-	return 0, fmt.Errorf("no Pss in /proc/%d/smaps_rollup", pid)
+	if total < 0 || avail < 0 {
+		return -1
+	}
+	return total - avail
 }
 
-// setMemory puts the memory figures of the timeline into the run's extras: the VM processes'
-// PSS just before the migration, its peak from then to the end, and their ratio (the host
-// memory a migration costs beyond the VM's own).
+// vmMemory is the host memory in use above base, what was in use before the run's VMs started:
+// what the VMs hold (0 if unknown).
+func vmMemory(base int64) int64 {
+	used := hostUsed()
+	if base < 0 || used < 0 {
+		return 0
+	}
+	return max(used-base, 1)
+}
+
+// setMemory puts the memory figures of the timeline into the run's extras: the host memory
+// the VMs held just before the migration, its peak from then to the end, and their ratio (what
+// a migration costs beyond the VM's own memory: about 2 for a copy within one host, 1 for a
+// handover).
 func (r *Run) setMemory() {
 	var before, peak int64
 	for _, s := range r.Timeline {

@@ -100,6 +100,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	verifyEvery := qemuVerifyInterval(e.warmUp())
 	opts.HeartbeatUS, opts.VerifyMS = 1000, uint64(verifyEvery.Milliseconds())
 	e.phase("starting VMs")
+	e.memBase = hostUsed()
 	// The start covers the wait for the first verification, an interval after the boot.
 	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute+verifyEvery)
 	defer cancel()
@@ -197,7 +198,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 
 	t0 := time.Now().Add(time.Second)
 	sm := startSampler(100*time.Millisecond, func(now time.Time) Sample {
-		smp := Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: -1, MemBytes: pssOf(src.Pid(), dst.Pid())}
+		smp := Sample{TMS: ms(now.Sub(t0)), LinkBytes: e.meter.tx(), Bytes: -1, Units: -1, MemBytes: vmMemory(e.memBase)}
 		if now.After(t0) {
 			qctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 			defer cancel()

@@ -115,8 +115,8 @@ type Sample struct {
 	// Units is the guest's work done so far (units of work, one heartbeat each: the same
 	// counter on the source and, once it runs there, on the destination); -1 if unknown.
 	Units int64 `json:"units"`
-	// MemBytes is the PSS of the source's and the destination's VM processes together
-	// (pages they share count once); 0 if unknown.
+	// MemBytes is the host memory in use above what was before the run's VMs started: what
+	// both VMs' processes hold (vmMemory); 0 if unknown.
 	MemBytes int64 `json:"mem_bytes,omitempty"`
 }
 

@@ -143,7 +143,11 @@ func runScenario(ctx context.Context, cfg *Config, s Scenario, index, count int,
 			r := newRun(s, sys, rep)
 			event(sys, rep, "start", nil)
 			t0 := time.Now()
-			if r.RawTCPBps, err = tb.MeasureTCPConns(cfg.RawTCPBytes, max(1, s.Streams)); err != nil {
+			err = nil
+			if s.Hosts != HostsSame { // on one host there is no link to measure
+				r.RawTCPBps, err = tb.MeasureTCPConns(cfg.RawTCPBytes, max(1, s.Streams))
+			}
+			if err != nil {
 				r.fail(fmt.Errorf("raw TCP baseline: %w", err))
 			} else {
 				phase := func(p string) {
@@ -204,6 +208,8 @@ type runEnv struct {
 	run   *Run
 	port  int
 	phase func(string)
+	// memBase is the host memory in use before the run's VMs started (hostUsed).
+	memBase int64
 }
 
 var ports struct {

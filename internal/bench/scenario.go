@@ -95,8 +95,14 @@ type Scenario struct {
 	Suites []string `json:"suites"`
 }
 
-// Link describes the link as a short text: "1 Gbit/s" or "unshaped".
-func (s Scenario) Link() string { return bitRate(s.LinkBps, "unshaped") }
+// Link describes the link as a short text: "1 Gbit/s", "unshaped", or "same host" (a Unix
+// socket).
+func (s Scenario) Link() string {
+	if s.Hosts == HostsSame {
+		return "same host"
+	}
+	return bitRate(s.LinkBps, "unshaped")
+}
 
 // Cap describes the bandwidth cap.
 func (s Scenario) Cap() string { return bitRate(s.CapBps, "none") }
@@ -389,7 +395,10 @@ func parseScenario(f []string) (Scenario, error) {
 		case s.Streams > 1 || s.Delta || s.Dedup || (s.Compress != "" && s.Compress != "none"):
 			return s, fmt.Errorf("%s: technique=handover copies no pages: streams, compress, delta and dedup do not apply", s.Name)
 		}
-		s.Hosts, s.CapBps, s.LinkBps = HostsSame, 0, 0
+		s.Hosts = HostsSame
+	}
+	if s.Hosts == HostsSame {
+		s.CapBps, s.LinkBps = 0, 0 // no link between the two: a Unix socket
 	}
 	if s.Hosts == "" {
 		s.Hosts = HostsTwo

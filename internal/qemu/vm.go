@@ -293,9 +293,6 @@ func (v *VM) explain(err error) error {
 	}
 }
 
-// Pid is the QEMU process's id.
-func (v *VM) Pid() int { return v.cmd.Process.Pid }
-
 // Done is closed when QEMU has exited.
 func (v *VM) Done() <-chan struct{} { return v.done }
 
