@@ -100,6 +100,21 @@ type MemoryAdopter interface {
 	AdoptMemory(d Description, fds []int) error
 }
 
+// SharedMemory is the Source capability a migration on shared memory (ModeSharedMemory) needs:
+// the id of the memory file that holds guest memory (one region), which the destination's host
+// maps too; ok is false for memory that is not in such a file.
+type SharedMemory interface {
+	SharedMemoryID() (id [16]byte, ok bool)
+}
+
+// SharedMemoryAdopter is the Destination capability a migration on shared memory needs:
+// AdoptSharedMemory replaces Prepare and builds the VM on this host's mapping of the memory
+// file named id, without writing to it (the source's guest still runs on it). It fails when
+// this host maps no such file, or one of another size or id.
+type SharedMemoryAdopter interface {
+	AdoptSharedMemory(d Description, id [16]byte) error
+}
+
 // fdTaker is a connection that keeps the file descriptors its peer passes (a Unix socket of
 // package transport).
 type fdTaker interface{ TakeFDs() []int }
@@ -166,7 +181,13 @@ const (
 	// ModeHandover moves a VM to another process on the same host without copying its memory:
 	// the memory's files pass over a Unix socket, and only state travels.
 	ModeHandover = "handover"
+	// ModeSharedMemory moves a VM whose memory both hosts map from shared memory (a memory
+	// file): only state travels, and the destination maps the same memory.
+	ModeSharedMemory = "shared-memory"
 )
+
+// memoryModes are the modes in which no page travels.
+func memoryMode(mode string) bool { return mode == ModeHandover || mode == ModeSharedMemory }
 
 // Prepaging policies: the order of the source's background push in post-copy. Demand
 // requests always go first.

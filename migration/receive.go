@@ -2,6 +2,7 @@ package migration
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -171,7 +172,7 @@ func (rc *receiver) fail(parent context.Context, err error) error {
 	rc.link.intr.hold()
 	// A handover's source resumes on the memory handed over when this side says it failed:
 	// once the VM may have run here, say nothing (the source then stays paused).
-	ran := rc.caps&wire.CapHandover != 0 && rc.started
+	ran := rc.caps&(wire.CapHandover|wire.CapShared) != 0 && rc.started
 	// After a version or magic mismatch the peer cannot parse our frames: say nothing.
 	if !ran && !errors.Is(err, wire.ErrPeer) && !errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrMagic) && rc.link.w.Err() == nil {
 		if setDeadline(rc.link.conn, time.Now().Add(time.Second)) || !interrupted {
@@ -248,9 +249,16 @@ func (rc *receiver) migrate() error {
 	if adopts && takesFiles {
 		supported |= wire.CapHandover
 	}
+	if _, ok := rc.dst.(SharedMemoryAdopter); ok {
+		supported |= wire.CapShared
+	}
 	accepted := hello.Caps & supported
-	if accepted&wire.CapHandover != 0 {
-		accepted &= wire.CapHandover | wire.CapBlackout // no pages travel: nothing else applies
+	memory := accepted & (wire.CapHandover | wire.CapShared)
+	if memory == wire.CapHandover|wire.CapShared {
+		return fmt.Errorf("%w: the source offered a handover and shared memory at once", ErrProtocol)
+	}
+	if memory != 0 {
+		accepted &= memory | wire.CapBlackout // no pages travel: nothing else applies
 	}
 	rc.caps = accepted
 	rc.wdesc = &hello.Desc
@@ -260,7 +268,7 @@ func (rc *receiver) migrate() error {
 	}
 	rc.codec = codec
 
-	if accepted&wire.CapHandover == 0 {
+	if memory == 0 {
 		rc.phase = "prepare"
 		rc.prepared = true
 		if err := rc.vmm("Prepare", rc.dst.Prepare(desc)); err != nil {
@@ -271,7 +279,7 @@ func (rc *receiver) migrate() error {
 	if err := rc.link.w.WriteWelcome(&wire.Welcome{Caps: accepted}); err != nil {
 		return err
 	}
-	if accepted&wire.CapHandover != 0 {
+	if memory != 0 {
 		if err := rc.adopt(desc, ad, ft); err != nil {
 			return err
 		}
@@ -537,6 +545,19 @@ func (rc *receiver) adopt(desc Description, ad MemoryAdopter, ft fdTaker) error 
 	if !ok {
 		return unexpected(m, "memory")
 	}
+	rc.rep.Handover = &HandoverReport{}
+	for _, n := range mem.Sizes {
+		rc.rep.Handover.Bytes += n
+	}
+	if rc.caps&wire.CapShared != 0 {
+		rc.prepared = true
+		if err := rc.vmm("AdoptSharedMemory", rc.dst.(SharedMemoryAdopter).AdoptSharedMemory(desc, mem.ID)); err != nil {
+			return err
+		}
+		rc.rep.Mode = ModeSharedMemory
+		rc.rep.Handover.SharedMemory = hex.EncodeToString(mem.ID[:])
+		return rc.link.w.WriteMemoryAck()
+	}
 	// The files arrived with the frame's first byte, so they have been read by now.
 	fds := ft.TakeFDs()
 	if len(fds) != len(mem.Sizes) {
@@ -550,9 +571,6 @@ func (rc *receiver) adopt(desc Description, ad MemoryAdopter, ft fdTaker) error 
 		return err
 	}
 	rc.rep.Mode = ModeHandover
-	rc.rep.Handover = &HandoverReport{Files: len(fds)}
-	for _, n := range mem.Sizes {
-		rc.rep.Handover.Bytes += n
-	}
+	rc.rep.Handover.Files = len(fds)
 	return rc.link.w.WriteMemoryAck()
 }

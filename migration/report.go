@@ -207,7 +207,8 @@ type Report struct {
 	Warnings           []string `json:"warnings,omitempty"` // problems after the point of no return
 	// Postcopy is set when the migration switched to post-copy (modes postcopy and hybrid).
 	Postcopy *PostcopyReport `json:"postcopy,omitempty"`
-	// Handover is set when the memory was handed over as files (mode handover).
+	// Handover is set when the memory was handed over as files (mode handover) or both hosts
+	// map it (mode shared-memory).
 	Handover *HandoverReport `json:"handover,omitempty"`
 	// Streams is each connection's share of the pages when they took several
 	// (SendOptions.Streams); empty with one.
@@ -269,10 +270,13 @@ type PostcopyReport struct {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-// HandoverReport describes a memory handover (ModeHandover): no page travelled.
+// HandoverReport describes a migration in which no page travelled: a memory handover
+// (ModeHandover) or a migration on shared memory (ModeSharedMemory).
 type HandoverReport struct {
-	Files int    `json:"files"` // file descriptors passed, one per region
-	Bytes uint64 `json:"bytes"` // guest memory handed over
+	Files int `json:"files"` // file descriptors passed, one per region (0 on shared memory)
+	// SharedMemory is the id of the memory file both hosts map (ModeSharedMemory).
+	SharedMemory string `json:"shared_memory,omitempty"`
+	Bytes        uint64 `json:"bytes"` // guest memory handed over
 	// MappedMS (source) is when the destination had mapped the memory, from the start: the
 	// source paused only then.
 	MappedMS float64 `json:"mapped_ms,omitempty"`

@@ -2,6 +2,7 @@ package migration
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -241,8 +242,19 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		if opts.ResumeID != "" || opts.Streams > 1 {
 			return bad(fmt.Errorf("migration: a handover sends no pages: it takes no resume or extra streams"))
 		}
+	case ModeSharedMemory:
+		sm, ok := src.(SharedMemory)
+		if !ok {
+			return bad(fmt.Errorf("%w: the source VM has no memory on shared memory (%T)", ErrNoHandover, src))
+		}
+		if _, ok := sm.SharedMemoryID(); !ok {
+			return bad(fmt.Errorf("%w: the source VM's memory is not in a memory file on shared memory (godwit run --memory-file)", ErrNoHandover))
+		}
+		if opts.ResumeID != "" || opts.Streams > 1 {
+			return bad(fmt.Errorf("migration: a migration on shared memory sends no pages: it takes no resume or extra streams"))
+		}
 	default:
-		return bad(fmt.Errorf("migration: unknown mode %q (want %s, %s, %s or %s)", opts.Mode, ModePrecopy, ModePostcopy, ModeHybrid, ModeHandover))
+		return bad(fmt.Errorf("migration: unknown mode %q (want %s, %s, %s, %s or %s)", opts.Mode, ModePrecopy, ModePostcopy, ModeHybrid, ModeHandover, ModeSharedMemory))
 	}
 	if _, err := NewPrepager(opts.Prepage, nil, nil, nil); err != nil {
 		return bad(err)
@@ -324,7 +336,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		enc:   enc,
 		delta: dlt,
 	}
-	if (opts.Mode != ModePrecopy && opts.Mode != ModeHandover) || resumeID != nil {
+	if (opts.Mode != ModePrecopy && !memoryMode(opts.Mode)) || resumeID != nil {
 		s.post = newPostcopyDriver(s, resumeID)
 	}
 	if dt, ok := src.(DirtyTracker); ok {
@@ -515,7 +527,7 @@ func (s *sender) fail(parent context.Context, err error) error {
 	// it ran the VM: it may have run it on the very memory this side would resume on. Stay
 	// paused.
 	var pe *wire.PeerError
-	if s.opts.Mode == ModeHandover && s.completeSent.Load() && !errors.As(err, &pe) {
+	if memoryMode(s.opts.Mode) && s.completeSent.Load() && !errors.As(err, &pe) {
 		err = fmt.Errorf("%w: %w; the destination may have run the VM on the memory handed over, so it stays paused here and must not run here again: see whether the destination runs it", ErrHandoverUndecided, err)
 		s.paused = false // not to be resumed
 	}
@@ -671,8 +683,11 @@ func (s *sender) migrate() error {
 		s.pre = newPrecopyDriver(s) // before the reader goroutine, which checks its rounds
 	}
 	var offered wire.Caps
-	if s.opts.Mode == ModeHandover {
+	switch s.opts.Mode {
+	case ModeHandover:
 		offered |= wire.CapHandover
+	case ModeSharedMemory:
+		offered |= wire.CapShared
 	}
 	pc, heartbeats := s.src.(ProgressClock)
 	if heartbeats {
@@ -774,8 +789,11 @@ func (s *sender) migrate() error {
 	if s.opts.Mode == ModeHandover && welcome.Caps&wire.CapHandover == 0 {
 		return fmt.Errorf("%w: the destination declined it (it is another host, or its VMM cannot map memory it is given); migrate with mode %s", ErrNoHandover, ModePrecopy)
 	}
+	if s.opts.Mode == ModeSharedMemory && welcome.Caps&wire.CapShared == 0 {
+		return fmt.Errorf("%w: the destination maps no shared memory file (start it with godwit run --incoming ... --memory-file PATH, the same memory); migrate with mode %s to copy the memory", ErrNoHandover, ModePrecopy)
+	}
 	s.startReader()
-	if s.opts.Mode == ModeHandover {
+	if memoryMode(s.opts.Mode) {
 		return s.handover(&switchCtx{heartbeats: heartbeats && welcome.Caps&wire.CapBlackout != 0, pc: pc})
 	}
 	switch {
@@ -1173,24 +1191,34 @@ func checkSections(secs []Section, devices []string) error {
 	return nil
 }
 
-// handover moves the VM without its memory (ModeHandover): the memory's files go to the
-// destination, which maps them while the guest still runs here; once it says so, the source
+// handover moves the VM without its memory (ModeHandover, ModeSharedMemory): the memory's files
+// go to the destination (or the id of the memory file both hosts map), which maps them while
+// the guest still runs here; once it says so, the source
 // pauses and sends only the state. From the pause on, neither side touches memory until the
 // destination runs.
 func (s *sender) handover(ctx *switchCtx) error {
 	s.phase = "handover"
-	fds, err := s.src.(MemoryFiles).MemoryFDs()
-	if err := s.vmm("MemoryFDs", err); err != nil {
-		return err
-	}
 	m := &wire.Memory{}
 	for _, r := range s.desc.Layout.Regions {
 		m.Sizes = append(m.Sizes, r.Size)
+	}
+	var fds []int
+	if s.opts.Mode == ModeHandover {
+		var err error
+		fds, err = s.src.(MemoryFiles).MemoryFDs()
+		if err := s.vmm("MemoryFDs", err); err != nil {
+			return err
+		}
+	} else {
+		m.ID, _ = s.src.(SharedMemory).SharedMemoryID()
 	}
 	if err := s.link.w.WriteMemory(m, fds); err != nil {
 		return err
 	}
 	s.rep.Handover = &HandoverReport{Files: len(fds), Bytes: s.memoryBytes()}
+	if s.opts.Mode == ModeSharedMemory {
+		s.rep.Handover.SharedMemory = hex.EncodeToString(m.ID[:])
+	}
 	s.rep.DowntimeScaling = []string{"none"} // no page moves in the stop window
 	s.phase = "waiting for memory ack"
 	ack, err := s.await(s.opts.AckTimeout, "memory ack")

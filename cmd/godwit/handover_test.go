@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -96,6 +97,80 @@ func TestHandoverRefusals(t *testing.T) {
 		out, err := godwit(append([]string{"migrate", "--control", filepath.Join(t.TempDir(), "none.sock")}, c.args...)...).CombinedOutput()
 		if err == nil || !strings.Contains(string(out), c.want) {
 			t.Errorf("migrate %s: %v %s; want %q", strings.Join(c.args, " "), err, out, c.want)
+		}
+	}
+}
+
+// memoryFile is a path for a memory file on shared memory, removed after the test.
+func memoryFile(t *testing.T, name string) string {
+	p := filepath.Join("/dev/shm", fmt.Sprintf("godwit-test-%d-%s", os.Getpid(), name))
+	t.Cleanup(func() { os.Remove(p) })
+	return p
+}
+
+// TestSharedMemoryAcrossHosts moves a heavy writer whose memory is in a memory file on shared
+// memory to the other namespace host, which maps the same file: no page crosses the link, and
+// the guest verifies its memory there. Then the refusals: a destination without the memory
+// file, and a VM whose memory is not on shared memory, fail before anything moves, and the
+// source runs on.
+func TestSharedMemoryAcrossHosts(t *testing.T) {
+	requireKVM(t)
+	tb := newTestbed(t, gbit)
+	mem := memoryFile(t, "shared")
+	src := startVM(t, tb.Host(0), "src", "--mem", "256M", "--workload", "dirty", "--wss", "128M", "--rate", "max", "--pattern", "random", "--content", "random", "--memory-file", mem)
+	src.waitHeartbeats(t, 100)
+
+	// A destination that maps no memory file: refused, the source runs on.
+	bare := fmt.Sprintf("tcp:%s:7640", tb.Host(1).Addr())
+	startVM(t, tb.Host(1), "bare", "--incoming", bare)
+	rep, err := migrate(t, src, bare, "--shared-memory")
+	if err == nil || rep.Result == "ok" || !strings.Contains(rep.Error, "maps no memory file") {
+		t.Fatalf("--shared-memory to a destination without the memory file: %v, %+v", err, rep)
+	}
+	t.Logf("refused: %s", rep.Error)
+	src.waitHeartbeats(t, src.stats(t).Heartbeats+50)
+
+	addr := fmt.Sprintf("tcp:%s:7641", tb.Host(1).Addr())
+	dst := startVM(t, tb.Host(1), "dst", "--incoming", addr, "--memory-file", mem)
+	rep, err = migrate(t, src, addr, "--shared-memory")
+	logReport(t, "shared memory", rep)
+	if err != nil || rep.Result != "ok" || rep.Mode != migration.ModeSharedMemory || rep.Handover == nil || rep.Handover.SharedMemory == "" {
+		t.Fatalf("migrate --shared-memory: %v, report %+v (%+v)", err, rep, rep.Handover)
+	}
+	if rep.Pages != (migration.PageCounts{}) || rep.BytesWire > 64<<10 {
+		t.Fatalf("a migration on shared memory copied pages %+v, %d bytes on the wire", rep.Pages, rep.BytesWire)
+	}
+	if err := <-src.exited; err != nil {
+		t.Fatalf("source process: %v %s", err, src.stderr)
+	}
+	dst.verifyClean(t)
+
+	// A VM whose memory is not on shared memory cannot go that way.
+	plain := startVM(t, tb.Host(0), "plain", "--mem", "64M")
+	plain.waitHeartbeats(t, 10)
+	rep, err = migrate(t, plain, fmt.Sprintf("tcp:%s:7642", tb.Host(1).Addr()), "--shared-memory")
+	if err == nil || !strings.Contains(rep.Error, "not in a memory file") {
+		t.Fatalf("--shared-memory of a VM without a memory file: %v, %+v", err, rep)
+	}
+	plain.waitHeartbeats(t, plain.stats(t).Heartbeats+10)
+}
+
+// TestMemoryFileRefusals: a memory file that is not on shared memory, or that exists, is
+// refused when the VM starts.
+func TestMemoryFileRefusals(t *testing.T) {
+	requireKVM(t)
+	wd, _ := os.Getwd() // the source tree: a disk file system, not memory
+	disk := filepath.Join(wd, fmt.Sprintf("godwit-test-%d.mem", os.Getpid()))
+	defer os.Remove(disk)
+	taken := memoryFile(t, "taken")
+	os.WriteFile(taken, []byte("another VM"), 0o600)
+	for _, c := range []struct{ path, want string }{
+		{disk, "not on shared memory"},
+		{taken, "exists already"},
+	} {
+		out, err := godwit("run", "--mem", "64M", "--control", filepath.Join(t.TempDir(), "vm.sock"), "--memory-file", c.path).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), c.want) {
+			t.Errorf("run --memory-file %s: %v %s; want %q", c.path, err, out, c.want)
 		}
 	}
 }

@@ -22,7 +22,7 @@ import (
 type MigrateCmd struct {
 	ControlFlag
 	To   string `required:"" placeholder:"tcp:HOST:PORT|unix:PATH" help:"The destination: a 'godwit run --incoming' waiting there (unix:PATH: on this host). With --resume: where that destination now listens (its old or a new address)."`
-	Mode string `placeholder:"MODE" help:"precopy: copy memory while the VM runs here, then stop it and copy the rest (until the very end the VM can run here again, and does on any failure). postcopy: move the vCPUs at once; the destination runs the VM and fetches each page it touches from here while the rest is pushed (short downtime; from the switch on the VM needs both hosts until every page has arrived). hybrid: pre-copy rounds, then switch to post-copy (see --hybrid-rounds, --hybrid-after). handover (unix:PATH only, a process on this host, e.g. a new godwit binary): copy no memory at all; the destination maps this VM's memory files, passed over the socket, and only vCPU and device state is copied (any failure before the destination has the state leaves the VM running here). Default: handover to unix:PATH, precopy to tcp:HOST:PORT."`
+	Mode string `placeholder:"MODE" help:"precopy: copy memory while the VM runs here, then stop it and copy the rest (until the very end the VM can run here again, and does on any failure). postcopy: move the vCPUs at once; the destination runs the VM and fetches each page it touches from here while the rest is pushed (short downtime; from the switch on the VM needs both hosts until every page has arrived). hybrid: pre-copy rounds, then switch to post-copy (see --hybrid-rounds, --hybrid-after). handover (unix:PATH only, a process on this host, e.g. a new godwit binary): copy no memory at all; the destination maps this VM's memory files, passed over the socket, and only vCPU and device state is copied (any failure before the destination has the state leaves the VM running here). shared-memory: see --shared-memory. Default: handover to unix:PATH, precopy to tcp:HOST:PORT."`
 	// Post-copy and hybrid.
 	Prepage         string        `default:"sequential" placeholder:"POLICY" help:"postcopy, hybrid: the order in which the pages the destination has not asked for are pushed after the switch (pages it asks for always go first): sequential (ascending addresses), bubble (outward from the latest demand faults), hot (the pages most written before and most faulted after the switch first), none (push nothing: every page comes by demand). Default ${default}."`
 	HybridRounds    int           `name:"hybrid-rounds" default:"2" placeholder:"N" help:"hybrid: switch to post-copy after this many pre-copy rounds (at least 1), or sooner if pre-copy stops converging; if pre-copy converges first, it stops and copies as in precopy. Default ${default}."`
@@ -31,6 +31,7 @@ type MigrateCmd struct {
 	LinkTimeout     time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"postcopy, hybrid: after the switch, a link on which nothing arrives for this long (both sides send keepalives) is broken, and recovery begins (see --reconnect-window). Default ${default}."`
 	ReconnectWindow time.Duration `name:"reconnect-window" default:"30s" placeholder:"DURATION" help:"postcopy, hybrid: when the link breaks after the switch, redial the destination at the same address for this long. Past it the migration is interrupted: the VM stays paused here with its memory and waits for 'godwit migrate --resume'. 0 = do not redial. Default ${default}."`
 	FaultChannel    bool          `name:"fault-channel" default:"true" negatable:"" help:"postcopy, hybrid: send the pages the destination asks for on a TCP connection of their own, so that they never wait behind pushed pages in the main connection's buffers (--no-fault-channel: one connection for both, to compare). Default ${default}."`
+	SharedMemory    bool          `name:"shared-memory" help:"Move a VM whose memory is in a memory file on shared memory ('run --memory-file') to a destination host that maps the same memory ('run --incoming ... --memory-file' naming it there): no page is copied, only vCPU and device state (the same as --mode shared-memory). In the testbed the namespace hosts share one kernel, so both map one file: that models disaggregated memory (a CXL pool, a memory server), which a real deployment would need. Any failure before the destination has the state leaves the VM running here."`
 	Resume          bool          `help:"Finish this VM's interrupted post-copy migration: connect to the same destination at --to (its old or a new address) and carry on where the link broke. Takes no other option than --to (and --json); the migration keeps the ones it started with."`
 	// Pre-copy.
 	DowntimeLimit time.Duration `default:"300ms" placeholder:"DURATION" help:"precopy, hybrid: stop and copy once the expected downtime is within this. Default ${default}."`
@@ -69,14 +70,20 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 		return nil
 	}
 	addr, _ := transport.Parse(c.To)
+	if c.SharedMemory {
+		if c.Mode != "" && c.Mode != migration.ModeSharedMemory {
+			return fmt.Errorf("--shared-memory is --mode shared-memory, not --mode %s", c.Mode)
+		}
+		c.Mode = migration.ModeSharedMemory
+	}
 	if c.Mode == "" {
 		c.Mode = defaultMode(addr)
 	}
 	switch c.Mode {
 	case migration.ModePrecopy, migration.ModePostcopy, migration.ModeHybrid:
-	case migration.ModeHandover:
-		if addr.Network != transport.Unix {
-			return fmt.Errorf("--mode handover passes the memory's files to a process on this host: it needs --to unix:PATH, not %s (between hosts use precopy, postcopy or hybrid)", c.To)
+	case migration.ModeHandover, migration.ModeSharedMemory:
+		if c.Mode == migration.ModeHandover && addr.Network != transport.Unix {
+			return fmt.Errorf("--mode handover passes the memory's files to a process on this host: it needs --to unix:PATH, not %s (between hosts use precopy, postcopy or hybrid, or --shared-memory)", c.To)
 		}
 		var pages []string
 		for _, f := range []string{"prepage", "sample-before", "hybrid-rounds", "hybrid-after", "link-timeout", "reconnect-window", "fault-channel",
@@ -86,10 +93,10 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 			}
 		}
 		if len(pages) > 0 {
-			return fmt.Errorf("--mode handover copies no pages: %s do not apply (to copy memory over the socket, use --mode precopy)", strings.Join(pages, ", "))
+			return fmt.Errorf("--mode %s copies no pages: %s do not apply (to copy memory, use --mode precopy)", c.Mode, strings.Join(pages, ", "))
 		}
 	default:
-		return fmt.Errorf("--mode %q: want precopy, postcopy, hybrid or handover", c.Mode)
+		return fmt.Errorf("--mode %q: want precopy, postcopy, hybrid, handover or shared-memory", c.Mode)
 	}
 	switch c.Prepage {
 	case migration.PrepageSequential, migration.PrepageBubble, migration.PrepageHot, migration.PrepageNone:
@@ -345,6 +352,11 @@ func printReport(r migration.Report) {
 	}
 	fmt.Printf("godwit       %s\n", versionLine())
 	switch h := r.Handover; {
+	case h != nil && h.SharedMemory != "":
+		fmt.Printf("mode         shared memory: %s of memory in memory file %s, which both hosts map; no page copied", formatBytes(h.Bytes), h.SharedMemory)
+		if h.MappedMS > 0 {
+			fmt.Printf("; mapped by the destination %.2f ms after the start, the VM paused only then", h.MappedMS)
+		}
 	case h != nil:
 		fmt.Printf("mode         handover: %s of memory in %d file(s) handed over, no page copied", formatBytes(h.Bytes), h.Files)
 		if h.MappedMS > 0 {

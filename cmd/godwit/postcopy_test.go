@@ -289,7 +289,7 @@ func TestPostcopyBadFlags(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"--mode", "lazy"}, `--mode "lazy": want precopy, postcopy, hybrid or handover`},
+		{[]string{"--mode", "lazy"}, `--mode "lazy": want precopy, postcopy, hybrid, handover or shared-memory`},
 		{[]string{"--mode", "postcopy", "--prepage", "random"}, `--prepage "random": want sequential, bubble, hot or none`},
 		{[]string{"--prepage", "hot"}, "--prepage applies to --mode postcopy or hybrid, not to --mode precopy"},
 		{[]string{"--reconnect-window", "10s"}, "--reconnect-window applies to --mode postcopy or hybrid"},

@@ -46,6 +46,7 @@ type RunCmd struct {
 	// DirtyTracking is vmm.Config.DirtyTracking.
 	Balloon       string `default:"0" placeholder:"SIZE|auto[:SHARE]" help:"churn: self-ballooning from the start: keep SIZE of free guest memory in the guest's balloon, or with auto a SHARE (0..1, default 0.9) of whatever is free as it comes and goes; the VMM releases ballooned memory to the host, and no migration sends it. 0 = none. Change it later with 'godwit balloon'. Default ${default}."`
 	DirtyTracking string `name:"dirty-tracking" enum:"auto,ring,bitmap" default:"auto" help:"How a migration away from this VM learns of the pages the guest writes: ring, KVM's dirty ring (its cost follows the pages written), or bitmap, KVM's dirty bitmap (its cost follows the memory's size, written or not); auto takes the ring where KVM offers it. The migration report says which (${enum})."`
+	MemoryFile    string `name:"memory-file" placeholder:"PATH" help:"Put guest memory in this file on shared memory (tmpfs such as /dev/shm, hugetlbfs, or a DAX device) instead of anonymous memory: another host that maps the same memory can take the VM over with 'migrate --shared-memory', which copies no page. The file must not exist; it holds the memory and a label page that names it. With --incoming: the memory file of the VM to come, as this host sees it (the source's, for --shared-memory; else a new one). The file stays when the VM ends."`
 	WorkloadFlags
 }
 
@@ -91,7 +92,7 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 	m, err := vmm.New(vmm.Config{
 		Name: c.Name, MemBytes: uint64(c.Mem), VCPUs: c.VCPUs, KVMDevice: c.KVMDevice,
 		Image: guest.Image, Params: params, Workload: c.workloadDescription(),
-		Console: consolePrinter(g), DirtyTracking: c.DirtyTracking,
+		Console: consolePrinter(g), DirtyTracking: c.DirtyTracking, MemoryFile: c.MemoryFile,
 	})
 	if err != nil {
 		return err
@@ -151,7 +152,7 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	}
 	// Which godwit receives it, for matching the two sides' logs (the source logs its own).
 	fmt.Fprintf(os.Stderr, "godwit: VM %q: incoming migration from %s; %s\n", c.Name, conn.RemoteAddr(), versionLine())
-	vdst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g), DirtyTracking: c.DirtyTracking}}
+	vdst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g), DirtyTracking: c.DirtyTracking, MemoryFile: c.MemoryFile}}
 	dst := arrivingDestination{vdst, func() { p.arriving(vdst.M) }}
 	opts := migration.ReceiveOptions{
 		LinkTimeout: c.LinkTimeout,

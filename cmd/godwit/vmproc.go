@@ -335,8 +335,9 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		if addr.Network != transport.Unix {
 			return nil, badRequest(fmt.Errorf("migrate: mode handover passes the memory's files to a process on this host: it needs a unix:PATH destination, not %s", addr))
 		}
+	case migration.ModeSharedMemory:
 	default:
-		return nil, badRequest(fmt.Errorf("migrate: mode %q: want precopy, postcopy, hybrid or handover", req.Mode))
+		return nil, badRequest(fmt.Errorf("migrate: mode %q: want precopy, postcopy, hybrid, handover or shared-memory", req.Mode))
 	}
 	if req.Streams < 0 || req.Streams > 64 || (req.Streams == 64 && mode != migration.ModePrecopy && !req.NoFaultChannel) {
 		return nil, badRequest(fmt.Errorf("migrate: streams %d: want 1..64 (1..63 with the fault channel of mode %s)", req.Streams, mode))
@@ -353,6 +354,9 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	}
 	if err := p.stillArriving("migrating it on"); err != nil {
 		return nil, err
+	}
+	if _, ok := (vmm.MigrationSource{M: m}).SharedMemoryID(); mode == migration.ModeSharedMemory && !ok {
+		return nil, badRequest(fmt.Errorf("migrate: mode shared-memory: VM %q's memory is not in a memory file on shared memory (start it with 'godwit run --memory-file PATH')", p.name))
 	}
 	cfg := outgoing.Config{
 		Source: vmm.MigrationSource{M: m},
@@ -483,7 +487,7 @@ func (p *vmProcess) holding() error {
 	switch o.State() {
 	case outgoing.Undecided:
 		_, err := o.Result()
-		return conflict(fmt.Errorf("VM %q was handed over to a process on this host, and the handover failed once the destination had its state (%v): the destination may run it on the same memory, so it must not run here again; this process holds it paused", p.name, err))
+		return conflict(fmt.Errorf("VM %q was handed over without copying its memory, and the migration failed once the destination had its state (%v): the destination may run it on the same memory, so it must not run here again; this process holds it paused", p.name, err))
 	case outgoing.Stranded:
 		_, err := o.Result()
 		return conflict(fmt.Errorf("VM %q runs at the destination since its switch to post-copy, and the migration failed after the switch (%v); this process holds the VM's memory, paused: it must not run here again; finish the migration with 'godwit migrate --resume'", p.name, err))

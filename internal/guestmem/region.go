@@ -26,7 +26,9 @@ type Region struct {
 	Mem []byte
 
 	fd int
-	mu sync.Mutex
+	// label is the pages the file holds beyond guest memory (a memory file's label page).
+	label uint64
+	mu    sync.Mutex
 	// The pages the VMM wrote since the last TakeVMMDirty: as runs while they are few, so
 	// that taking them costs what was written, not the region's size; as a bitmap (and no
 	// runs) once there are more than maxDirtyRuns.
@@ -254,7 +256,7 @@ func (r *Region) blocks() (uint64, error) {
 	if err := unix.Fstat(r.fd, &st); err != nil {
 		return 0, fmt.Errorf("guestmem: fstat %q: %w", r.Name, err)
 	}
-	return uint64(st.Blocks) * 512 / PageSize, nil
+	return uint64(st.Blocks)*512/PageSize - min(r.label, uint64(st.Blocks)*512/PageSize), nil
 }
 
 // seekRuns sets in b the pages of the runs of data from byte off on, at most maxRuns of them

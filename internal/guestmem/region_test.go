@@ -2,7 +2,11 @@ package guestmem
 
 import (
 	"bytes"
+	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -272,5 +276,53 @@ func BenchmarkWaysIn(b *testing.B) {
 				b.ReportMetric(ns/float64(b.N)/(size/PageSize), "ns/page")
 			})
 		}
+	}
+}
+
+// TestFileRegion: a memory file on tmpfs is created with its label, opened again only by its
+// id and size, and refused elsewhere; its populated pages are those written.
+func TestFileRegion(t *testing.T) {
+	path := filepath.Join("/dev/shm", fmt.Sprintf("godwit-test-%d", os.Getpid()))
+	defer os.Remove(path)
+	r, id, err := CreateFileRegion("ram", 0, 64*PageSize, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if _, _, err := CreateFileRegion("ram", 0, 64*PageSize, path); err == nil || !strings.Contains(err.Error(), "exists already") {
+		t.Fatalf("creating it twice: %v", err)
+	}
+	if _, err := r.WriteAt([]byte("guest"), 5*PageSize); err != nil {
+		t.Fatal(err)
+	}
+	o, err := OpenFileRegion("ram", 0, 64*PageSize, path, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	if string(o.Mem[5*PageSize:5*PageSize+5]) != "guest" {
+		t.Fatalf("the second mapping reads %q", o.Mem[5*PageSize:5*PageSize+5])
+	}
+	if b, err := o.Populated(); err != nil || b.Count() != 1 || !b.Test(5) {
+		t.Fatalf("populated %v (%d pages): %v", b, b.Count(), err)
+	}
+	other := id
+	other[0] ^= 1
+	for _, c := range []struct {
+		size uint64
+		id   MemoryID
+		want string
+	}{
+		{64 * PageSize, other, "not the migrating VM's"},
+		{32 * PageSize, id, "holds"},
+	} {
+		if _, err := OpenFileRegion("ram", 0, c.size, path, c.id); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("open with size %d, id %s: %v, want %q", c.size, c.id, err, c.want)
+		}
+	}
+	disk := filepath.Join(".", fmt.Sprintf("godwit-test-%d.mem", os.Getpid()))
+	defer os.Remove(disk)
+	if _, _, err := CreateFileRegion("ram", 0, 64*PageSize, disk); err == nil || !strings.Contains(err.Error(), "not on shared memory") {
+		t.Errorf("a memory file on %s: %v", disk, err)
 	}
 }

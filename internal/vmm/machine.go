@@ -51,9 +51,16 @@ type Config struct {
 	DirtyTracking  string
 	DirtyRingBytes int
 
+	// MemoryFile, when set, puts guest memory in this file on shared memory (tmpfs, hugetlbfs,
+	// a DAX device) instead of a memfd: New creates it (it must not exist), except on the
+	// destination of a shared-memory migration, which maps the source's (memoryID).
+	MemoryFile string
+
 	// memoryFD, when set, is the file of guest memory handed over by another VMM (a
 	// handover): New maps it instead of creating memory, and owns it from then on.
 	memoryFD *int
+	// memoryID, when set, is the id of the MemoryFile a shared-memory migration brings.
+	memoryID *guestmem.MemoryID
 }
 
 // State of the machine's vCPUs.
@@ -95,6 +102,8 @@ type Machine struct {
 	wg       sync.WaitGroup
 	done     chan struct{} // closed when every vCPU thread has ended
 	throttle atomic.Int32  // percent of time the vCPUs are held back (auto-converge)
+
+	memoryID guestmem.MemoryID // of Config.MemoryFile; zero with a memfd
 
 	pc atomic.Pointer[demand.Pager] // demand paging while armed (destination of a post-copy)
 	// discarded is the post-copy set DiscardStale punched the stale pages of already (an
@@ -161,10 +170,16 @@ func New(cfg Config) (*Machine, error) {
 	if err = m.setUpDirtyTracking(); err != nil {
 		return nil, err
 	}
-	if cfg.memoryFD != nil {
+	switch {
+	case cfg.memoryFD != nil:
 		fdOwned = false
 		m.mem, err = guestmem.AdoptRegion("ram", 0, cfg.MemBytes, *cfg.memoryFD)
-	} else {
+	case cfg.MemoryFile != "" && cfg.memoryID != nil:
+		m.mem, err = guestmem.OpenFileRegion("ram", 0, cfg.MemBytes, cfg.MemoryFile, *cfg.memoryID)
+		m.memoryID = *cfg.memoryID
+	case cfg.MemoryFile != "":
+		m.mem, m.memoryID, err = guestmem.CreateFileRegion("ram", 0, cfg.MemBytes, cfg.MemoryFile)
+	default:
 		m.mem, err = guestmem.NewRegion("ram", 0, cfg.MemBytes)
 	}
 	if err != nil {

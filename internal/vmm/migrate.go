@@ -56,6 +56,12 @@ func (s MigrationSource) Describe() migration.Description {
 	return migration.Description{Layout: s.M.layout(), VCPUs: len(s.M.vcpus), Devices: s.M.deviceIDs()}
 }
 
+// SharedMemoryID is the id of the memory file guest RAM is in (Config.MemoryFile), for a
+// migration on shared memory.
+func (s MigrationSource) SharedMemoryID() ([16]byte, bool) {
+	return s.M.memoryID, s.M.cfg.MemoryFile != ""
+}
+
 // MemoryFDs returns the memfd of guest RAM, for a handover; it stays the machine's.
 func (s MigrationSource) MemoryFDs() ([]int, error) { return []int{s.M.mem.Fd()}, nil }
 
@@ -210,6 +216,9 @@ var (
 	_ migration.FirstProgress = (*MigrationDestination)(nil)
 	_ migration.MemoryAdopter = (*MigrationDestination)(nil)
 	_ migration.MemoryFiles   = MigrationSource{}
+
+	_ migration.SharedMemory        = MigrationSource{}
+	_ migration.SharedMemoryAdopter = (*MigrationDestination)(nil)
 )
 
 func (d *MigrationDestination) Prepare(desc migration.Description) error {
@@ -226,6 +235,18 @@ func (d *MigrationDestination) AdoptMemory(desc migration.Description, fds []int
 		return fmt.Errorf("vmm: %d memory files handed over, this VMM has one region", len(fds))
 	}
 	return d.build(desc, &fds[0])
+}
+
+// AdoptSharedMemory builds the machine on this host's mapping of the memory file the source's
+// memory is in (Template.MemoryFile, which must carry the label id): nothing is written to it.
+func (d *MigrationDestination) AdoptSharedMemory(desc migration.Description, id [16]byte) error {
+	if d.Template.MemoryFile == "" {
+		return fmt.Errorf("vmm: the VM's memory is on shared memory, and this destination maps no memory file (godwit run --incoming ... --memory-file PATH)")
+	}
+	mid := guestmem.MemoryID(id)
+	d.Template.memoryID = &mid
+	defer func() { d.Template.memoryID = nil }()
+	return d.build(desc, nil)
 }
 
 // build makes the machine of an incoming migration, on memory handed over when memoryFD is

@@ -40,8 +40,10 @@
 //	               a superset of Snappy's block format) that decodes to exactly one page. A new
 //	               encoding behind a new capability: the version stays 1.
 //	1  2026-12-03  memory handed over as files on one host under CapHandover (1<<8): Memory
-//	               (0x16) with the files beside it (SCM_RIGHTS), MemoryAck (0x17); no pages.
-//	               New frames behind a new capability: the version stays 1.
+//	               (0x16) with the files beside it (SCM_RIGHTS), MemoryAck (0x17); no pages;
+//	               and memory both hosts map from shared memory under CapShared (1<<9), the
+//	               same frames, Memory naming the memory file's id. New frames behind new
+//	               capabilities: the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -207,12 +209,15 @@
 //	  batches follow, nothing else; the source closes the connection when it is done. A Join
 //	  that names another migration, or an index taken, is answered with Error
 //
-//	Memory (source -> destination, 0x16, CapHandover, right after Welcome)
+//	Memory (source -> destination, 0x16, CapHandover or CapShared, right after Welcome)
 //	  u16 region count (must be the Hello's), region count x u64 size (each the Hello's size
-//	  of that region). On a Unix socket, one file descriptor per region, in region order, is
-//	  passed with the frame's bytes (SCM_RIGHTS in the same sendmsg): the destination maps
-//	  those files as guest memory instead of receiving pages. Nothing else is accepted until
-//	  the state: a handover has no rounds, pages, switch or streams
+//	  of that region), 16-byte memory id. CapHandover: the id is zero, and one file
+//	  descriptor per region, in region order, is passed with the frame's bytes on a Unix
+//	  socket (SCM_RIGHTS in the same sendmsg): the destination maps those files as guest
+//	  memory instead of receiving pages. CapShared: the id (not zero) names the memory file on
+//	  shared memory that both hosts map; the destination maps its own mapping of it and checks
+//	  the id in the file's label. Nothing else is accepted until the state: no rounds, pages,
+//	  switch or streams
 //
 //	MemoryAck (destination -> source, 0x17, CapHandover, answers Memory once the memory is
 //	mapped; empty). The source pauses only after it
@@ -287,7 +292,7 @@
 //	Hello (Round PageBatch* RoundEnd)* Round[final] PageBatch* State* Complete DoneAck
 //	Hello (Round PageBatch* RoundEnd)* Switch[more]* Switch State* Complete Post DoneAck
 //	Hello Ahead[more]* Ahead Switch[more]* Switch State* Complete Post DoneAck      (CapAhead)
-//	Hello Memory State* Complete DoneAck                             (CapHandover)
+//	Hello Memory State* Complete DoneAck                             (CapHandover, CapShared)
 //	Rejoin Post DoneAck                                              (a rejoining connection)
 //	Join PageBatch*                                                  (an extra page connection)
 //	Post = (PageBatch | Keepalive)* [PushEnd Keepalive*]
@@ -297,7 +302,7 @@
 // and at the source:
 //
 //	Welcome (RoundAck | Request)* Resumed Done
-//	Welcome MemoryAck Resumed Done                                   (CapHandover)
+//	Welcome MemoryAck Resumed Done                                   (CapHandover, CapShared)
 //	Welcome (RoundAck | Request)* Resumed (Request | Keepalive)* [Filled (Request | Keepalive)* Stats (Request | Keepalive)*] Done
 //	Lacking[more]* Lacking (Request | Keepalive)* [Filled ... Stats ...] Done        (a rejoining connection)
 //

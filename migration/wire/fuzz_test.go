@@ -31,7 +31,7 @@ func drainFrom(t *testing.T, data []byte, side Side, rejoin bool) {
 
 // streamCaps are the capabilities the stream fuzzers negotiate: all but CapHandover, which
 // allows no pages at all (FuzzReaderHandover has it).
-const streamCaps = KnownCaps &^ CapHandover
+const streamCaps = KnownCaps &^ (CapHandover | CapShared)
 
 // drainConn is drain on any kind of connection: a rejoining one (rejoin) or an extra page
 // stream (pageStream, at the destination).
@@ -95,7 +95,7 @@ func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool, ca
 		switch m := m.(type) {
 		case *Memory:
 			d := r.Description()
-			if handedOver || round != nil || caps&CapHandover == 0 || len(m.Sizes) != len(d.Regions) {
+			if handedOver || round != nil || caps&(CapHandover|CapShared) == 0 || len(m.Sizes) != len(d.Regions) {
 				t.Fatalf("memory %+v accepted (handed over before: %v, round %+v, caps %#x)", m, handedOver, round, uint64(caps))
 			}
 			for i, n := range m.Sizes {
@@ -105,7 +105,7 @@ func drainConn(t *testing.T, data []byte, side Side, rejoin, pageStream bool, ca
 			}
 			handedOver = true
 		case *PageBatch:
-			if caps&CapHandover != 0 {
+			if caps&(CapHandover|CapShared) != 0 {
 				t.Fatalf("page batch accepted in a handover")
 			}
 			checkBatch(t, m, r.Description())
@@ -221,17 +221,23 @@ func FuzzReaderPageStream(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) { drainConn(t, data, AtDestination, false, true, streamCaps) })
 }
 
-// FuzzReaderHandover reads a memory handover (CapHandover), at either side.
+// FuzzReaderHandover reads a memory handover (CapHandover) or a migration on shared memory
+// (CapShared), at either side.
 func FuzzReaderHandover(f *testing.F) {
-	f.Add(false, handoverSourceStream(f))
-	f.Add(true, handoverDestStream(f))
-	f.Add(false, sourceStream(f))
-	f.Fuzz(func(t *testing.T, atSource bool, data []byte) {
+	f.Add(false, false, handoverSourceStream(f))
+	f.Add(true, false, handoverDestStream(f))
+	f.Add(false, false, sourceStream(f))
+	f.Add(false, true, handoverSourceStream(f))
+	f.Fuzz(func(t *testing.T, atSource, shared bool, data []byte) {
 		side := AtDestination
 		if atSource {
 			side = AtSource
 		}
-		drainConn(t, data, side, false, false, KnownCaps)
+		caps := KnownCaps &^ CapShared
+		if shared {
+			caps = KnownCaps &^ CapHandover
+		}
+		drainConn(t, data, side, false, false, caps)
 	})
 }
 

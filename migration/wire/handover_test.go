@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -52,12 +53,29 @@ func handoverDestStream(t testing.TB) []byte {
 	return buf.Bytes()
 }
 
+func TestSharedMemoryStream(t *testing.T) {
+	var buf bytes.Buffer
+	w := NewWriter(&buf)
+	d := testDesc()
+	w.WritePreamble()
+	w.WriteHello(&Hello{Caps: CapShared, Desc: d})
+	if err := w.WriteMemory(&Memory{Sizes: []uint64{d.Regions[0].Size, d.Regions[1].Size}, ID: [16]byte{7}}, nil); err != nil {
+		t.Fatalf("shared memory on a buffer (no files to pass): %v", err)
+	}
+	w.WriteComplete(&Complete{})
+	w.WriteDoneAck()
+	got, err := readAll(buf.Bytes(), AtDestination, CapShared)
+	if err != nil || len(got) != 4 || !strings.Contains(got[1], "ID:[7 0 ") {
+		t.Fatalf("read %q: %v", got, err)
+	}
+}
+
 func TestHandoverStream(t *testing.T) {
 	got, err := readAll(handoverSourceStream(t), AtDestination, CapHandover|CapBlackout)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 7 || got[1] != "memory &{Sizes:[32768 8192]}" {
+	if len(got) != 7 || !strings.HasPrefix(got[1], "memory &{Sizes:[32768 8192] ID:[0 0 ") {
 		t.Fatalf("destination read %q", got)
 	}
 	got, err = readAll(handoverDestStream(t), AtSource, CapHandover|CapBlackout)
@@ -97,6 +115,10 @@ func TestHandoverRefused(t *testing.T) {
 			w.WriteRound(&Round{N: 1, Final: true})
 		}), CapHandover, ErrOrder},
 		{"a second memory", source(CapHandover, func(w *Writer) { memory(sizes)(w); memory(sizes)(w) }), CapHandover, ErrOrder},
+		{"shared memory without an id", source(CapShared, memory(sizes)), CapShared, ErrMalformed},
+		{"an id in a handover", source(CapHandover, func(w *Writer) {
+			w.WriteRawFrame(TypeMemory, 0, AppendMemory(nil, &Memory{Sizes: sizes, ID: [16]byte{1}}))
+		}), CapHandover, ErrMalformed},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := readAll(c.data, AtDestination, c.caps)

@@ -870,7 +870,7 @@ func AppendMemory(b []byte, m *Memory) []byte {
 	for _, n := range m.Sizes {
 		b = le.AppendUint64(b, n)
 	}
-	return b
+	return append(b, m.ID[:]...)
 }
 
 // DecodeMemory decodes a Memory payload. That the sizes are the Hello's is the Reader's check.
@@ -883,13 +883,14 @@ func DecodeMemory(p []byte) (*Memory, error) {
 	if n == 0 || n > MaxRegions {
 		return nil, &FrameError{Type: TypeMemory, Kind: ErrMalformed, Detail: fmt.Sprintf("%d regions, want 1..%d", n, MaxRegions)}
 	}
-	if len(p) != 2+8*n {
-		return nil, &FrameError{Type: TypeMemory, Kind: ErrMalformed, Detail: fmt.Sprintf("%d bytes for %d regions, want %d", len(p), n, 2+8*n)}
+	if len(p) != 2+8*n+16 {
+		return nil, &FrameError{Type: TypeMemory, Kind: ErrMalformed, Detail: fmt.Sprintf("%d bytes for %d regions, want %d", len(p), n, 2+8*n+16)}
 	}
 	m := &Memory{Sizes: make([]uint64, n)}
 	for i := range m.Sizes {
 		m.Sizes[i] = c.u64("region size")
 	}
+	copy(m.ID[:], c.take(16, "memory id"))
 	if err := c.end(); err != nil {
 		return nil, err
 	}

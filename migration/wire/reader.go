@@ -93,10 +93,10 @@ func (r *Reader) expecting() string {
 	if r.st == stResumed && r.caps&CapPostcopy != 0 {
 		return "request, keepalive, filled, stats or done"
 	}
-	if r.st == stStream && r.caps&CapHandover != 0 {
+	if r.st == stStream && r.caps&memoryCaps != 0 {
 		return "memory"
 	}
-	if r.st == stRun && r.caps&CapHandover != 0 && !r.memoryAck {
+	if r.st == stRun && r.caps&memoryCaps != 0 && !r.memoryAck {
 		return "memory ack"
 	}
 	if r.st == stStream && r.caps&CapStreams != 0 && r.streams == 0 {
@@ -405,9 +405,9 @@ func (r *Reader) accept(t Type) error {
 	if r.caps&CapStreams == 0 && (t == TypeStreams || t == TypeJoin) {
 		return fmt.Errorf("%s, but extra streams were not negotiated", t)
 	}
-	handover := r.caps&CapHandover != 0
+	handover := r.caps&memoryCaps != 0
 	if !handover && (t == TypeMemory || t == TypeMemoryAck) {
-		return fmt.Errorf("%s, but a memory handover was not negotiated", t)
+		return fmt.Errorf("%s, but neither a memory handover nor shared memory was negotiated", t)
 	}
 	// A handover carries memory as files and nothing but state after them: no pages.
 	if handover && r.side == AtDestination && t != TypeHello && t != TypeMemory && t != TypeState && t != TypeComplete && t != TypeDoneAck {
@@ -658,6 +658,10 @@ func (r *Reader) decode(t Type, flags uint8, p []byte) (Msg, bool, error) {
 			if n != r.desc.Regions[i].Size {
 				return nil, false, bad(ErrMalformed, "region %d handed over with %d bytes, the hello described %d", i, n, r.desc.Regions[i].Size)
 			}
+		}
+		var zero [16]byte
+		if shared := r.caps&CapShared != 0; shared == (m.ID == zero) {
+			return nil, false, bad(ErrMalformed, "memory id %x with shared memory %v", m.ID, shared)
 		}
 		r.st = stMemory
 		return m, false, nil

@@ -175,9 +175,13 @@ const (
 	CapAhead      Caps = 1 << 6 // pure post-copy: most of the missing set ahead of the pause, in Ahead (needs CapPostcopy)
 	CapS2         Caps = 1 << 7 // EncS2 pages: each an S2 block of one page
 	CapHandover   Caps = 1 << 8 // memory handed over as files on one host: Memory, MemoryAck; no pages
+	CapShared     Caps = 1 << 9 // memory both hosts map from shared memory, named by Memory's id: Memory, MemoryAck; no pages
 
 	// KnownCaps is every capability this version can accept.
-	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead | CapS2 | CapHandover
+	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead | CapS2 | CapHandover | CapShared
+
+	// memoryCaps are the capabilities under which memory does not travel as pages.
+	memoryCaps = CapHandover | CapShared
 )
 
 // Encoding is how one page travels in a PageBatch.
@@ -427,11 +431,13 @@ type Streams struct {
 	Count uint16 // extra connections: 1..MaxStreams-1
 }
 
-// Memory hands guest memory over (CapHandover): one file per region, passed beside the
-// frame's bytes (SCM_RIGHTS on a Unix socket), whose sizes the frame names. The files are not
-// part of the message: the connection delivers them (see Writer.WriteMemory).
+// Memory hands guest memory over without its pages: under CapHandover as one file per region,
+// passed beside the frame's bytes (SCM_RIGHTS on a Unix socket; the files are not part of the
+// message: the connection delivers them, see Writer.WriteMemory); under CapShared as the id of
+// the memory file both hosts map.
 type Memory struct {
-	Sizes []uint64 // bytes of each region's file, in region order; equal to the Hello's sizes
+	Sizes []uint64 // bytes of each region's memory, in region order; equal to the Hello's sizes
+	ID    [16]byte // CapShared: the memory file's id; zero under CapHandover
 }
 
 // MemoryAck says that the destination has mapped the memory handed over: the source may pause.

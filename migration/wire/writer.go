@@ -270,18 +270,22 @@ type unixWriter interface {
 	WriteMsgUnix(b, oob []byte, addr *net.UnixAddr) (n, oobn int, err error)
 }
 
-// WriteMemory hands guest memory over (CapHandover): the Memory frame, with fds (one per
+// WriteMemory hands guest memory over: under CapHandover the Memory frame with fds (one per
 // region, in order) passed beside its bytes as SCM_RIGHTS in the same sendmsg, so that they
-// arrive with the frame's first byte. It needs a Unix socket; the fds stay the caller's.
+// arrive with the frame's first byte (it needs a Unix socket; the fds stay the caller's);
+// under CapShared, without fds, the frame alone.
 func (w *Writer) WriteMemory(m *Memory, fds []int) error {
 	if w.err != nil {
 		return w.err
+	}
+	if len(fds) == 0 { // shared memory: the id names it
+		return w.frame(TypeMemory, 0, func(b []byte) []byte { return AppendMemory(b, m) })
 	}
 	uw, ok := w.w.(unixWriter)
 	if !ok {
 		return fmt.Errorf("wire: write memory: the connection (%T) cannot pass file descriptors; a handover needs a Unix socket", w.w)
 	}
-	if len(fds) != len(m.Sizes) || len(fds) == 0 || len(fds) > maxPassedFDs {
+	if len(fds) != len(m.Sizes) || len(fds) > maxPassedFDs {
 		return fmt.Errorf("wire: write memory: %d files for %d regions (at most %d)", len(fds), len(m.Sizes), maxPassedFDs)
 	}
 	b := append(w.buf[:0], make([]byte, HeaderSize)...)
