@@ -132,8 +132,8 @@ func godwitRunArgs(s Scenario) []string {
 // godwitMigrateArgs are the 'godwit migrate' flags of the scenario's technique (only those the
 // technique takes: migrate refuses the others).
 func godwitMigrateArgs(s Scenario, timeout time.Duration) []string {
-	if s.Technique == Handover {
-		return []string{"--mode", Handover, "--timeout", timeout.String()}
+	if memoryShared(s.Technique) {
+		return []string{"--mode", s.Technique, "--timeout", timeout.String()}
 	}
 	// The mode always: the default depends on the address (a handover to a unix: one).
 	a := []string{"--mode", s.Technique}
@@ -192,7 +192,15 @@ func (e *runEnv) godwit(ctx context.Context) error {
 	s, r := e.s, e.run
 	e.phase("starting VMs")
 	e.memBase = hostUsed()
-	src, err := e.startGodwit(0, "src", godwitRunArgs(s)...)
+	srcArgs, dstArgs := godwitRunArgs(s), []string{}
+	if s.Technique == SharedMemory {
+		// Both hosts map one file: what disaggregated memory would give two real hosts.
+		mem := fmt.Sprintf("/dev/shm/godwit-bench-%d-%d.mem", os.Getpid(), e.port)
+		defer os.Remove(mem)
+		srcArgs = append(srcArgs, "--memory-file", mem)
+		dstArgs = append(dstArgs, "--memory-file", mem)
+	}
+	src, err := e.startGodwit(0, "src", srcArgs...)
 	if err != nil {
 		return err
 	}
@@ -201,7 +209,7 @@ func (e *runEnv) godwit(ctx context.Context) error {
 	if s.Hosts == HostsSame {
 		to, dstHost = "unix:"+filepath.Join(filepath.Dir(src.sock), fmt.Sprintf("incoming-%d.sock", e.port)), 0
 	}
-	dst, err := e.startGodwit(dstHost, "dst", "--incoming", to)
+	dst, err := e.startGodwit(dstHost, "dst", append([]string{"--incoming", to}, dstArgs...)...)
 	if err != nil {
 		return err
 	}

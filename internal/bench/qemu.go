@@ -117,7 +117,7 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 	}
 	// A handover: both QEMUs map guest RAM from one file in shared memory.
 	var memFile string
-	if s.Technique == Handover {
+	if memoryShared(s.Technique) {
 		memFile = fmt.Sprintf("/dev/shm/godwit-bench-%d-%d.ram", os.Getpid(), e.port)
 		defer os.Remove(memFile)
 	}
@@ -171,13 +171,13 @@ func (e *runEnv) qemuOnce(ctx context.Context) error {
 
 	capBytes := s.CapBps / 8
 	mode := qemu.Mode(s.Technique)
-	if s.Technique == Handover {
+	if memoryShared(s.Technique) {
 		mode = qemu.Precopy // with x-ignore-shared: only the state and devices go
 	}
 	mc := qemu.MigrateConfig{
 		Mode:                 mode,
 		URI:                  uri,
-		IgnoreShared:         s.Technique == Handover,
+		IgnoreShared:         memoryShared(s.Technique),
 		MaxBandwidth:         capBytes,
 		MaxPostcopyBandwidth: capBytes,
 		DowntimeLimit:        s.DowntimeLimit,

@@ -27,7 +27,13 @@ const (
 	// Handover moves the VM to another process on the same host without copying memory:
 	// godwit's memfds over a Unix socket; QEMU's x-ignore-shared on a shared memory file.
 	Handover = "handover"
+	// SharedMemory moves a VM whose memory both hosts map from one file in shared memory:
+	// godwit run --memory-file and migrate --shared-memory; QEMU x-ignore-shared.
+	SharedMemory = "shared-memory"
 )
+
+// memoryShared reports whether the technique leaves guest memory where it is.
+func memoryShared(technique string) bool { return technique == Handover || technique == SharedMemory }
 
 // Where the destination runs.
 const (
@@ -137,8 +143,11 @@ func (s Scenario) Guest() string {
 
 // Options describes the technique and its options in one line.
 func (s Scenario) Options() string {
-	if s.Technique == Handover {
+	if memoryShared(s.Technique) {
 		o := "handover on one host (godwit: its memfds over a Unix socket; QEMU: x-ignore-shared with guest memory on a shared file in /dev/shm, over a Unix socket)"
+		if s.Technique == SharedMemory {
+			o = "shared memory (both hosts map one file in /dev/shm: godwit run --memory-file, migrate --shared-memory; QEMU: x-ignore-shared on a shared memory-backend-file)"
+		}
 		if s.WarmUp > 0 {
 			o += fmt.Sprintf(", warm-up at least %v", s.WarmUp)
 		}
@@ -307,7 +316,7 @@ func parseScenario(f []string) (Scenario, error) {
 		case "cap":
 			capText = v
 		case "technique":
-			s.Technique, err = oneOf(v, Precopy, Postcopy, Hybrid, Handover)
+			s.Technique, err = oneOf(v, Precopy, Postcopy, Hybrid, Handover, SharedMemory)
 		case "hosts":
 			s.Hosts, err = oneOf(v, HostsTwo, HostsSame)
 		case "prepage":
@@ -388,12 +397,12 @@ func parseScenario(f []string) (Scenario, error) {
 	if s.MemBytes < guest.MinMemory || s.MemBytes > guest.MaxMemory {
 		return s, fmt.Errorf("%s: memory %d bytes: want %d MiB to %d GiB", s.Name, s.MemBytes, guest.MinMemory>>20, guest.MaxMemory>>30)
 	}
+	if memoryShared(s.Technique) && (s.Streams > 1 || s.Delta || s.Dedup || (s.Compress != "" && s.Compress != "none")) {
+		return s, fmt.Errorf("%s: technique=%s copies no pages: streams, compress, delta and dedup do not apply", s.Name, s.Technique)
+	}
 	if s.Technique == Handover {
-		switch {
-		case s.Hosts == HostsTwo:
+		if s.Hosts == HostsTwo {
 			return s, fmt.Errorf("%s: technique=handover hands memory to a process on the same host: hosts=two cannot be", s.Name)
-		case s.Streams > 1 || s.Delta || s.Dedup || (s.Compress != "" && s.Compress != "none"):
-			return s, fmt.Errorf("%s: technique=handover copies no pages: streams, compress, delta and dedup do not apply", s.Name)
 		}
 		s.Hosts = HostsSame
 	}

@@ -71,6 +71,16 @@ func (v *VM) SetMemorySlot(s MemorySlot) error {
 	return nil
 }
 
+// DeleteMemorySlot removes a slot (its guest memory is then unmapped from the VM), so that it
+// can be created again on other host memory: KVM moves no slot in place.
+func (v *VM) DeleteMemorySlot(slot uint32) error {
+	r := userspaceMemoryRegion{Slot: slot}
+	if err := ioctlPtr(v.fd, ioSetUserMemoryRegion, &r); err != nil {
+		return fmt.Errorf("kvm: KVM_SET_USER_MEMORY_REGION deleting slot %d: %w", slot, err)
+	}
+	return nil
+}
+
 // EnableManualDirtyLogProtect switches the VM to KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: reading the
 // dirty log no longer re-protects pages; ClearDirtyLog does, for just the pages named. This
 // lets the caller re-arm tracking exactly for the pages it is about to copy.

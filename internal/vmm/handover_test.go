@@ -1,14 +1,18 @@
 package vmm
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/migration"
 	"github.com/godwit-vm/godwit/migration/wire"
@@ -134,5 +138,54 @@ func TestHandoverFailureLeavesSourceRunning(t *testing.T) {
 			waitHeartbeats(t, src, src.Stats().Heartbeats+50)
 			verifyClean(t, src)
 		})
+	}
+}
+
+// TestLocalizeOnRealKVM moves a writer's memory out of its memory file on shared memory into
+// memory of its own while it runs; then the file is overwritten, and the guest still verifies
+// its memory: it no longer uses the file.
+func TestLocalizeOnRealKVM(t *testing.T) {
+	requireKVM(t)
+	path := filepath.Join("/dev/shm", fmt.Sprintf("godwit-test-localize-%d", os.Getpid()))
+	defer os.Remove(path)
+	w := workload{kind: "dirty", content: "random", pattern: "random", wssMiB: 64, rate: 0}
+	params, err := testParams(128<<20, 2, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Config{Name: "localize", MemBytes: 128 << 20, VCPUs: 2, Image: guest.Image, Params: params, MemoryFile: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if err := m.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitHeartbeats(t, m, 100)
+	rep, err := m.Localize(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("localized: %+v", rep)
+	if rep.Pages < 64<<20/guest.PageSize || rep.Rounds < 1 || rep.PauseMS <= 0 || rep.From != path {
+		t.Fatalf("report %+v", rep)
+	}
+	if s := m.Stats(); s.MemoryFile != "" || s.Localized == nil {
+		t.Fatalf("stats after localize: memory file %q, localized %+v", s.MemoryFile, s.Localized)
+	}
+	// Scribble over the file: the guest must not notice.
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	junk := bytes.Repeat([]byte{0xa5}, 1<<20)
+	for off := int64(0); off < 128<<20; off += int64(len(junk)) {
+		f.WriteAt(junk, off)
+	}
+	f.Close()
+	waitHeartbeats(t, m, m.Stats().Heartbeats+100)
+	verifyClean(t, m)
+	if _, err := m.Localize(t.Context()); err == nil {
+		t.Fatal("a second localize: want an error, the memory is its own")
 	}
 }

@@ -103,7 +103,8 @@ type Machine struct {
 	done     chan struct{} // closed when every vCPU thread has ended
 	throttle atomic.Int32  // percent of time the vCPUs are held back (auto-converge)
 
-	memoryID guestmem.MemoryID // of Config.MemoryFile; zero with a memfd
+	memoryID  guestmem.MemoryID // of Config.MemoryFile; zero with a memfd
+	localized *LocalizeReport   // once Localize moved memory out of its file (under mu)
 
 	pc atomic.Pointer[demand.Pager] // demand paging while armed (destination of a post-copy)
 	// discarded is the post-copy set DiscardStale punched the stale pages of already (an

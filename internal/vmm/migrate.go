@@ -59,6 +59,8 @@ func (s MigrationSource) Describe() migration.Description {
 // SharedMemoryID is the id of the memory file guest RAM is in (Config.MemoryFile), for a
 // migration on shared memory.
 func (s MigrationSource) SharedMemoryID() ([16]byte, bool) {
+	s.M.mu.Lock()
+	defer s.M.mu.Unlock()
 	return s.M.memoryID, s.M.cfg.MemoryFile != ""
 }
 

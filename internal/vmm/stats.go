@@ -19,7 +19,12 @@ type Stats struct {
 	Workload map[string]any `json:"workload,omitempty"`
 	// ResidentBytes is the guest memory the host really holds (memfd pages that are not holes).
 	ResidentBytes uint64 `json:"resident_bytes"`
-	UptimeMS      int64  `json:"uptime_ms"`
+	// MemoryFile is the memory file on shared memory that guest memory is in ('run
+	// --memory-file'); empty for memory of the VM's own. Localized says how it moved out of
+	// one into its own memory, once it did.
+	MemoryFile string          `json:"memory_file,omitempty"`
+	Localized  *LocalizeReport `json:"localized,omitempty"`
+	UptimeMS   int64           `json:"uptime_ms"`
 	// FirstHeartbeatMS is the time from the machine's creation to the guest's first heartbeat.
 	FirstHeartbeatMS *float64 `json:"first_heartbeat_ms,omitempty"`
 	Heartbeats       uint64   `json:"heartbeats"`
@@ -72,6 +77,9 @@ func (m *Machine) Stats() Stats {
 	if failure != nil {
 		s.Error = failure.Error()
 	}
+	m.mu.Lock()
+	s.MemoryFile, s.Localized = m.cfg.MemoryFile, m.localized
+	m.mu.Unlock()
 	m.life.RLock()
 	if !m.released {
 		s.ResidentBytes, _ = m.mem.ResidentBytes()
