@@ -91,7 +91,7 @@ type MemoryFiles interface {
 }
 
 // MemoryAdopter is the Destination capability a handover needs: AdoptMemory replaces Prepare
-// and builds the VM on the given files, one per region of d's layout, each at least the
+// and builds the VM on the given files, one per region of d's layout, each exactly the
 // region's size (checked here), without writing to them: until the source has paused and the
 // destination runs, the source's guest still uses that memory. The descriptors become the
 // Destination's, also when it fails; Abort gives up the mapping and leaves the files' contents
@@ -186,7 +186,7 @@ const (
 	ModeSharedMemory = "shared-memory"
 )
 
-// memoryModes are the modes in which no page travels.
+// memoryMode reports whether no page travels in mode: the memory stays where it is.
 func memoryMode(mode string) bool { return mode == ModeHandover || mode == ModeSharedMemory }
 
 // Prepaging policies: the order of the source's background push in post-copy. Demand

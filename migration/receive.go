@@ -533,8 +533,9 @@ func (rc *receiver) newMissing() {
 	}
 }
 
-// adopt takes a handover's memory (CapHandover): the Memory frame, the files that came with
-// it, the VM built on them; then it tells the source, which pauses only then.
+// adopt takes memory that does not travel as pages: the Memory frame, then the VM built on the
+// files that came with it (CapHandover) or on this host's mapping of the memory file it names
+// (CapShared); then it tells the source, which pauses only then.
 func (rc *receiver) adopt(desc Description, ad MemoryAdopter, ft fdTaker) error {
 	rc.phase = "handover"
 	m, err := rc.link.r.Next()

@@ -60,8 +60,9 @@ type SendOptions struct {
 	Progress   func(Progress)
 	Clock      Clock // default SystemClock
 
-	// Mode is ModePrecopy (the default), ModePostcopy, ModeHybrid or ModeHandover (same host:
-	// the Source must be MemoryFiles and conn a Unix socket that passes file descriptors).
+	// Mode is ModePrecopy (the default), ModePostcopy, ModeHybrid, ModeHandover (same host:
+	// the Source must be MemoryFiles and conn a Unix socket that passes file descriptors) or
+	// ModeSharedMemory (the Source must be SharedMemory, its memory in a memory file).
 	Mode string
 	// Prepage orders the post-copy push: PrepageSequential (default), PrepageBubble,
 	// PrepageHot or PrepageNone.
