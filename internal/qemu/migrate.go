@@ -25,7 +25,8 @@ type MigrateConfig struct {
 	// destination host's address.
 	URI string
 	// MaxBandwidth caps the pre-copy stream, in bytes per second; 0 leaves QEMU's default
-	// (128 MiB/s). DowntimeLimit is the pre-copy downtime target; 0 leaves QEMU's (300 ms).
+	// (128 MiB/s). DowntimeLimit is the pre-copy downtime target; 0 leaves QEMU's (300 ms); the
+	// Postcopy mode sets it to zero (see Migrate).
 	// MaxPostcopyBandwidth caps the post-copy background stream; 0 leaves QEMU's (no cap).
 	MaxBandwidth         int64
 	DowntimeLimit        time.Duration
@@ -230,6 +231,14 @@ func Migrate(ctx context.Context, src, dst *VM, cfg MigrateConfig) (*Result, err
 	}
 	if cfg.DowntimeLimit > 0 {
 		params["downtime-limit"] = cfg.DowntimeLimit.Milliseconds()
+	}
+	if cfg.Mode == Postcopy {
+		// migrate-start-postcopy can only follow migrate, and QEMU completes in pre-copy as
+		// soon as what is left fits the downtime limit: a small, lightly written guest on a
+		// fast link can get there in its first pass before the command is seen. A limit of
+		// zero leaves QEMU nothing to complete with but the switch (the limit does not bound
+		// the post-copy switch itself).
+		params["downtime-limit"] = 0
 	}
 	if cfg.MaxPostcopyBandwidth > 0 {
 		params["max-postcopy-bandwidth"] = cfg.MaxPostcopyBandwidth
