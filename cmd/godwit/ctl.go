@@ -46,6 +46,16 @@ func printStats(s vmm.Stats) {
 	fmt.Println()
 	fmt.Printf("vcpus         %d\n", s.VCPUs)
 	fmt.Printf("memory        %s (resident %s)\n", formatBytes(s.MemBytes), formatBytes(s.ResidentBytes))
+	switch {
+	case s.MemoryFile != "" && s.Localizing:
+		fmt.Printf("memory file   %s (moving out of it into this process's memory)\n", s.MemoryFile)
+	case s.MemoryFile != "":
+		fmt.Printf("memory file   %s\n", s.MemoryFile)
+	case s.Localized != nil:
+		l := s.Localized
+		fmt.Printf("memory file   none: moved out of %s (%d pages in %d rounds and %d in a pause of %.2f ms, %.0f ms in all)\n",
+			l.From, l.Pages-l.Final, l.Rounds, l.Final, l.PauseMS, l.TotalMS)
+	}
 	if s.BalloonTarget != "" || s.BalloonBytes > 0 {
 		target := s.BalloonTarget
 		if target == "" {

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/godwit-vm/godwit/internal/version"
 	"github.com/godwit-vm/godwit/migration"
@@ -109,7 +110,8 @@ func memoryFile(t *testing.T, name string) string {
 }
 
 // TestSharedMemoryAcrossHosts moves a heavy writer whose memory is in a memory file on shared
-// memory to the other namespace host, which maps the same file: no page crosses the link, and
+// memory to the other namespace host, which maps the same file: no page crosses the link. The
+// destination (run --localize) then moves the memory into its own while the guest runs, and
 // the guest verifies its memory there. Then the refusals: a destination without the memory
 // file, and a VM whose memory is not on shared memory, fail before anything moves, and the
 // source runs on.
@@ -131,7 +133,7 @@ func TestSharedMemoryAcrossHosts(t *testing.T) {
 	src.waitHeartbeats(t, src.stats(t).Heartbeats+50)
 
 	addr := fmt.Sprintf("tcp:%s:7641", tb.Host(1).Addr())
-	dst := startVM(t, tb.Host(1), "dst", "--incoming", addr, "--memory-file", mem)
+	dst := startVM(t, tb.Host(1), "dst", "--incoming", addr, "--memory-file", mem, "--localize")
 	rep, err = migrate(t, src, addr, "--shared-memory")
 	logReport(t, "shared memory", rep)
 	if err != nil || rep.Result != "ok" || rep.Mode != migration.ModeSharedMemory || rep.Handover == nil || rep.Handover.SharedMemory == "" {
@@ -143,6 +145,15 @@ func TestSharedMemoryAcrossHosts(t *testing.T) {
 	if err := <-src.exited; err != nil {
 		t.Fatalf("source process: %v %s", err, src.stderr)
 	}
+	deadline := time.Now().Add(time.Minute)
+	s := dst.stats(t)
+	for ; s.Localized == nil && time.Now().Before(deadline); s = dst.stats(t) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if s.Localized == nil || s.MemoryFile != "" || s.Localized.Pages == 0 || s.Localized.From != mem {
+		t.Fatalf("the destination did not localize: memory file %q, localizing %v, %+v; stderr %s", s.MemoryFile, s.Localizing, s.Localized, dst.stderr)
+	}
+	t.Logf("localized: %+v", *s.Localized)
 	dst.verifyClean(t)
 
 	// A VM whose memory is not on shared memory cannot go that way.
@@ -156,7 +167,7 @@ func TestSharedMemoryAcrossHosts(t *testing.T) {
 }
 
 // TestMemoryFileRefusals: a memory file that is not on shared memory, or that exists, is
-// refused when the VM starts.
+// refused when the VM starts, and so is --localize for a VM that does not arrive in one.
 func TestMemoryFileRefusals(t *testing.T) {
 	requireKVM(t)
 	wd, _ := os.Getwd() // the source tree: a disk file system, not memory
@@ -172,5 +183,10 @@ func TestMemoryFileRefusals(t *testing.T) {
 		if err == nil || !strings.Contains(string(out), c.want) {
 			t.Errorf("run --memory-file %s: %v %s; want %q", c.path, err, out, c.want)
 		}
+	}
+	// Only a VM that arrives in a memory file can move out of it.
+	out, err := godwit("run", "--mem", "64M", "--control", filepath.Join(t.TempDir(), "vm.sock"), "--localize").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "needs --incoming and --memory-file") {
+		t.Errorf("run --localize without --incoming: %v %s", err, out)
 	}
 }

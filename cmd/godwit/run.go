@@ -47,6 +47,7 @@ type RunCmd struct {
 	Balloon       string `default:"0" placeholder:"SIZE|auto[:SHARE]" help:"churn: self-ballooning from the start: keep SIZE of free guest memory in the guest's balloon, or with auto a SHARE (0..1, default 0.9) of whatever is free as it comes and goes; the VMM releases ballooned memory to the host, and no migration sends it. 0 = none. Change it later with 'godwit balloon'. Default ${default}."`
 	DirtyTracking string `name:"dirty-tracking" enum:"auto,ring,bitmap" default:"auto" help:"How a migration away from this VM learns of the pages the guest writes: ring, KVM's dirty ring (its cost follows the pages written), or bitmap, KVM's dirty bitmap (its cost follows the memory's size, written or not); auto takes the ring where KVM offers it. The migration report says which (${enum})."`
 	MemoryFile    string `name:"memory-file" placeholder:"PATH" help:"Put guest memory in this file on shared memory (tmpfs such as /dev/shm, hugetlbfs, or a DAX device) instead of anonymous memory: another host that maps the same memory can take the VM over with 'migrate --shared-memory', which copies no page. The file must not exist; it holds the memory and a label page that names it. With --incoming: the memory file of the VM to come, as this host sees it (the source's, for --shared-memory; else a new one). The file stays when the VM ends."`
+	Localize      bool   `help:"With --incoming and --memory-file: once the migration is over, move guest memory out of the memory file into memory of this process while the guest runs (copy rounds with the dirty log on, then a pause of a millisecond or two for the last pages), as a VM that arrived on a shared memory pool moves into the host's own memory. Stats show it; migrating the VM on waits until it is done. The memory file stays, for its owner to remove."`
 	WorkloadFlags
 }
 
@@ -78,6 +79,9 @@ func (c *RunCmd) workloadDescription() map[string]any {
 }
 
 func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
+	if c.Localize && (c.Incoming == "" || c.MemoryFile == "") {
+		return errors.New("--localize moves the memory of a VM that arrives in a memory file: it needs --incoming and --memory-file")
+	}
 	if c.Incoming != "" {
 		return c.runIncoming(g, ctx)
 	}
@@ -181,8 +185,12 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	defer m.Close()
 	p.mu.Lock()
 	p.inReport = rep
+	p.localizing = c.Localize // before the machine shows: no migration away may start first
 	p.mu.Unlock()
 	p.setMachine(m)
+	if c.Localize {
+		go p.localize(ctx, m)
+	}
 	return p.run(ctx, m)
 }
 

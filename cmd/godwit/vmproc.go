@@ -34,6 +34,10 @@ type vmProcess struct {
 	arrive   bool                // the machine runs but its incoming migration is not over
 	inReport *migration.Report   // the migration that brought the machine here
 	out      *outgoing.Migration // the outgoing migration in flight, or stranded after the switch
+	// localizing: the machine moves its memory out of its memory file ('run --localize');
+	// localized is closed when that is over.
+	localizing bool
+	localized  chan struct{}
 
 	quit     chan vmm.VerifyReport  // the guest verified and exited on request
 	migrated chan *migration.Report // the machine moved away
@@ -44,7 +48,7 @@ func newVMProcess(g *Globals, name, path string) (*vmProcess, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &vmProcess{g: g, name: name, srv: srv, quit: make(chan vmm.VerifyReport, 1), migrated: make(chan *migration.Report, 1)}
+	p := &vmProcess{g: g, name: name, srv: srv, quit: make(chan vmm.VerifyReport, 1), migrated: make(chan *migration.Report, 1), localized: make(chan struct{})}
 	p.register()
 	go srv.Serve()
 	return p, nil
@@ -87,6 +91,36 @@ func (p *vmProcess) stillArriving(what string) error {
 	return nil
 }
 
+// localize moves m's memory out of its memory file (run --localize) and says how that went;
+// a failure leaves the VM running on the file.
+func (p *vmProcess) localize(ctx context.Context, m *vmm.Machine) {
+	defer close(p.localized)
+	rep, err := m.Localize(ctx)
+	p.mu.Lock()
+	p.localizing = false
+	p.mu.Unlock()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "godwit: VM %q: localize failed, the VM runs on in its memory file %s: %v\n", p.name, rep.From, err)
+		return
+	}
+	fmt.Fprintf(os.Stderr, "godwit: VM %q: memory moved out of %s into this process: %d pages in %d rounds and %d in a pause of %.2f ms, %.0f ms in all\n",
+		p.name, rep.From, rep.Pages-rep.Final, rep.Rounds, rep.Final, rep.PauseMS, rep.TotalMS)
+}
+
+// busyLocalizing refuses what must wait until the memory is out of its memory file.
+func (p *vmProcess) busyLocalizing(what string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.busyLocalizingLocked(what)
+}
+
+func (p *vmProcess) busyLocalizingLocked(what string) error {
+	if p.localizing {
+		return conflict(fmt.Errorf("VM %q is moving its memory out of its memory file (--localize): %s must wait until it is done (see stats)", p.name, what))
+	}
+	return nil
+}
+
 // run waits until the guest exits, fails, is told to quit, migrates away, or the process is
 // interrupted (then the guest verifies and exits) and prints the summary.
 func (p *vmProcess) run(ctx context.Context, m *vmm.Machine) error {
@@ -116,6 +150,12 @@ func (p *vmProcess) run(ctx context.Context, m *vmm.Machine) error {
 		if err := p.holding(); err != nil {
 			// The guest cannot verify here: it runs at the destination.
 			return p.finish(m, nil, fmt.Errorf("interrupted: %w; its memory here is discarded", err))
+		}
+		p.mu.Lock()
+		localizing := p.localizing
+		p.mu.Unlock()
+		if localizing {
+			<-p.localized // ctx ends it too, at its next round or after its pause
 		}
 		qctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		r, err := m.Quit(qctx)
@@ -218,6 +258,9 @@ func (p *vmProcess) register() {
 		return r, conflict(err)
 	}))
 	srv.Handle(http.MethodPost, "/v1/pause", withMachine(func(_ context.Context, m *vmm.Machine, _ []byte) (any, error) {
+		if err := p.busyLocalizing("a pause"); err != nil {
+			return nil, err
+		}
 		return nil, conflict(m.Pause())
 	}))
 	srv.Handle(http.MethodPost, "/v1/balloon", withMachine(func(_ context.Context, m *vmm.Machine, body []byte) (any, error) {
@@ -231,10 +274,16 @@ func (p *vmProcess) register() {
 		return b, nil
 	}))
 	srv.Handle(http.MethodPost, "/v1/resume", withMachine(func(_ context.Context, m *vmm.Machine, _ []byte) (any, error) {
+		if err := p.busyLocalizing("a resume"); err != nil {
+			return nil, err
+		}
 		return nil, conflict(m.Resume())
 	}))
 	srv.Handle(http.MethodPost, "/v1/quit", withMachine(func(ctx context.Context, m *vmm.Machine, _ []byte) (any, error) {
 		if err := p.stillArriving("quit"); err != nil {
+			return nil, err
+		}
+		if err := p.busyLocalizing("quit"); err != nil {
 			return nil, err
 		}
 		r, err := m.Quit(ctx)
@@ -396,6 +445,10 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		Start:      start,
 	}
 	p.mu.Lock()
+	if err := p.busyLocalizingLocked("migrating it on"); err != nil {
+		p.mu.Unlock()
+		return nil, err
+	}
 	if old := p.out; old != nil {
 		p.mu.Unlock()
 		if old.State().Switched() {

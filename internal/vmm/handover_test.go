@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -162,6 +163,20 @@ func TestLocalizeOnRealKVM(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitHeartbeats(t, m, 100)
+	// A migration's dirty log and Localize exclude each other.
+	src := MigrationSource{M: m}
+	if err := src.StartDirtyLog(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Localize(t.Context()); err == nil || !strings.Contains(err.Error(), "a migration uses the dirty log") {
+		t.Fatalf("localize during a migration: %v", err)
+	}
+	if err := src.StartDirtyLog(); err == nil {
+		t.Fatal("a second user of the dirty log: want an error")
+	}
+	if err := src.StopDirtyLog(); err != nil {
+		t.Fatal(err)
+	}
 	rep, err := m.Localize(t.Context())
 	if err != nil {
 		t.Fatal(err)

@@ -103,8 +103,9 @@ type Machine struct {
 	done     chan struct{} // closed when every vCPU thread has ended
 	throttle atomic.Int32  // percent of time the vCPUs are held back (auto-converge)
 
-	memoryID  guestmem.MemoryID // of Config.MemoryFile; zero with a memfd
-	localized *LocalizeReport   // once Localize moved memory out of its file (under mu)
+	memoryID   guestmem.MemoryID // of Config.MemoryFile; zero with a memfd
+	localized  *LocalizeReport   // once Localize moved memory out of its file (under mu)
+	localizing bool              // while Localize runs (under mu)
 
 	pc atomic.Pointer[demand.Pager] // demand paging while armed (destination of a post-copy)
 	// discarded is the post-copy set DiscardStale punched the stale pages of already (an

@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"sync"
@@ -81,6 +82,14 @@ func (s MigrationSource) StartDirtyLog() error {
 	m := s.M
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.logDirty {
+		// One user at a time: the log's rounds are its own (a second migration, or
+		// Localize, would take pages the first never sees).
+		if m.localizing {
+			return errors.New("vmm: the VM is moving its memory out of its memory file (localize); try again when it is done")
+		}
+		return errors.New("vmm: the dirty log is on already: another migration uses it")
+	}
 	if m.ring != nil {
 		if err := m.startRing(); err != nil {
 			return err

@@ -21,8 +21,9 @@ type Stats struct {
 	ResidentBytes uint64 `json:"resident_bytes"`
 	// MemoryFile is the memory file on shared memory that guest memory is in ('run
 	// --memory-file'); empty for memory of the VM's own. Localized says how it moved out of
-	// one into its own memory, once it did.
+	// one into its own memory, once it did; Localizing is true while it moves.
 	MemoryFile string          `json:"memory_file,omitempty"`
+	Localizing bool            `json:"localizing,omitempty"`
 	Localized  *LocalizeReport `json:"localized,omitempty"`
 	UptimeMS   int64           `json:"uptime_ms"`
 	// FirstHeartbeatMS is the time from the machine's creation to the guest's first heartbeat.
@@ -78,7 +79,7 @@ func (m *Machine) Stats() Stats {
 		s.Error = failure.Error()
 	}
 	m.mu.Lock()
-	s.MemoryFile, s.Localized = m.cfg.MemoryFile, m.localized
+	s.MemoryFile, s.Localizing, s.Localized = m.cfg.MemoryFile, m.localizing, m.localized
 	m.mu.Unlock()
 	m.life.RLock()
 	if !m.released {
