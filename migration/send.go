@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"runtime"
 	"slices"
 	"sync"
@@ -235,9 +234,7 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 		if _, ok := src.(MemoryFiles); !ok {
 			return bad(fmt.Errorf("%w: the source VM cannot hand its memory over (%T has no memory files)", ErrNoHandover, src))
 		}
-		if _, ok := conn.(interface {
-			WriteMsgUnix(b, oob []byte, addr *net.UnixAddr) (int, int, error)
-		}); !ok {
+		if !wire.PassesFDs(conn) {
 			return bad(fmt.Errorf("%w: the connection (%T) cannot pass file descriptors; a handover needs a Unix socket to a process on this host", ErrNoHandover, conn))
 		}
 		if opts.ResumeID != "" || opts.Streams > 1 {

@@ -5,6 +5,8 @@
 //	godwit verify   make the guest re-check its memory
 //	godwit pause | resume | quit
 //	godwit migrate  live-migrate a VM to another host
+//	godwit bench    the scenario suite against QEMU
+//	godwit cert     a test CA and host certificates for mutual TLS
 //
 // Every command takes --json for scripts; its JSON objects carry "godwit_version". godwit with no
 // command prints its help on standard error and exits with status 2, as for any other usage
@@ -45,6 +47,7 @@ type CLI struct {
 	Quit    QuitCmd    `cmd:"" help:"Make the guest verify its memory and exit, ending the VM process."`
 	Migrate MigrateCmd `cmd:"" help:"Live-migrate a running VM to a 'godwit run --incoming' on another host (pre-copy, post-copy or hybrid)."`
 	Bench   BenchCmd   `cmd:"" help:"Run the migration scenario suite on godwit and on QEMU (the baseline); write results, a report and plots."`
+	Cert    CertCmd    `cmd:"" help:"Make a test CA and host certificates for mutual TLS between hosts."`
 }
 
 // exitError carries a process exit status with an already printed message.

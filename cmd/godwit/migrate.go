@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -47,6 +48,7 @@ type MigrateCmd struct {
 	DeltaCache    Size          `name:"delta-cache" default:"64M" placeholder:"SIZE" help:"--delta: the source's cache of pages sent (a page that is not in it goes whole). Default ${default}."`
 	FreePages     string        `name:"free-pages" enum:"on,off" default:"on" help:"on: a guest that reports its free pages (workload churn) has none of them sent (pre-copy skips them and drops them from later rounds; post-copy never fetches them: they read as zero at the destination); off: send them like any other page, to compare. The report says whether the guest reported (${enum}). Default ${default}."`
 	Timeout       time.Duration `default:"0" placeholder:"DURATION" help:"Give up after this long; 0 = no limit. Before a switch to post-copy the VM keeps running here; after it, the VM stays paused here with its memory, since it ran at the destination (see the README on recovery)."`
+	TLSFlags
 }
 
 // validate checks the flags for contradictions. set tells whether a flag was given on the
@@ -54,6 +56,13 @@ type MigrateCmd struct {
 func (c *MigrateCmd) validate(set func(string) bool) error {
 	if _, err := transport.Parse(c.To); err != nil {
 		return fmt.Errorf("--to: %w", err)
+	}
+	addr, _ := transport.Parse(c.To)
+	if err := c.TLSFlags.check(addr); err != nil {
+		return err
+	}
+	if err := c.TLSFlags.absolute(); err != nil {
+		return err
 	}
 	if c.Resume {
 		var extra []string
@@ -67,9 +76,11 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 		if len(extra) > 0 {
 			return fmt.Errorf("--resume continues the interrupted migration with the options it started with; it takes only --to, not %s", strings.Join(extra, ", "))
 		}
+		if c.TLSFlags.given() {
+			return errors.New("--resume keeps the migration's mutual TLS: it takes no --tls-* flag")
+		}
 		return nil
 	}
-	addr, _ := transport.Parse(c.To)
 	if c.SharedMemory {
 		if c.Mode != "" && c.Mode != migration.ModeSharedMemory {
 			return fmt.Errorf("--shared-memory is --mode shared-memory, not --mode %s", c.Mode)
@@ -228,6 +239,7 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 		return err
 	}
 	req := MigrateRequest{To: c.To, Resume: c.Resume}
+	req.TLSCA, req.TLSCert, req.TLSKey, req.TLSPeers = c.TLSCA, c.TLSCert, c.TLSKey, c.TLSPeers
 	if !c.Resume {
 		req.DowntimeLimitMS = c.DowntimeLimit.Milliseconds()
 		req.MaxBandwidth = int64(c.MaxBandwidth)

@@ -47,6 +47,7 @@ type RunCmd struct {
 	Balloon       string `default:"0" placeholder:"SIZE|auto[:SHARE]" help:"churn: self-ballooning from the start: keep SIZE of free guest memory in the guest's balloon, or with auto a SHARE (0..1, default 0.9) of whatever is free as it comes and goes; the VMM releases ballooned memory to the host, and no migration sends it. 0 = none. Change it later with 'godwit balloon'. Default ${default}."`
 	DirtyTracking string `name:"dirty-tracking" enum:"auto,ring,bitmap" default:"auto" help:"How a migration away from this VM learns of the pages the guest writes: ring, KVM's dirty ring (its cost follows the pages written), or bitmap, KVM's dirty bitmap (its cost follows the memory's size, written or not); auto takes the ring where KVM offers it. The migration report says which (${enum})."`
 	MemoryFile    string `name:"memory-file" placeholder:"PATH" help:"Put guest memory in this file on shared memory (tmpfs such as /dev/shm, hugetlbfs, or a DAX device) instead of anonymous memory: another host that maps the same memory can take the VM over with 'migrate --shared-memory', which copies no page. The file must not exist; it holds the memory and a label page that names it. With --incoming: the memory file of the VM to come, as this host sees it (the source's, for --shared-memory; else a new one). The file stays when the VM ends."`
+	TLSFlags
 	Localize      bool   `help:"With --incoming and --memory-file: once the migration is over, move guest memory out of the memory file into memory of this process while the guest runs (copy rounds with the dirty log on, then a pause of a millisecond or two for the last pages), as a VM that arrived on a shared memory pool moves into the host's own memory. Stats show it; migrating the VM on waits until it is done. The memory file stays, for its owner to remove."`
 	WorkloadFlags
 }
@@ -79,6 +80,9 @@ func (c *RunCmd) workloadDescription() map[string]any {
 }
 
 func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
+	if c.TLSFlags.given() && c.Incoming == "" {
+		return errors.New("--tls-* secure an incoming migration: they need --incoming (for a migration away, give them to 'godwit migrate')")
+	}
 	if c.Localize && (c.Incoming == "" || c.MemoryFile == "") {
 		return errors.New("--localize moves the memory of a VM that arrives in a memory file: it needs --incoming and --memory-file")
 	}
@@ -129,6 +133,17 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	}
 	if c.LinkTimeout <= 0 {
 		return fmt.Errorf("--link-timeout %v: want a positive duration", c.LinkTimeout)
+	}
+	if err := c.TLSFlags.check(addr); err != nil {
+		return fmt.Errorf("--incoming: %w", err)
+	}
+	if addr.Security, err = c.TLSFlags.security(); err != nil {
+		return fmt.Errorf("--incoming: %w", err)
+	}
+	if addr.Security != nil {
+		addr.Security.Refused = func(from net.Addr, err error) {
+			fmt.Fprintf(os.Stderr, "godwit: VM %q: refused a connection from %s: %v\n", c.Name, from, err)
+		}
 	}
 	p, err := newVMProcess(g, c.Name, c.controlPath())
 	if err != nil {

@@ -355,8 +355,14 @@ type MigrateRequest struct {
 	Delta             bool   `json:"delta,omitempty"`               // precopy, hybrid: pages that changed little as deltas
 	DeltaCacheBytes   uint64 `json:"delta_cache_bytes,omitempty"`   // the source's cache for them; 0 = default
 	Dedup             bool   `json:"dedup,omitempty"`               // precopy, hybrid: pages identical to one sent before as references
+	// Mutual TLS on every connection (files on this host; tcp: only): all three files, or
+	// none for plain TCP.
+	TLSCA    string   `json:"tls_ca,omitempty"`
+	TLSCert  string   `json:"tls_cert,omitempty"`
+	TLSKey   string   `json:"tls_key,omitempty"`
+	TLSPeers []string `json:"tls_peers,omitempty"` // names the destination's certificate must hold one of; default: the host dialled
 	// Resume finishes the interrupted post-copy migration of this VM at To; every other field
-	// is ignored (the migration keeps its options).
+	// is ignored (the migration keeps its options, its TLS too).
 	Resume bool `json:"resume,omitempty"`
 }
 
@@ -373,6 +379,13 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	addr, err := transport.Parse(req.To)
 	if err != nil {
 		return nil, badRequest(fmt.Errorf("migrate: --to: %w", err))
+	}
+	tf := TLSFlags{TLSCA: req.TLSCA, TLSCert: req.TLSCert, TLSKey: req.TLSKey, TLSPeers: req.TLSPeers}
+	if err := tf.check(addr); err != nil {
+		return nil, badRequest(fmt.Errorf("migrate: %w", err))
+	}
+	if addr.Security, err = tf.security(); err != nil {
+		return nil, badRequest(fmt.Errorf("migrate: %w", err))
 	}
 	if req.Resume {
 		return p.resumeOut(ctx, addr, emit)
@@ -516,6 +529,9 @@ func (p *vmProcess) resumeOut(ctx context.Context, addr transport.Address, emit 
 	p.mu.Unlock()
 	if o == nil {
 		return nil, conflict(fmt.Errorf("migrate --resume: VM %q has no interrupted migration to resume", p.name))
+	}
+	if addr.Security == nil {
+		addr.Security = o.Address().Security // the new address is the same destination's
 	}
 	if err := o.Resume(ctx, addr); err != nil {
 		err = fmt.Errorf("migrate --resume: VM %q: %w", p.name, err)

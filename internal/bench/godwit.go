@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/godwit-vm/godwit/internal/certs"
 	"github.com/godwit-vm/godwit/internal/control"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
@@ -200,6 +202,19 @@ func (e *runEnv) godwit(ctx context.Context) error {
 		srcArgs = append(srcArgs, "--memory-file", mem)
 		dstArgs = append(dstArgs, "--memory-file", mem)
 	}
+	var migrateTLS []string
+	if s.TLS {
+		dir, err := os.MkdirTemp(e.cfg.WorkDir, "godwit-bench-tls-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		src, dst, err := e.tlsFlags(dir)
+		if err != nil {
+			return err
+		}
+		dstArgs, migrateTLS = append(dstArgs, dst...), src
+	}
 	src, err := e.startGodwit(0, "src", srcArgs...)
 	if err != nil {
 		return err
@@ -245,6 +260,7 @@ func (e *runEnv) godwit(ctx context.Context) error {
 
 	e.phase("migrating")
 	args := append([]string{"migrate", "--json", "--control", src.sock, "--to", to}, godwitMigrateArgs(s, e.cfg.Timeout)...)
+	args = append(args, migrateTLS...)
 	cmd := exec.CommandContext(ctx, e.cfg.Godwit, args...)
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
@@ -375,4 +391,22 @@ func (p *prefixed) Write(b []byte) (int, error) {
 		}
 	}
 	return len(b), nil
+}
+
+// tlsFlags makes a test CA and certificates for the two hosts in dir, and returns the flags
+// of each side: each accepts only the other.
+func (e *runEnv) tlsFlags(dir string) (src, dst []string, err error) {
+	hosts := []certs.Host{
+		{Name: "bench-src", IPs: []net.IP{e.tb.Host(0).Addr().AsSlice()}},
+		{Name: "bench-dst", IPs: []net.IP{e.tb.Host(1).Addr().AsSlice()}},
+	}
+	if _, err := certs.WriteDir(dir, hosts); err != nil {
+		return nil, nil, err
+	}
+	caCert, _ := certs.Files(dir, certs.CAName)
+	flags := func(me, peer string) []string {
+		c, k := certs.Files(dir, me)
+		return []string{"--tls-ca", caCert, "--tls-cert", c, "--tls-key", k, "--tls-peer", peer}
+	}
+	return flags("bench-src", "bench-dst"), flags("bench-dst", "bench-src"), nil
 }

@@ -94,6 +94,10 @@ type Scenario struct {
 	Delta bool `json:"delta,omitempty"`
 	// Dedup is godwit's --dedup. QEMU has no counterpart (it finds zero pages only).
 	Dedup bool `json:"dedup,omitempty"`
+	// TLS puts godwit's migration on mutual TLS (run --incoming and migrate with --tls-*,
+	// certificates from a test CA made for the run). QEMU's run is skipped: its TLS
+	// (tls-creds-x509) is not set up here.
+	TLS bool `json:"tls,omitempty"`
 	// Balloon is godwit's 'run --balloon' for a churn guest (a size or auto[:SHARE]; empty:
 	// none). QEMU's guest has no balloon.
 	Balloon string `json:"balloon,omitempty"`
@@ -189,6 +193,9 @@ func (s Scenario) Options() string {
 	}
 	if s.Dedup {
 		o += ", godwit --dedup (QEMU: none)"
+	}
+	if s.TLS {
+		o += ", mutual TLS (godwit only)"
 	}
 	if s.Balloon != "" {
 		o += ", godwit balloon " + s.Balloon + " (QEMU: none)"
@@ -349,6 +356,8 @@ func parseScenario(f []string) (Scenario, error) {
 			s.Delta, err = strconv.ParseBool(v)
 		case "dedup":
 			s.Dedup, err = strconv.ParseBool(v)
+		case "tls":
+			s.TLS, err = strconv.ParseBool(v)
 		case "free-pages":
 			s.FreePages, err = oneOf(v, "on", "off")
 		case "balloon":
@@ -357,7 +366,7 @@ func parseScenario(f []string) (Scenario, error) {
 		case "suites":
 			s.Suites = strings.Split(v, ",")
 			for _, x := range s.Suites {
-				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages", "delta", "dedup", "handover"); err != nil {
+				if _, err = oneOf(x, "default", "quick", "streams", "downtime", "compress", "freepages", "delta", "dedup", "handover", "tls"); err != nil {
 					break
 				}
 			}
@@ -396,6 +405,9 @@ func parseScenario(f []string) (Scenario, error) {
 	}
 	if s.MemBytes < guest.MinMemory || s.MemBytes > guest.MaxMemory {
 		return s, fmt.Errorf("%s: memory %d bytes: want %d MiB to %d GiB", s.Name, s.MemBytes, guest.MinMemory>>20, guest.MaxMemory>>30)
+	}
+	if s.TLS && s.Hosts == HostsSame {
+		return s, fmt.Errorf("%s: tls=true secures a migration between hosts: hosts=same cannot be", s.Name)
 	}
 	if memoryShared(s.Technique) && (s.Streams > 1 || s.Delta || s.Dedup || (s.Compress != "" && s.Compress != "none")) {
 		return s, fmt.Errorf("%s: technique=%s copies no pages: streams, compress, delta and dedup do not apply", s.Name, s.Technique)

@@ -1,5 +1,6 @@
 // Package transport names where a migration connects and makes its connections: TCP between
-// hosts, Unix sockets within one, which also pass file descriptors (a memory handover). Every
+// hosts (plain, or with mutual TLS: see Security), Unix sockets within one, which also pass
+// file descriptors (a memory handover). Every
 // connection of a migration (the main one, extra page streams, a fault channel, a reconnection)
 // is made from the same Address, so that they all reach the same listener.
 //
@@ -31,6 +32,9 @@ const DialTimeout = 10 * time.Second
 type Address struct {
 	Network string // TCP or Unix
 	Addr    string // HOST:PORT, or the socket's path
+	// Security, if set, puts mutual TLS on every TCP connection dialled to or accepted on the
+	// address.
+	Security *Security
 }
 
 // Parse reads tcp:HOST:PORT, HOST:PORT (TCP) or unix:PATH.
@@ -39,7 +43,7 @@ func Parse(s string) (Address, error) {
 		if p == "" {
 			return Address{}, fmt.Errorf("%q: want unix:PATH with a path", s)
 		}
-		return Address{Unix, p}, nil
+		return Address{Network: Unix, Addr: p}, nil
 	}
 	a := strings.TrimPrefix(s, "tcp:")
 	if a == s && strings.Contains(s, "://") {
@@ -49,7 +53,7 @@ func Parse(s string) (Address, error) {
 	if err != nil || port == "" {
 		return Address{}, fmt.Errorf("%q: want tcp:HOST:PORT or unix:PATH", s)
 	}
-	return Address{TCP, net.JoinHostPort(host, port)}, nil
+	return Address{Network: TCP, Addr: net.JoinHostPort(host, port)}, nil
 }
 
 func (a Address) String() string { return a.Network + ":" + a.Addr }
@@ -58,27 +62,48 @@ func (a Address) String() string { return a.Network + ":" + a.Addr }
 func (a Address) Dial(ctx context.Context) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, DialTimeout)
 	defer cancel()
+	if err := a.checkSecurity(); err != nil {
+		return nil, err
+	}
 	var d net.Dialer
 	c, err := d.DialContext(ctx, a.Network, a.Addr)
 	if err != nil {
 		return nil, err
 	}
+	if a.Security != nil {
+		return a.Security.dial(ctx, c, a.Addr)
+	}
 	return wrap(c), nil
+}
+
+func (a Address) checkSecurity() error {
+	if a.Security != nil && a.Network != TCP {
+		return fmt.Errorf("transport: %s: TLS is for connections between hosts (tcp:), not %s", a, a.Network)
+	}
+	return nil
 }
 
 // Listen listens on a. A Unix socket's path is taken over if a stale socket file is there
 // (no listener answers it), and refused if anything else is.
 func (a Address) Listen() (net.Listener, error) {
+	if err := a.checkSecurity(); err != nil {
+		return nil, err
+	}
 	if a.Network == Unix {
 		if err := removeStale(a.Addr); err != nil {
 			return nil, err
 		}
 	}
 	ln, err := net.Listen(a.Network, a.Addr)
-	if err != nil || a.Network != Unix {
-		return ln, err
+	switch {
+	case err != nil:
+		return nil, err
+	case a.Security != nil:
+		return a.Security.listen(ln), nil
+	case a.Network == Unix:
+		return fileListener{ln}, nil
 	}
-	return fileListener{ln}, nil
+	return ln, nil
 }
 
 // fileListener accepts Unix connections as *FileConn.

@@ -13,10 +13,10 @@ import (
 
 func TestParse(t *testing.T) {
 	for in, want := range map[string]Address{
-		"tcp:10.0.0.2:7000":  {TCP, "10.0.0.2:7000"},
-		"10.0.0.2:7000":      {TCP, "10.0.0.2:7000"},
-		"tcp:[fe80::1]:7000": {TCP, "[fe80::1]:7000"},
-		"unix:/run/vm.sock":  {Unix, "/run/vm.sock"},
+		"tcp:10.0.0.2:7000":  {TCP, "10.0.0.2:7000", nil},
+		"10.0.0.2:7000":      {TCP, "10.0.0.2:7000", nil},
+		"tcp:[fe80::1]:7000": {TCP, "[fe80::1]:7000", nil},
+		"unix:/run/vm.sock":  {Unix, "/run/vm.sock", nil},
 	} {
 		got, err := Parse(in)
 		if err != nil || got != want {
@@ -72,7 +72,7 @@ func TestUnixListenDial(t *testing.T) {
 	}
 	file := filepath.Join(t.TempDir(), "file")
 	os.WriteFile(file, nil, 0o600)
-	if _, err := (Address{Unix, file}).Listen(); err == nil || !strings.Contains(err.Error(), "not a socket") {
+	if _, err := (Address{Network: Unix, Addr: file}).Listen(); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Fatalf("listen on a plain file: %v", err)
 	}
 }

@@ -2,7 +2,6 @@ package vmm
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -24,37 +23,8 @@ import (
 func handoverTo(t *testing.T, src migration.Source, dst migration.Destination, opts migration.SendOptions) (srep, drep *migration.Report, serr, derr error) {
 	t.Helper()
 	addr, _ := transport.Parse("unix:" + filepath.Join(t.TempDir(), "handover.sock"))
-	ln, err := addr.Listen()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	type result struct {
-		rep *migration.Report
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		defer c.Close()
-		rep, err := migration.Receive(ctx, dst, c, migration.ReceiveOptions{})
-		done <- result{rep, err}
-	}()
-	c, err := addr.Dial(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
 	opts.Mode = migration.ModeHandover
-	srep, serr = migration.Send(ctx, src, c, opts)
-	c.Close()
-	r := <-done
-	return srep, r.rep, serr, r.err
+	return migrateVia(t, addr, src, dst, opts, time.Minute)
 }
 
 // inode is the identity of the file behind fd.

@@ -4,13 +4,13 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/kvm"
+	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/migration"
 )
 
@@ -30,14 +30,29 @@ func (copyingSource) ViewPages(int, uint64, uint64) []byte { return nil }
 // migrateFrom is migrateLocal from any source built on a machine.
 func migrateFrom(t testing.TB, src migration.Source, opts migration.SendOptions) (*Machine, *migration.Report, *migration.Report) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, _ := transport.Parse("tcp:127.0.0.1:0")
+	dst := &MigrationDestination{Template: Config{Name: "dst"}}
+	srep, drep, serr, derr := migrateVia(t, addr, src, dst, opts, 3*time.Minute)
+	if serr != nil || derr != nil {
+		t.Fatalf("migration failed: send %v, receive %v", serr, derr)
+	}
+	t.Cleanup(func() { dst.M.Close() })
+	return dst.M, srep, drep
+}
+
+// migrateVia runs one migration of src into dst over a listener on addr (made by package
+// transport, as 'godwit run --incoming' makes it; extra page streams come to it too) and
+// returns both sides' reports and errors.
+func migrateVia(t testing.TB, addr transport.Address, src migration.Source, dst migration.Destination, opts migration.SendOptions, timeout time.Duration) (srep, drep *migration.Report, serr, derr error) {
+	t.Helper()
+	ln, err := addr.Listen()
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	addr, _ = transport.Parse(ln.Addr().Network() + ":" + ln.Addr().String()) // the port it got
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	dst := &MigrationDestination{Template: Config{Name: "dst"}}
 	type result struct {
 		rep *migration.Report
 		err error
@@ -53,22 +68,15 @@ func migrateFrom(t testing.TB, src migration.Source, opts migration.SendOptions)
 		rep, err := migration.Receive(ctx, dst, c, migration.ReceiveOptions{AcceptStream: func(context.Context) (io.ReadWriter, error) { return ln.Accept() }})
 		done <- result{rep, err}
 	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
+	c, err := addr.Dial(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts.DialStream = func(ctx context.Context) (io.ReadWriter, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "tcp", ln.Addr().String())
-	}
-	srep, serr := migration.Send(ctx, src, c, opts)
+	opts.DialStream = func(ctx context.Context) (io.ReadWriter, error) { return addr.Dial(ctx) }
+	srep, serr = migration.Send(ctx, src, c, opts)
 	c.Close()
 	r := <-done
-	if serr != nil || r.err != nil {
-		t.Fatalf("migration failed: send %v, receive %v", serr, r.err)
-	}
-	t.Cleanup(func() { dst.M.Close() })
-	return dst.M, srep, r.rep
+	return srep, r.rep, serr, r.err
 }
 
 // TestPrecopyMigrationOnRealKVM migrates idle and writing guests with each kind of dirty

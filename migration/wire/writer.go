@@ -270,6 +270,12 @@ type unixWriter interface {
 	WriteMsgUnix(b, oob []byte, addr *net.UnixAddr) (n, oobn int, err error)
 }
 
+// PassesFDs says whether WriteMemory can pass file descriptors over w (a handover needs that).
+func PassesFDs(w io.Writer) bool {
+	_, ok := w.(unixWriter)
+	return ok
+}
+
 // WriteMemory hands guest memory over: under CapHandover the Memory frame with fds (one per
 // region, in order) passed beside its bytes as SCM_RIGHTS in the same sendmsg, so that they
 // arrive with the frame's first byte (it needs a Unix socket; the fds stay the caller's);
