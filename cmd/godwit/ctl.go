@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -13,12 +15,28 @@ import (
 	"github.com/godwit-vm/godwit/internal/vmm"
 )
 
-// ControlFlag names a VM by its control socket.
+// ControlFlag names a VM: by its control socket, or under an agent by its name.
 type ControlFlag struct {
-	Control string `required:"" placeholder:"PATH" help:"The VM's control socket (as given to 'godwit run --control')."`
+	Control string `placeholder:"PATH" help:"The VM's control socket (as given to 'godwit run --control')."`
+	VM      string `name:"vm" placeholder:"NAME" help:"With --agent: the agent's VM of this name."`
 }
 
-func (c ControlFlag) client() *control.Client { return control.Dial(c.Control) }
+func (c ControlFlag) client(g *Globals) (*control.Client, error) {
+	switch {
+	case g.Agent != "" && c.Control != "":
+		return nil, errors.New("--agent names a VM with --vm NAME, not --control")
+	case g.Agent != "":
+		if c.VM == "" {
+			return nil, errors.New("--agent: which VM? give --vm NAME ('godwit --agent SOCK ps' lists them)")
+		}
+		return control.Dial(g.Agent).Under("/v1/vms/" + url.PathEscape(c.VM)), nil
+	case c.VM != "":
+		return nil, errors.New("--vm NAME names a VM of an agent: give --agent SOCK too, or --control PATH")
+	case c.Control == "":
+		return nil, errors.New("which VM? give --control PATH (its control socket), or --agent SOCK and --vm NAME")
+	}
+	return control.Dial(c.Control), nil
+}
 
 // StatsCmd is 'godwit stats'.
 type StatsCmd struct {
@@ -26,8 +44,12 @@ type StatsCmd struct {
 }
 
 func (c *StatsCmd) Run(g *Globals, ctx context.Context) error {
+	cl, err := c.client(g)
+	if err != nil {
+		return err
+	}
 	var s vmm.Stats
-	if err := c.client().Call(ctx, http.MethodGet, "/v1/stats", nil, &s); err != nil {
+	if err := cl.Call(ctx, http.MethodGet, "/v1/stats", nil, &s); err != nil {
 		return err
 	}
 	if g.JSON {
@@ -103,8 +125,12 @@ type VerifyCmd struct {
 func (c *VerifyCmd) Run(g *Globals, ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
 	defer cancel()
+	cl, err := c.client(g)
+	if err != nil {
+		return err
+	}
 	var r vmm.VerifyReport
-	if err := c.client().Call(ctx, http.MethodPost, "/v1/verify", nil, &r); err != nil {
+	if err := cl.Call(ctx, http.MethodPost, "/v1/verify", nil, &r); err != nil {
 		return err
 	}
 	return reportVerify(g, r)
@@ -135,14 +161,22 @@ func printVerify(w *os.File, r vmm.VerifyReport) {
 type PauseCmd struct{ ControlFlag }
 
 func (c *PauseCmd) Run(g *Globals, ctx context.Context) error {
-	return simpleCall(g, ctx, c.client(), "/v1/pause", "paused")
+	cl, err := c.client(g)
+	if err != nil {
+		return err
+	}
+	return simpleCall(g, ctx, cl, "/v1/pause", "paused")
 }
 
 // ResumeCmd is 'godwit resume'.
 type ResumeCmd struct{ ControlFlag }
 
 func (c *ResumeCmd) Run(g *Globals, ctx context.Context) error {
-	return simpleCall(g, ctx, c.client(), "/v1/resume", "running")
+	cl, err := c.client(g)
+	if err != nil {
+		return err
+	}
+	return simpleCall(g, ctx, cl, "/v1/resume", "running")
 }
 
 func simpleCall(g *Globals, ctx context.Context, cl *control.Client, path, done string) error {
@@ -169,8 +203,12 @@ func (c *BalloonCmd) Run(g *Globals, ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	cl, err := c.client(g)
+	if err != nil {
+		return err
+	}
 	var out vmm.Balloon
-	if err := c.client().Call(ctx, http.MethodPost, "/v1/balloon", b, &out); err != nil {
+	if err := cl.Call(ctx, http.MethodPost, "/v1/balloon", b, &out); err != nil {
 		return err
 	}
 	if g.JSON {
@@ -190,8 +228,12 @@ type QuitCmd struct {
 func (c *QuitCmd) Run(g *Globals, ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, c.Timeout)
 	defer cancel()
+	cl, err := c.client(g)
+	if err != nil {
+		return err
+	}
 	var r vmm.VerifyReport
-	if err := c.client().Call(ctx, http.MethodPost, "/v1/quit", nil, &r); err != nil {
+	if err := cl.Call(ctx, http.MethodPost, "/v1/quit", nil, &r); err != nil {
 		return err
 	}
 	return reportVerify(g, r)

@@ -7,6 +7,7 @@
 //	godwit migrate  live-migrate a VM to another host
 //	godwit bench    the scenario suite against QEMU
 //	godwit cert     a test CA and host certificates for mutual TLS
+//	godwit agent    the per-host daemon; godwit --agent SOCK run|ps|stats|verify|migrate|quit
 //
 // Every command takes --json for scripts; its JSON objects carry "godwit_version". godwit with no
 // command prints its help on standard error and exits with status 2, as for any other usage
@@ -31,6 +32,7 @@ import (
 // Globals are the flags every command takes.
 type Globals struct {
 	JSON    bool             `help:"Print machine-readable JSON instead of text."`
+	Agent   string           `name:"agent" placeholder:"SOCK" env:"GODWIT_AGENT" help:"Work through the godwit agent on this socket ('godwit agent'): run starts the VM under it, ps lists its VMs, and the commands for one VM name it with --vm NAME instead of --control."`
 	Version kong.VersionFlag `help:"Print godwit's version (release, Go, commit, migration protocol) and exit."`
 }
 
@@ -48,6 +50,8 @@ type CLI struct {
 	Migrate MigrateCmd `cmd:"" help:"Live-migrate a running VM to a 'godwit run --incoming' on another host (pre-copy, post-copy or hybrid)."`
 	Bench   BenchCmd   `cmd:"" help:"Run the migration scenario suite on godwit and on QEMU (the baseline); write results, a report and plots."`
 	Cert    CertCmd    `cmd:"" help:"Make a test CA and host certificates for mutual TLS between hosts."`
+	Agent   AgentCmd   `cmd:"" help:"Run the per-host daemon that starts, watches and lists VMs (the CLI reaches it with --agent SOCK)."`
+	Ps      PsCmd      `cmd:"" help:"List the agent's VMs (needs --agent)."`
 }
 
 // exitError carries a process exit status with an already printed message.

@@ -271,7 +271,10 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 			req.HybridAfterMS = c.HybridAfter.Milliseconds()
 		}
 	}
-	cl := c.client()
+	cl, err := c.client(g)
+	if err != nil {
+		return err
+	}
 	tty := !g.JSON && isTerminal(os.Stdout)
 	// Interrupting asks the VM process to cancel, then waits for its final report: the stream
 	// itself is not cut, so the report of the cancelled migration still arrives. After a switch
@@ -294,7 +297,7 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 		}
 	}()
 	var rep migration.Report
-	err := cl.Stream(sctx, http.MethodPost, "/v1/migrate", req, func(raw json.RawMessage) {
+	err = cl.Stream(sctx, http.MethodPost, "/v1/migrate", req, func(raw json.RawMessage) {
 		if !tty {
 			return
 		}

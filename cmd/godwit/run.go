@@ -86,6 +86,9 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 	if c.Localize && (c.Incoming == "" || c.MemoryFile == "") {
 		return errors.New("--localize moves the memory of a VM that arrives in a memory file: it needs --incoming and --memory-file")
 	}
+	if g.Agent != "" {
+		return c.runUnderAgent(g, ctx)
+	}
 	if c.Incoming != "" {
 		return c.runIncoming(g, ctx)
 	}

@@ -25,6 +25,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 )
 
@@ -38,6 +39,12 @@ type Server struct {
 	srv     *http.Server
 	routes  map[string]Handler // "METHOD /path"
 	streams map[string]StreamHandler
+	under   []prefixRoute // checked in order when no route matches
+}
+
+type prefixRoute struct {
+	prefix string
+	h      http.Handler
 }
 
 // StatusError lets a handler choose the HTTP status of its error.
@@ -72,6 +79,12 @@ func (s *Server) Path() string { return s.path }
 // Handle registers h for method and path (for example "GET", "/v1/stats").
 func (s *Server) Handle(method, path string, h Handler) { s.routes[method+" "+path] = h }
 
+// HandleUnder passes every request whose path begins with prefix, and that no route takes, to
+// h as it came (a proxy to another control socket: the agent's for its VMs).
+func (s *Server) HandleUnder(prefix string, h http.Handler) {
+	s.under = append(s.under, prefixRoute{prefix, h})
+}
+
 // Serve answers requests until Close.
 func (s *Server) Serve() error {
 	s.srv = &http.Server{Handler: http.HandlerFunc(s.serveHTTP), ReadHeaderTimeout: 10 * time.Second}
@@ -102,6 +115,12 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	h, ok := s.routes[r.Method+" "+r.URL.Path]
 	sh, streaming := s.streams[r.Method+" "+r.URL.Path]
 	if !ok && !streaming {
+		for _, u := range s.under {
+			if strings.HasPrefix(r.URL.Path, u.prefix) {
+				u.h.ServeHTTP(w, r)
+				return
+			}
+		}
 		writeJSON(w, http.StatusNotFound, map[string]string{"error": fmt.Sprintf("control: no endpoint %s %s", r.Method, r.URL.Path)})
 		return
 	}
@@ -116,18 +135,23 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	out, err := h(r.Context(), body)
 	if err != nil {
-		status := http.StatusInternalServerError
-		var se *StatusError
-		if errors.As(err, &se) {
-			status = se.Status
-		}
-		writeJSON(w, status, map[string]string{"error": err.Error()})
+		WriteError(w, http.StatusInternalServerError, err)
 		return
 	}
 	if out == nil {
 		out = map[string]bool{"ok": true}
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// WriteError answers with err as {"error": ...}, under its StatusError's status if it has one
+// (else status).
+func WriteError(w http.ResponseWriter, status int, err error) {
+	var se *StatusError
+	if errors.As(err, &se) {
+		status = se.Status
+	}
+	writeJSON(w, status, map[string]string{"error": err.Error()})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -140,8 +164,24 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 // Client talks to a VM's control socket.
 type Client struct {
-	path string
-	hc   *http.Client
+	path   string
+	prefix string // before every request's path (Under)
+	hc     *http.Client
+}
+
+// Under returns a client for the API that the server at the socket serves under prefix: a
+// call of /v1/PATH goes to prefix/PATH (a VM's API behind the agent's, /v1/vms/NAME).
+func (c *Client) Under(prefix string) *Client {
+	u := *c
+	u.prefix = prefix
+	return &u
+}
+
+func (c *Client) url(path string) string {
+	if c.prefix != "" {
+		path = c.prefix + strings.TrimPrefix(path, "/v1")
+	}
+	return "http://vm" + path
 }
 
 // Dial returns a client for the socket at path. It does not connect until the first call.
@@ -165,7 +205,7 @@ func (c *Client) Call(ctx context.Context, method, path string, in, out any) err
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://vm"+path, body)
+	req, err := http.NewRequestWithContext(ctx, method, c.url(path), body)
 	if err != nil {
 		return err
 	}

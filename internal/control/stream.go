@@ -72,7 +72,7 @@ func (c *Client) Stream(ctx context.Context, method, path string, in any, progre
 		}
 		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://vm"+path, body)
+	req, err := http.NewRequestWithContext(ctx, method, c.url(path), body)
 	if err != nil {
 		return err
 	}

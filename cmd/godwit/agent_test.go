@@ -1,0 +1,189 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/godwit-vm/godwit/internal/agent"
+	"github.com/godwit-vm/godwit/internal/vmm"
+	"github.com/godwit-vm/godwit/migration"
+)
+
+// agentProc is a 'godwit agent' process.
+type agentProc struct {
+	cmd    *exec.Cmd
+	sock   string
+	stderr *bytes.Buffer
+	exited chan error
+}
+
+func startAgent(t *testing.T, state, sock string) *agentProc {
+	t.Helper()
+	a := &agentProc{sock: sock, stderr: new(bytes.Buffer), exited: make(chan error, 1)}
+	a.cmd = godwit("agent", "--state-dir", state, "--socket", sock, "--log-level", "debug")
+	a.cmd.Stderr = a.stderr
+	if err := a.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { a.exited <- a.cmd.Wait() }()
+	t.Cleanup(func() { a.cmd.Process.Kill() })
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if _, err := os.Stat(sock); err == nil {
+			return a
+		}
+		select {
+		case err := <-a.exited:
+			t.Fatalf("agent exited early (%v): %s", err, a.stderr)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("agent: no socket after 30 s: %s", a.stderr)
+		}
+	}
+}
+
+func (a *agentProc) ps(t *testing.T) map[string]agent.VM {
+	t.Helper()
+	var out struct{ VMs []agent.VM }
+	runJSON(t, &out, "--agent", a.sock, "ps", "--json")
+	m := map[string]agent.VM{}
+	for _, v := range out.VMs {
+		m[v.Name] = v
+	}
+	return m
+}
+
+// waitState waits until ps shows the VM in state.
+func (a *agentProc) waitState(t *testing.T, name, state string) agent.VM {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); ; {
+		v := a.ps(t)[name]
+		if v.State == state {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("VM %q is %q after a minute, want %q: %+v", name, v.State, state, v)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestAgent runs VMs under an agent: started through its API, listed, verified, one killed
+// (reported as failed, not restarted), the agent stopped (its VMs run on) and started again
+// (it adopts them), a VM handed over to another under the same agent with the migration's
+// progress stream passed through, and the refusals. Its socket is its owner's only.
+func TestAgent(t *testing.T) {
+	requireKVM(t)
+	dir := t.TempDir()
+	state, sock := filepath.Join(dir, "state"), filepath.Join(dir, "agent.sock")
+	ag := startAgent(t, state, sock)
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("agent socket mode %v (%v), want 0600", fi.Mode(), err)
+	}
+	via := func(args ...string) *exec.Cmd { return godwit(append([]string{"--agent", sock}, args...)...) }
+	for _, c := range [][]string{
+		{"run", "--name", "web", "--mem", "128M", "--workload", "dirty", "--wss", "32M", "--rate", "2000"},
+		{"run", "--name", "spare", "--mem", "64M"},
+	} {
+		if out, err := via(c...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v %s", c, err, out)
+		}
+	}
+	vms := ag.ps(t)
+	if len(vms) != 2 || vms["web"].State != agent.Running || vms["web"].Stats == nil || vms["spare"].PID == 0 {
+		t.Fatalf("ps: %+v", vms)
+	}
+	var s vmm.Stats
+	runJSON(t, &s, "--agent", sock, "stats", "--json", "--vm", "web")
+	if s.Name != "web" || s.MemBytes != 128<<20 {
+		t.Fatalf("stats through the agent: %+v", s)
+	}
+	var r vmm.VerifyReport
+	runJSON(t, &r, "--agent", sock, "verify", "--json", "--vm", "web")
+	if r.Mismatches != 0 || r.PagesChecked == 0 {
+		t.Fatalf("verify through the agent: %+v", r)
+	}
+
+	// Refusals: a name that runs, a bad name, a flag the agent sets, a VM it does not have.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"run", "--name", "web"}, "runs already"},
+		{[]string{"run", "--name", "bad/name"}, "VM name"},
+		{[]string{"run", "--name", "x", "--control", "/tmp/x.sock"}, "leave out --control"},
+		{[]string{"stats", "--vm", "nosuch"}, `no VM "nosuch"`},
+		{[]string{"stats"}, "give --vm NAME"},
+	} {
+		out, err := via(c.args...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), c.want) {
+			t.Errorf("%v: %v %s; want %q", c.args, err, out, c.want)
+		}
+	}
+
+	// A VM process that dies is reported, not restarted.
+	syscall.Kill(vms["spare"].PID, syscall.SIGKILL)
+	dead := ag.waitState(t, "spare", agent.Failed)
+	if !strings.Contains(dead.Exit, "killed") {
+		t.Errorf("the killed VM ended with %q", dead.Exit)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if v := ag.ps(t)["spare"]; v.State != agent.Failed || v.PID != dead.PID {
+		t.Errorf("the killed VM after a while: %+v", v)
+	}
+
+	// The agent stops; its VM runs on, and the next agent adopts it.
+	ag.cmd.Process.Signal(syscall.SIGTERM)
+	if err := <-ag.exited; err != nil {
+		t.Fatalf("agent after SIGTERM: %v %s", err, ag.stderr)
+	}
+	web := vms["web"]
+	direct := &vmProc{sock: web.Control}
+	before := direct.stats(t).Heartbeats
+	direct.waitHeartbeats(t, before+20)
+	ag = startAgent(t, state, sock)
+	vms = ag.ps(t)
+	if v := vms["web"]; v.State != agent.Running || !v.Adopted || v.PID != web.PID {
+		t.Fatalf("after the restart: %+v; agent log: %s", v, ag.stderr)
+	}
+	runJSON(t, &r, "--agent", sock, "verify", "--json", "--vm", "web")
+	if r.Mismatches != 0 {
+		t.Fatalf("verify of the adopted VM: %+v", r)
+	}
+
+	// A handover to another VM of the same agent, the progress stream through the agent.
+	to := "unix:" + filepath.Join(dir, "web2-in.sock")
+	if out, err := via("run", "--name", "web2", "--incoming", to).CombinedOutput(); err != nil {
+		t.Fatalf("run --incoming under the agent: %v %s", err, out)
+	}
+	out, err := via("migrate", "--json", "--vm", "web", "--to", to).Output()
+	var rep migration.Report
+	if jerr := json.Unmarshal(out, &rep); jerr != nil || err != nil || rep.Result != migration.ResultOK {
+		t.Fatalf("migrate through the agent: %v %v %s", err, jerr, out)
+	}
+	gone := ag.waitState(t, "web", agent.Exited)
+	if gone.Result != "migrated" {
+		t.Errorf("the migrated VM's record: %+v", gone)
+	}
+	ag.waitState(t, "web2", agent.Running)
+	runJSON(t, &r, "--agent", sock, "quit", "--json", "--vm", "web2")
+	if r.Mismatches != 0 || r.PagesChecked == 0 {
+		t.Fatalf("quit of the VM that arrived: %+v", r)
+	}
+	if v := ag.waitState(t, "web2", agent.Exited); v.Result != "ok" {
+		t.Errorf("the VM that quit: %+v", v)
+	}
+	// ps shows every VM, the ended ones with how they ended.
+	if out, err := via("ps").CombinedOutput(); err != nil || !strings.Contains(string(out), "spare") {
+		t.Fatalf("ps: %v %s", err, out)
+	} else {
+		t.Logf("ps:\n%s", out)
+	}
+}
