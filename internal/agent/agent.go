@@ -418,4 +418,6 @@ func writeJSON(w http.ResponseWriter, v any) {
 	enc.Encode(v)
 }
 
-func badRequest(err error) error { return &control.StatusError{Status: http.StatusBadRequest, Err: err} }
+func badRequest(err error) error {
+	return &control.StatusError{Status: http.StatusBadRequest, Err: err}
+}
