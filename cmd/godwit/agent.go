@@ -23,6 +23,7 @@ type AgentCmd struct {
 	StateDir string `name:"state-dir" default:"/var/lib/godwit" placeholder:"DIR" help:"Where the agent keeps a record, a log and the control socket of each VM (made owner-only). An agent started on the same directory later adopts the VMs that still run. Default ${default}."`
 	Socket   string `default:"/run/godwit/agent.sock" placeholder:"PATH" help:"The agent's API socket (HTTP+JSON; owner-only, mode 0600). Default ${default}."`
 	LogLevel string `name:"log-level" enum:"debug,info,warn,error" default:"info" help:"Least level of the log lines on standard error (${enum}). Default ${default}."`
+	Metrics  string `placeholder:"HOST:PORT" help:"Serve Prometheus metrics at http://HOST:PORT/metrics: migrations by result and mode, their bytes, downtime and total time, post-copy faults and fault latency, each VM's guest progress and memory. Default: none."`
 }
 
 func (c *AgentCmd) Help() string {
@@ -58,7 +59,7 @@ func (c *AgentCmd) Run(g *Globals, ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("agent: finding the godwit binary for VMs: %w", err)
 	}
-	a, err := agent.New(agent.Config{StateDir: c.StateDir, Socket: c.Socket, Binary: bin, Log: slog.New(h)})
+	a, err := agent.New(agent.Config{StateDir: c.StateDir, Socket: c.Socket, Binary: bin, Metrics: c.Metrics, Log: slog.New(h)})
 	if err != nil {
 		return err
 	}

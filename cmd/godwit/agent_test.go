@@ -1,11 +1,16 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -24,10 +29,10 @@ type agentProc struct {
 	exited chan error
 }
 
-func startAgent(t *testing.T, state, sock string) *agentProc {
+func startAgent(t *testing.T, state, sock, metrics string) *agentProc {
 	t.Helper()
 	a := &agentProc{sock: sock, stderr: new(bytes.Buffer), exited: make(chan error, 1)}
-	a.cmd = godwit("agent", "--state-dir", state, "--socket", sock, "--log-level", "debug")
+	a.cmd = godwit("agent", "--state-dir", state, "--socket", sock, "--log-level", "debug", "--metrics", metrics)
 	a.cmd.Stderr = a.stderr
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -77,13 +82,20 @@ func (a *agentProc) waitState(t *testing.T, name, state string) agent.VM {
 
 // TestAgent runs VMs under an agent: started through its API, listed, verified, one killed
 // (reported as failed, not restarted), the agent stopped (its VMs run on) and started again
-// (it adopts them), a VM handed over to another under the same agent with the migration's
-// progress stream passed through, and the refusals. Its socket is its owner's only.
+// (it adopts them), a VM handed over to another under the same agent and that one moved on by
+// post-copy, with the migrations' progress streams passed through, their events on the event
+// stream and their figures in the metrics, and the refusals. Its socket is its owner's only.
 func TestAgent(t *testing.T) {
 	requireKVM(t)
 	dir := t.TempDir()
 	state, sock := filepath.Join(dir, "state"), filepath.Join(dir, "agent.sock")
-	ag := startAgent(t, state, sock)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics := l.Addr().String()
+	l.Close()
+	ag := startAgent(t, state, sock, metrics)
 	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("agent socket mode %v (%v), want 0600", fi.Mode(), err)
 	}
@@ -148,7 +160,7 @@ func TestAgent(t *testing.T) {
 	direct := &vmProc{sock: web.Control}
 	before := direct.stats(t).Heartbeats
 	direct.waitHeartbeats(t, before+20)
-	ag = startAgent(t, state, sock)
+	ag = startAgent(t, state, sock, metrics)
 	vms = ag.ps(t)
 	if v := vms["web"]; v.State != agent.Running || !v.Adopted || v.PID != web.PID {
 		t.Fatalf("after the restart: %+v; agent log: %s", v, ag.stderr)
@@ -157,6 +169,8 @@ func TestAgent(t *testing.T) {
 	if r.Mismatches != 0 {
 		t.Fatalf("verify of the adopted VM: %+v", r)
 	}
+
+	events := subscribe(t, sock)
 
 	// A handover to another VM of the same agent, the progress stream through the agent.
 	to := "unix:" + filepath.Join(dir, "web2-in.sock")
@@ -173,12 +187,58 @@ func TestAgent(t *testing.T) {
 		t.Errorf("the migrated VM's record: %+v", gone)
 	}
 	ag.waitState(t, "web2", agent.Running)
-	runJSON(t, &r, "--agent", sock, "quit", "--json", "--vm", "web2")
+	// And on by post-copy over a Unix socket: pages travel, the guest faults on them.
+	to = "unix:" + filepath.Join(dir, "web3-in.sock")
+	if out, err := via("run", "--name", "web3", "--incoming", to).CombinedOutput(); err != nil {
+		t.Fatalf("run --incoming under the agent: %v %s", err, out)
+	}
+	out, err = via("migrate", "--json", "--vm", "web2", "--to", to, "--mode", "postcopy").Output()
+	var pc migration.Report
+	if jerr := json.Unmarshal(out, &pc); jerr != nil || err != nil || pc.Result != migration.ResultOK || pc.Postcopy == nil {
+		t.Fatalf("post-copy through the agent: %v %v %s", err, jerr, out)
+	}
+	ag.waitState(t, "web3", agent.Running)
+	runJSON(t, &r, "--agent", sock, "quit", "--json", "--vm", "web3")
 	if r.Mismatches != 0 || r.PagesChecked == 0 {
 		t.Fatalf("quit of the VM that arrived: %+v", r)
 	}
-	if v := ag.waitState(t, "web2", agent.Exited); v.Result != "ok" {
+	if v := ag.waitState(t, "web3", agent.Exited); v.Result != "ok" {
 		t.Errorf("the VM that quit: %+v", v)
+	}
+
+	// The event stream saw both migrations from setup to completion.
+	var seen []string
+	for len(seen) < 100 {
+		e, ok := events.next(10 * time.Second)
+		if !ok {
+			break
+		}
+		seen = append(seen, e.VM+":"+e.Event)
+		if e.VM == "web2" && (e.Event == "completed" || e.Event == "failed") {
+			break
+		}
+	}
+	got := strings.Join(seen, " ")
+	for _, want := range []string{"web:setup", "web:completed", "web2:setup", "web2:switch", "web2:completed"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("events %s: no %s", got, want)
+		}
+	}
+	// The metrics agree with the reports.
+	m := scrape(t, metrics)
+	for name, want := range map[string]float64{
+		`godwit_migrations_total{mode="handover",result="ok"}`:     1,
+		`godwit_migrations_total{mode="postcopy",result="ok"}`:     1,
+		`godwit_migration_bytes_total{mode="handover"}`:            float64(rep.BytesWire),
+		`godwit_migration_bytes_total{mode="postcopy"}`:            float64(pc.BytesWire),
+		`godwit_postcopy_demand_faults_total`:                      float64(pc.Postcopy.DemandFaults),
+		`godwit_migration_downtime_seconds_count{mode="postcopy"}`: 1,
+		`godwit_vms{state="failed"}`:                               1,
+		`godwit_vms{state="exited"}`:                               3,
+	} {
+		if got, ok := m[name]; !ok || got != want {
+			t.Errorf("metric %s = %v (present %v), want %v", name, got, ok, want)
+		}
 	}
 	// ps shows every VM, the ended ones with how they ended.
 	if out, err := via("ps").CombinedOutput(); err != nil || !strings.Contains(string(out), "spare") {
@@ -186,4 +246,69 @@ func TestAgent(t *testing.T) {
 	} else {
 		t.Logf("ps:\n%s", out)
 	}
+}
+
+// eventStream is a subscription to the agent's server-sent events.
+type eventStream struct{ c chan agent.Event }
+
+func subscribe(t *testing.T, sock string) *eventStream {
+	t.Helper()
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", sock)
+	}}}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/v1/events", nil)
+	resp, err := hc.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("GET /v1/events: %v %v", err, resp)
+	}
+	es := &eventStream{c: make(chan agent.Event, 1000)}
+	go func() {
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(make([]byte, 64<<10), 16<<20)
+		for sc.Scan() {
+			if data, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+				var e agent.Event
+				if json.Unmarshal([]byte(data), &e) == nil {
+					es.c <- e
+				}
+			}
+		}
+	}()
+	return es
+}
+
+func (es *eventStream) next(wait time.Duration) (agent.Event, bool) {
+	select {
+	case e := <-es.c:
+		return e, true
+	case <-time.After(wait):
+		return agent.Event{}, false
+	}
+}
+
+// scrape reads the agent's metrics: each sample by its name and labels, as exposed.
+func scrape(t *testing.T, addr string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	m := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, " ")
+		if f, err := strconv.ParseFloat(v, 64); ok && err == nil {
+			m[k] = f
+		}
+	}
+	return m
 }

@@ -9,6 +9,12 @@
 //	DELETE /v1/vms/NAME          forget a VM that has ended
 //	*      /v1/vms/NAME/REST     the VM process's own control API at /v1/REST (stats, verify,
 //	                             pause, resume, quit, migrate with its progress stream, ...)
+//	GET    /v1/events            server-sent events of the migrations that pass through
+//	                             (setup, round, switch, completed, failed: see Event)
+//
+// With Config.Metrics it serves Prometheus metrics at http://ADDR/metrics: migrations by
+// result and mode, their bytes, downtime and total time, post-copy demand faults and fault
+// latency, and per VM its guest's progress and memory (see observe.go).
 //
 // VM processes run in sessions of their own and write to log files, so they outlive the
 // agent: an agent that stops (or dies) leaves them running, and the next one started on the
@@ -43,6 +49,7 @@ type Config struct {
 	StateDir string       // the VMs' records, logs and control sockets (made 0700)
 	Socket   string       // the API's Unix socket
 	Binary   string       // the godwit binary the VMs run
+	Metrics  string       // where to serve Prometheus metrics (HOST:PORT, GET /metrics); "": nowhere
 	Log      *slog.Logger // nil: slog.Default()
 }
 
@@ -55,6 +62,8 @@ type Agent struct {
 	vmsDir string
 	log    *slog.Logger
 	srv    *control.Server
+	obs    *observer
+	mln    net.Listener // the metrics' listener, if any
 
 	mu       sync.Mutex
 	vms      map[string]*Record
@@ -111,18 +120,42 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	a.srv = srv
+	a.obs = newObserver(a)
+	if cfg.Metrics != "" {
+		if a.mln, err = net.Listen("tcp", cfg.Metrics); err != nil {
+			srv.Close()
+			return nil, fmt.Errorf("agent: metrics: %w", err)
+		}
+	}
 	srv.Handle(http.MethodGet, "/v1/vms", func(ctx context.Context, _ []byte) (any, error) { return a.list(ctx), nil })
 	srv.Handle(http.MethodPost, "/v1/vms", a.start)
 	srv.HandleUnder("/v1/vms/", http.HandlerFunc(a.perVM))
+	srv.HandleUnder("/v1/events", http.HandlerFunc(a.obs.events))
 	return a, nil
+}
+
+// MetricsAddr is where the metrics are served ("" without).
+func (a *Agent) MetricsAddr() string {
+	if a.mln == nil {
+		return ""
+	}
+	return a.mln.Addr().String()
 }
 
 // Serve answers the API until ctx ends; then it refuses new work and stops. The VM processes
 // run on.
 func (a *Agent) Serve(ctx context.Context) error {
 	a.log.Info("agent serving", "socket", a.cfg.Socket, "state", a.cfg.StateDir, "vms", len(a.vms))
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- a.srv.Serve() }()
+	if a.mln != nil {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", a.obs.handler())
+		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go ms.Serve(a.mln)
+		defer ms.Close()
+		a.log.Info("serving metrics", "addr", a.MetricsAddr())
+	}
 	select {
 	case err := <-errc:
 		return err
@@ -387,12 +420,21 @@ func (a *Agent) perVM(w http.ResponseWriter, r *http.Request) {
 	case snap.State != Running:
 		control.WriteError(w, http.StatusConflict, fmt.Errorf("VM %q is not running: it %s (%s)", name, snap.State, snap.Exit))
 	default:
-		a.proxy(snap.Control, rest).ServeHTTP(w, r)
+		p := a.proxy(snap.Control, rest)
+		if rest == "migrate" && r.Method == http.MethodPost {
+			p.ModifyResponse = func(resp *http.Response) error {
+				if resp.StatusCode == http.StatusOK {
+					resp.Body = &migrationTap{ReadCloser: resp.Body, o: a.obs, vm: name}
+				}
+				return nil
+			}
+		}
+		p.ServeHTTP(w, r)
 	}
 }
 
 // proxy passes a request on to the VM process's control socket at /v1/rest, streams and all.
-func (a *Agent) proxy(sock, rest string) http.Handler {
+func (a *Agent) proxy(sock, rest string) *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme, pr.Out.URL.Host, pr.Out.URL.Path, pr.Out.URL.RawPath = "http", "vm", "/v1/"+rest, ""
