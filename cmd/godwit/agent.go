@@ -15,6 +15,7 @@ import (
 
 	"github.com/godwit-vm/godwit/internal/agent"
 	"github.com/godwit-vm/godwit/internal/control"
+	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/internal/vmm"
 )
 
@@ -24,6 +25,9 @@ type AgentCmd struct {
 	Socket   string `default:"/run/godwit/agent.sock" placeholder:"PATH" help:"The agent's API socket (HTTP+JSON; owner-only, mode 0600). Default ${default}."`
 	LogLevel string `name:"log-level" enum:"debug,info,warn,error" default:"info" help:"Least level of the log lines on standard error (${enum}). Default ${default}."`
 	Metrics  string `placeholder:"HOST:PORT" help:"Serve Prometheus metrics at http://HOST:PORT/metrics: migrations by result and mode, their bytes, downtime and total time, post-copy faults and fault latency, each VM's guest progress and memory. Default: none."`
+	Listen   string `placeholder:"HOST:PORT" help:"Take migrations from other agents here ('migrate --to agent:HOST:PORT' on theirs): for each, this agent starts the VM process that receives it. Needs mutual TLS (--tls-*; --tls-peer names the agents accepted) or, explicitly, --insecure. Default: none."`
+	Insecure bool   `help:"Let agents meet over plain TCP, without TLS: anyone who reaches --listen can then start a VM here and send it memory. For testbeds only."`
+	TLSFlags
 }
 
 func (c *AgentCmd) Help() string {
@@ -37,6 +41,10 @@ socket only its owner can use; the CLI speaks to it with --agent:
     godwit --agent /run/godwit/agent.sock stats --vm web
     godwit --agent /run/godwit/agent.sock migrate --vm web --to tcp:HOST:PORT
     godwit --agent /run/godwit/agent.sock quit --vm web
+
+With --listen and mutual TLS (--tls-*), it takes migrations from other agents: 'godwit --agent
+SOCK migrate --vm web --to agent:HOST:PORT' on theirs makes this agent start the VM process
+that receives it.
 
 VM processes outlive the agent: stopping it (SIGTERM) refuses new work, cancels migrations
 still in pre-copy (their VMs run on) and leaves the VMs running; the next agent on the same
@@ -59,7 +67,23 @@ func (c *AgentCmd) Run(g *Globals, ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("agent: finding the godwit binary for VMs: %w", err)
 	}
-	a, err := agent.New(agent.Config{StateDir: c.StateDir, Socket: c.Socket, Binary: bin, Metrics: c.Metrics, Log: slog.New(h)})
+	peering := agent.Peering{Listen: c.Listen, Insecure: c.Insecure}
+	if c.TLSFlags.given() {
+		if c.Insecure {
+			return errors.New("--insecure is for agents without TLS: leave out the --tls-* flags, or --insecure")
+		}
+		if err := c.TLSFlags.check(transport.Address{Network: transport.TCP}); err != nil {
+			return err
+		}
+		if err := c.TLSFlags.absolute(); err != nil {
+			return err
+		}
+		if peering.Security, err = c.TLSFlags.security(); err != nil {
+			return err
+		}
+		peering.Files = agent.TLSFiles{CA: c.TLSCA, Cert: c.TLSCert, Key: c.TLSKey}
+	}
+	a, err := agent.New(agent.Config{StateDir: c.StateDir, Socket: c.Socket, Binary: bin, Metrics: c.Metrics, Peering: peering, Log: slog.New(h)})
 	if err != nil {
 		return err
 	}

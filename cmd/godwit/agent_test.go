@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/godwit-vm/godwit/internal/agent"
+	"github.com/godwit-vm/godwit/internal/testbed"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
 )
@@ -31,8 +32,21 @@ type agentProc struct {
 
 func startAgent(t *testing.T, state, sock, metrics string) *agentProc {
 	t.Helper()
-	a := &agentProc{sock: sock, stderr: new(bytes.Buffer), exited: make(chan error, 1)}
-	a.cmd = godwit("agent", "--state-dir", state, "--socket", sock, "--log-level", "debug", "--metrics", metrics)
+	return startAgentCmd(t, sock, godwit("agent", "--state-dir", state, "--socket", sock, "--log-level", "debug", "--metrics", metrics))
+}
+
+// startAgentIn starts an agent in a namespace host, its state in dir/name.
+func startAgentIn(t *testing.T, h *testbed.Host, dir, name string, args ...string) *agentProc {
+	t.Helper()
+	sock := filepath.Join(dir, name+".sock")
+	cmd := h.Command(os.Args[0], append([]string{"agent", "--state-dir", filepath.Join(dir, name), "--socket", sock, "--log-level", "debug"}, args...)...)
+	cmd.Env = append(os.Environ(), "GODWIT_AS_MAIN=1")
+	return startAgentCmd(t, sock, cmd)
+}
+
+func startAgentCmd(t *testing.T, sock string, cmd *exec.Cmd) *agentProc {
+	t.Helper()
+	a := &agentProc{sock: sock, stderr: new(bytes.Buffer), exited: make(chan error, 1), cmd: cmd}
 	a.cmd.Stderr = a.stderr
 	if err := a.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -311,4 +325,76 @@ func scrape(t *testing.T, addr string) map[string]float64 {
 		}
 	}
 	return m
+}
+
+// TestAgentToAgent migrates a heavy writer from one agent to another across the namespace
+// hosts: the destination agent starts the VM process that receives it, every connection is
+// mutual TLS with the agents' certificates, and the guest verifies its memory there. Agents
+// with another CA's certificate, or with a name the destination does not accept, are refused
+// before anything moves: no VM is started there, and their VMs run on.
+func TestAgentToAgent(t *testing.T) {
+	requireKVM(t)
+	tb := newTestbed(t, gbit)
+	dir, rogue := t.TempDir(), t.TempDir()
+	for _, c := range [][]string{
+		{"cert", "--dir", dir, "host-a=" + tb.Host(0).Addr().String(), "host-b=" + tb.Host(1).Addr().String(), "host-c=" + tb.Host(0).Addr().String()},
+		{"cert", "--dir", rogue, "host-a=" + tb.Host(0).Addr().String()},
+	} {
+		if out, err := godwit(c...).CombinedOutput(); err != nil {
+			t.Fatalf("godwit %v: %v %s", c, err, out)
+		}
+	}
+	tlsOf := func(dir, name string, peers ...string) []string {
+		f := []string{"--tls-ca", filepath.Join(dir, "ca.crt"), "--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key")}
+		for _, p := range peers {
+			f = append(f, "--tls-peer", p)
+		}
+		return f
+	}
+	listen := tb.Host(1).Addr().String() + ":7700"
+	b := startAgentIn(t, tb.Host(1), dir, "b", append([]string{"--listen", listen}, tlsOf(dir, "host-b", "host-a")...)...)
+	a := startAgentIn(t, tb.Host(0), dir, "a", tlsOf(dir, "host-a", "host-b")...)
+	wrongName := startAgentIn(t, tb.Host(0), dir, "c", tlsOf(dir, "host-c", "host-b")...)
+	// It trusts the right CA but shows a certificate another CA signed.
+	wrongCA := startAgentIn(t, tb.Host(0), dir, "r", "--tls-ca", filepath.Join(dir, "ca.crt"), "--tls-cert", filepath.Join(rogue, "host-a.crt"), "--tls-key", filepath.Join(rogue, "host-a.key"))
+
+	for _, ag := range []*agentProc{wrongName, wrongCA} {
+		if out, err := godwit("--agent", ag.sock, "run", "--name", "small", "--mem", "64M").CombinedOutput(); err != nil {
+			t.Fatalf("run: %v %s", err, out)
+		}
+		out, err := godwit("--agent", ag.sock, "migrate", "--json", "--vm", "small", "--to", "agent:"+listen).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "certificate") {
+			t.Fatalf("a migration from an agent the destination must refuse: %v %s", err, out)
+		}
+		t.Logf("refused: %s", out)
+		if vms := b.ps(t); len(vms) != 0 {
+			t.Fatalf("the destination agent started VMs for a refused peer: %+v", vms)
+		}
+		if v := ag.ps(t)["small"]; v.State != agent.Running {
+			t.Fatalf("the refused agent's VM: %+v", v)
+		}
+	}
+
+	if out, err := godwit("--agent", a.sock, "run", "--name", "web", "--mem", "256M", "--workload", "dirty", "--wss", "128M", "--rate", "max", "--pattern", "random", "--content", "random").CombinedOutput(); err != nil {
+		t.Fatalf("run: %v %s", err, out)
+	}
+	time.Sleep(time.Second) // let it write
+	out, err := godwit("--agent", a.sock, "migrate", "--json", "--vm", "web", "--to", "agent:"+listen, "--mode", "hybrid", "--streams", "2").Output()
+	var rep migration.Report
+	if jerr := json.Unmarshal(out, &rep); jerr != nil || err != nil || rep.Result != migration.ResultOK {
+		t.Fatalf("migrate from agent to agent: %v %v %s\nsource agent: %s\ndestination agent: %s", err, jerr, out, a.stderr, b.stderr)
+	}
+	logReport(t, "agent to agent over mutual TLS", rep)
+	if v := a.waitState(t, "web", agent.Exited); v.Result != "migrated" {
+		t.Errorf("the source's record: %+v", v)
+	}
+	b.waitState(t, "web", agent.Running)
+	var r vmm.VerifyReport
+	runJSON(t, &r, "--agent", b.sock, "verify", "--json", "--vm", "web")
+	if r.Mismatches != 0 || r.PagesChecked == 0 {
+		t.Fatalf("verify at the destination: %+v", r)
+	}
+	if !strings.Contains(b.stderr.String(), "refused an agent") {
+		t.Errorf("the destination agent logged no refusal: %s", b.stderr)
+	}
 }

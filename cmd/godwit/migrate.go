@@ -235,9 +235,22 @@ func (b *Bandwidth) UnmarshalText(t []byte) error {
 }
 
 func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) error {
+	to := c.To
+	if dst, ok := strings.CutPrefix(c.To, "agent:"); ok {
+		// The agent starts the destination VM there and has the VM migrate to it over the
+		// agents' mutual TLS; the flags are checked as for any migration between hosts.
+		if g.Agent == "" {
+			return errors.New("--to agent:HOST:PORT is a migration from agent to agent: give --agent SOCK (this VM's agent)")
+		}
+		if c.TLSFlags.given() {
+			return errors.New("--to agent:HOST:PORT takes the agents' TLS: leave out the --tls-* flags")
+		}
+		c.To = "tcp:" + dst
+	}
 	if err := c.validate(setFlags(kctx)); err != nil {
 		return err
 	}
+	c.To = to
 	req := MigrateRequest{To: c.To, Resume: c.Resume}
 	req.TLSCA, req.TLSCert, req.TLSKey, req.TLSPeers = c.TLSCA, c.TLSCert, c.TLSKey, c.TLSPeers
 	if !c.Resume {

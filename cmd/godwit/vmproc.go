@@ -233,7 +233,7 @@ func (p *vmProcess) register() {
 		m, incoming := p.m, p.incoming
 		p.mu.Unlock()
 		if m == nil {
-			return vmm.Stats{Name: p.name, State: "incoming", Error: "waiting for an incoming migration on " + incoming}, nil
+			return vmm.Stats{Name: p.name, State: "incoming", Error: "waiting for an incoming migration on " + incoming, Incoming: incoming}, nil
 		}
 		s := m.Stats()
 		if err := p.holding(); err != nil {

@@ -22,10 +22,12 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -50,6 +52,7 @@ type Config struct {
 	Socket   string       // the API's Unix socket
 	Binary   string       // the godwit binary the VMs run
 	Metrics  string       // where to serve Prometheus metrics (HOST:PORT, GET /metrics); "": nowhere
+	Peering  Peering      // how other agents reach this one (peer.go)
 	Log      *slog.Logger // nil: slog.Default()
 }
 
@@ -64,6 +67,7 @@ type Agent struct {
 	srv    *control.Server
 	obs    *observer
 	mln    net.Listener // the metrics' listener, if any
+	pln    net.Listener // other agents', if any
 
 	mu       sync.Mutex
 	vms      map[string]*Record
@@ -127,6 +131,15 @@ func New(cfg Config) (*Agent, error) {
 			return nil, fmt.Errorf("agent: metrics: %w", err)
 		}
 	}
+	if cfg.Peering.Listen != "" {
+		if a.pln, err = a.listenPeers(); err != nil {
+			srv.Close()
+			if a.mln != nil {
+				a.mln.Close()
+			}
+			return nil, err
+		}
+	}
 	srv.Handle(http.MethodGet, "/v1/vms", func(ctx context.Context, _ []byte) (any, error) { return a.list(ctx), nil })
 	srv.Handle(http.MethodPost, "/v1/vms", a.start)
 	srv.HandleUnder("/v1/vms/", http.HandlerFunc(a.perVM))
@@ -156,6 +169,11 @@ func (a *Agent) Serve(ctx context.Context) error {
 		defer ms.Close()
 		a.log.Info("serving metrics", "addr", a.MetricsAddr())
 	}
+	if a.pln != nil {
+		ps := a.servePeers(a.pln)
+		defer ps.Close()
+		a.log.Info("taking migrations from other agents", "addr", a.pln.Addr().String(), "tls", a.cfg.Peering.Security != nil)
+	}
 	select {
 	case err := <-errc:
 		return err
@@ -182,23 +200,28 @@ func (a *Agent) start(ctx context.Context, body []byte) (any, error) {
 	if err := json.Unmarshal(body, &req); err != nil {
 		return nil, badRequest(fmt.Errorf("start: bad request: %w", err))
 	}
+	return a.startVM(ctx, req)
+}
+
+// startVM starts a VM process and returns once it serves its control socket.
+func (a *Agent) startVM(ctx context.Context, req StartRequest) (VM, error) {
 	if err := checkName(req.Name); err != nil {
-		return nil, badRequest(err)
+		return VM{}, badRequest(err)
 	}
 	for _, arg := range req.Args {
 		flag, _, _ := strings.Cut(arg, "=")
 		if slices.Contains([]string{"--name", "--control", "--json", "--agent", "--help", "-h", "--version"}, flag) {
-			return nil, badRequest(fmt.Errorf("start: %s is the agent's to set (it names the VM, its control socket and its output)", flag))
+			return VM{}, badRequest(fmt.Errorf("start: %s is the agent's to set (it names the VM, its control socket and its output)", flag))
 		}
 	}
 	a.mu.Lock()
 	if a.draining {
 		a.mu.Unlock()
-		return nil, &control.StatusError{Status: http.StatusServiceUnavailable, Err: errDraining}
+		return VM{}, &control.StatusError{Status: http.StatusServiceUnavailable, Err: errDraining}
 	}
 	if old := a.vms[req.Name]; old != nil && old.State == Running {
 		a.mu.Unlock()
-		return nil, &control.StatusError{Status: http.StatusConflict, Err: fmt.Errorf("start: VM %q runs already (pid %d)", req.Name, old.PID)}
+		return VM{}, &control.StatusError{Status: http.StatusConflict, Err: fmt.Errorf("start: VM %q runs already (pid %d)", req.Name, old.PID)}
 	}
 	rec := &Record{
 		Name: req.Name, Args: req.Args, Started: time.Now(), State: Running,
@@ -216,11 +239,11 @@ func (a *Agent) start(ctx context.Context, body []byte) (any, error) {
 			a.mu.Lock()
 			delete(a.vms, req.Name)
 			a.mu.Unlock()
-			return nil, fmt.Errorf("start VM %q: %w", req.Name, err)
+			return VM{}, fmt.Errorf("start VM %q: %w", req.Name, err)
 		}
 		syscall.Kill(rec.PID, syscall.SIGKILL)
 		<-done
-		return nil, fmt.Errorf("start VM %q: %w; its log (%s) ends:\n%s", req.Name, err, rec.Log, tailLines(rec.Log, 8))
+		return VM{}, fmt.Errorf("start VM %q: %w; its log (%s) ends:\n%s", req.Name, err, rec.Log, tailLines(rec.Log, 8))
 	}
 	a.log.Info("VM started", "vm", req.Name, "pid", rec.PID, "args", strings.Join(req.Args, " "))
 	return a.snapshot(rec), nil
@@ -422,6 +445,10 @@ func (a *Agent) perVM(w http.ResponseWriter, r *http.Request) {
 	default:
 		p := a.proxy(snap.Control, rest)
 		if rest == "migrate" && r.Method == http.MethodPost {
+			if err := a.rewriteMigrate(r, name); err != nil {
+				control.WriteError(w, http.StatusBadRequest, fmt.Errorf("migrate VM %q: %w", name, err))
+				return
+			}
 			p.ModifyResponse = func(resp *http.Response) error {
 				if resp.StatusCode == http.StatusOK {
 					resp.Body = &migrationTap{ReadCloser: resp.Body, o: a.obs, vm: name}
@@ -462,4 +489,29 @@ func writeJSON(w http.ResponseWriter, v any) {
 
 func badRequest(err error) error {
 	return &control.StatusError{Status: http.StatusBadRequest, Err: err}
+}
+
+// rewriteMigrate turns a migration to agent:HOST:PORT into one to the VM process that agent
+// starts for it (toAgent); other migrations pass as they are.
+func (a *Agent) rewriteMigrate(r *http.Request, name string) error {
+	b, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	if err != nil {
+		return err
+	}
+	var body map[string]any
+	if json.Unmarshal(b, &body) == nil {
+		if to, _ := body["to"].(string); strings.HasPrefix(to, "agent:") {
+			if resume, _ := body["resume"].(bool); resume {
+				return errors.New("--resume goes to the destination VM's own address (its agent's ps shows it), not to agent:")
+			}
+			if err := a.toAgent(r.Context(), name, strings.TrimPrefix(to, "agent:"), body); err != nil {
+				return err
+			}
+			if b, err = json.Marshal(body); err != nil {
+				return err
+			}
+		}
+	}
+	r.Body, r.ContentLength = io.NopCloser(bytes.NewReader(b)), int64(len(b))
+	return nil
 }

@@ -11,9 +11,12 @@ import (
 
 // Stats is a snapshot of the machine's figures, as `godwit stats` prints them.
 type Stats struct {
-	Name     string         `json:"name"`
-	State    State          `json:"state"`
-	Error    string         `json:"error,omitempty"`
+	Name  string `json:"name"`
+	State State  `json:"state"`
+	Error string `json:"error,omitempty"`
+	// Incoming is the address a process that waits for an incoming migration listens on
+	// (state "incoming"; the machine does not exist yet).
+	Incoming string         `json:"incoming,omitempty"`
 	VCPUs    int            `json:"vcpus"`
 	MemBytes uint64         `json:"mem_bytes"`
 	Workload map[string]any `json:"workload,omitempty"`

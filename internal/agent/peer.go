@@ -1,0 +1,197 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/godwit-vm/godwit/internal/control"
+	"github.com/godwit-vm/godwit/internal/transport"
+)
+
+// Between agents. A source agent that is asked to migrate a VM to agent:HOST:PORT asks the
+// destination agent there (POST /v1/incoming on its --listen address, over mutual TLS) to
+// start a VM process that waits for it; that process listens on a port of its own and takes
+// only the source agent's certificate. The source agent then has its VM migrate there with
+// the same certificates, so the migration's every connection is mutual TLS between the two
+// VM processes. A peer the destination agent does not accept is refused in the handshake, and
+// no VM process is started for it.
+
+// Peering is how an agent meets other agents.
+type Peering struct {
+	// Listen is where other agents reach this one (HOST:PORT); "" takes no migrations in.
+	Listen string
+	// Security is the mutual TLS of every agent-to-agent connection and of the migrations
+	// (nil only with Insecure). Files are its certificate files, which the VM processes load.
+	Security *transport.Security
+	Files    TLSFiles
+	// Insecure allows plain TCP between agents and for migrations: anyone who reaches the
+	// port can start a VM here and send it memory.
+	Insecure bool
+}
+
+// TLSFiles are the PEM files of a host's mutual TLS.
+type TLSFiles struct{ CA, Cert, Key string }
+
+// IncomingRequest is the body of POST /v1/incoming between agents.
+type IncomingRequest struct {
+	Name string `json:"name"` // the VM's name at the source; the VM keeps it here
+}
+
+// IncomingAnswer says where the VM process that waits for the migration listens.
+type IncomingAnswer struct {
+	Name string `json:"name"`
+	To   string `json:"to"` // tcp:HOST:PORT
+}
+
+// peerTimeout bounds a call to another agent.
+const peerTimeout = StartTimeout + 10*time.Second
+
+// listenPeers starts taking other agents' requests.
+func (a *Agent) listenPeers() (net.Listener, error) {
+	p := a.cfg.Peering
+	if p.Security == nil && !p.Insecure {
+		return nil, errors.New("agent: --listen needs mutual TLS (--tls-ca, --tls-cert, --tls-key) or, explicitly, --insecure")
+	}
+	sec := p.Security
+	if sec != nil {
+		s := *sec
+		s.Refused = func(from net.Addr, err error) {
+			a.log.Warn("refused an agent", "from", from.String(), "err", err)
+		}
+		sec = &s
+	}
+	ln, err := (transport.Address{Network: transport.TCP, Addr: p.Listen, Security: sec}).Listen()
+	if err != nil {
+		return nil, fmt.Errorf("agent: --listen: %w", err)
+	}
+	return ln, nil
+}
+
+func (a *Agent) servePeers(ln net.Listener) *http.Server {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/incoming", a.incoming)
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go hs.Serve(ln)
+	return hs
+}
+
+// incoming starts a VM process that waits for the peer's migration.
+func (a *Agent) incoming(w http.ResponseWriter, r *http.Request) {
+	var req IncomingRequest
+	if err := json.NewDecoder(io.LimitReader(r.Body, 1<<16)).Decode(&req); err != nil {
+		control.WriteError(w, http.StatusBadRequest, fmt.Errorf("incoming: bad request: %w", err))
+		return
+	}
+	peer := "an agent without TLS (--insecure)"
+	args := []string{}
+	host, _, _ := net.SplitHostPort(a.cfg.Peering.Listen)
+	if host == "" || net.ParseIP(host).IsUnspecified() {
+		// Listening on every address: the VM listens on the one the peer reached.
+		if la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
+			host, _, _ = net.SplitHostPort(la.String())
+		}
+	}
+	args = append(args, "--incoming", "tcp:"+net.JoinHostPort(host, "0"))
+	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+		// The VM process takes the peer that asked, and nobody else.
+		name := peerName(r.TLS)
+		peer = name
+		f := a.cfg.Peering.Files
+		args = append(args, "--tls-ca", f.CA, "--tls-cert", f.Cert, "--tls-key", f.Key, "--tls-peer", name)
+	}
+	a.log.Info("incoming migration", "vm", req.Name, "from", peer, "remote", r.RemoteAddr)
+	v, err := a.startVM(r.Context(), StartRequest{Name: req.Name, Args: args})
+	if err != nil {
+		control.WriteError(w, http.StatusInternalServerError, err)
+		return
+	}
+	to, err := a.waitIncoming(r.Context(), v.Control)
+	if err != nil {
+		control.WriteError(w, http.StatusInternalServerError, fmt.Errorf("incoming VM %q: %w", req.Name, err))
+		return
+	}
+	writeJSON(w, IncomingAnswer{Name: req.Name, To: "tcp:" + to})
+}
+
+// peerName is the name the peer's certificate gives: its first DNS name, else its subject.
+func peerName(cs *tls.ConnectionState) string {
+	c := cs.PeerCertificates[0]
+	if len(c.DNSNames) > 0 {
+		return c.DNSNames[0]
+	}
+	return c.Subject.CommonName
+}
+
+// waitIncoming waits until the VM process listens for its migration and returns where.
+func (a *Agent) waitIncoming(ctx context.Context, sock string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, StartTimeout)
+	defer cancel()
+	for {
+		var s struct {
+			Incoming string `json:"incoming"`
+		}
+		if err := control.Dial(sock).Call(ctx, http.MethodGet, "/v1/stats", nil, &s); err == nil && s.Incoming != "" {
+			return s.Incoming, nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", errors.New("it does not listen for the migration")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// toAgent prepares the migration of VM name to the agent at addr (HOST:PORT): the destination
+// agent starts the VM process that will take it, and the request body (a migrate request of
+// the VM's control API) is rewritten to go there, with this agent's certificates.
+func (a *Agent) toAgent(ctx context.Context, name, addr string, body map[string]any) error {
+	p := a.cfg.Peering
+	if p.Security == nil && !p.Insecure {
+		return errors.New("migrate --to agent: this agent has no TLS for other agents: start it with --tls-ca, --tls-cert and --tls-key (or, explicitly, --insecure)")
+	}
+	peer := transport.Address{Network: transport.TCP, Addr: addr, Security: p.Security}
+	hc := &http.Client{Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return peer.Dial(ctx) },
+	}}
+	b, _ := json.Marshal(IncomingRequest{Name: name})
+	ctx, cancel := context.WithTimeout(ctx, peerTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/v1/incoming", bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("the agent at %s: %w", addr, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode != http.StatusOK {
+		var e struct{ Error string }
+		json.Unmarshal(data, &e)
+		return fmt.Errorf("the agent at %s: %s", addr, strings.TrimSpace(e.Error+" "+http.StatusText(resp.StatusCode)))
+	}
+	var ans IncomingAnswer
+	if err := json.Unmarshal(data, &ans); err != nil || ans.To == "" {
+		return fmt.Errorf("the agent at %s answered %q", addr, data)
+	}
+	body["to"] = ans.To
+	if p.Security != nil {
+		body["tls_ca"], body["tls_cert"], body["tls_key"] = p.Files.CA, p.Files.Cert, p.Files.Key
+		// The destination VM shows the destination agent's certificate; the dialled address
+		// is in it when 'godwit cert' made it with the host's address, else accept its name.
+		body["tls_peers"] = p.Security.Peers
+	}
+	a.log.Info("migrating to an agent", "vm", name, "agent", addr, "to", ans.To)
+	return nil
+}
