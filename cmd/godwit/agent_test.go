@@ -397,4 +397,36 @@ func TestAgentToAgent(t *testing.T) {
 	if !strings.Contains(b.stderr.String(), "refused an agent") {
 		t.Errorf("the destination agent logged no refusal: %s", b.stderr)
 	}
+
+	// The source agent stopped during a migration's pre-copy: the migration fails, the VM
+	// runs on, and the agent started again adopts it.
+	if out, err := godwit("--agent", a.sock, "run", "--name", "slow", "--mem", "256M", "--workload", "dirty", "--wss", "64M", "--rate", "2000").CombinedOutput(); err != nil {
+		t.Fatalf("run: %v %s", err, out)
+	}
+	mig := godwit("--agent", a.sock, "migrate", "--json", "--vm", "slow", "--to", "agent:"+listen, "--max-bandwidth", "8M")
+	var migOut bytes.Buffer
+	mig.Stdout = &migOut
+	if err := mig.Start(); err != nil {
+		t.Fatal(err)
+	}
+	b.waitState(t, "slow", agent.Running) // its receiving VM process is there: pre-copy runs
+	time.Sleep(500 * time.Millisecond)
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	if err := <-a.exited; err != nil {
+		t.Fatalf("the source agent after SIGTERM: %v %s", err, a.stderr)
+	}
+	if err := mig.Wait(); err == nil {
+		t.Fatalf("a migration whose agent stopped during pre-copy: succeeded: %s", migOut.String())
+	}
+	a = startAgentIn(t, tb.Host(0), dir, "a", tlsOf(dir, "host-a", "host-b")...)
+	if v := a.ps(t)["slow"]; v.State != agent.Running || !v.Adopted {
+		t.Fatalf("after the restart: %+v\n%s", v, a.stderr)
+	}
+	runJSON(t, &r, "--agent", a.sock, "verify", "--json", "--vm", "slow")
+	if r.Mismatches != 0 || r.PagesChecked == 0 {
+		t.Fatalf("verify of the VM whose migration was cut: %+v", r)
+	}
+	if v := b.waitState(t, "slow", agent.Failed); v.Result != "failed" {
+		t.Errorf("the destination's record of the migration that never finished: %+v", v)
+	}
 }
