@@ -400,9 +400,10 @@ func TestAgentToAgent(t *testing.T) {
 
 	// The source agent stopped during a migration's pre-copy: the migration fails, the VM
 	// runs on, and the agent started again adopts it.
-	if out, err := godwit("--agent", a.sock, "run", "--name", "slow", "--mem", "256M", "--workload", "dirty", "--wss", "64M", "--rate", "2000").CombinedOutput(); err != nil {
+	if out, err := godwit("--agent", a.sock, "run", "--name", "slow", "--mem", "256M", "--workload", "dirty", "--wss", "64M", "--rate", "max", "--content", "random").CombinedOutput(); err != nil {
 		t.Fatalf("run: %v %s", err, out)
 	}
+	time.Sleep(time.Second) // its working set written: pre-copy takes seconds at 8 MB/s
 	mig := godwit("--agent", a.sock, "migrate", "--json", "--vm", "slow", "--to", "agent:"+listen, "--max-bandwidth", "8M")
 	var migOut bytes.Buffer
 	mig.Stdout = &migOut
