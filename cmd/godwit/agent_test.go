@@ -52,7 +52,18 @@ func startAgentCmd(t *testing.T, sock string, cmd *exec.Cmd) *agentProc {
 		t.Fatal(err)
 	}
 	go func() { a.exited <- a.cmd.Wait() }()
-	t.Cleanup(func() { a.cmd.Process.Kill() })
+	t.Cleanup(func() {
+		// An agent's VM processes outlive it by design; a test's must not.
+		var out struct{ VMs []agent.VM }
+		if b, err := godwit("--agent", sock, "ps", "--json").Output(); err == nil && json.Unmarshal(b, &out) == nil {
+			for _, v := range out.VMs {
+				if v.State == agent.Running && v.PID > 0 {
+					syscall.Kill(v.PID, syscall.SIGKILL)
+				}
+			}
+		}
+		a.cmd.Process.Kill()
+	})
 	for deadline := time.Now().Add(30 * time.Second); ; {
 		if _, err := os.Stat(sock); err == nil {
 			return a
