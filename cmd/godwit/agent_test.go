@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -54,12 +55,10 @@ func startAgentCmd(t *testing.T, sock string, cmd *exec.Cmd) *agentProc {
 	go func() { a.exited <- a.cmd.Wait() }()
 	t.Cleanup(func() {
 		// An agent's VM processes outlive it by design; a test's must not.
-		var out struct{ VMs []agent.VM }
-		if b, err := godwit("--agent", sock, "ps", "--json").Output(); err == nil && json.Unmarshal(b, &out) == nil {
-			for _, v := range out.VMs {
-				if v.State == agent.Running && v.PID > 0 {
-					syscall.Kill(v.PID, syscall.SIGKILL)
-				}
+		vms, _ := a.list() // an agent that is gone already left its VMs to the one after it
+		for _, v := range vms {
+			if v.State == agent.Running && v.PID > 0 {
+				syscall.Kill(v.PID, syscall.SIGKILL)
 			}
 		}
 		a.cmd.Process.Kill()
@@ -81,13 +80,28 @@ func startAgentCmd(t *testing.T, sock string, cmd *exec.Cmd) *agentProc {
 
 func (a *agentProc) ps(t *testing.T) map[string]agent.VM {
 	t.Helper()
+	m, err := a.list()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// list is 'godwit ps' of the agent, by VM name.
+func (a *agentProc) list() (map[string]agent.VM, error) {
+	b, err := godwit("--agent", a.sock, "ps", "--json").Output()
+	if err != nil {
+		return nil, fmt.Errorf("godwit ps: %v\n%s", err, b)
+	}
 	var out struct{ VMs []agent.VM }
-	runJSON(t, &out, "--agent", a.sock, "ps", "--json")
+	if err := json.Unmarshal(b, &out); err != nil {
+		return nil, fmt.Errorf("godwit ps printed %q: %v", b, err)
+	}
 	m := map[string]agent.VM{}
 	for _, v := range out.VMs {
 		m[v.Name] = v
 	}
-	return m
+	return m, nil
 }
 
 // waitState waits until ps shows the VM in state.
