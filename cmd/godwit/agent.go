@@ -25,7 +25,7 @@ type AgentCmd struct {
 	Socket   string `default:"/run/godwit/agent.sock" placeholder:"PATH" help:"The agent's API socket (HTTP+JSON; owner-only, mode 0600). Default ${default}."`
 	LogLevel string `name:"log-level" enum:"debug,info,warn,error" default:"info" help:"Least level of the log lines on standard error (${enum}). Default ${default}."`
 	Metrics  string `placeholder:"HOST:PORT" help:"Serve Prometheus metrics at http://HOST:PORT/metrics: migrations by result and mode, their bytes, downtime and total time, post-copy faults and fault latency, each VM's guest progress and memory. Default: none."`
-	Listen   string `placeholder:"HOST:PORT" help:"Take migrations from other agents here ('migrate --to agent:HOST:PORT' on theirs): for each, this agent starts the VM process that receives it. Needs mutual TLS (--tls-*; --tls-peer names the agents accepted) or, explicitly, --insecure. Default: none."`
+	Listen   string `placeholder:"HOST:PORT" help:"Take migrations from other agents here ('migrate --to agent:HOST:PORT' on theirs): for each, this agent starts the VM process that receives it, and passes it the migration's connections, which all come to this one port. Needs mutual TLS (--tls-*; --tls-peer names the agents accepted) or, explicitly, --insecure. Default: none."`
 	Insecure bool   `help:"Let agents meet over plain TCP, without TLS: anyone who reaches --listen can then start a VM here and send it memory. For testbeds only."`
 	TLSFlags
 }

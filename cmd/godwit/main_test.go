@@ -179,6 +179,10 @@ func TestBadInputIsAClearError(t *testing.T) {
 		{[]string{"run", "--kvm-device", "/nonexistent/kvm", "--mem", "64M"}, "/nonexistent/kvm"},
 		{[]string{"stats", "--control", "/nonexistent/vm.sock"}, "no VM at /nonexistent/vm.sock"},
 		{[]string{"frobnicate"}, "unexpected argument"},
+		{[]string{"run", "--incoming-timeout", "1s"}, "with --incoming"},
+		{[]string{"migrate", "--control", "/nonexistent/vm.sock", "--to", "routed:/run/x.sock"}, "migrate to the agent"},
+		// A destination that nobody migrates to ends when its wait is over.
+		{[]string{"run", "--incoming", "tcp:127.0.0.1:0", "--incoming-timeout", "200ms", "--control", filepath.Join(t.TempDir(), "in.sock")}, "no migration connected within --incoming-timeout 200ms"},
 	} {
 		out, err := godwit(c.args...).CombinedOutput()
 		if err == nil || !strings.Contains(string(out), c.want) {

@@ -22,7 +22,7 @@ import (
 // MigrateCmd is 'godwit migrate'.
 type MigrateCmd struct {
 	ControlFlag
-	To   string `required:"" placeholder:"tcp:HOST:PORT|unix:PATH" help:"The destination: a 'godwit run --incoming' waiting there (unix:PATH: on this host). With --resume: where that destination now listens (its old or a new address)."`
+	To   string `required:"" placeholder:"tcp:HOST:PORT|unix:PATH|agent:HOST:PORT" help:"The destination: a 'godwit run --incoming' waiting there (unix:PATH: on this host), or with --agent, the agent listening there (agent:HOST:PORT), which starts the VM process that receives it. With --resume: where that destination now listens (its old or a new address)."`
 	Mode string `placeholder:"MODE" help:"precopy: copy memory while the VM runs here, then stop it and copy the rest (until the very end the VM can run here again, and does on any failure). postcopy: move the vCPUs at once; the destination runs the VM and fetches each page it touches from here while the rest is pushed (short downtime; from the switch on the VM needs both hosts until every page has arrived). hybrid: pre-copy rounds, then switch to post-copy (see --hybrid-rounds, --hybrid-after). handover (unix:PATH only, a process on this host, e.g. a new godwit binary): copy no memory at all; the destination maps this VM's memory files, passed over the socket, and only vCPU and device state is copied (any failure before the destination has the state leaves the VM running here). shared-memory: see --shared-memory. Default: handover to unix:PATH, precopy to tcp:HOST:PORT."`
 	// Post-copy and hybrid.
 	Prepage         string        `default:"sequential" placeholder:"POLICY" help:"postcopy, hybrid: the order in which the pages the destination has not asked for are pushed after the switch (pages it asks for always go first): sequential (ascending addresses), bubble (outward from the latest demand faults), hot (the pages most written before and most faulted after the switch first), none (push nothing: every page comes by demand). Default ${default}."`
@@ -58,6 +58,9 @@ func (c *MigrateCmd) validate(set func(string) bool) error {
 		return fmt.Errorf("--to: %w", err)
 	}
 	addr, _ := transport.Parse(c.To)
+	if addr.Network == transport.Routed {
+		return fmt.Errorf("--to %s: a routed: socket takes the connections an agent passes on; migrate to the agent (agent:HOST:PORT)", c.To)
+	}
 	if err := c.TLSFlags.check(addr); err != nil {
 		return err
 	}

@@ -35,12 +35,13 @@ type WorkloadFlags struct {
 
 // RunCmd is 'godwit run'.
 type RunCmd struct {
-	Name      string `default:"vm" help:"The VM's name."`
-	Mem       Size   `default:"1G" help:"Guest memory: a size such as 512M or 1G (a plain number means MiB)."`
-	VCPUs     int    `name:"vcpus" default:"1" help:"Number of vCPUs; each runs the workload on its own slice of memory."`
-	Control   string `placeholder:"PATH" help:"Control socket to serve (default /run/godwit/NAME.sock)."`
-	KVMDevice string `name:"kvm-device" default:"/dev/kvm" help:"The KVM device."`
-	Incoming  string `placeholder:"tcp:HOST:PORT|unix:PATH" help:"Wait for a VM migrated to this address (unix:PATH: a Unix socket, for a migration within this host) instead of booting one; its size and workload come from the source. The listener stays open until the migration ends, for a post-copy source that reconnects."`
+	Name            string        `default:"vm" help:"The VM's name."`
+	Mem             Size          `default:"1G" help:"Guest memory: a size such as 512M or 1G (a plain number means MiB)."`
+	VCPUs           int           `name:"vcpus" default:"1" help:"Number of vCPUs; each runs the workload on its own slice of memory."`
+	Control         string        `placeholder:"PATH" help:"Control socket to serve (default /run/godwit/NAME.sock)."`
+	KVMDevice       string        `name:"kvm-device" default:"/dev/kvm" help:"The KVM device."`
+	Incoming        string        `placeholder:"tcp:HOST:PORT|unix:PATH|routed:PATH" help:"Wait for a VM migrated to this address (unix:PATH: a Unix socket, for a migration within this host; routed:PATH: a Unix socket on which an agent passes on the connections it takes on its port for this migration) instead of booting one; its size and workload come from the source. The listener stays open until the migration ends, for a post-copy source that reconnects."`
+	IncomingTimeout time.Duration `name:"incoming-timeout" default:"0s" placeholder:"DURATION" help:"With --incoming: give up and end if no migration has connected after this long. 0 = wait as long as it takes."`
 	// LinkTimeout is the destination's side of 'migrate --link-timeout'.
 	LinkTimeout time.Duration `name:"link-timeout" default:"3s" placeholder:"DURATION" help:"With --incoming, in post-copy: a link on which nothing arrives for this long is broken; then the VM waits for the source to reconnect. Give the same value as the source's 'migrate --link-timeout'. Default ${default}."`
 	// DirtyTracking is vmm.Config.DirtyTracking.
@@ -85,6 +86,9 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 	}
 	if c.Localize && (c.Incoming == "" || c.MemoryFile == "") {
 		return errors.New("--localize moves the memory of a VM that arrives in a memory file: it needs --incoming and --memory-file")
+	}
+	if c.IncomingTimeout < 0 || (c.IncomingTimeout > 0 && c.Incoming == "") {
+		return fmt.Errorf("--incoming-timeout %v: want a positive duration, with --incoming", c.IncomingTimeout)
 	}
 	if g.Agent != "" {
 		return c.runUnderAgent(g, ctx)
@@ -165,12 +169,27 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	if !g.JSON {
 		fmt.Printf("godwit: VM %q waiting for an incoming migration on %s; control socket %s\n", c.Name, ln.Addr(), c.controlPath())
 	}
-	conn, err := acc.next(ctx)
+	first := ctx
+	if c.IncomingTimeout > 0 {
+		var cancel context.CancelFunc
+		first, cancel = context.WithTimeout(ctx, c.IncomingTimeout)
+		defer cancel()
+	}
+	conn, err := acc.next(first)
 	if err != nil {
-		if ctx.Err() != nil {
-			return errors.New("interrupted while waiting for an incoming migration")
+		switch {
+		case ctx.Err() != nil:
+			err = errors.New("interrupted while waiting for an incoming migration")
+		case first.Err() != nil:
+			err = fmt.Errorf("no migration connected within --incoming-timeout %v", c.IncomingTimeout)
+		default:
+			err = fmt.Errorf("--incoming: accept: %w", err)
 		}
-		return fmt.Errorf("--incoming: accept: %w", err)
+		if g.JSON {
+			printJSON(runSummary{Result: "failed", Error: err.Error()})
+			return exitError{1}
+		}
+		return err
 	}
 	// Which godwit receives it, for matching the two sides' logs (the source logs its own).
 	fmt.Fprintf(os.Stderr, "godwit: VM %q: incoming migration from %s; %s\n", c.Name, conn.RemoteAddr(), versionLine())

@@ -33,7 +33,7 @@ func (f *TLSFlags) check(addr transport.Address) error {
 	if f.TLSCA == "" || f.TLSCert == "" || f.TLSKey == "" {
 		return errors.New("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key")
 	}
-	if addr.Network != transport.TCP {
+	if addr.Network == transport.Unix {
 		return fmt.Errorf("mutual TLS is for migrations between hosts (tcp:HOST:PORT), not %s", addr)
 	}
 	return nil

@@ -44,6 +44,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/godwit-vm/godwit/internal/control"
+	"github.com/godwit-vm/godwit/internal/transport"
 )
 
 // Config is what an agent needs.
@@ -66,8 +67,9 @@ type Agent struct {
 	log    *slog.Logger
 	srv    *control.Server
 	obs    *observer
-	mln    net.Listener // the metrics' listener, if any
-	pln    net.Listener // other agents', if any
+	mln    net.Listener      // the metrics' listener, if any
+	pln    net.Listener      // other agents', if any
+	router *transport.Router // pln's connections: those routed to VM processes go there
 
 	mu       sync.Mutex
 	vms      map[string]*Record
@@ -78,6 +80,8 @@ type Agent struct {
 type StartRequest struct {
 	Name string   `json:"name"`
 	Args []string `json:"args"` // 'godwit run' flags; the agent sets --name, --control and --json
+
+	route string // an incoming migration's route, set by the agent alone
 }
 
 // VM is what the API shows of one VM: its record and, while it runs, the VM process's stats
@@ -224,7 +228,7 @@ func (a *Agent) startVM(ctx context.Context, req StartRequest) (VM, error) {
 		return VM{}, &control.StatusError{Status: http.StatusConflict, Err: fmt.Errorf("start: VM %q runs already (pid %d)", req.Name, old.PID)}
 	}
 	rec := &Record{
-		Name: req.Name, Args: req.Args, Started: time.Now(), State: Running,
+		Name: req.Name, Args: req.Args, Started: time.Now(), State: Running, Route: req.route,
 		Control: filepath.Join(a.vmsDir, req.Name+".sock"), Log: filepath.Join(a.vmsDir, req.Name+".log"),
 	}
 	a.vms[req.Name] = rec // holds the name while the process starts
@@ -354,6 +358,9 @@ func (a *Agent) ended(r *Record, exit string) {
 	}
 	if cur := a.vms[r.Name]; cur != r {
 		return // a new VM of that name replaced it, and its record
+	}
+	if r.Route != "" && a.router != nil {
+		a.router.Remove(r.Route)
 	}
 	if err := r.Save(a.vmsDir); err != nil {
 		a.log.Error("VM record not saved", "vm", r.Name, "err", err)

@@ -3,13 +3,16 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -19,11 +22,15 @@ import (
 
 // Between agents. A source agent that is asked to migrate a VM to agent:HOST:PORT asks the
 // destination agent there (POST /v1/incoming on its --listen address, over mutual TLS) to
-// start a VM process that waits for it; that process listens on a port of its own and takes
-// only the source agent's certificate. The source agent then has its VM migrate there with
-// the same certificates, so the migration's every connection is mutual TLS between the two
-// VM processes. A peer the destination agent does not accept is refused in the handshake, and
-// no VM process is started for it.
+// start a VM process that waits for it, and gets back a route: a random token that names that
+// VM process on the agent's port (tcp:HOST:PORT/ROUTE). The source agent then has its VM
+// migrate there with the same certificates. Every connection of the migration comes to the
+// agent's one port, names the route first, and is passed on (its file descriptor) to the VM
+// process, which does the TLS handshake itself: the migration's connections are mutual TLS
+// between the two VM processes, and the agent copies none of their bytes. A peer the
+// destination agent does not accept is refused in its handshake with the agent, and no VM
+// process is started for it; the VM process takes only the certificate of the agent that
+// asked for it.
 
 // Peering is how an agent meets other agents.
 type Peering struct {
@@ -49,7 +56,7 @@ type IncomingRequest struct {
 // IncomingAnswer says where the VM process that waits for the migration listens.
 type IncomingAnswer struct {
 	Name string `json:"name"`
-	To   string `json:"to"` // tcp:HOST:PORT
+	To   string `json:"to"` // tcp:HOST:PORT/ROUTE: this agent's port, and the route to the VM process
 }
 
 // peerTimeout bounds a call to another agent.
@@ -69,12 +76,34 @@ func (a *Agent) listenPeers() (net.Listener, error) {
 		}
 		sec = &s
 	}
-	ln, err := (transport.Address{Network: transport.TCP, Addr: p.Listen, Security: sec}).Listen()
+	raw, err := net.Listen(transport.TCP, p.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("agent: --listen: %w", err)
 	}
-	return ln, nil
+	router := transport.NewRouter(raw)
+	router.Dropped = func(from net.Addr, err error) {
+		a.log.Warn("dropped a connection to a migration", "from", from.String(), "err", err)
+	}
+	a.mu.Lock()
+	a.router = router
+	for _, r := range a.vms { // adopted VMs that still wait for their migrations
+		if r.State == Running && r.Route != "" {
+			router.Add(r.Route, a.routeSocket(r.Name))
+		}
+	}
+	a.mu.Unlock()
+	if sec != nil {
+		return sec.Listener(router), nil
+	}
+	return router, nil
 }
+
+// routeSocket is where the VM process of an incoming migration takes its routed connections.
+func (a *Agent) routeSocket(name string) string { return filepath.Join(a.vmsDir, name+".in.sock") }
+
+// IncomingTimeout is how long a VM process started for an incoming migration waits for the
+// migration's first connection before it gives up and ends.
+const IncomingTimeout = time.Minute
 
 func (a *Agent) servePeers(ln net.Listener) *http.Server {
 	mux := http.NewServeMux()
@@ -91,16 +120,23 @@ func (a *Agent) incoming(w http.ResponseWriter, r *http.Request) {
 		control.WriteError(w, http.StatusBadRequest, fmt.Errorf("incoming: bad request: %w", err))
 		return
 	}
-	peer := "an agent without TLS (--insecure)"
-	args := []string{}
-	host, _, _ := net.SplitHostPort(a.cfg.Peering.Listen)
-	if host == "" || net.ParseIP(host).IsUnspecified() {
-		// Listening on every address: the VM listens on the one the peer reached.
-		if la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {
-			host, _, _ = net.SplitHostPort(la.String())
-		}
+	if err := checkName(req.Name); err != nil {
+		control.WriteError(w, http.StatusBadRequest, fmt.Errorf("incoming: %w", err))
+		return
 	}
-	args = append(args, "--incoming", "tcp:"+net.JoinHostPort(host, "0"))
+	// The source dials the address it reached this agent on, which every address of a
+	// listener on all of them is not.
+	la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	if !ok {
+		control.WriteError(w, http.StatusInternalServerError, errors.New("incoming: the request's local address is unknown"))
+		return
+	}
+	var tok [16]byte
+	rand.Read(tok[:])
+	route := hex.EncodeToString(tok[:])
+	sock := a.routeSocket(req.Name)
+	peer := "an agent without TLS (--insecure)"
+	args := []string{"--incoming", "routed:" + sock, "--incoming-timeout", IncomingTimeout.String()}
 	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
 		// The VM process takes the peer that asked, and nobody else.
 		name := peerName(r.TLS)
@@ -109,17 +145,18 @@ func (a *Agent) incoming(w http.ResponseWriter, r *http.Request) {
 		args = append(args, "--tls-ca", f.CA, "--tls-cert", f.Cert, "--tls-key", f.Key, "--tls-peer", name)
 	}
 	a.log.Info("incoming migration", "vm", req.Name, "from", peer, "remote", r.RemoteAddr)
-	v, err := a.startVM(r.Context(), StartRequest{Name: req.Name, Args: args})
-	if err != nil {
-		control.WriteError(w, http.StatusInternalServerError, err)
-		return
+	a.router.Add(route, sock) // its connections are dropped until the VM process listens
+	v, err := a.startVM(r.Context(), StartRequest{Name: req.Name, Args: args, route: route})
+	if err == nil {
+		_, err = a.waitIncoming(r.Context(), v.Control)
 	}
-	to, err := a.waitIncoming(r.Context(), v.Control)
 	if err != nil {
+		a.router.Remove(route)
 		control.WriteError(w, http.StatusInternalServerError, fmt.Errorf("incoming VM %q: %w", req.Name, err))
 		return
 	}
-	writeJSON(w, IncomingAnswer{Name: req.Name, To: "tcp:" + to})
+	to := transport.Address{Network: transport.TCP, Addr: la.String(), Route: route}
+	writeJSON(w, IncomingAnswer{Name: req.Name, To: to.String()})
 }
 
 // peerName is the name the peer's certificate gives: its first DNS name, else its subject.

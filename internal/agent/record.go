@@ -30,6 +30,9 @@ type Record struct {
 	Args    []string  `json:"args"`    // the 'godwit run' flags it was started with
 	Started time.Time `json:"started"`
 	State   string    `json:"state"`
+	// Route, for a VM process that waits for a migration from another agent, is the route on
+	// this agent's --listen port that reaches it (see transport.Router).
+	Route string `json:"route,omitempty"`
 	// Adopted says that an agent started after this VM's took it over.
 	Adopted bool       `json:"adopted,omitempty"`
 	Ended   *time.Time `json:"ended,omitempty"`

@@ -203,3 +203,7 @@ func (l *tlsListener) Close() error {
 	l.once.Do(func() { close(l.done) })
 	return l.Listener.Close()
 }
+
+// Listener puts the listening side of s on the connections ln accepts: those whose handshake
+// succeeds, as listening on an Address with Security does.
+func (s *Security) Listener(ln net.Listener) net.Listener { return s.listen(ln) }

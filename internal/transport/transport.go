@@ -28,35 +28,52 @@ const (
 // DialTimeout bounds each Dial unless ctx ends sooner.
 const DialTimeout = 10 * time.Second
 
-// Address is a migration endpoint: tcp:HOST:PORT or unix:PATH.
+// Address is a migration endpoint: tcp:HOST:PORT, tcp:HOST:PORT/ROUTE (the agent on
+// HOST:PORT routes the connection to the migration ROUTE), unix:PATH, or routed:PATH (the
+// Unix socket on which a process takes the connections an agent routes to it).
 type Address struct {
-	Network string // TCP or Unix
+	Network string // TCP, Unix or Routed
 	Addr    string // HOST:PORT, or the socket's path
+	// Route, for TCP, opens every connection with a route preamble: see Router.
+	Route string
 	// Security, if set, puts mutual TLS on every TCP connection dialled to or accepted on the
 	// address.
 	Security *Security
 }
 
-// Parse reads tcp:HOST:PORT, HOST:PORT (TCP) or unix:PATH.
+// Parse reads tcp:HOST:PORT[/ROUTE], HOST:PORT[/ROUTE] (TCP), unix:PATH or routed:PATH.
 func Parse(s string) (Address, error) {
-	if p, ok := strings.CutPrefix(s, "unix:"); ok {
-		if p == "" {
-			return Address{}, fmt.Errorf("%q: want unix:PATH with a path", s)
+	for _, n := range []string{Unix, Routed} {
+		if p, ok := strings.CutPrefix(s, n+":"); ok {
+			if p == "" {
+				return Address{}, fmt.Errorf("%q: want %s:PATH with a path", s, n)
+			}
+			return Address{Network: n, Addr: p}, nil
 		}
-		return Address{Network: Unix, Addr: p}, nil
 	}
 	a := strings.TrimPrefix(s, "tcp:")
 	if a == s && strings.Contains(s, "://") {
 		return Address{}, fmt.Errorf("%q: want tcp:HOST:PORT or unix:PATH", s)
 	}
+	a, route, routed := strings.Cut(a, "/")
+	if routed {
+		if err := checkRoute(route); err != nil {
+			return Address{}, fmt.Errorf("%q: %w", s, err)
+		}
+	}
 	host, port, err := net.SplitHostPort(a)
 	if err != nil || port == "" {
 		return Address{}, fmt.Errorf("%q: want tcp:HOST:PORT or unix:PATH", s)
 	}
-	return Address{Network: TCP, Addr: net.JoinHostPort(host, port)}, nil
+	return Address{Network: TCP, Addr: net.JoinHostPort(host, port), Route: route}, nil
 }
 
-func (a Address) String() string { return a.Network + ":" + a.Addr }
+func (a Address) String() string {
+	if a.Route != "" {
+		return a.Network + ":" + a.Addr + "/" + a.Route
+	}
+	return a.Network + ":" + a.Addr
+}
 
 // Dial connects to a, for at most DialTimeout. A Unix connection is a *FileConn.
 func (a Address) Dial(ctx context.Context) (net.Conn, error) {
@@ -65,10 +82,19 @@ func (a Address) Dial(ctx context.Context) (net.Conn, error) {
 	if err := a.checkSecurity(); err != nil {
 		return nil, err
 	}
+	if a.Network == Routed {
+		return nil, fmt.Errorf("transport: %s is listened on, not dialled: dial the agent's tcp:HOST:PORT/ROUTE", a)
+	}
 	var d net.Dialer
 	c, err := d.DialContext(ctx, a.Network, a.Addr)
 	if err != nil {
 		return nil, err
+	}
+	if a.Route != "" {
+		if err := dialRoute(ctx, c, a.Route); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("transport: %s: the route preamble: %w", a, err)
+		}
 	}
 	if a.Security != nil {
 		return a.Security.dial(ctx, c, a.Addr)
@@ -77,8 +103,8 @@ func (a Address) Dial(ctx context.Context) (net.Conn, error) {
 }
 
 func (a Address) checkSecurity() error {
-	if a.Security != nil && a.Network != TCP {
-		return fmt.Errorf("transport: %s: TLS is for connections between hosts (tcp:), not %s", a, a.Network)
+	if a.Security != nil && a.Network == Unix {
+		return fmt.Errorf("transport: %s: TLS is for connections between hosts (tcp: or routed:), not %s", a, a.Network)
 	}
 	return nil
 }
@@ -89,12 +115,22 @@ func (a Address) Listen() (net.Listener, error) {
 	if err := a.checkSecurity(); err != nil {
 		return nil, err
 	}
-	if a.Network == Unix {
+	var ln net.Listener
+	var err error
+	switch a.Network {
+	case Unix:
 		if err := removeStale(a.Addr); err != nil {
 			return nil, err
 		}
+		ln, err = net.Listen(a.Network, a.Addr)
+	case Routed:
+		ln, err = listenRouted(a.Addr)
+	default:
+		if a.Route != "" {
+			return nil, fmt.Errorf("transport: %s: a route is dialled, not listened on", a)
+		}
+		ln, err = net.Listen(a.Network, a.Addr)
 	}
-	ln, err := net.Listen(a.Network, a.Addr)
 	switch {
 	case err != nil:
 		return nil, err

@@ -13,17 +13,20 @@ import (
 
 func TestParse(t *testing.T) {
 	for in, want := range map[string]Address{
-		"tcp:10.0.0.2:7000":  {TCP, "10.0.0.2:7000", nil},
-		"10.0.0.2:7000":      {TCP, "10.0.0.2:7000", nil},
-		"tcp:[fe80::1]:7000": {TCP, "[fe80::1]:7000", nil},
-		"unix:/run/vm.sock":  {Unix, "/run/vm.sock", nil},
+		"tcp:10.0.0.2:7000":         {Network: TCP, Addr: "10.0.0.2:7000"},
+		"10.0.0.2:7000":             {Network: TCP, Addr: "10.0.0.2:7000"},
+		"tcp:[fe80::1]:7000":        {Network: TCP, Addr: "[fe80::1]:7000"},
+		"tcp:10.0.0.2:7700/a1-b_2":  {Network: TCP, Addr: "10.0.0.2:7700", Route: "a1-b_2"},
+		"tcp:[fe80::1]:7700/r":      {Network: TCP, Addr: "[fe80::1]:7700", Route: "r"},
+		"unix:/run/vm.sock":         {Network: Unix, Addr: "/run/vm.sock"},
+		"routed:/run/vm.route.sock": {Network: Routed, Addr: "/run/vm.route.sock"},
 	} {
 		got, err := Parse(in)
 		if err != nil || got != want {
 			t.Errorf("Parse(%q) = %+v, %v; want %+v", in, got, err, want)
 		}
 	}
-	for _, in := range []string{"", "tcp:", "unix:", "http://x:1", "host", "tcp:host:"} {
+	for _, in := range []string{"", "tcp:", "unix:", "routed:", "http://x:1", "host", "tcp:host:", "tcp:h:1/", "tcp:h:1/a b", "tcp:h:1/" + strings.Repeat("r", MaxRouteLen+1)} {
 		if a, err := Parse(in); err == nil {
 			t.Errorf("Parse(%q) = %+v, want an error", in, a)
 		}
