@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -435,7 +436,10 @@ func TestAgentToAgent(t *testing.T) {
 	if err := mig.Start(); err != nil {
 		t.Fatal(err)
 	}
-	b.waitState(t, "slow", agent.Running) // its receiving VM process is there: pre-copy runs
+	// Its receiving VM process is there, and pre-copy runs through the agent's one port.
+	if v := b.waitState(t, "slow", agent.Running); !strings.Contains(strings.Join(v.Args, " "), "--incoming routed:") {
+		t.Errorf("the receiving VM process does not take its connections from the agent: %+v", v)
+	}
 	time.Sleep(500 * time.Millisecond)
 	a.cmd.Process.Signal(syscall.SIGTERM)
 	if err := <-a.exited; err != nil {
@@ -455,4 +459,205 @@ func TestAgentToAgent(t *testing.T) {
 	if v := b.waitState(t, "slow", agent.Failed); v.Result != "failed" {
 		t.Errorf("the destination's record of the migration that never finished: %+v", v)
 	}
+}
+
+// TestAgentLoad runs 16 migrations at once between two agents over mutual TLS on a 1 Gbit/s
+// link, pre-copy, post-copy and hybrid mixed, each verified by its guest at the destination;
+// each migration's share of the link (its bytes over its time) is logged with Jain's fairness
+// index over them. A 17th, slowed by its bandwidth cap, loses its destination VM process
+// during its pre-copy: that migration fails, its source VM runs on and verifies, and the 16
+// are not disturbed.
+func TestAgentLoad(t *testing.T) {
+	requireKVM(t)
+	tb := newTestbed(t, gbit)
+	dir := t.TempDir()
+	if out, err := godwit("cert", "--dir", dir, "host-a="+tb.Host(0).Addr().String(), "host-b="+tb.Host(1).Addr().String()).CombinedOutput(); err != nil {
+		t.Fatalf("godwit cert: %v %s", err, out)
+	}
+	tlsOf := func(name, peer string) []string {
+		return []string{"--tls-ca", filepath.Join(dir, "ca.crt"), "--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key"), "--tls-peer", peer}
+	}
+	listen := tb.Host(1).Addr().String() + ":7700"
+	b := startAgentIn(t, tb.Host(1), dir, "b", append([]string{"--listen", listen}, tlsOf("host-b", "host-a")...)...)
+	a := startAgentIn(t, tb.Host(0), dir, "a", tlsOf("host-a", "host-b")...)
+
+	const n = 16
+	modes := []string{"precopy", "postcopy", "hybrid"}
+	name := func(i int) string { return fmt.Sprintf("vm%02d", i) }
+	// Each holds 64 MiB of random pages; every fourth instead writes 32 MiB over and over, 16 MB/s.
+	for i := 0; i < n; i++ {
+		args := []string{"--agent", a.sock, "run", "--name", name(i), "--mem", "128M", "--content", "random", "--seed", strconv.Itoa(i + 1)}
+		if i%4 == 3 {
+			args = append(args, "--workload", "dirty", "--wss", "32M", "--rate", "4000")
+		} else {
+			args = append(args, "--touch", "0.5", "--idle-interval", "20ms") // 33 VMs share 2 cores
+		}
+		if out, err := godwit(args...).CombinedOutput(); err != nil {
+			t.Fatalf("run %s: %v %s", name(i), err, out)
+		}
+	}
+	if out, err := godwit("--agent", a.sock, "run", "--name", "victim", "--mem", "64M", "--touch", "0.5", "--content", "random").CombinedOutput(); err != nil {
+		t.Fatalf("run victim: %v %s", err, out)
+	}
+	time.Sleep(3 * time.Second) // the guests have written their pages
+
+	type result struct {
+		rep migration.Report
+		out []byte
+		err error
+		end time.Time
+	}
+	results := make([]chan result, n)
+	for i := range results {
+		results[i] = make(chan result, 1)
+		cmd := godwit("--agent", a.sock, "migrate", "--json", "--vm", name(i), "--to", "agent:"+listen, "--mode", modes[i%len(modes)], "--streams", "1")
+		go func(c chan result) {
+			var r result
+			r.out, r.err = cmd.Output()
+			r.end = time.Now()
+			if r.err == nil {
+				r.err = json.Unmarshal(r.out, &r.rep)
+			}
+			c <- r
+		}(results[i])
+	}
+	victim := godwit("--agent", a.sock, "migrate", "--json", "--vm", "victim", "--to", "agent:"+listen, "--max-bandwidth", "2M")
+	var victimOut bytes.Buffer
+	victim.Stdout = &victimOut
+	if err := victim.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Its destination VM process dies during its pre-copy, which takes 16 s at 2 MB/s.
+	dest := b.waitState(t, "victim", agent.Running)
+	for dest.PID <= 0 { // the record shows the VM before its process has a pid
+		time.Sleep(10 * time.Millisecond)
+		dest = b.ps(t)["victim"]
+	}
+	time.Sleep(time.Second)
+	if err := syscall.Kill(dest.PID, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill the victim's destination VM process %d: %v", dest.PID, err)
+	}
+
+	var spans []migrationSpan
+	for i, c := range results {
+		r := <-c
+		if r.err != nil || r.rep.Result != migration.ResultOK {
+			t.Errorf("migration %d of %d (%s): %v %s", i+1, n, modes[i%len(modes)], r.err, r.out)
+			continue
+		}
+		total := time.Duration(r.rep.TotalMS * float64(time.Millisecond))
+		spans = append(spans, migrationSpan{start: r.end.Add(-total), end: r.end, bytes: r.rep.BytesWire})
+		t.Logf("%s %-8s %6.1f MB/s: %d bytes in %.0f ms, downtime %.1f ms", name(i), r.rep.Mode, float64(r.rep.BytesWire)/total.Seconds()/1e6, r.rep.BytesWire, r.rep.TotalMS, r.rep.DowntimeMS)
+	}
+	if err := victim.Wait(); err == nil {
+		t.Errorf("the migration whose destination VM process was killed succeeded: %s", victimOut.String())
+	} else {
+		t.Logf("the victim's migration: %v %s", err, victimOut.String())
+	}
+	if t.Failed() {
+		t.Fatalf("source agent: %s\ndestination agent: %s", a.stderr, b.stderr)
+	}
+	logShares(t, spans)
+
+	// The guests verify at once: each re-derives its every page, and 2 cores take a while.
+	verified := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			var r vmm.VerifyReport
+			out, err := godwit("--agent", b.sock, "verify", "--json", "--vm", name(i)).Output()
+			if err == nil {
+				err = json.Unmarshal(out, &r)
+			}
+			if err == nil && (r.Mismatches != 0 || r.PagesChecked == 0) {
+				err = fmt.Errorf("%+v", r)
+			}
+			if err != nil {
+				err = fmt.Errorf("verify %s at the destination: %v %s", name(i), err, out)
+			}
+			verified <- err
+		}()
+	}
+	for range n {
+		if err := <-verified; err != nil {
+			t.Error(err)
+		}
+	}
+	srcVMs, dstVMs := a.ps(t), b.ps(t)
+	for i := 0; i < n; i++ {
+		if v := srcVMs[name(i)]; v.State != agent.Exited || v.Result != "migrated" {
+			t.Errorf("the source's record of %s: %+v", name(i), v)
+		}
+		if v := dstVMs[name(i)]; v.State != agent.Running {
+			t.Errorf("the destination's record of %s: %+v", name(i), v)
+		}
+	}
+	if v := a.ps(t)["victim"]; v.State != agent.Running {
+		t.Fatalf("the victim's source VM after its destination died: %+v", v)
+	}
+	var r vmm.VerifyReport
+	runJSON(t, &r, "--agent", a.sock, "verify", "--json", "--vm", "victim")
+	if r.Mismatches != 0 || r.PagesChecked == 0 {
+		t.Fatalf("verify the victim at its source: %+v", r)
+	}
+	if v := b.ps(t)["victim"]; v.State != agent.Failed {
+		t.Errorf("the destination's record of the victim: %+v", v)
+	}
+}
+
+// migrationSpan is when one migration ran (by its own clock) and what it sent.
+type migrationSpan struct {
+	start, end time.Time
+	bytes      int64
+}
+
+// logShares logs the link's use by concurrent migrations and how fairly they shared it. The
+// migrations do not start together (each destination VM process is started first, on a busy
+// host), so a migration's own rate says little: its fair share is what an equal split of the
+// link's measured throughput among the migrations running at each moment would have given
+// it, and its share is its bytes over that. Jain's index over the shares is 1 when they are
+// equal and 1/n when one migration took everything.
+func logShares(t *testing.T, spans []migrationSpan) {
+	t.Helper()
+	var edges []time.Time
+	var total int64
+	for _, s := range spans {
+		edges = append(edges, s.start, s.end)
+		total += s.bytes
+	}
+	slices.SortFunc(edges, func(a, b time.Time) int { return a.Compare(b) })
+	busy := 0.0 // seconds with any migration running
+	type slice struct {
+		dt     float64
+		active []int
+	}
+	var spanSlices []slice
+	for k := 0; k+1 < len(edges); k++ {
+		from, to := edges[k], edges[k+1]
+		var active []int
+		for i, s := range spans {
+			if !s.start.After(from) && !s.end.Before(to) {
+				active = append(active, i)
+			}
+		}
+		if dt := to.Sub(from).Seconds(); dt > 0 && len(active) > 0 {
+			busy += dt
+			spanSlices = append(spanSlices, slice{dt, active})
+		}
+	}
+	rate := float64(total) / busy // the link's throughput while migrations ran
+	fair := make([]float64, len(spans))
+	for _, sl := range spanSlices {
+		for _, i := range sl.active {
+			fair[i] += rate * sl.dt / float64(len(sl.active))
+		}
+	}
+	shares := make([]float64, len(spans))
+	var sum, sq float64
+	for i, s := range spans {
+		shares[i] = float64(s.bytes) / fair[i]
+		sum, sq = sum+shares[i], sq+shares[i]*shares[i]
+	}
+	slices.Sort(shares)
+	t.Logf("%d concurrent migrations: %d bytes in %.2f s with any running, %.1f MB/s; each one's bytes over its fair share: min %.2f, median %.2f, max %.2f; Jain's fairness index %.3f (1 = equal shares)",
+		len(spans), total, busy, rate/1e6, shares[0], shares[len(shares)/2], shares[len(shares)-1], sum*sum/(float64(len(shares))*sq))
 }
