@@ -482,13 +482,14 @@ func TestAgentLoad(t *testing.T) {
 	a := startAgentIn(t, tb.Host(0), dir, "a", tlsOf("host-a", "host-b")...)
 
 	const n = 16
-	modes := []string{"precopy", "postcopy", "hybrid"}
+	modes := []string{migration.ModePrecopy, migration.ModePostcopy, migration.ModeHybrid}
 	name := func(i int) string { return fmt.Sprintf("vm%02d", i) }
-	// Each holds 64 MiB of random pages; every fourth instead writes 32 MiB over and over, 16 MB/s.
+	// Each holds 64 MiB of random pages; every fourth instead writes 16 MiB over and over at 4 MB/s,
+	// half its share of the link (auto-converge slows it if it keeps up nonetheless).
 	for i := 0; i < n; i++ {
 		args := []string{"--agent", a.sock, "run", "--name", name(i), "--mem", "128M", "--content", "random", "--seed", strconv.Itoa(i + 1)}
 		if i%4 == 3 {
-			args = append(args, "--workload", "dirty", "--wss", "32M", "--rate", "4000")
+			args = append(args, "--workload", "dirty", "--wss", "16M", "--rate", "1000")
 		} else {
 			args = append(args, "--touch", "0.5", "--idle-interval", "20ms") // 33 VMs share 2 cores
 		}
@@ -510,7 +511,11 @@ func TestAgentLoad(t *testing.T) {
 	results := make([]chan result, n)
 	for i := range results {
 		results[i] = make(chan result, 1)
-		cmd := godwit("--agent", a.sock, "migrate", "--json", "--vm", name(i), "--to", "agent:"+listen, "--mode", modes[i%len(modes)], "--streams", "1")
+		args := []string{"--agent", a.sock, "migrate", "--json", "--vm", name(i), "--to", "agent:" + listen, "--mode", modes[i%len(modes)], "--streams", "1"}
+		if modes[i%len(modes)] != migration.ModePostcopy {
+			args = append(args, "--auto-converge")
+		}
+		cmd := godwit(args...)
 		go func(c chan result) {
 			var r result
 			r.out, r.err = cmd.Output()
