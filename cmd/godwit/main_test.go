@@ -180,6 +180,9 @@ func TestBadInputIsAClearError(t *testing.T) {
 		{[]string{"stats", "--control", "/nonexistent/vm.sock"}, "no VM at /nonexistent/vm.sock"},
 		{[]string{"frobnicate"}, "unexpected argument"},
 		{[]string{"run", "--incoming-timeout", "1s"}, "with --incoming"},
+		{[]string{"run", "--private", "0.1"}, "need --content image"},
+		{[]string{"run", "--content", "image", "--private", "0.6", "--near", "0.5"}, "more than all pages"},
+		{[]string{"run", "--content", "image", "--near", "1.5"}, "--near 1.5"},
 		{[]string{"migrate", "--control", "/nonexistent/vm.sock", "--to", "routed:/run/x.sock"}, "migrate to the agent"},
 		// A destination that nobody migrates to ends when its wait is over.
 		{[]string{"run", "--incoming", "tcp:127.0.0.1:0", "--incoming-timeout", "200ms", "--control", filepath.Join(t.TempDir(), "in.sock")}, "no migration connected within --incoming-timeout 200ms"},

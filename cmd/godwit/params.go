@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"hash/fnv"
 	"math"
 
 	"github.com/godwit-vm/godwit/internal/guest"
@@ -60,6 +61,23 @@ func (w *WorkloadFlags) guestConfig(memBytes uint64, vcpus int) (guest.Config, e
 		}
 		c.PeakPermille = uint64(math.Round(w.Peak * 1000))
 	}
+	if (w.Private != 0 || w.Near != 0) && w.Content != "image" {
+		return c, fmt.Errorf("--private and --near share out image pages: they need --content image (this is %s)", w.Content)
+	}
+	for _, f := range []struct {
+		flag string
+		v    float64
+		dst  *uint64
+	}{{"--private", w.Private, &c.PrivatePermille}, {"--near", w.Near, &c.NearPermille}} {
+		if f.v < 0 || f.v > 1 {
+			return c, fmt.Errorf("%s %g: want a fraction between 0 and 1", f.flag, f.v)
+		}
+		*f.dst = uint64(math.Round(f.v * 1000))
+	}
+	if c.PrivatePermille+c.NearPermille > 1000 {
+		return c, fmt.Errorf("--private %g and --near %g: more than all pages together", w.Private, w.Near)
+	}
+	c.PrivateSeed = w.PrivateSeed
 	if w.Interval <= 0 {
 		return c, fmt.Errorf("--idle-interval %v: want a positive duration", w.Interval)
 	}
@@ -74,9 +92,20 @@ func (c *RunCmd) paramsBuilder() (func(uint32) ([]byte, error), error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.PrivateSeed == 0 {
+		cfg.PrivateSeed = nameSeed(c.Name)
+	}
 	build, err := guest.ParamsBuilder(cfg, uint64(c.Mem), c.VCPUs)
 	if err != nil {
 		return nil, fmt.Errorf("--mem %s with --vcpus %d: %w", formatBytes(uint64(c.Mem)), c.VCPUs, err)
 	}
 	return build, nil
+}
+
+// nameSeed is a VM's private seed by default: VMs of different names hold different pages of
+// their own.
+func nameSeed(name string) uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(name))
+	return h.Sum64() | 1 // never 0, which asks for this default
 }

@@ -19,18 +19,22 @@ import (
 
 // WorkloadFlags choose what the built-in guest does.
 type WorkloadFlags struct {
-	Workload string        `enum:"idle,dirty,churn" default:"idle" help:"idle: touch a fraction of memory once, then only heartbeat; dirty: rewrite pages of a working set at a rate; churn: a page allocator that writes every page once, frees all but --touch of them (they keep their stale content), then frees and allocates (and writes) pages at random at --rate; it reports its free pages to a migration (see 'migrate --free-pages') (${enum})."`
-	WSS      Size          `name:"wss" default:"64M" help:"dirty: working set size, split evenly between vCPUs."`
-	Rate     Rate          `default:"max" help:"dirty: page writes per second over all vCPUs (churn: allocations, each with a free and a page write), or 'max' for as fast as the guest can."`
-	Pattern  string        `enum:"sequential,random,hotcold" default:"random" help:"dirty: which pages of the working set are written (${enum})."`
-	Content  string        `enum:"zero,text,random,image,patch" default:"text" help:"Page content: zero pages, compressible text, incompressible random, image-like pages that repeat within and across VMs of the same seed, or patch: text pages of which each write changes one 64-byte slot (what 'migrate --delta' is for) (${enum})."`
-	Seed     uint64        `default:"1" help:"Seed of page content and write pattern."`
-	Touch    float64       `default:"0.25" help:"idle: fraction of memory the guest writes once at start; churn: fraction of its pages allocated (0..1)."`
-	Peak     float64       `default:"0" help:"churn: make the allocated fraction swing between --touch and this one (above --touch, at most 1): units of work that only allocate until it is reached, then units that only free down to --touch, at --rate. A guest that needs memory again takes it back out of its balloon (deflate on demand). 0 = no swing."`
-	Batch    int           `default:"64" help:"Pages written per unit of work; the guest heartbeats once per unit."`
-	HotSize  float64       `name:"hot-size" default:"0.1" help:"hotcold: fraction of the working set that is hot."`
-	HotProb  float64       `name:"hot-prob" default:"0.9" help:"hotcold: fraction of writes that go to the hot part."`
-	Interval time.Duration `name:"idle-interval" default:"1ms" help:"idle: time between heartbeats."`
+	Workload string `enum:"idle,dirty,churn" default:"idle" help:"idle: touch a fraction of memory once, then only heartbeat; dirty: rewrite pages of a working set at a rate; churn: a page allocator that writes every page once, frees all but --touch of them (they keep their stale content), then frees and allocates (and writes) pages at random at --rate; it reports its free pages to a migration (see 'migrate --free-pages') (${enum})."`
+	WSS      Size   `name:"wss" default:"64M" help:"dirty: working set size, split evenly between vCPUs."`
+	Rate     Rate   `default:"max" help:"dirty: page writes per second over all vCPUs (churn: allocations, each with a free and a page write), or 'max' for as fast as the guest can."`
+	Pattern  string `enum:"sequential,random,hotcold" default:"random" help:"dirty: which pages of the working set are written (${enum})."`
+	Content  string `enum:"zero,text,random,image,patch" default:"text" help:"Page content: zero pages, compressible text, incompressible random, image-like pages that repeat within and across VMs of the same seed, or patch: text pages of which each write changes one 64-byte slot (what 'migrate --delta' is for) (${enum})."`
+	Seed     uint64 `default:"1" help:"Seed of page content and write pattern."`
+	// Gangs of VMs cloned from one image: what they share, and what is their own.
+	Private     float64       `default:"0" help:"image: fraction of pages that are the VM's own (random, from --private-seed) beside the pool it shares with every VM of the same --seed (0..1)."`
+	Near        float64       `default:"0" help:"image: fraction of pages that are near-duplicates: a pool page with 4 of its 8-byte words changed, where and to what by --private-seed; what sub-page deduplication and differential compression find (0..1; with --private at most 1)."`
+	PrivateSeed uint64        `name:"private-seed" default:"0" help:"image: seed of the VM's own pages and of its near-duplicates' changes; 0 = from the VM's name, so that VMs of different names differ."`
+	Touch       float64       `default:"0.25" help:"idle: fraction of memory the guest writes once at start; churn: fraction of its pages allocated (0..1)."`
+	Peak        float64       `default:"0" help:"churn: make the allocated fraction swing between --touch and this one (above --touch, at most 1): units of work that only allocate until it is reached, then units that only free down to --touch, at --rate. A guest that needs memory again takes it back out of its balloon (deflate on demand). 0 = no swing."`
+	Batch       int           `default:"64" help:"Pages written per unit of work; the guest heartbeats once per unit."`
+	HotSize     float64       `name:"hot-size" default:"0.1" help:"hotcold: fraction of the working set that is hot."`
+	HotProb     float64       `name:"hot-prob" default:"0.9" help:"hotcold: fraction of writes that go to the hot part."`
+	Interval    time.Duration `name:"idle-interval" default:"1ms" help:"idle: time between heartbeats."`
 }
 
 // RunCmd is 'godwit run'.
@@ -76,6 +80,9 @@ func (c *RunCmd) workloadDescription() map[string]any {
 		w["rate"] = c.Rate.String()
 	default:
 		w["touch"] = c.Touch
+	}
+	if c.Content == "image" && (c.Private > 0 || c.Near > 0) {
+		w["private"], w["near"] = c.Private, c.Near
 	}
 	return w
 }

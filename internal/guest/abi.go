@@ -224,6 +224,9 @@ const (
 	ParHotProbPermille  = 0x68 // hot/cold: per mille of writes that go to the hot part
 	ParImagePoolPages   = 0x70 // image content: distinct pages in the pool
 	ParPeakPermille     = 0x78 // churn: per mille allocated at the top of the swing (0 = none)
+	ParPrivatePermille  = 0x80 // image content: per mille of pages that are the VM's own
+	ParNearPermille     = 0x88 // image content: per mille of pages that are near-duplicates
+	ParPrivateSeed      = 0x90 // image content: the seed of the VM's own pages and changes
 	ParamsVCPUOffset    = 0x400
 	ParamsVCPURecord    = 0x40
 	VCPUVersionTableGPA = 0x00 // offsets within a per-vCPU record

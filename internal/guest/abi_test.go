@@ -29,6 +29,7 @@ var goToC = map[string]string{
 	"BalloonAuto": "BALLOON_AUTO", "MbBalloonPages": "MB_BALLOON_PAGES",
 	"PortBalloonHeld": "PORT_BALLOON_HELD", "CmdBalloonList": "CMD_BALLOON_LIST",
 	"MbBalloonDeflate": "MB_BALLOON_DEFLATED", "MbBalloonDemand": "MB_BALLOON_DEMAND", "ParPeakPermille": "PAR_PEAK_PERMILLE",
+	"ParPrivatePermille": "PAR_PRIVATE_PERMILLE", "ParNearPermille": "PAR_NEAR_PERMILLE", "ParPrivateSeed": "PAR_PRIVATE_SEED",
 
 	"CmdContinue": "CMD_CONTINUE", "CmdVerify": "CMD_VERIFY", "CmdExit": "CMD_EXIT",
 	"WorkloadIdle": "WORKLOAD_IDLE", "WorkloadDirty": "WORKLOAD_DIRTY",

@@ -76,6 +76,7 @@ func MultibootCmdline(cfg Config, opts MultibootOptions) (string, error) {
 		{"seed", cfg.Seed}, {"rate", cfg.Rate}, {"batch", cfg.BatchPages}, {"wss", cfg.WSSPages},
 		{"touch", cfg.TouchPermille}, {"idle_us", cfg.IdleIntervalUS}, {"hot", cfg.HotPermille},
 		{"hot_prob", cfg.HotProbPermille}, {"pool", cfg.ImagePoolPages}, {"peak", cfg.PeakPermille},
+		{"private", cfg.PrivatePermille}, {"near", cfg.NearPermille}, {"private_seed", cfg.PrivateSeed},
 		{"tsc_khz", opts.TSCKHz}, {"vcpus", 1}, {"hb_us", opts.HeartbeatUS},
 		{"verify_ms", opts.VerifyMS}, {"exit_ms", opts.ExitMS},
 	}

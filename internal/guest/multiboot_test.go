@@ -145,7 +145,7 @@ func TestMultibootCmdline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := "workload=1 content=1 pattern=1 seed=1 rate=5000 batch=64 wss=1000 touch=1000 idle_us=1000 hot=100 hot_prob=900 pool=256 peak=0 tsc_khz=2500000 vcpus=1 hb_us=1000 verify_ms=3000 exit_ms=0"
+	want := "workload=1 content=1 pattern=1 seed=1 rate=5000 batch=64 wss=1000 touch=1000 idle_us=1000 hot=100 hot_prob=900 pool=256 peak=0 private=0 near=0 private_seed=0 tsc_khz=2500000 vcpus=1 hb_us=1000 verify_ms=3000 exit_ms=0"
 	if got != want {
 		t.Fatalf("cmdline\n got %s\nwant %s", got, want)
 	}

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -566,4 +567,90 @@ func BenchmarkNativeWriteLoop(b *testing.B) {
 			})
 		}
 	}
+}
+
+// TestImageGang: beside the pool, image pages are the VM's own (private) or near-duplicates of
+// a pool page, in the shares asked for; a near-duplicate differs from its pool page in 1 to 4
+// words; two VMs of one seed and different private seeds share the pool pages and nothing else;
+// and every VM verifies clean.
+func TestImageGang(t *testing.T) {
+	const pool = 64
+	mk := func(private, near, privateSeed uint64) Config {
+		cfg := DefaultConfig()
+		cfg.Content, cfg.ImagePoolPages, cfg.Seed = ContentImage, pool, 42
+		cfg.Pattern, cfg.WSSPages = PatternRandom, 1500
+		cfg.PrivatePermille, cfg.NearPermille, cfg.PrivateSeed = private, near, privateSeed
+		return cfg
+	}
+	base := runNative(t, mk(0, 0, 0), 16<<20, 1, NativeRun{Units: 40})
+	a := runNative(t, mk(200, 100, 7), 16<<20, 1, NativeRun{Units: 40})
+	b := runNative(t, mk(200, 100, 8), 16<<20, 1, NativeRun{Units: 40})
+	for _, r := range []*run{base, a, b} {
+		r.requireClean()
+	}
+	poolPages := map[[32]byte][]byte{}
+	for i, v := range base.params.VCPUs {
+		for idx := uint64(0); idx < v.DataPages; idx++ {
+			if base.version(i, idx) != 0 {
+				poolPages[sha256.Sum256(base.page(i, idx))] = base.page(i, idx)
+			}
+		}
+	}
+	if len(poolPages) < pool*9/10 || len(poolPages) > pool {
+		t.Fatalf("the pool: %d distinct pages, want nearly %d", len(poolPages), pool)
+	}
+	// wordsOff is the fewest 8-byte words in which p differs from a pool page.
+	wordsOff := func(p []byte) int {
+		best := PageSize / 8
+		for _, q := range poolPages {
+			n := 0
+			for w := 0; w < PageSize && n < best; w += 8 {
+				if !bytes.Equal(p[w:w+8], q[w:w+8]) {
+					n++
+				}
+			}
+			best = min(best, n)
+		}
+		return best
+	}
+	own := func(r *run) (map[[32]byte]bool, [3]int) {
+		var kinds [3]int // pool, near-duplicate, private
+		mine := map[[32]byte]bool{}
+		for i, v := range r.params.VCPUs {
+			for idx := uint64(0); idx < v.DataPages; idx++ {
+				if r.version(i, idx) == 0 {
+					continue
+				}
+				p := r.page(i, idx)
+				h := sha256.Sum256(p)
+				if poolPages[h] != nil {
+					kinds[0]++
+					continue
+				}
+				mine[h] = true
+				switch off := wordsOff(p); {
+				case off >= 1 && off <= 4:
+					kinds[1]++
+				case off > 400:
+					kinds[2]++
+				default:
+					t.Fatalf("a page %d words off the nearest pool page: neither a near-duplicate nor the VM's own", off)
+				}
+			}
+		}
+		return mine, kinds
+	}
+	ownA, kinds := own(a)
+	ownB, _ := own(b)
+	total := float64(kinds[0] + kinds[1] + kinds[2])
+	share := func(k int) float64 { return float64(kinds[k]) / total }
+	if math.Abs(share(2)-0.2) > 0.05 || math.Abs(share(1)-0.1) > 0.04 {
+		t.Errorf("of %.0f pages: %d pool, %d near-duplicates, %d private; want shares near 0.7, 0.1, 0.2", total, kinds[0], kinds[1], kinds[2])
+	}
+	for h := range ownA {
+		if ownB[h] {
+			t.Fatal("two VMs of different private seeds share a page outside the pool")
+		}
+	}
+	t.Logf("of %.0f pages: %d pool, %d near-duplicates, %d private; %d and %d pages of their own", total, kinds[0], kinds[1], kinds[2], len(ownA), len(ownB))
 }

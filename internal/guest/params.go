@@ -63,6 +63,13 @@ type Config struct {
 
 	// ImagePoolPages is the number of distinct pages ContentImage draws from.
 	ImagePoolPages uint64
+	// ContentImage beside the pool, as VMs cloned from one image hold pages of their own:
+	// PrivatePermille of the pages are the VM's own (random, from PrivateSeed), and
+	// NearPermille are near-duplicates, a pool page with a few words changed (where and to what
+	// from PrivateSeed). VMs of one Seed and different PrivateSeeds share the rest.
+	PrivatePermille uint64
+	NearPermille    uint64
+	PrivateSeed     uint64
 }
 
 // DefaultConfig is a dirty workload of text pages written at random over each whole slice as
@@ -111,6 +118,9 @@ func (c Config) Validate() error {
 		if f.v > 1000 {
 			return fmt.Errorf("guest: %s %d is above 1000", f.name, f.v)
 		}
+	}
+	if c.PrivatePermille+c.NearPermille > 1000 {
+		return fmt.Errorf("guest: private %d and near-duplicate %d per mille: more than 1000 together", c.PrivatePermille, c.NearPermille)
 	}
 	if c.Content == ContentImage && (c.ImagePoolPages == 0 || c.ImagePoolPages > maxPoolPages) {
 		return fmt.Errorf("guest: image pool of %d pages: want 1..%d", c.ImagePoolPages, uint64(maxPoolPages))
@@ -296,6 +306,9 @@ func (p *Params) headerFields() []struct {
 		{ParHotProbPermille, &p.HotProbPermille},
 		{ParImagePoolPages, &p.ImagePoolPages},
 		{ParPeakPermille, &p.PeakPermille},
+		{ParPrivatePermille, &p.PrivatePermille},
+		{ParNearPermille, &p.NearPermille},
+		{ParPrivateSeed, &p.PrivateSeed},
 	}
 }
 

@@ -25,5 +25,6 @@ func testParams(memBytes uint64, vcpus int, w workload) (func(uint32) ([]byte, e
 		c.TouchPermille = uint64(w.touch * 1000)
 	}
 	c.PeakPermille = uint64(w.peak * 1000)
+	c.PrivatePermille, c.NearPermille, c.PrivateSeed = uint64(w.private*1000), uint64(w.near*1000), 7
 	return guest.ParamsBuilder(c, memBytes, vcpus)
 }

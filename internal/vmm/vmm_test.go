@@ -26,6 +26,7 @@ type workload struct {
 	wssMiB, rate           uint64 // rate: pages/s over all vCPUs, 0 = max
 	touch                  float64
 	peak                   float64 // churn: the allocated share swings from touch to peak
+	private, near          float64 // image: the VM's own pages and near-duplicates
 	streams                int     // migration tests: connections for the pages
 	tracking               string  // Config.DirtyTracking
 	ringBytes              int     // Config.DirtyRingBytes
@@ -89,6 +90,7 @@ func TestWorkloadsBootHeartbeatAndVerify(t *testing.T) {
 		{kind: "dirty", content: "text", pattern: "sequential", wssMiB: 16},
 		{kind: "dirty", content: "random", pattern: "random", wssMiB: 16},
 		{kind: "dirty", content: "image", pattern: "hotcold", wssMiB: 16},
+		{kind: "dirty", content: "image", pattern: "random", wssMiB: 16, private: 0.2, near: 0.1},
 		{kind: "dirty", content: "zero", pattern: "random", wssMiB: 16, rate: 20000},
 	}
 	for _, w := range cases {

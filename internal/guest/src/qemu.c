@@ -298,6 +298,9 @@ enum {
 	K_HOT_PROB,
 	K_POOL,
 	K_PEAK,
+	K_PRIVATE,
+	K_NEAR,
+	K_PRIVATE_SEED,
 	K_TSC_KHZ,
 	K_VCPUS,
 	K_HB_US,
@@ -308,7 +311,8 @@ enum {
 
 static const char *const keys[K_COUNT] = {
 	"workload", "content", "pattern", "seed", "rate", "batch", "wss", "touch", "idle_us",
-	"hot", "hot_prob", "pool", "peak", "tsc_khz", "vcpus", "hb_us", "verify_ms", "exit_ms",
+	"hot", "hot_prob", "pool", "peak", "private", "near", "private_seed", "tsc_khz", "vcpus",
+	"hb_us", "verify_ms", "exit_ms",
 };
 
 static int is_space(char c)
@@ -447,6 +451,9 @@ void mb_main(uint32_t mbi)
 	par_set(PAR_HOT_PROB_PERMILLE, v[K_HOT_PROB]);
 	par_set(PAR_IMAGE_POOL_PAGES, v[K_POOL]);
 	par_set(PAR_PEAK_PERMILLE, v[K_PEAK]);
+	par_set(PAR_PRIVATE_PERMILLE, v[K_PRIVATE]);
+	par_set(PAR_NEAR_PERMILLE, v[K_NEAR]);
+	par_set(PAR_PRIVATE_SEED, v[K_PRIVATE_SEED]);
 	par_set(PARAMS_VCPU_OFFSET + VCPU_VERSION_TABLE_GPA, DATA_GPA);
 	par_set(PARAMS_VCPU_OFFSET + VCPU_DATA_GPA, DATA_GPA + table_pages * PAGE_SIZE);
 	par_set(PARAMS_VCPU_OFFSET + VCPU_DATA_PAGES, data_pages);

@@ -32,6 +32,12 @@ typedef uint64_t u64_unaligned __attribute__((aligned(1), may_alias));
 #define DOMAIN_PATTERN 0x7061747465726e31ULL
 #define DOMAIN_CHURN 0x636875726e636875ULL
 #define DOMAIN_PATCH 0x7061746368706174ULL
+#define DOMAIN_IMAGE_KIND 0x696d6167656b6e64ULL
+#define DOMAIN_PRIVATE 0x7072697661746531ULL
+#define DOMAIN_NEAR 0x6e65617264757031ULL
+
+/* Words of a pool page that a near-duplicate changes. */
+#define NEAR_WORDS 4
 
 /* Patch content: the page's 64-byte slots, one of which each version rewrites. */
 #define PATCH_SLOTS 64
@@ -126,12 +132,58 @@ static inline uint64_t image_pick(uint64_t pool_pages, uint64_t pfn, uint32_t ve
 	return ((h >> 32) * pool_pages) >> 32;
 }
 
-static void fill_image(uint64_t *page, uint64_t seed, uint64_t pool_pages, uint64_t pfn,
-		       uint32_t version)
-{
-	uint64_t k = image_pick(pool_pages, pfn, version);
+/* Parameters shared by all vCPUs, copied out of the params page. */
+struct config {
+	uint64_t nr_vcpus;
+	uint64_t tsc_khz;
+	uint64_t workload;
+	uint64_t content;
+	uint64_t pattern;
+	uint64_t seed;
+	uint64_t rate;
+	uint64_t batch_pages;
+	uint64_t touch_permille;
+	uint64_t idle_interval_us;
+	uint64_t hot_permille;
+	uint64_t hot_prob_permille;
+	uint64_t image_pool_pages;
+	uint64_t peak_permille;
+	uint64_t private_permille;
+	uint64_t near_permille;
+	uint64_t private_seed;
+};
 
-	fill_stream(page, mix64(k ^ mix64(seed ^ DOMAIN_IMAGE_POOL)));
+/* A uniform draw from [0, n) out of h's high 32 bits, by multiply-shift (no divide). */
+static inline uint64_t draw(uint64_t h, uint64_t n)
+{
+	return ((h >> 32) * n) >> 32;
+}
+
+/*
+ * Beside the pool, as VMs cloned from one image hold data of their own, each version of a page
+ * is drawn to be one of the VM's own (private_permille: random content of its private seed),
+ * a near-duplicate (near_permille: a pool page with NEAR_WORDS words changed, where and to what
+ * by the private seed: what sub-page deduplication and differential compression can find), or
+ * a pool page. With both shares 0 every page is a pool page, as before they existed.
+ */
+static void fill_image(uint64_t *page, const struct config *cfg, uint64_t pfn, uint32_t version)
+{
+	uint64_t key = page_key(pfn, version);
+	uint64_t kind = draw(mix64(key ^ DOMAIN_IMAGE_KIND), 1000);
+
+	if (kind < cfg->private_permille) {
+		fill_stream(page, mix64(key ^ mix64(cfg->private_seed ^ DOMAIN_PRIVATE)));
+		return;
+	}
+	fill_stream(page, mix64(image_pick(cfg->image_pool_pages, pfn, version) ^
+				mix64(cfg->seed ^ DOMAIN_IMAGE_POOL)));
+	if (kind < cfg->private_permille + cfg->near_permille) {
+		uint64_t h = mix64(key ^ mix64(cfg->private_seed ^ DOMAIN_NEAR));
+
+		/* Each change flips at least one bit, and two at one word differ from each other. */
+		for (int i = 0; i < NEAR_WORDS; i++, h = mix64(h + GOLDEN))
+			page[h & (PAGE_WORDS - 1)] ^= h | 1;
+	}
 }
 
 /*
@@ -256,23 +308,6 @@ static void fill_patch(uint64_t *page, uint64_t seed, uint64_t pfn, uint32_t ver
 	}
 }
 
-/* Parameters shared by all vCPUs, copied out of the params page. */
-struct config {
-	uint64_t nr_vcpus;
-	uint64_t tsc_khz;
-	uint64_t workload;
-	uint64_t content;
-	uint64_t pattern;
-	uint64_t seed;
-	uint64_t rate;
-	uint64_t batch_pages;
-	uint64_t touch_permille;
-	uint64_t idle_interval_us;
-	uint64_t hot_permille;
-	uint64_t hot_prob_permille;
-	uint64_t image_pool_pages;
-	uint64_t peak_permille;
-};
 
 /*
  * The churn workload's page allocator over its vCPU's slice. The first meta_pages data pages
@@ -341,7 +376,7 @@ static void fill_page(const struct config *cfg, uint64_t *page, uint64_t pfn, ui
 		fill_random(page, cfg->seed, pfn, version);
 		break;
 	case CONTENT_IMAGE:
-		fill_image(page, cfg->seed, cfg->image_pool_pages, pfn, version);
+		fill_image(page, cfg, pfn, version);
 		break;
 	case CONTENT_PATCH:
 		fill_patch(page, cfg->seed, pfn, version);
@@ -1110,6 +1145,9 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
 	c.cfg.hot_prob_permille = par_u64(par, PAR_HOT_PROB_PERMILLE);
 	c.cfg.image_pool_pages = par_u64(par, PAR_IMAGE_POOL_PAGES);
 	c.cfg.peak_permille = par_u64(par, PAR_PEAK_PERMILLE);
+	c.cfg.private_permille = par_u64(par, PAR_PRIVATE_PERMILLE);
+	c.cfg.near_permille = par_u64(par, PAR_NEAR_PERMILLE);
+	c.cfg.private_seed = par_u64(par, PAR_PRIVATE_SEED);
 
 	if (c.cfg.nr_vcpus == 0 || c.cfg.nr_vcpus > MAX_VCPUS)
 		panic_value(&c, "bad vcpu count", c.cfg.nr_vcpus);
@@ -1138,6 +1176,9 @@ void __attribute__((noreturn)) guest_main(uint64_t index, uint64_t params_gpa)
 		panic_value(&c, "unknown write pattern", c.cfg.pattern);
 	if (c.cfg.touch_permille > 1000)
 		panic_value(&c, "touch per mille above 1000:", c.cfg.touch_permille);
+	if (c.cfg.private_permille > 1000 || c.cfg.near_permille > 1000 - c.cfg.private_permille)
+		panic_value(&c, "private and near-duplicate per mille above 1000:",
+			    c.cfg.private_permille + c.cfg.near_permille);
 	if (c.cfg.hot_permille > 1000)
 		panic_value(&c, "hot per mille above 1000:", c.cfg.hot_permille);
 	if (c.cfg.peak_permille > 1000)
