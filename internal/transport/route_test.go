@@ -30,15 +30,7 @@ func TestRouter(t *testing.T) {
 	defer cancel()
 
 	// The router's own connections: the agent's API.
-	go func() {
-		for {
-			c, err := r.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	go echoAll(r)
 	for _, msg := range []string{"POST /v1/incoming", "GWRX more", "\x16\x03\x01\x02\x00"} {
 		if err := echoRaw(raw.Addr().String(), msg); err != nil {
 			t.Errorf("a connection without a route, sending %q: %v", msg, err)
@@ -50,15 +42,7 @@ func TestRouter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go func() {
-		for {
-			c, err := vm.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	go echoAll(vm)
 	if err := r.Add("m-1", path); err != nil {
 		t.Fatal(err)
 	}

@@ -76,15 +76,7 @@ func TestMutualTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	go echoAll(ln)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	to := func(s *Security) Address { return Address{Network: TCP, Addr: ln.Addr().String(), Security: s} }
@@ -157,6 +149,17 @@ func TestMutualTLS(t *testing.T) {
 	// The listener still serves a good peer.
 	if err := echo(ctx, to(&Security{Roots: p.roots, Cert: p.a})); err != nil {
 		t.Fatalf("a good peer after the refusals: %v", err)
+	}
+}
+
+// echoAll echoes every connection ln accepts until it is closed.
+func echoAll(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() { io.Copy(c, c); c.Close() }()
 	}
 }
 
