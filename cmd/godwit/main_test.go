@@ -17,6 +17,7 @@ import (
 	"github.com/godwit-vm/godwit/internal/control"
 	"github.com/godwit-vm/godwit/internal/guest"
 	"github.com/godwit-vm/godwit/internal/kvm"
+	"github.com/godwit-vm/godwit/internal/testbed/kvmhost"
 	"github.com/godwit-vm/godwit/internal/version"
 	"github.com/godwit-vm/godwit/internal/vmm"
 )
@@ -35,6 +36,10 @@ func godwit(args ...string) *exec.Cmd {
 	cmd.Env = append(os.Environ(), "GODWIT_AS_MAIN=1")
 	return cmd
 }
+
+// emulated says whether the tests run in a nested KVM host (tools/kvmhost), where guests and
+// the VMM run emulated, many times slower: tests that move much memory move less there.
+func emulated() bool { return os.Getenv(kvmhost.GuestEnv) == "1" }
 
 func requireKVM(t testing.TB) {
 	t.Helper()
