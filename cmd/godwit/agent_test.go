@@ -635,12 +635,12 @@ func logShares(t *testing.T, spans []migrationSpan) {
 		total += s.bytes
 	}
 	slices.SortFunc(edges, func(a, b time.Time) int { return a.Compare(b) })
-	busy := 0.0 // seconds with any migration running
-	type slice struct {
+	busy := 0.0            // seconds with any migration running
+	type interval struct { // between two starts or ends: who ran
 		dt     float64
 		active []int
 	}
-	var spanSlices []slice
+	var intervals []interval
 	for k := 0; k+1 < len(edges); k++ {
 		from, to := edges[k], edges[k+1]
 		var active []int
@@ -651,14 +651,14 @@ func logShares(t *testing.T, spans []migrationSpan) {
 		}
 		if dt := to.Sub(from).Seconds(); dt > 0 && len(active) > 0 {
 			busy += dt
-			spanSlices = append(spanSlices, slice{dt, active})
+			intervals = append(intervals, interval{dt, active})
 		}
 	}
 	rate := float64(total) / busy // the link's throughput while migrations ran
 	fair := make([]float64, len(spans))
-	for _, sl := range spanSlices {
-		for _, i := range sl.active {
-			fair[i] += rate * sl.dt / float64(len(sl.active))
+	for _, iv := range intervals {
+		for _, i := range iv.active {
+			fair[i] += rate * iv.dt / float64(len(iv.active))
 		}
 	}
 	shares := make([]float64, len(spans))

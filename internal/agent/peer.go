@@ -148,7 +148,7 @@ func (a *Agent) incoming(w http.ResponseWriter, r *http.Request) {
 	a.router.Add(route, sock) // its connections are dropped until the VM process listens
 	v, err := a.startVM(r.Context(), StartRequest{Name: req.Name, Args: args, route: route})
 	if err == nil {
-		_, err = a.waitIncoming(r.Context(), v.Control)
+		err = a.waitIncoming(r.Context(), v.Control)
 	}
 	if err != nil {
 		a.router.Remove(route)
@@ -168,8 +168,8 @@ func peerName(cs *tls.ConnectionState) string {
 	return c.Subject.CommonName
 }
 
-// waitIncoming waits until the VM process listens for its migration and returns where.
-func (a *Agent) waitIncoming(ctx context.Context, sock string) (string, error) {
+// waitIncoming waits until the VM process listens for its migration.
+func (a *Agent) waitIncoming(ctx context.Context, sock string) error {
 	ctx, cancel := context.WithTimeout(ctx, StartTimeout)
 	defer cancel()
 	for {
@@ -177,11 +177,11 @@ func (a *Agent) waitIncoming(ctx context.Context, sock string) (string, error) {
 			Incoming string `json:"incoming"`
 		}
 		if err := control.Dial(sock).Call(ctx, http.MethodGet, "/v1/stats", nil, &s); err == nil && s.Incoming != "" {
-			return s.Incoming, nil
+			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return "", errors.New("it does not listen for the migration")
+			return errors.New("it does not listen for the migration")
 		case <-time.After(10 * time.Millisecond):
 		}
 	}

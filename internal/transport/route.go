@@ -150,16 +150,16 @@ func (r *Router) take(c net.Conn) {
 	c.SetReadDeadline(time.Time{})
 	if err == nil && route != "" {
 		err = r.pass(c, route)
-		c.Close() // the process holds its own descriptor now
+		c.Close() // passed, the process holds a descriptor of its own
+		if err == nil {
+			return
+		}
 	}
 	if err != nil {
 		c.Close()
 		if r.Dropped != nil {
 			r.Dropped(c.RemoteAddr(), err)
 		}
-		return
-	}
-	if route != "" {
 		return
 	}
 	select {
@@ -266,8 +266,7 @@ func (l routedListener) Accept() (net.Conn, error) {
 		if err == nil {
 			return c, nil
 		}
-		// One bad hand-over loses only that connection; the router, unanswered, reports it.
-		_ = err
+		// A bad hand-over loses only that connection: the router, unanswered, reports it.
 	}
 }
 
