@@ -24,6 +24,11 @@ type Description struct {
 	Layout  Layout
 	VCPUs   int
 	Devices []string // component ids: exactly the ids SaveState may return
+	// Base, when not zero, is the template the VM's memory was cloned from (its content
+	// hash): Populated then returns the pages the VM changed since, and the destination
+	// starts from the same template (BaseHolder), so that only those pages travel. Such a VM
+	// migrates by pre-copy: its memory is no file to hand over or to demand-page into.
+	Base [32]byte
 }
 
 // Section is one component's saved state. Version belongs to the component: a destination
@@ -113,6 +118,14 @@ type SharedMemory interface {
 // this host maps no such file, or one of another size or id.
 type SharedMemoryAdopter interface {
 	AdoptSharedMemory(d Description, id [16]byte) error
+}
+
+// BaseHolder is an optional Destination capability: it can start from a template's memory.
+// HasBase reports, before Prepare, whether it holds the template named id (nil) or why not;
+// Prepare then builds the VM on that template (Description.Base) and pages not sent keep the
+// template's content.
+type BaseHolder interface {
+	HasBase(id [32]byte) error
 }
 
 // fdTaker is a connection that keeps the file descriptors its peer passes (a Unix socket of

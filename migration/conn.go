@@ -147,7 +147,7 @@ func errorCode(err error, side string) wire.ErrCode {
 
 // toWire converts a description for the Hello frame.
 func toWire(d Description) wire.Description {
-	w := wire.Description{PageSize: d.Layout.PageSize, VCPUs: d.VCPUs, Devices: d.Devices}
+	w := wire.Description{PageSize: d.Layout.PageSize, VCPUs: d.VCPUs, Devices: d.Devices, Base: d.Base}
 	for _, r := range d.Layout.Regions {
 		w.Regions = append(w.Regions, wire.Region{Name: r.Name, GPA: r.GPA, Size: r.Size})
 	}
@@ -155,7 +155,7 @@ func toWire(d Description) wire.Description {
 }
 
 func fromWire(w *wire.Description) Description {
-	d := Description{Layout: Layout{PageSize: w.PageSize}, VCPUs: w.VCPUs, Devices: w.Devices}
+	d := Description{Layout: Layout{PageSize: w.PageSize}, VCPUs: w.VCPUs, Devices: w.Devices, Base: w.Base}
 	for _, r := range w.Regions {
 		d.Layout.Regions = append(d.Layout.Regions, Region{Name: r.Name, GPA: r.GPA, Size: r.Size})
 	}

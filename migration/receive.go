@@ -252,6 +252,20 @@ func (rc *receiver) migrate() error {
 	if _, ok := rc.dst.(SharedMemoryAdopter); ok {
 		supported |= wire.CapShared
 	}
+	var noBase error
+	if hello.Caps&wire.CapBase != 0 {
+		bh, ok := rc.dst.(BaseHolder)
+		switch {
+		case !ok:
+			noBase = fmt.Errorf("%w: the source's VM is a clone of template %x, and this VMM cannot start from a template", ErrNoBase, desc.Base)
+		default:
+			if err := bh.HasBase(desc.Base); err != nil {
+				noBase = fmt.Errorf("%w: the source's VM is a clone of template %x: %v", ErrNoBase, desc.Base, err)
+			} else {
+				supported |= wire.CapBase
+			}
+		}
+	}
 	accepted := hello.Caps & supported
 	memory := accepted & (wire.CapHandover | wire.CapShared)
 	if memory == wire.CapHandover|wire.CapShared {
@@ -259,6 +273,11 @@ func (rc *receiver) migrate() error {
 	}
 	if memory != 0 {
 		accepted &= memory | wire.CapBlackout // no pages travel: nothing else applies
+	}
+	if noBase != nil {
+		// Declining the base tells the source why nothing can follow; no VM is built here.
+		rc.link.w.WriteWelcome(&wire.Welcome{Caps: accepted})
+		return noBase
 	}
 	rc.caps = accepted
 	rc.wdesc = &hello.Desc

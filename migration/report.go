@@ -37,6 +37,9 @@ var (
 	// did not say that it failed before it ran the VM: it may have run it on the memory handed
 	// over. The source stays paused and must not run the VM again.
 	ErrHandoverUndecided = errors.New("migration: handover undecided")
+	// ErrNoBase: the source's VM is a clone of a template the destination does not hold (or
+	// the mode cannot move a clone). The source has not paused.
+	ErrNoBase = errors.New("migration: the VM's template is not at the destination")
 )
 
 // PageCounts counts pages by how they travelled, over all rounds.
@@ -45,6 +48,7 @@ type PageCounts struct {
 	Zero       uint64 `json:"zero"`
 	Hole       uint64 `json:"hole"`       // skipped: not populated in round 1
 	Free       uint64 `json:"free"`       // skipped: reported free by the guest (each time a set dropped one)
+	Base       uint64 `json:"base"`       // skipped: the template's pages a clone never changed (the destination clones it too)
 	Compressed uint64 `json:"compressed"` // zstd or s2 (the report's compression says which)
 	Dedup      uint64 `json:"dedup"`
 	Delta      uint64 `json:"delta"`
@@ -52,7 +56,7 @@ type PageCounts struct {
 
 func pageCounts(c *pages.Counters) PageCounts {
 	return PageCounts{
-		Raw: c.Get(pages.Raw), Zero: c.Get(pages.Zero), Hole: c.Get(pages.Hole), Free: c.Get(pages.Free),
+		Raw: c.Get(pages.Raw), Zero: c.Get(pages.Zero), Hole: c.Get(pages.Hole), Free: c.Get(pages.Free), Base: c.Get(pages.Base),
 		Compressed: c.Get(pages.Compressed) + c.Get(pages.S2), Dedup: c.Get(pages.Dedup), Delta: c.Get(pages.Delta),
 	}
 }

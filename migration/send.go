@@ -257,6 +257,9 @@ func Send(ctx context.Context, src Source, conn io.ReadWriter, opts SendOptions)
 	if _, err := NewPrepager(opts.Prepage, nil, nil, nil); err != nil {
 		return bad(err)
 	}
+	if base := src.Describe().Base; base != ([32]byte{}) && opts.Mode != ModePrecopy {
+		return bad(fmt.Errorf("%w: the VM is a clone of template %x, which migrates by pre-copy only (its memory is the template's file mapped copy-on-write: no file to hand over or share, and post-copy cannot place pages into it); use mode %s", ErrNoBase, base[:6], ModePrecopy))
+	}
 	if opts.ResumeID != "" {
 		id, err := wire.ParseMigrationID(opts.ResumeID)
 		if err != nil {
@@ -638,8 +641,12 @@ func (s *sender) populated() ([]Bitmap, error) {
 	if err := checkBitmaps("Populated", set, &s.desc.Layout); err != nil {
 		return nil, err
 	}
+	skipped := pages.Hole
+	if s.desc.Base != ([32]byte{}) {
+		skipped = pages.Base
+	}
 	for r, bm := range set {
-		s.cls.Counters.Add(pages.Hole, s.sizes[r]-bm.Count(s.sizes[r]))
+		s.cls.Counters.Add(skipped, s.sizes[r]-bm.Count(s.sizes[r]))
 	}
 	return s.dropFree(set), nil
 }
@@ -681,6 +688,9 @@ func (s *sender) migrate() error {
 		s.pre = newPrecopyDriver(s) // before the reader goroutine, which checks its rounds
 	}
 	var offered wire.Caps
+	if s.desc.Base != ([32]byte{}) {
+		offered |= wire.CapBase
+	}
 	switch s.opts.Mode {
 	case ModeHandover:
 		offered |= wire.CapHandover
@@ -786,6 +796,9 @@ func (s *sender) migrate() error {
 	}
 	if s.opts.Mode == ModeHandover && welcome.Caps&wire.CapHandover == 0 {
 		return fmt.Errorf("%w: the destination declined it (it is another host, or its VMM cannot map memory it is given); migrate with mode %s", ErrNoHandover, ModePrecopy)
+	}
+	if s.desc.Base != ([32]byte{}) && welcome.Caps&wire.CapBase == 0 {
+		return fmt.Errorf("%w: the VM is a clone of template %x, which the destination does not hold; push it there first (godwit template push)", ErrNoBase, s.desc.Base)
 	}
 	if s.opts.Mode == ModeSharedMemory && welcome.Caps&wire.CapShared == 0 {
 		return fmt.Errorf("%w: the destination maps no shared memory file (start it with godwit run --incoming ... --memory-file PATH, the same memory); migrate with mode %s to copy the memory", ErrNoHandover, ModePrecopy)

@@ -28,6 +28,7 @@ type AgentCmd struct {
 	Listen   string `placeholder:"HOST:PORT" help:"Take migrations from other agents here ('migrate --to agent:HOST:PORT' on theirs): for each, this agent starts the VM process that receives it, and passes it the migration's connections, which all come to this one port. Needs mutual TLS (--tls-*; --tls-peer names the agents accepted) or, explicitly, --insecure. Default: none."`
 	Insecure bool   `help:"Let agents meet over plain TCP, without TLS: anyone who reaches --listen can then start a VM here and send it memory. For testbeds only."`
 	TLSFlags
+	TemplateStoreFlag
 }
 
 func (c *AgentCmd) Help() string {
@@ -83,7 +84,7 @@ func (c *AgentCmd) Run(g *Globals, ctx context.Context) error {
 		}
 		peering.Files = agent.TLSFiles{CA: c.TLSCA, Cert: c.TLSCert, Key: c.TLSKey}
 	}
-	a, err := agent.New(agent.Config{StateDir: c.StateDir, Socket: c.Socket, Binary: bin, Metrics: c.Metrics, Peering: peering, Log: slog.New(h)})
+	a, err := agent.New(agent.Config{StateDir: c.StateDir, Socket: c.Socket, Binary: bin, Metrics: c.Metrics, Peering: peering, Templates: c.Templates, Log: slog.New(h)})
 	if err != nil {
 		return err
 	}

@@ -40,18 +40,19 @@ type Globals struct {
 type CLI struct {
 	Globals
 
-	Run     RunCmd     `cmd:"" help:"Run a VM in the foreground, serving a control socket."`
-	Stats   StatsCmd   `cmd:"" help:"Show a running VM's figures."`
-	Verify  VerifyCmd  `cmd:"" help:"Make the guest re-check every page it owns; exits 1 on any mismatch."`
-	Pause   PauseCmd   `cmd:"" help:"Stop a VM's vCPUs."`
-	Resume  ResumeCmd  `cmd:"" help:"Run a paused VM's vCPUs again."`
-	Balloon BalloonCmd `cmd:"" help:"Set the guest's balloon target (churn workload): free memory it hands back to the host, which no migration then sends."`
-	Quit    QuitCmd    `cmd:"" help:"Make the guest verify its memory and exit, ending the VM process."`
-	Migrate MigrateCmd `cmd:"" help:"Live-migrate a running VM to a 'godwit run --incoming' on another host (pre-copy, post-copy or hybrid)."`
-	Bench   BenchCmd   `cmd:"" help:"Run the migration scenario suite on godwit and on QEMU (the baseline); write results, a report and plots."`
-	Cert    CertCmd    `cmd:"" help:"Make a test CA and host certificates for mutual TLS between hosts."`
-	Agent   AgentCmd   `cmd:"" help:"Run the per-host daemon that starts, watches and lists VMs (the CLI reaches it with --agent SOCK)."`
-	Ps      PsCmd      `cmd:"" help:"List the agent's VMs (needs --agent)."`
+	Run      RunCmd      `cmd:"" help:"Run a VM in the foreground, serving a control socket."`
+	Stats    StatsCmd    `cmd:"" help:"Show a running VM's figures."`
+	Verify   VerifyCmd   `cmd:"" help:"Make the guest re-check every page it owns; exits 1 on any mismatch."`
+	Pause    PauseCmd    `cmd:"" help:"Stop a VM's vCPUs."`
+	Resume   ResumeCmd   `cmd:"" help:"Run a paused VM's vCPUs again."`
+	Balloon  BalloonCmd  `cmd:"" help:"Set the guest's balloon target (churn workload): free memory it hands back to the host, which no migration then sends."`
+	Quit     QuitCmd     `cmd:"" help:"Make the guest verify its memory and exit, ending the VM process."`
+	Migrate  MigrateCmd  `cmd:"" help:"Live-migrate a running VM to a 'godwit run --incoming' on another host (pre-copy, post-copy or hybrid)."`
+	Bench    BenchCmd    `cmd:"" help:"Run the migration scenario suite on godwit and on QEMU (the baseline); write results, a report and plots."`
+	Cert     CertCmd     `cmd:"" help:"Make a test CA and host certificates for mutual TLS between hosts."`
+	Agent    AgentCmd    `cmd:"" help:"Run the per-host daemon that starts, watches and lists VMs (the CLI reaches it with --agent SOCK)."`
+	Ps       PsCmd       `cmd:"" help:"List the agent's VMs (needs --agent)."`
+	Template TemplateCmd `cmd:"" help:"Templates: save a paused VM as one, list, push to another host's store, remove; 'godwit run --template' clones VMs from them."`
 }
 
 // exitError carries a process exit status with an already printed message.

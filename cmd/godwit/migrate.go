@@ -44,6 +44,7 @@ type MigrateCmd struct {
 	Compress      string        `default:"none" placeholder:"none|zstd|s2|auto" help:"How pages that hold data travel: none (raw); zstd (each page that shrinks by an eighth or more goes as a zstd frame of its own; the others raw); s2 (the same as S2 blocks: about a quarter of zstd's CPU, pages a third larger); auto (zstd for the batches the bandwidth cap would hold back, raw for the others, so that the CPU compresses only while the link is the limit; without --max-bandwidth, raw). zstd pays where the link, not the CPU, is the limit: it costs 20 to 40 µs per page of text on one core here, so over a fast link it can make the migration slower. A destination that cannot decode it gets raw pages, and the report says so. Default ${default}."`
 	CompressLevel string        `name:"compress-level" default:"fastest" placeholder:"LEVEL" help:"--compress zstd or auto: fastest, default, better or best (slower, a few per cent smaller). Default ${default}."`
 	Delta         bool          `help:"precopy, hybrid: send a page that changed little since the copy sent before in an earlier round as its change (the words that differ), while that copy is in a cache of --delta-cache at the source; the destination applies it to the page it holds. Pays for guests that rewrite pages with small changes; costs a copy of each page sent into the cache. A destination that cannot do it gets whole pages, and the report says so."`
+	Flatten       bool          `help:"For a VM cloned from a template: send its whole memory, the template's pages too, to a destination that does not hold the template (it arrives as a VM of its own). Without it a clone sends only the pages it changed, and a destination without its template refuses it."`
 	Dedup         bool          `help:"Send a page whose content a page sent before holds at the destination as a reference to that page (28 bytes), checked there by SHA-256 before it is copied; after a post-copy switch a reference to a page the running guest has changed since is fetched again. Pays for guests with many identical pages; costs a hash of each page sent and an index of about 50 bytes per distinct page at the source. A destination that cannot do it gets whole pages, and the report says so."`
 	DeltaCache    Size          `name:"delta-cache" default:"64M" placeholder:"SIZE" help:"--delta: the source's cache of pages sent (a page that is not in it goes whole). Default ${default}."`
 	FreePages     string        `name:"free-pages" enum:"on,off" default:"on" help:"on: a guest that reports its free pages (workload churn) has none of them sent (pre-copy skips them and drops them from later rounds; post-copy never fetches them: they read as zero at the destination); off: send them like any other page, to compare. The report says whether the guest reported (${enum}). Default ${default}."`
@@ -275,6 +276,7 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 			req.Delta, req.DeltaCacheBytes = true, uint64(c.DeltaCache)
 		}
 		req.Dedup = c.Dedup
+		req.Flatten = c.Flatten
 		if c.Mode == migration.ModePostcopy || c.Mode == migration.ModeHybrid {
 			req.Prepage = c.Prepage
 			req.SampleBeforeMS = c.SampleBefore.Milliseconds()
@@ -426,6 +428,9 @@ func printReport(r migration.Report) {
 	fmt.Printf("pages        raw %d, zero %d, holes skipped %d", r.Pages.Raw, r.Pages.Zero, r.Pages.Hole)
 	if r.Pages.Free > 0 {
 		fmt.Printf(", free skipped %d", r.Pages.Free)
+	}
+	if r.Pages.Base > 0 {
+		fmt.Printf(", template's skipped %d", r.Pages.Base)
 	}
 	if r.Pages.Dedup > 0 {
 		fmt.Printf(", dedup %d (%s saved)", r.Pages.Dedup, formatBytes(r.Saved.Dedup))

@@ -53,6 +53,10 @@ type RunCmd struct {
 	DirtyTracking string `name:"dirty-tracking" enum:"auto,ring,bitmap" default:"auto" help:"How a migration away from this VM learns of the pages the guest writes: ring, KVM's dirty ring (its cost follows the pages written), or bitmap, KVM's dirty bitmap (its cost follows the memory's size, written or not); auto takes the ring where KVM offers it. The migration report says which (${enum})."`
 	MemoryFile    string `name:"memory-file" placeholder:"PATH" help:"Put guest memory in this file on shared memory (tmpfs such as /dev/shm, hugetlbfs, or a DAX device) instead of anonymous memory: another host that maps the same memory can take the VM over with 'migrate --shared-memory', which copies no page. The file must not exist; it holds the memory and a label page that names it. With --incoming: the memory file of the VM to come, as this host sees it (the source's, for --shared-memory; else a new one). The file stays when the VM ends."`
 	TLSFlags
+	Template    string  `placeholder:"ID" help:"Clone the VM from this template (its id or enough of its first digits; see 'godwit template'): its memory maps the template's copy-on-write, so clones share every page they do not write, and it continues where the template's VM was paused. Size, vCPUs and workload are the template's (--mem, --vcpus and the workload flags do not apply). A clone migrates by pre-copy to a host whose store holds the template, sending only the pages it changed."`
+	Diverge     float64 `default:"0" help:"With --template: the fraction of its data pages (0..1) the clone rewrites once as it starts, with content of its own (from --diverge-seed): the private data clones of one template hold."`
+	DivergeSeed uint32  `name:"diverge-seed" default:"0" help:"With --diverge: the seed of what the clone writes; 0 = from the VM's name."`
+	TemplateStoreFlag
 	Localize bool `help:"With --incoming and --memory-file: once the migration is over, move guest memory out of the memory file into memory of this process while the guest runs (copy rounds with the dirty log on, then a pause of a millisecond or two for the last pages), as a VM that arrived on a shared memory pool moves into the host's own memory. Stats show it; migrating the VM on waits until it is done. The memory file stays, for its owner to remove."`
 	WorkloadFlags
 }
@@ -97,8 +101,17 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 	if c.IncomingTimeout < 0 || (c.IncomingTimeout > 0 && c.Incoming == "") {
 		return fmt.Errorf("--incoming-timeout %v: want a positive duration, with --incoming", c.IncomingTimeout)
 	}
+	if c.Template != "" && (c.Incoming != "" || c.MemoryFile != "" || c.Balloon != "0") {
+		return errors.New("--template clones a VM: its memory is the template's, so it takes no --incoming, --memory-file or --balloon")
+	}
+	if c.Diverge < 0 || c.Diverge > 1 || (c.Diverge > 0 && c.Template == "") {
+		return fmt.Errorf("--diverge %v: want a fraction 0..1, with --template", c.Diverge)
+	}
 	if g.Agent != "" {
 		return c.runUnderAgent(g, ctx)
+	}
+	if c.Template != "" {
+		return c.runClone(g, ctx)
 	}
 	if c.Incoming != "" {
 		return c.runIncoming(g, ctx)
@@ -135,6 +148,62 @@ func (c *RunCmd) Run(g *Globals, ctx context.Context) error {
 		return err
 	}
 	return p.run(ctx, m)
+}
+
+// runClone runs a VM cloned from a template.
+func (c *RunCmd) runClone(g *Globals, ctx context.Context) error {
+	t, err := c.store().Find(c.Template)
+	if err != nil {
+		return fmt.Errorf("--template: %w", err)
+	}
+	tsecs, err := t.Sections()
+	if err != nil {
+		return fmt.Errorf("--template: %w", err)
+	}
+	secs := make([]vmm.Section, len(tsecs))
+	for i, s := range tsecs {
+		secs[i] = vmm.Section{ID: s.ID, Version: s.Version, Data: s.Data}
+	}
+	m, err := vmm.NewClone(vmm.Config{
+		Name: c.Name, MemBytes: t.Meta.MemBytes, VCPUs: t.Meta.VCPUs, KVMDevice: c.KVMDevice,
+		Console: consolePrinter(g), DirtyTracking: c.DirtyTracking,
+		Clone: &vmm.CloneSource{ID: t.ID, MemoryPath: t.MemoryPath()},
+	}, secs)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	p, err := newVMProcess(g, c.Name, c.controlPath())
+	if err != nil {
+		return err
+	}
+	defer p.close()
+	p.setMachine(m)
+	if c.Diverge > 0 {
+		salt := c.DivergeSeed
+		if salt == 0 {
+			salt = cloneSalt(c.Name)
+		}
+		if err := m.Diverge(uint32(c.Diverge*1000+0.5), salt); err != nil {
+			return fmt.Errorf("--diverge: %w", err)
+		}
+	}
+	if err := m.Start(); err != nil {
+		return err
+	}
+	if !g.JSON {
+		fmt.Fprintf(os.Stderr, "godwit: VM %q cloned from template %s\n", c.Name, t.ID.Short())
+	}
+	return p.run(ctx, m)
+}
+
+// bases finds a template of the store by id, for an incoming clone.
+func (c *RunCmd) bases(id [32]byte) (string, error) {
+	t, err := c.store().Get(id)
+	if err != nil {
+		return "", fmt.Errorf("%w (push it with 'godwit template push')", err)
+	}
+	return t.MemoryPath(), nil
 }
 
 // runIncoming waits for one incoming migration, then runs the machine it brought. The listener
@@ -201,6 +270,7 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	// Which godwit receives it, for matching the two sides' logs (the source logs its own).
 	fmt.Fprintf(os.Stderr, "godwit: VM %q: incoming migration from %s; %s\n", c.Name, conn.RemoteAddr(), versionLine())
 	vdst := &vmm.MigrationDestination{Template: vmm.Config{Name: c.Name, KVMDevice: c.KVMDevice, Console: consolePrinter(g), DirtyTracking: c.DirtyTracking, MemoryFile: c.MemoryFile}}
+	vdst.Bases = c.bases
 	dst := arrivingDestination{vdst, func() { p.arriving(vdst.M) }}
 	opts := migration.ReceiveOptions{
 		LinkTimeout: c.LinkTimeout,

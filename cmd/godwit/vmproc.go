@@ -316,6 +316,16 @@ func (p *vmProcess) register() {
 		}
 		return map[string]any{"written": len(data)}, nil
 	}))
+	srv.Handle(http.MethodPost, "/v1/template", withMachine(func(_ context.Context, m *vmm.Machine, body []byte) (any, error) {
+		var req templateSaveRequest
+		if err := json.Unmarshal(body, &req); err != nil || req.Store == "" {
+			return nil, badRequest(fmt.Errorf("template save: bad request body (want the store's directory): %v", err))
+		}
+		if err := p.busyLocalizing("a template save"); err != nil {
+			return nil, err
+		}
+		return saveTemplate(m, req.Store)
+	}))
 	srv.HandleStream(http.MethodPost, "/v1/migrate", p.migrateOut)
 	srv.Handle(http.MethodDelete, "/v1/migrate", func(context.Context, []byte) (any, error) {
 		p.mu.Lock()
@@ -354,6 +364,7 @@ type MigrateRequest struct {
 	IgnoreFreePages   bool   `json:"ignore_free_pages,omitempty"`   // send the pages the guest reports free too
 	Delta             bool   `json:"delta,omitempty"`               // precopy, hybrid: pages that changed little as deltas
 	DeltaCacheBytes   uint64 `json:"delta_cache_bytes,omitempty"`   // the source's cache for them; 0 = default
+	Flatten           bool   `json:"flatten,omitempty"`             // a clone: send the template's pages too
 	Dedup             bool   `json:"dedup,omitempty"`               // precopy, hybrid: pages identical to one sent before as references
 	// Mutual TLS on every connection (files on this host; tcp: only): all three files, or
 	// none for plain TCP.
@@ -417,11 +428,14 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 	if err := p.stillArriving("migrating it on"); err != nil {
 		return nil, err
 	}
+	if c := m.Config().Clone; c != nil && !req.Flatten && mode != migration.ModePrecopy {
+		return nil, badRequest(fmt.Errorf("migrate: mode %s: VM %q is a clone of template %x, which moves by pre-copy to a host that holds the template (its memory is the template's file mapped copy-on-write: nothing to hand over or demand-page into), or whole with --flatten in any mode that copies", mode, p.name, c.ID[:6]))
+	}
 	if _, ok := (vmm.MigrationSource{M: m}).SharedMemoryID(); mode == migration.ModeSharedMemory && !ok {
 		return nil, badRequest(fmt.Errorf("migrate: mode shared-memory: VM %q's memory is not in a memory file on shared memory (start it with 'godwit run --memory-file PATH')", p.name))
 	}
 	cfg := outgoing.Config{
-		Source: vmm.MigrationSource{M: m},
+		Source: vmm.MigrationSource{M: m, Flatten: req.Flatten},
 		To:     addr,
 		Options: migration.SendOptions{
 			DowntimeLimit:   time.Duration(req.DowntimeLimitMS) * time.Millisecond,

@@ -49,12 +49,15 @@ import (
 
 // Config is what an agent needs.
 type Config struct {
-	StateDir string       // the VMs' records, logs and control sockets (made 0700)
-	Socket   string       // the API's Unix socket
-	Binary   string       // the godwit binary the VMs run
-	Metrics  string       // where to serve Prometheus metrics (HOST:PORT, GET /metrics); "": nowhere
-	Peering  Peering      // how other agents reach this one (peer.go)
-	Log      *slog.Logger // nil: slog.Default()
+	StateDir string  // the VMs' records, logs and control sockets (made 0700)
+	Socket   string  // the API's Unix socket
+	Binary   string  // the godwit binary the VMs run
+	Metrics  string  // where to serve Prometheus metrics (HOST:PORT, GET /metrics); "": nowhere
+	Peering  Peering // how other agents reach this one (peer.go)
+	// Templates is the template store (templates.go); its VMs are started with it, and a
+	// clone's template is pushed from it to a destination agent that lacks it. "": none.
+	Templates string
+	Log       *slog.Logger // nil: slog.Default()
 }
 
 // StartTimeout bounds how long a VM process may take to serve its control socket.
@@ -148,6 +151,7 @@ func New(cfg Config) (*Agent, error) {
 	srv.Handle(http.MethodPost, "/v1/vms", a.start)
 	srv.HandleUnder("/v1/vms/", http.HandlerFunc(a.perVM))
 	srv.HandleUnder("/v1/events", http.HandlerFunc(a.obs.events))
+	srv.HandleUnder("/v1/templates/", http.HandlerFunc(a.apiPush))
 	return a, nil
 }
 
@@ -217,6 +221,9 @@ func (a *Agent) startVM(ctx context.Context, req StartRequest) (VM, error) {
 		if slices.Contains([]string{"--name", "--control", "--json", "--agent", "--help", "-h", "--version"}, flag) {
 			return VM{}, badRequest(fmt.Errorf("start: %s is the agent's to set (it names the VM, its control socket and its output)", flag))
 		}
+	}
+	if a.cfg.Templates != "" && !slices.ContainsFunc(req.Args, func(arg string) bool { return strings.HasPrefix(arg, "--templates") }) {
+		req.Args = append(slices.Clip(req.Args), "--templates", a.cfg.Templates)
 	}
 	a.mu.Lock()
 	if a.draining {

@@ -31,6 +31,7 @@ type Event struct {
 	Progress *migration.Progress `json:"progress,omitempty"`
 	Report   *migration.Report   `json:"report,omitempty"`
 	Error    string              `json:"error,omitempty"`
+	Template *TemplatePush       `json:"template,omitempty"` // event template-pushed
 }
 
 // observer keeps the metrics and hands events to the event stream's subscribers.
@@ -41,6 +42,7 @@ type observer struct {
 	downtime   *prometheus.HistogramVec
 	total      *prometheus.HistogramVec
 	faults     prometheus.Counter
+	pushBytes  prometheus.Counter
 	faultLat   prometheus.Histogram
 
 	mu   sync.Mutex
@@ -70,7 +72,10 @@ func newObserver(a *Agent) *observer {
 		Name: "godwit_postcopy_fault_latency_seconds", Help: "Post-copy fault service latency at the destination (each migration's sample of up to 1000 faults).",
 		Buckets: prometheus.ExponentialBuckets(0.00002, 2, 14), // 20 µs to 160 ms
 	})
-	o.reg.MustRegister(o.migrations, o.bytes, o.downtime, o.total, o.faults, o.faultLat, vmCollector{a})
+	o.pushBytes = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "godwit_template_push_bytes_total", Help: "Bytes of templates this agent pushed to other agents (apart from any migration's bytes).",
+	})
+	o.reg.MustRegister(o.migrations, o.bytes, o.downtime, o.total, o.faults, o.faultLat, o.pushBytes, vmCollector{a})
 	return o
 }
 
@@ -88,6 +93,12 @@ func (o *observer) publish(e Event) {
 		default: // a subscriber that does not keep up misses events rather than holding up migrations
 		}
 	}
+}
+
+// pushed counts a template pushed to another agent and publishes it.
+func (o *observer) pushed(p TemplatePush) {
+	o.pushBytes.Add(float64(p.Bytes))
+	o.publish(Event{Time: time.Now(), Event: "template-pushed", Template: &p})
 }
 
 // ended counts a migration's end and publishes it.

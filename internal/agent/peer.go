@@ -108,6 +108,8 @@ const IncomingTimeout = time.Minute
 func (a *Agent) servePeers(ln net.Listener) *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/incoming", a.incoming)
+	mux.HandleFunc("GET /v1/templates/{id}", a.peerTemplate)
+	mux.HandleFunc("PUT /v1/templates/{id}", a.peerTemplate)
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go hs.Serve(ln)
 	return hs
@@ -192,14 +194,22 @@ func (a *Agent) waitIncoming(ctx context.Context, sock string) error {
 // the VM's control API) is rewritten to go there, with this agent's certificates.
 func (a *Agent) toAgent(ctx context.Context, name, addr string, body map[string]any) error {
 	p := a.cfg.Peering
-	if p.Security == nil && !p.Insecure {
-		return errors.New("migrate --to agent: this agent has no TLS for other agents: start it with --tls-ca, --tls-cert and --tls-key (or, explicitly, --insecure)")
+	hc, err := a.peerClient(addr)
+	if err != nil {
+		return fmt.Errorf("migrate --to agent: %w", err)
 	}
-	peer := transport.Address{Network: transport.TCP, Addr: addr, Security: p.Security}
-	hc := &http.Client{Transport: &http.Transport{
-		DisableKeepAlives: true,
-		DialContext:       func(ctx context.Context, _, _ string) (net.Conn, error) { return peer.Dial(ctx) },
-	}}
+	if flatten, _ := body["flatten"].(bool); !flatten {
+		// A clone goes to a host that holds its template: pushed there first if need be.
+		id, err := a.cloneOf(ctx, name)
+		if err != nil {
+			return err
+		}
+		if id != "" {
+			if _, err := a.pushTemplate(ctx, addr, id); err != nil {
+				return fmt.Errorf("VM %q is a clone of template %.12s, which the destination agent lacks, and it could not be pushed there (or migrate with --flatten): %w", name, id, err)
+			}
+		}
+	}
 	b, _ := json.Marshal(IncomingRequest{Name: name})
 	ctx, cancel := context.WithTimeout(ctx, peerTimeout)
 	defer cancel()

@@ -141,6 +141,9 @@ const (
 	// PortBalloonHeld answers CmdBalloonList: the mailbox list names eax pages that are in the
 	// balloon already (named before, by PortBalloonInflate); the VMM may release them now.
 	PortBalloonHeld = 0x50a
+	// PortDiverge (in) answers CmdDiverge, read twice: the per mille of its data pages the
+	// vCPU rewrites, then the salt that picks them and sets their new versions.
+	PortDiverge = 0x50b
 	// PortFault is written by the VMM's exception stubs at CPL0, never by the guest (its bit in
 	// the I/O bitmap stays set): the vCPU faulted; the stack holds vector, error code and the
 	// CPU's exception frame.
@@ -163,6 +166,10 @@ const (
 	// unit of work. A VMM that could not release pages when they went in (it was receiving by
 	// post-copy then) asks for it once it can.
 	CmdBalloonList Command = 5
+	// CmdDiverge: rewrite a share of the slice's data pages once, with versions of their own
+	// (PortDiverge gives the share and a salt). A VM cloned from a template does it so that
+	// clones of one template hold private data beside the template's, as clones do.
+	CmdDiverge Command = 6
 )
 
 // BalloonAuto marks a balloon target that is a per mille of the free pages (in its low bits)

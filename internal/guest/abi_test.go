@@ -28,6 +28,7 @@ var goToC = map[string]string{
 	"PortBalloonTarget": "PORT_BALLOON_TARGET", "PortBalloonInflate": "PORT_BALLOON_INFLATE", "CmdBalloon": "CMD_BALLOON",
 	"BalloonAuto": "BALLOON_AUTO", "MbBalloonPages": "MB_BALLOON_PAGES",
 	"PortBalloonHeld": "PORT_BALLOON_HELD", "CmdBalloonList": "CMD_BALLOON_LIST",
+	"PortDiverge": "PORT_DIVERGE", "CmdDiverge": "CMD_DIVERGE",
 	"MbBalloonDeflate": "MB_BALLOON_DEFLATED", "MbBalloonDemand": "MB_BALLOON_DEMAND", "ParPeakPermille": "PAR_PEAK_PERMILLE",
 	"ParPrivatePermille": "PAR_PRIVATE_PERMILLE", "ParNearPermille": "PAR_NEAR_PERMILLE", "ParPrivateSeed": "PAR_PRIVATE_SEED",
 

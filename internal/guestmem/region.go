@@ -26,6 +26,8 @@ type Region struct {
 	Mem []byte
 
 	fd int
+	// clone is set on a region cloned from a template (clone.go); fd is /proc/self/mem then.
+	clone *cloneOf
 	// label is the pages the file holds beyond guest memory (a memory file's label page).
 	label uint64
 	mu    sync.Mutex
@@ -93,8 +95,13 @@ func mapRegion(name string, gpa, size uint64, fd int) (*Region, error) {
 	return &Region{Name: name, GPA: gpa, Size: size, Mem: mem, fd: fd}, nil
 }
 
-// Fd returns the memfd (still owned by the region).
-func (r *Region) Fd() int { return r.fd }
+// Fd returns the memfd (still owned by the region); -1 for a clone, which has none.
+func (r *Region) Fd() int {
+	if r.clone != nil {
+		return -1
+	}
+	return r.fd
+}
 
 // Pages is the number of pages in the region.
 func (r *Region) Pages() uint64 { return r.Size / PageSize }
@@ -103,7 +110,11 @@ func (r *Region) Pages() uint64 { return r.Size / PageSize }
 func (r *Region) Close() error {
 	err1 := unix.Munmap(r.Mem)
 	err2 := unix.Close(r.fd)
-	return errors.Join(err1, err2)
+	var err3 error
+	if r.clone != nil {
+		err3 = r.clone.close()
+	}
+	return errors.Join(err1, err2, err3)
 }
 
 // Contains reports whether [gpa, gpa+n) lies in the region.
@@ -133,7 +144,7 @@ func (r *Region) WriteGPA(gpa uint64, b []byte) error {
 // ReadAt reads guest memory through the memfd with pread, never through the mapping, so it is
 // safe on pages that userfaultfd has not filled yet (they read as zero).
 func (r *Region) ReadAt(b []byte, off int64) (int, error) {
-	n, err := unix.Pread(r.fd, b, off)
+	n, err := unix.Pread(r.fd, b, r.fileOffset(off))
 	if err != nil {
 		return n, fmt.Errorf("guestmem: pread %q at %d: %w", r.Name, off, err)
 	}
@@ -144,7 +155,7 @@ func (r *Region) ReadAt(b []byte, off int64) (int, error) {
 // allocates its pages in the kernel without a user page fault per page, which a copy through
 // the mapping would take.
 func (r *Region) WriteAt(b []byte, off int64) (int, error) {
-	n, err := unix.Pwrite(r.fd, b, off)
+	n, err := unix.Pwrite(r.fd, b, r.fileOffset(off))
 	if err != nil {
 		return n, fmt.Errorf("guestmem: pwrite %q at %d: %w", r.Name, off, err)
 	}
@@ -226,7 +237,13 @@ func (r *Region) TakeVMMDirty(add func(first, n uint64)) {
 // guest that touched pages at random, and the post-copy switch runs this while the guest is
 // paused; mincore answers for a whole range in one call at about 21 ns per page. So the walk
 // goes first, and when it meets more than seekRunsFirst runs, mincore answers for the rest.
+//
+// A clone's populated pages are its own, those it wrote since the clone: the others are the
+// template's, which a destination that clones the same template holds already.
 func (r *Region) Populated() (Bitmap, error) {
+	if r.clone != nil {
+		return r.ownPages()
+	}
 	b := NewBitmap(r.Pages())
 	blocks, err := r.blocks()
 	if err != nil {
@@ -331,7 +348,15 @@ func (r *Region) residentFrom(b Bitmap, off int64, blocks uint64) bool {
 }
 
 // PunchPages turns pages [first, first+n) into holes: they read as zero and free their memory.
+// A clone's pages read as the template's again instead (MADV_DONTNEED drops its copies): what
+// the guest gives back has no content it relies on, and the template holds no extra memory.
 func (r *Region) PunchPages(first, n uint64) error {
+	if r.clone != nil {
+		if err := unix.Madvise(r.Mem[first*PageSize:(first+n)*PageSize], unix.MADV_DONTNEED); err != nil {
+			return fmt.Errorf("guestmem: clone %q: dropping pages %d+%d: %w", r.Name, first, n, err)
+		}
+		return nil
+	}
 	if err := unix.Fallocate(r.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(first*PageSize), int64(n*PageSize)); err != nil {
 		return fmt.Errorf("guestmem: punch %q pages %d+%d: %w", r.Name, first, n, err)
 	}
@@ -339,7 +364,15 @@ func (r *Region) PunchPages(first, n uint64) error {
 }
 
 // ResidentBytes is how much of the region the host really holds (pages that are not holes).
+// A clone counts its own pages only: the template's are shared by every clone of it.
 func (r *Region) ResidentBytes() (uint64, error) {
+	if r.clone != nil {
+		own, err := r.ownPages()
+		if err != nil {
+			return 0, err
+		}
+		return own.Count() * PageSize, nil
+	}
 	var st unix.Stat_t
 	if err := unix.Fstat(r.fd, &st); err != nil {
 		return 0, fmt.Errorf("guestmem: fstat %q: %w", r.Name, err)

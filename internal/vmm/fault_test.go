@@ -96,7 +96,7 @@ func TestTSSOpensOnlyThePVPorts(t *testing.T) {
 		return block[i]&(1<<(port%8)) == 0
 	}
 	for port := 0; port < 0x10000; port++ {
-		want := port >= guest.PortConsole && port <= guest.PortBalloonHeld+3
+		want := port >= guest.PortConsole && port <= guest.PortDiverge+3
 		if open(port) != want {
 			t.Errorf("port 0x%x open %v, want %v", port, open(port), want)
 		}

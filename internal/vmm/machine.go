@@ -55,6 +55,10 @@ type Config struct {
 	// a DAX device) instead of a memfd: New creates it (it must not exist), except on the
 	// destination of a shared-memory migration, which maps the source's (memoryID).
 	MemoryFile string
+	// Clone, when set, clones guest memory from a template (template.go): its memory file
+	// mapped copy-on-write. The machine then boots no image; its state comes from the
+	// template (NewClone) or from a migration.
+	Clone *CloneSource
 
 	// memoryFD, when set, is the file of guest memory handed over by another VMM (a
 	// handover): New maps it instead of creating memory, and owns it from then on.
@@ -139,6 +143,9 @@ func New(cfg Config) (*Machine, error) {
 	if len(cfg.Image) > 0 && cfg.Params == nil {
 		return nil, errors.New("vmm: a guest image needs its params")
 	}
+	if cfg.Clone != nil && (len(cfg.Image) > 0 || cfg.MemoryFile != "" || cfg.memoryFD != nil) {
+		return nil, errors.New("vmm: a clone's memory is its template's: no image, memory file or memory handed over")
+	}
 	if cfg.memoryFD != nil && len(cfg.Image) > 0 {
 		return nil, errors.New("vmm: memory handed over holds a guest already: no image to boot")
 	}
@@ -173,6 +180,8 @@ func New(cfg Config) (*Machine, error) {
 		return nil, err
 	}
 	switch {
+	case cfg.Clone != nil:
+		m.mem, err = guestmem.CloneRegion("ram", 0, cfg.MemBytes, cfg.Clone.MemoryPath)
 	case cfg.memoryFD != nil:
 		fdOwned = false
 		m.mem, err = guestmem.AdoptRegion("ram", 0, cfg.MemBytes, *cfg.memoryFD)

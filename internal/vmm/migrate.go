@@ -39,8 +39,12 @@ func (m *Machine) deviceIDs() []string {
 	return append(ids, sectionPV)
 }
 
-// MigrationSource lets the engine migrate m away.
-type MigrationSource struct{ M *Machine }
+// MigrationSource lets the engine migrate m away. Flatten migrates a clone as a VM of its own,
+// template pages included, to a host that does not hold its template.
+type MigrationSource struct {
+	M       *Machine
+	Flatten bool
+}
 
 var (
 	_ migration.Source           = MigrationSource{}
@@ -54,7 +58,11 @@ var (
 )
 
 func (s MigrationSource) Describe() migration.Description {
-	return migration.Description{Layout: s.M.layout(), VCPUs: len(s.M.vcpus), Devices: s.M.deviceIDs()}
+	d := migration.Description{Layout: s.M.layout(), VCPUs: len(s.M.vcpus), Devices: s.M.deviceIDs()}
+	if c := s.M.cfg.Clone; c != nil && !s.Flatten {
+		d.Base = c.ID
+	}
+	return d
 }
 
 // SharedMemoryID is the id of the memory file guest RAM is in (Config.MemoryFile), for a
@@ -66,10 +74,19 @@ func (s MigrationSource) SharedMemoryID() ([16]byte, bool) {
 }
 
 // MemoryFDs returns the memfd of guest RAM, for a handover; it stays the machine's.
-func (s MigrationSource) MemoryFDs() ([]int, error) { return []int{s.M.mem.Fd()}, nil }
+func (s MigrationSource) MemoryFDs() ([]int, error) {
+	if s.M.mem.IsClone() {
+		return nil, fmt.Errorf("vmm: %s is a clone of a template: its memory is no file to hand over", s.M.cfg.Name)
+	}
+	return []int{s.M.mem.Fd()}, nil
+}
 
 func (s MigrationSource) Populated() ([]migration.Bitmap, error) {
-	b, err := s.M.mem.Populated()
+	populated := s.M.mem.Populated
+	if s.Flatten {
+		populated = s.M.mem.PopulatedFlat
+	}
+	b, err := populated()
 	if err != nil {
 		return nil, err
 	}
@@ -211,6 +228,9 @@ func (s MigrationSource) LastProgress() time.Time       { return s.M.LastHeartbe
 // come from the source's description.
 type MigrationDestination struct {
 	Template Config
+	// Bases finds the memory file of a template this host holds, for a VM cloned from it
+	// (migration.BaseHolder); nil: this destination takes no clones.
+	Bases func(id [32]byte) (memoryPath string, err error)
 	// M is the machine once Prepare has built it.
 	M *Machine
 
@@ -230,7 +250,21 @@ var (
 
 	_ migration.SharedMemory        = MigrationSource{}
 	_ migration.SharedMemoryAdopter = (*MigrationDestination)(nil)
+	_ migration.BaseHolder          = (*MigrationDestination)(nil)
 )
+
+// HasBase reports whether this host holds the template a clone was cloned from.
+func (d *MigrationDestination) HasBase(id [32]byte) error {
+	_, err := d.baseMemory(id)
+	return err
+}
+
+func (d *MigrationDestination) baseMemory(id [32]byte) (string, error) {
+	if d.Bases == nil {
+		return "", fmt.Errorf("vmm: this destination was started without a template store")
+	}
+	return d.Bases(id)
+}
 
 func (d *MigrationDestination) Prepare(desc migration.Description) error {
 	return d.build(desc, nil)
@@ -274,6 +308,13 @@ func (d *MigrationDestination) build(desc migration.Description, memoryFD *int) 
 	cfg.MemBytes, cfg.VCPUs = l.Regions[0].Size, desc.VCPUs
 	cfg.Image, cfg.Params = nil, nil
 	cfg.memoryFD = memoryFD
+	if desc.Base != ([32]byte{}) {
+		path, err := d.baseMemory(desc.Base)
+		if err != nil {
+			return err
+		}
+		cfg.Clone = &CloneSource{ID: desc.Base, MemoryPath: path}
+	}
 	m, err := New(cfg)
 	if err != nil {
 		return err
@@ -337,11 +378,23 @@ func (d *MigrationDestination) ReadPages(r int, first uint64, dst []byte) error 
 	return err
 }
 
-// ZeroPages punches the pages: a hole reads as zero and holds no memory.
+// ZeroPages punches the pages: a hole reads as zero and holds no memory. A clone's hole would
+// read as its template's page, so zeros are written there.
 func (d *MigrationDestination) ZeroPages(r int, first, n uint64) error {
 	mem, err := d.region(r, first, n)
 	if err != nil {
 		return err
+	}
+	if mem.IsClone() {
+		zero := make([]byte, min(n, 256)*guest.PageSize)
+		for done := uint64(0); done < n; {
+			k := min(n-done, uint64(len(zero))/guest.PageSize)
+			if _, err := mem.WriteAt(zero[:k*guest.PageSize], int64((first+done)*guest.PageSize)); err != nil {
+				return err
+			}
+			done += k
+		}
+		return nil
 	}
 	if d.M.pc.Load() != nil { // armed: a hole would be a page that is not there
 		return d.PlaceZero(r, first, n)

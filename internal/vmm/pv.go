@@ -56,6 +56,11 @@ type pvDevice struct {
 	balloonTarget []atomic.Uint32
 	// balloonList asks a vCPU for CmdBalloonList, after the others (releaseKept).
 	balloonList []atomic.Bool
+	// diverge asks a vCPU for CmdDiverge, after the others; it then reads divergeArgs, one
+	// word per read of PortDiverge (divergeRead counts them).
+	diverge     []atomic.Bool
+	divergeArgs [2]uint32
+	divergeRead []int
 
 	mu          sync.Mutex
 	startedAt   time.Time // when the vCPUs started (or, after a migration, resumed here)
@@ -77,6 +82,7 @@ func newPVDevice(m *Machine, n int) *pvDevice {
 	return &pvDevice{
 		m: m, cmd: make([]atomic.Uint32, n), reportFree: make([]atomic.Bool, n),
 		balloonCmd: make([]atomic.Bool, n), balloonTarget: make([]atomic.Uint32, n), balloonList: make([]atomic.Bool, n),
+		diverge: make([]atomic.Bool, n), divergeRead: make([]int, n),
 		perVCPU: make([]uint64, n), exited: make([]bool, n),
 	}
 }
@@ -110,6 +116,11 @@ func (p *pvDevice) handle(v *vcpu) (done bool, err error) {
 			v.throttle()
 		case guest.PortBalloonTarget:
 			reply = p.balloonTarget[v.id].Load()
+		case guest.PortDiverge:
+			p.mu.Lock()
+			reply = p.divergeArgs[p.divergeRead[v.id]%2]
+			p.divergeRead[v.id]++
+			p.mu.Unlock()
 		}
 		for i := range data {
 			data[i] = byte(reply >> (8 * i))
@@ -194,6 +205,12 @@ func (p *pvDevice) heartbeat(v *vcpu) guest.Command {
 	}
 	if p.balloonList[v.id].CompareAndSwap(true, false) {
 		return guest.CmdBalloonList
+	}
+	if p.diverge[v.id].CompareAndSwap(true, false) {
+		p.mu.Lock()
+		p.divergeRead[v.id] = 0
+		p.mu.Unlock()
+		return guest.CmdDiverge
 	}
 	return guest.CmdContinue
 }

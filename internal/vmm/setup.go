@@ -63,7 +63,7 @@ const (
 // openPorts are the ports CPL3 may use: the paravirtual ports, from the first to the last one
 // abi.go defines for the guest, each with all four bytes of its 32-bit access (the CPU checks
 // the bit of every byte accessed).
-var openPorts = [2]uint16{guest.PortConsole, guest.PortBalloonHeld + 3}
+var openPorts = [2]uint16{guest.PortConsole, guest.PortDiverge + 3}
 
 func tssSelector(id int) uint16 { return uint16(tssSelectorBase + 16*id) }
 func tssGPA(id int) uint64      { return guest.TSSGPA + uint64(id)*guest.TSSBlockSize }

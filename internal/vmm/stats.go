@@ -20,8 +20,11 @@ type Stats struct {
 	VCPUs    int            `json:"vcpus"`
 	MemBytes uint64         `json:"mem_bytes"`
 	Workload map[string]any `json:"workload,omitempty"`
-	// ResidentBytes is the guest memory the host really holds (memfd pages that are not holes).
+	// ResidentBytes is the guest memory the host really holds (memfd pages that are not holes;
+	// for a clone, the pages it wrote: the template's others are shared by all its clones).
 	ResidentBytes uint64 `json:"resident_bytes"`
+	// CloneOf is the template the VM's memory is cloned from (its id), if it is a clone.
+	CloneOf string `json:"clone_of,omitempty"`
 	// MemoryFile is the memory file on shared memory that guest memory is in ('run
 	// --memory-file'); empty for memory of the VM's own. Localized says how it moved out of
 	// one into its own memory, once it did; Localizing is true while it moves.
@@ -83,6 +86,9 @@ func (m *Machine) Stats() Stats {
 	}
 	m.mu.Lock()
 	s.MemoryFile, s.Localizing, s.Localized = m.cfg.MemoryFile, m.localizing, m.localized
+	if c := m.cfg.Clone; c != nil {
+		s.CloneOf = fmt.Sprintf("%x", c.ID)
+	}
 	m.mu.Unlock()
 	m.life.RLock()
 	if !m.released {

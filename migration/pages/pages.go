@@ -22,7 +22,8 @@ const (
 	S2         Kind = 5 // sent as an S2 block (package compress): cheaper than zstd, larger
 	Hole       Kind = 6 // never populated: not sent at all
 	Free       Kind = 7 // reported free by the guest: not sent (its content does not matter)
-	NumKinds        = 8
+	Base       Kind = 8 // the template's page, unchanged: not sent (the destination clones the template)
+	NumKinds        = 9
 )
 
 func (k Kind) String() string {
@@ -43,6 +44,8 @@ func (k Kind) String() string {
 		return "hole"
 	case Free:
 		return "free"
+	case Base:
+		return "base"
 	}
 	return fmt.Sprintf("kind %d", uint8(k))
 }
@@ -81,11 +84,11 @@ func (c *Counters) Add(k Kind, n uint64) { c[k] += n }
 // Get is the count for kind k.
 func (c *Counters) Get(k Kind) uint64 { return c[k] }
 
-// Total is the count over all kinds but holes and free pages (the pages that were sent).
+// Total is the count over all kinds but holes, free and base pages (the pages that were sent).
 func (c *Counters) Total() uint64 {
 	var t uint64
 	for k, n := range c {
-		if Kind(k) != Hole && Kind(k) != Free {
+		if Kind(k) != Hole && Kind(k) != Free && Kind(k) != Base {
 			t += n
 		}
 	}

@@ -44,6 +44,9 @@
 //	               and memory both hosts map from shared memory under CapShared (1<<9), the
 //	               same frames, Memory naming the memory file's id. New frames behind new
 //	               capabilities: the version stays 1.
+//	1  2026-12-04  memory cloned from a base (a template) under CapBase (1<<10): the Hello
+//	               carries the base's 32-byte id after the devices. A new field behind a new
+//	               capability: the version stays 1.
 //
 // The source sends its preamble first; the destination reads it and answers with its own, also
 // when the versions do not match (so both sides can report the mismatch). The preamble layout
@@ -86,6 +89,8 @@
 //	  regions: name, u64 guest physical address, u64 size (a multiple of the page size;
 //	           regions do not overlap)
 //	  devices: component id (one per state section the source will send)
+//	  [CapBase offered] 32 bytes: the base the VM's memory was cloned from (a template's
+//	           SHA-256, not zero); pages the stream does not carry are the base's
 //
 //	Welcome (destination -> source, 0x02, first frame)
 //	  u64 capabilities accepted: a subset of those offered

@@ -319,6 +319,9 @@ func splitFrames(s []byte) (pre []byte, fs [][]byte) {
 
 func FuzzDecodeHello(f *testing.F) {
 	f.Add(AppendHello(nil, &Hello{Caps: CapBlackout, Desc: testDesc()}))
+	based := testDesc()
+	based.Base[0], based.Base[31] = 0xb5, 0x5e
+	f.Add(AppendHello(nil, &Hello{Caps: CapBlackout | CapBase, Desc: based}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		h, err := DecodeHello(p)
 		if err != nil {

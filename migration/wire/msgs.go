@@ -175,6 +175,9 @@ func AppendHello(b []byte, h *Hello) []byte {
 	for _, id := range d.Devices {
 		b = appendName(b, id)
 	}
+	if h.Caps&CapBase != 0 {
+		b = append(b, d.Base[:]...)
+	}
 	return b
 }
 
@@ -211,6 +214,12 @@ func DecodeHello(p []byte) (*Hello, error) {
 	d.Devices = make([]string, nd)
 	for i := range d.Devices {
 		d.Devices[i] = c.name(fmt.Sprintf("device %d id", i))
+	}
+	if h.Caps&CapBase != 0 {
+		copy(d.Base[:], c.take(len(d.Base), "base id"))
+		if c.err == nil && d.Base == (BaseID{}) {
+			c.fail(ErrMalformed, "base id is zero")
+		}
 	}
 	if err := c.end(); err != nil {
 		return nil, err

@@ -166,19 +166,20 @@ func allowedFlags(t Type) uint8 {
 type Caps uint64
 
 const (
-	CapBlackout   Caps = 1 << 0 // the destination waits for the guest's first heartbeat and reports it in Done
-	CapCompressed Caps = 1 << 1 // EncCompressed pages: each a zstd frame of one page
-	CapDedup      Caps = 1 << 2 // EncDedup pages: a reference to a page sent before with the same content
-	CapDelta      Caps = 1 << 3 // EncDelta pages: a page's change to the copy sent before (package delta)
-	CapPostcopy   Caps = 1 << 4 // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
-	CapStreams    Caps = 1 << 5 // pre-copy pages on extra connections: Streams, Join
-	CapAhead      Caps = 1 << 6 // pure post-copy: most of the missing set ahead of the pause, in Ahead (needs CapPostcopy)
-	CapS2         Caps = 1 << 7 // EncS2 pages: each an S2 block of one page
-	CapHandover   Caps = 1 << 8 // memory handed over as files on one host: Memory, MemoryAck; no pages
-	CapShared     Caps = 1 << 9 // memory both hosts map from shared memory, named by Memory's id: Memory, MemoryAck; no pages
+	CapBlackout   Caps = 1 << 0  // the destination waits for the guest's first heartbeat and reports it in Done
+	CapCompressed Caps = 1 << 1  // EncCompressed pages: each a zstd frame of one page
+	CapDedup      Caps = 1 << 2  // EncDedup pages: a reference to a page sent before with the same content
+	CapDelta      Caps = 1 << 3  // EncDelta pages: a page's change to the copy sent before (package delta)
+	CapPostcopy   Caps = 1 << 4  // post-copy: Switch, PushEnd, Keepalive, Request, Filled, Stats, Rejoin, Lacking
+	CapStreams    Caps = 1 << 5  // pre-copy pages on extra connections: Streams, Join
+	CapAhead      Caps = 1 << 6  // pure post-copy: most of the missing set ahead of the pause, in Ahead (needs CapPostcopy)
+	CapS2         Caps = 1 << 7  // EncS2 pages: each an S2 block of one page
+	CapHandover   Caps = 1 << 8  // memory handed over as files on one host: Memory, MemoryAck; no pages
+	CapShared     Caps = 1 << 9  // memory both hosts map from shared memory, named by Memory's id: Memory, MemoryAck; no pages
+	CapBase       Caps = 1 << 10 // the VM's memory is a base (a template, named in Hello) and its changes: pages not sent are the base's
 
 	// KnownCaps is every capability this version can accept.
-	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead | CapS2 | CapHandover | CapShared
+	KnownCaps = CapBlackout | CapCompressed | CapDedup | CapDelta | CapPostcopy | CapStreams | CapAhead | CapS2 | CapHandover | CapShared | CapBase
 
 	// memoryCaps are the capabilities under which memory does not travel as pages.
 	memoryCaps = CapHandover | CapShared
@@ -246,7 +247,13 @@ type Description struct {
 	Regions  []Region
 	VCPUs    int
 	Devices  []string // component ids of the state sections
+	// Base names the memory the VM was cloned from (a template's content hash), under
+	// CapBase: the destination starts from the same and receives only pages that differ.
+	Base BaseID
 }
+
+// BaseID is a template's content hash (SHA-256 of its memory and state).
+type BaseID [32]byte
 
 // Pages is the number of pages in region r.
 func (d *Description) Pages(r int) uint64 { return d.Regions[r].Size / d.PageSize }

@@ -35,6 +35,7 @@ typedef uint64_t u64_unaligned __attribute__((aligned(1), may_alias));
 #define DOMAIN_IMAGE_KIND 0x696d6167656b6e64ULL
 #define DOMAIN_PRIVATE 0x7072697661746531ULL
 #define DOMAIN_NEAR 0x6e65617264757031ULL
+#define DOMAIN_DIVERGE 0x6469766572676531ULL
 
 /* Words of a pool page that a near-duplicate changes. */
 #define NEAR_WORDS 4
@@ -388,20 +389,23 @@ static void fill_page(const struct config *cfg, uint64_t *page, uint64_t pfn, ui
 }
 
 /*
- * Writes the next version of data page idx. Zero content still rewrites the page (with zeros)
+ * Writes data page idx at version (0 is skipped: it means never written). Zero content still rewrites the page (with zeros)
  * so that the write dirties it like any other. The version is stored only after the page is
  * complete; the compiler barrier keeps the stores in that order (x86 keeps them so for other
  * observers).
  */
-static inline void write_page(struct vcpu *c, uint64_t idx)
+static inline void write_version(struct vcpu *c, uint64_t idx, uint32_t version)
 {
-	uint32_t version = c->versions[idx] + 1;
-
 	if (version == 0)
 		version = 1;
 	fill_page(&c->cfg, (uint64_t *)(c->data + idx * PAGE_SIZE), c->data_pfn + idx, version);
 	__asm__ volatile("" ::: "memory");
 	c->versions[idx] = version;
+}
+
+static inline void write_page(struct vcpu *c, uint64_t idx)
+{
+	write_version(c, idx, c->versions[idx] + 1);
 }
 
 static inline uint64_t mb_get(const struct vcpu *c, uint64_t off)
@@ -703,6 +707,30 @@ static void flush_pending(struct vcpu *c)
 	a->pending = 0;
 }
 
+/*
+ * Rewrites permille/1000 of the slice's data pages once (which ones: by salt), each with its
+ * version advanced by a step of the salt's own, so that clones of one template that diverge
+ * with different salts write different content to the same pages. The step stays below 2^28
+ * so that versions keep clear of the flag bits churn uses (this is for idle and dirty work).
+ */
+static void diverge(struct vcpu *c, uint64_t permille, uint64_t salt)
+{
+	uint32_t step = 1 + ((uint32_t)(salt & 0xfff) << 16);
+	uint64_t key = mix64(salt ^ DOMAIN_DIVERGE);
+	uint64_t written = 0;
+
+	if (c->alloc)
+		panic_value(c, "diverge under churn, salt", salt);
+	for (uint64_t idx = 0; idx < c->data_pages; idx++) {
+		if (draw(mix64(key ^ ((c->data_pfn + idx) * GOLDEN)), 1000) >= permille)
+			continue;
+		platform_tick();
+		write_version(c, idx, c->versions[idx] + step);
+		written++;
+	}
+	mb_set(c, MB_PAGES_WRITTEN, mb_get(c, MB_PAGES_WRITTEN) + written);
+}
+
 /* Ends one unit of work: tells the VMM and does what it answers. */
 static void heartbeat(struct vcpu *c)
 {
@@ -734,6 +762,15 @@ static void heartbeat(struct vcpu *c)
 
 		if (c->alloc)
 			c->alloc->target = target;
+		return;
+	}
+	case CMD_DIVERGE: {
+		uint64_t permille = port_in32(PORT_DIVERGE);
+		uint64_t salt = port_in32(PORT_DIVERGE);
+
+		if (permille > 1000)
+			panic_value(c, "diverge per mille above 1000:", permille);
+		diverge(c, permille, salt);
 		return;
 	}
 	case CMD_BALLOON_LIST:
