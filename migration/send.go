@@ -133,6 +133,9 @@ type SendOptions struct {
 	// destination must read back its pages (PageReader) or it declines. Not on a resume.
 	Dedup        bool
 	DedupEntries int
+	// DedupHash, when set, replaces the index's fast hash: for tests that force collisions,
+	// which the destination's SHA-256 check must catch.
+	DedupHash dedup.HashFunc
 }
 
 // DefaultDeltaCache is the delta cache's size unless SendOptions.DeltaCache says (QEMU's
@@ -683,6 +686,9 @@ func (s *sender) migrate() error {
 	}
 	if s.opts.Dedup {
 		s.dedup = dedup.NewIndex(s.sizes, s.opts.DedupEntries)
+		if s.opts.DedupHash != nil {
+			s.dedup.SetHash(s.opts.DedupHash)
+		}
 	}
 	if s.opts.Mode != ModePostcopy {
 		s.pre = newPrecopyDriver(s) // before the reader goroutine, which checks its rounds

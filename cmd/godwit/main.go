@@ -52,6 +52,7 @@ type CLI struct {
 	Cert     CertCmd     `cmd:"" help:"Make a test CA and host certificates for mutual TLS between hosts."`
 	Agent    AgentCmd    `cmd:"" help:"Run the per-host daemon that starts, watches and lists VMs (the CLI reaches it with --agent SOCK)."`
 	Ps       PsCmd       `cmd:"" help:"List the agent's VMs (needs --agent)."`
+	Gang     GangCmd     `cmd:"" help:"Gang migration: receive several VMs migrated together ('godwit migrate --gang')."`
 	Template TemplateCmd `cmd:"" help:"Templates: save a paused VM as one, list, push to another host's store, remove; 'godwit run --template' clones VMs from them."`
 }
 

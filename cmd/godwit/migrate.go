@@ -44,6 +44,7 @@ type MigrateCmd struct {
 	Compress      string        `default:"none" placeholder:"none|zstd|s2|auto" help:"How pages that hold data travel: none (raw); zstd (each page that shrinks by an eighth or more goes as a zstd frame of its own; the others raw); s2 (the same as S2 blocks: about a quarter of zstd's CPU, pages a third larger); auto (zstd for the batches the bandwidth cap would hold back, raw for the others, so that the CPU compresses only while the link is the limit; without --max-bandwidth, raw). zstd pays where the link, not the CPU, is the limit: it costs 20 to 40 µs per page of text on one core here, so over a fast link it can make the migration slower. A destination that cannot decode it gets raw pages, and the report says so. Default ${default}."`
 	CompressLevel string        `name:"compress-level" default:"fastest" placeholder:"LEVEL" help:"--compress zstd or auto: fastest, default, better or best (slower, a few per cent smaller). Default ${default}."`
 	Delta         bool          `help:"precopy, hybrid: send a page that changed little since the copy sent before in an earlier round as its change (the words that differ), while that copy is in a cache of --delta-cache at the source; the destination applies it to the page it holds. Pays for guests that rewrite pages with small changes; costs a copy of each page sent into the cache. A destination that cannot do it gets whole pages, and the report says so."`
+	Gang          string        `placeholder:"VM,VM,..." help:"Migrate these VMs of this host together, as one migration to a 'godwit gang receive' (their control sockets, comma-separated; with --agent, the agent's VM names): one session, one dedup index across them (with --dedup, a page one VM holds that another sent travels as a reference to it), paused together at the end of pre-copy and started together there. Pre-copy only."`
 	Flatten       bool          `help:"For a VM cloned from a template: send its whole memory, the template's pages too, to a destination that does not hold the template (it arrives as a VM of its own). Without it a clone sends only the pages it changed, and a destination without its template refuses it."`
 	Dedup         bool          `help:"Send a page whose content a page sent before holds at the destination as a reference to that page (28 bytes), checked there by SHA-256 before it is copied; after a post-copy switch a reference to a page the running guest has changed since is fetched again. Pays for guests with many identical pages; costs a hash of each page sent and an index of about 50 bytes per distinct page at the source. A destination that cannot do it gets whole pages, and the report says so."`
 	DeltaCache    Size          `name:"delta-cache" default:"64M" placeholder:"SIZE" help:"--delta: the source's cache of pages sent (a page that is not in it goes whole). Default ${default}."`
@@ -288,6 +289,9 @@ func (c *MigrateCmd) Run(g *Globals, ctx context.Context, kctx *kong.Context) er
 			req.HybridRounds = c.HybridRounds
 			req.HybridAfterMS = c.HybridAfter.Milliseconds()
 		}
+	}
+	if c.Gang != "" {
+		return c.runGang(g, ctx, req)
 	}
 	cl, err := c.client(g)
 	if err != nil {

@@ -322,6 +322,10 @@ type arrivingDestination struct {
 const (
 	faultEnv            = "GODWIT_FAULT"
 	faultExitAfterAdopt = "exit-after-adopt"
+	// faultDedupCollide gives every page the same dedup hash at the source: each page after
+	// the first is a candidate reference to another's content, which the destination's check
+	// must refuse.
+	faultDedupCollide = "dedup-collide"
 )
 
 func (d arrivingDestination) AdoptMemory(desc migration.Description, fds []int) error {

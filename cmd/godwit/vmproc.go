@@ -13,10 +13,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/zeebo/xxh3"
+
 	"github.com/godwit-vm/godwit/internal/control"
 	"github.com/godwit-vm/godwit/internal/transport"
 	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
+	"github.com/godwit-vm/godwit/migration/dedup"
 	"github.com/godwit-vm/godwit/migration/outgoing"
 )
 
@@ -34,6 +37,7 @@ type vmProcess struct {
 	arrive   bool                // the machine runs but its incoming migration is not over
 	inReport *migration.Report   // the migration that brought the machine here
 	out      *outgoing.Migration // the outgoing migration in flight, or stranded after the switch
+	lease    *lease              // lent to a gang migration (gang.go)
 	// localizing: the machine moves its memory out of its memory file ('run --localize');
 	// localized is closed when that is over.
 	localizing bool
@@ -326,6 +330,8 @@ func (p *vmProcess) register() {
 		}
 		return saveTemplate(m, req.Store)
 	}))
+	srv.HandleStream(http.MethodPost, "/v1/gang/lend", p.lend)
+	srv.Handle(http.MethodPost, "/v1/gang/op", p.gangOp)
 	srv.HandleStream(http.MethodPost, "/v1/migrate", p.migrateOut)
 	srv.Handle(http.MethodDelete, "/v1/migrate", func(context.Context, []byte) (any, error) {
 		p.mu.Lock()
@@ -339,6 +345,37 @@ func (p *vmProcess) register() {
 		}
 		return map[string]string{"cancelled": "requested"}, nil
 	})
+}
+
+// sendOptions are the engine's options of the migration req asks for, in mode.
+func (req MigrateRequest) sendOptions(mode string) migration.SendOptions {
+	var collide dedup.HashFunc
+	if os.Getenv(faultEnv) == faultDedupCollide {
+		fmt.Fprintf(os.Stderr, "godwit: %s=%s: every page's dedup hash is the same\n", faultEnv, faultDedupCollide)
+		collide = func([]byte, uint64) xxh3.Uint128 { return xxh3.Uint128{} }
+	}
+	return migration.SendOptions{
+		DedupHash:       collide,
+		DowntimeLimit:   time.Duration(req.DowntimeLimitMS) * time.Millisecond,
+		MaxBandwidth:    req.MaxBandwidth,
+		AutoConverge:    req.AutoConverge,
+		Force:           req.Force,
+		Timeout:         time.Duration(req.TimeoutMS) * time.Millisecond,
+		Mode:            mode,
+		Prepage:         req.Prepage,
+		SampleBefore:    time.Duration(req.SampleBeforeMS) * time.Millisecond,
+		HybridRounds:    req.HybridRounds,
+		HybridAfter:     time.Duration(req.HybridAfterMS) * time.Millisecond,
+		LinkTimeout:     time.Duration(req.LinkTimeoutMS) * time.Millisecond,
+		Streams:         req.Streams,
+		FaultChannel:    !req.NoFaultChannel,
+		Compress:        req.Compress,
+		CompressLevel:   req.CompressLevel,
+		IgnoreFreePages: req.IgnoreFreePages,
+		Delta:           req.Delta,
+		DeltaCache:      req.DeltaCacheBytes,
+		Dedup:           req.Dedup,
+	}
 }
 
 // MigrateRequest is the body of POST /v1/migrate.
@@ -435,29 +472,9 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 		return nil, badRequest(fmt.Errorf("migrate: mode shared-memory: VM %q's memory is not in a memory file on shared memory (start it with 'godwit run --memory-file PATH')", p.name))
 	}
 	cfg := outgoing.Config{
-		Source: vmm.MigrationSource{M: m, Flatten: req.Flatten},
-		To:     addr,
-		Options: migration.SendOptions{
-			DowntimeLimit:   time.Duration(req.DowntimeLimitMS) * time.Millisecond,
-			MaxBandwidth:    req.MaxBandwidth,
-			AutoConverge:    req.AutoConverge,
-			Force:           req.Force,
-			Timeout:         time.Duration(req.TimeoutMS) * time.Millisecond,
-			Mode:            mode,
-			Prepage:         req.Prepage,
-			SampleBefore:    time.Duration(req.SampleBeforeMS) * time.Millisecond,
-			HybridRounds:    req.HybridRounds,
-			HybridAfter:     time.Duration(req.HybridAfterMS) * time.Millisecond,
-			LinkTimeout:     time.Duration(req.LinkTimeoutMS) * time.Millisecond,
-			Streams:         req.Streams,
-			FaultChannel:    !req.NoFaultChannel,
-			Compress:        req.Compress,
-			CompressLevel:   req.CompressLevel,
-			IgnoreFreePages: req.IgnoreFreePages,
-			Delta:           req.Delta,
-			DeltaCache:      req.DeltaCacheBytes,
-			Dedup:           req.Dedup,
-		},
+		Source:          vmm.MigrationSource{M: m, Flatten: req.Flatten},
+		To:              addr,
+		Options:         req.sendOptions(mode),
 		ReconnectWindow: time.Duration(req.ReconnectWindowMS) * time.Millisecond,
 		Release:         func() { m.Close() },
 		Note: func(msg string) {
@@ -482,6 +499,10 @@ func (p *vmProcess) migrateOut(ctx context.Context, body []byte, emit func(any))
 			return nil, conflict(fmt.Errorf("migrate: VM %q is in a post-copy migration to %s; to finish it use 'godwit migrate --resume --to tcp:HOST:PORT'", p.name, old.Address()))
 		}
 		return nil, conflict(errors.New("migrate: a migration of this VM is already in progress"))
+	}
+	if p.lease != nil {
+		p.mu.Unlock()
+		return nil, conflict(fmt.Errorf("migrate: VM %q is lent to a gang migration", p.name))
 	}
 	m.ResetHeartbeatGap()
 	o := outgoing.Start(cfg)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -432,4 +433,17 @@ func (d *MigrationDestination) Abort() {
 
 func (d *MigrationDestination) WaitFirstProgress(ctx context.Context) (time.Time, error) {
 	return d.M.WaitFirstHeartbeat(ctx)
+}
+
+// VCPUsOf is the number of vCPUs of a machine whose state has the components ids (one
+// section per vCPU): what a VMM that holds an incoming machine's memory and state, and not the
+// source's Hello, counts them by.
+func VCPUsOf(ids []string) int {
+	n := 0
+	for _, id := range ids {
+		if strings.HasPrefix(id, sectionVCPUPrefix) {
+			n++
+		}
+	}
+	return n
 }

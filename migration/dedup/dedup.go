@@ -61,6 +61,7 @@ const DefaultEntries = 2 << 20
 // holds it at the destination, and for every page the round it was last sent in. Its methods
 // are safe for concurrent use by the connections' encoders ([Index.Lane]).
 type Index struct {
+	hash    HashFunc
 	seed    uint64
 	max     int64
 	entries atomic.Int64
@@ -86,6 +87,15 @@ type entry struct {
 	lane   uint32 // the connection it went on
 }
 
+// HashFunc is the index's fast hash of a page's content.
+type HashFunc func(page []byte, seed uint64) xxh3.Uint128
+
+// SetHash replaces the fast hash (xxh3-128 with the index's seed) before the index is used:
+// for tests that force collisions.
+func (x *Index) SetHash(h HashFunc) { x.hash = h }
+
+func (x *Index) sum(page []byte) xxh3.Uint128 { return x.hash(page, x.seed) }
+
 // NewIndex makes an index for regions of the given page counts, of at most maxEntries
 // contents (0: DefaultEntries).
 func NewIndex(regionPages []uint64, maxEntries int) *Index {
@@ -94,7 +104,7 @@ func NewIndex(regionPages []uint64, maxEntries int) *Index {
 	}
 	var seed [8]byte
 	rand.Read(seed[:])
-	x := &Index{seed: binary.LittleEndian.Uint64(seed[:]), max: int64(maxEntries), last: make([][]atomic.Uint32, len(regionPages))}
+	x := &Index{hash: xxh3.Hash128Seed, seed: binary.LittleEndian.Uint64(seed[:]), max: int64(maxEntries), last: make([][]atomic.Uint32, len(regionPages))}
 	for r, n := range regionPages {
 		x.last[r] = make([]atomic.Uint32, n)
 	}
@@ -158,7 +168,7 @@ func (e *Encoder) Encode(dst []byte, ref pages.Ref, page []byte) ([]byte, bool) 
 	}
 	n := x.round.Load()
 	x.last[ref.Region][ref.Index].Store(n)
-	h := xxh3.Hash128Seed(page, x.seed)
+	h := x.sum(page)
 	sh := &x.shards[h.Lo%uint64(len(x.shards))]
 	sh.mu.Lock()
 	for _, old := range sh.m[h.Lo] {
@@ -208,7 +218,7 @@ func (e *Encoder) Record(ref pages.Ref, page []byte) {
 	if pages.IsZero(page) {
 		return // zero pages travel as a marker anyway
 	}
-	h := xxh3.Hash128Seed(page, x.seed)
+	h := x.sum(page)
 	sh := &x.shards[h.Lo%uint64(len(x.shards))]
 	sh.mu.Lock()
 	e.take(sh, h, ref, n)
@@ -219,7 +229,7 @@ func (e *Encoder) Record(ref pages.Ref, page []byte) {
 // destination, whose guest has changed it. The next page with this content goes whole and
 // takes its place.
 func (x *Index) Forget(page []byte) {
-	h := xxh3.Hash128Seed(page, x.seed)
+	h := x.sum(page)
 	sh := &x.shards[h.Lo%uint64(len(x.shards))]
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
