@@ -24,7 +24,7 @@ type gangReceiver struct {
 	dir    string
 }
 
-func startGangReceiver(t *testing.T, h *testbed.Host, to string) *gangReceiver {
+func startGangReceiver(t testing.TB, h *testbed.Host, to string) *gangReceiver {
 	t.Helper()
 	r := &gangReceiver{stdout: new(bytes.Buffer), stderr: new(bytes.Buffer), exited: make(chan error, 1), dir: t.TempDir()}
 	r.cmd = h.Command(os.Args[0], "gang", "receive", "--json", "--incoming", to, "--dir", r.dir)
@@ -36,6 +36,7 @@ func startGangReceiver(t *testing.T, h *testbed.Host, to string) *gangReceiver {
 	go func() { r.exited <- r.cmd.Wait() }()
 	t.Cleanup(func() {
 		r.cmd.Process.Kill()
+		exec.Command("pkill", "-9", "-f", "--control "+r.dir+"/").Run() // VM processes it left waiting
 		// The VM processes it started outlive it by design; a test's must not.
 		var a gangArrival
 		json.Unmarshal(r.stdout.Bytes(), &a)
@@ -50,7 +51,7 @@ func startGangReceiver(t *testing.T, h *testbed.Host, to string) *gangReceiver {
 }
 
 // arrival waits for the receiver's end and its report.
-func (r *gangReceiver) arrival(t *testing.T) (gangArrival, error) {
+func (r *gangReceiver) arrival(t testing.TB) (gangArrival, error) {
 	t.Helper()
 	var err error
 	select {
@@ -66,7 +67,7 @@ func (r *gangReceiver) arrival(t *testing.T) (gangArrival, error) {
 }
 
 // migrateGang runs 'godwit migrate --json --gang' in host h.
-func migrateGang(t *testing.T, h *testbed.Host, env []string, vms []*vmProc, to string, args ...string) (gangReport, error) {
+func migrateGang(t testing.TB, h *testbed.Host, env []string, vms []*vmProc, to string, args ...string) (gangReport, error) {
 	t.Helper()
 	var socks []string
 	for _, v := range vms {

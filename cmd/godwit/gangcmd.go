@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -256,9 +257,15 @@ type parkedVM struct {
 	name string
 	dir  string
 	desc migration.Description
+	// mem is nil once handed over or aborted; life guards it against the streams' writes,
+	// which may still run when the engine aborts.
+	life sync.RWMutex
 	mem  *guestmem.Region
 	secs []migration.Section
 	cmd  *exec.Cmd
+	// conn is the handover's connection, open from Prepare on: the VM process waits on it
+	// for as long as the gang takes, and ends if this process does before the handover.
+	conn net.Conn
 }
 
 var (
@@ -299,7 +306,7 @@ func (p *parkedVM) Prepare(d migration.Description) error {
 		return err
 	}
 	os.Remove(p.handover())
-	p.cmd = exec.Command(bin, "run", "--json", "--name", p.name, "--control", p.control(), "--incoming", "unix:"+p.handover(), "--incoming-timeout", "10m")
+	p.cmd = exec.Command(bin, "run", "--json", "--name", p.name, "--control", p.control(), "--incoming", "unix:"+p.handover(), "--incoming-timeout", "1m")
 	p.cmd.Stdout, p.cmd.Stderr = log, log
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // it outlives this process
 	if err := p.cmd.Start(); err != nil {
@@ -312,6 +319,10 @@ func (p *parkedVM) Prepare(d migration.Description) error {
 		err := control.Dial(p.control()).Call(cctx, http.MethodGet, "/v1/stats", nil, &s)
 		cancel()
 		if err == nil && s.Incoming != "" {
+			p.conn, err = transport.Address{Network: transport.Unix, Addr: p.handover()}.Dial(context.Background())
+			if err != nil {
+				return fmt.Errorf("its VM process: %w", err)
+			}
 			return nil
 		}
 		if time.Now().After(deadline) {
@@ -321,16 +332,31 @@ func (p *parkedVM) Prepare(d migration.Description) error {
 	}
 }
 
+// WritePages copies through the mapping (FillAt): several streams fill one VM's memory at
+// once, which pwrite would serialise on the memfd; nothing demand-pages this memory.
 func (p *parkedVM) WritePages(r int, first uint64, src []byte) error {
-	_, err := p.mem.WriteAt(src, int64(first*guestmem.PageSize))
-	return err
+	return p.memory(func(m *guestmem.Region) error { return m.FillAt(src, int64(first*guestmem.PageSize)) })
 }
 
-func (p *parkedVM) ZeroPages(r int, first, n uint64) error { return p.mem.PunchPages(first, n) }
+func (p *parkedVM) ZeroPages(r int, first, n uint64) error {
+	return p.memory(func(m *guestmem.Region) error { return m.PunchPages(first, n) })
+}
 
 func (p *parkedVM) ReadPages(r int, first uint64, dst []byte) error {
-	_, err := p.mem.ReadAt(dst, int64(first*guestmem.PageSize))
-	return err
+	return p.memory(func(m *guestmem.Region) error {
+		_, err := m.ReadAt(dst, int64(first*guestmem.PageSize))
+		return err
+	})
+}
+
+// memory runs f on the VM's memory while it is still here.
+func (p *parkedVM) memory(f func(*guestmem.Region) error) error {
+	p.life.RLock()
+	defer p.life.RUnlock()
+	if p.mem == nil {
+		return fmt.Errorf("VM %q: its memory is gone (handed over or aborted)", p.name)
+	}
+	return f(p.mem)
 }
 
 func (p *parkedVM) RestoreState(secs []migration.Section) error {
@@ -340,24 +366,33 @@ func (p *parkedVM) RestoreState(secs []migration.Section) error {
 
 // Start hands the VM's memory (its memfd) and state over to its process, which runs it.
 func (p *parkedVM) Start() error {
-	conn, err := transport.Address{Network: transport.Unix, Addr: p.handover()}.Dial(context.Background())
-	if err != nil {
-		return fmt.Errorf("its VM process: %w", err)
+	defer p.conn.Close()
+	rep, err := migration.Send(context.Background(), &parkedSource{p}, p.conn, migration.SendOptions{Mode: migration.ModeHandover})
+	if rep != nil {
+		fmt.Fprintf(os.Stderr, "godwit: VM %q handed over to its process in %.1f ms (downtime %.1f ms)\n", p.name, rep.TotalMS, rep.DowntimeMS)
 	}
-	defer conn.Close()
-	_, err = migration.Send(context.Background(), &parkedSource{p}, conn, migration.SendOptions{Mode: migration.ModeHandover})
 	if err != nil {
 		return fmt.Errorf("handing it over to its VM process: %w", err)
 	}
-	p.mem.Close()
+	// Our view of the memory goes after the VM runs: unmapping a mapping of a GiB that
+	// FillAt populated takes a good part of a second here, and the VM does not need it.
+	p.life.Lock()
+	mem := p.mem
 	p.mem = nil
+	p.life.Unlock()
+	go mem.Close()
 	return nil
 }
 
 func (p *parkedVM) Abort() {
+	if p.conn != nil {
+		p.conn.Close()
+	}
 	if p.cmd != nil && p.cmd.Process != nil {
 		p.cmd.Process.Kill()
 	}
+	p.life.Lock()
+	defer p.life.Unlock()
 	if p.mem != nil {
 		p.mem.Close()
 		p.mem = nil

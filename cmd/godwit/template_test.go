@@ -15,7 +15,7 @@ import (
 
 // saveTemplateOf starts a VM in host 0 with args, waits for its workload, pauses it, saves it
 // as a template in store and ends it; it returns the template's id.
-func saveTemplateOf(t *testing.T, p *vmProc, store string) string {
+func saveTemplateOf(t testing.TB, p *vmProc, store string) string {
 	t.Helper()
 	p.waitHeartbeats(t, 20)
 	if out, err := godwit("pause", "--control", p.sock).CombinedOutput(); err != nil {
@@ -28,6 +28,22 @@ func saveTemplateOf(t *testing.T, p *vmProc, store string) string {
 		t.Fatalf("quit the template's VM: %v %s", err, out)
 	}
 	return saved.ID
+}
+
+// waitDiverged waits until a clone has written what 'run --diverge' asked for (a clone's
+// heartbeat count comes from its template, so waiting for heartbeats says nothing).
+func waitDiverged(t testing.TB, stats func() vmm.Stats) vmm.Stats {
+	t.Helper()
+	for deadline := time.Now().Add(time.Minute); ; {
+		s := stats()
+		if !s.Diverging && s.State == vmm.StateRunning {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still diverging after a minute: %+v", s.Name, s)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // TestTemplateClones saves a VM as a template, clones three VMs from it that each write private
@@ -56,7 +72,7 @@ func TestTemplateClones(t *testing.T) {
 
 	clone := func(name, id string, args ...string) *vmProc {
 		p := startVM(t, tb.Host(0), name, append([]string{"--template", id[:12], "--templates", storeA}, args...)...)
-		s := p.waitHeartbeats(t, 20)
+		s := waitDiverged(t, func() vmm.Stats { return p.stats(t) })
 		if s.CloneOf != id {
 			t.Fatalf("%s: stats say clone of %q, want %s", name, s.CloneOf, id)
 		}
@@ -181,7 +197,11 @@ func TestAgentTemplates(t *testing.T) {
 	}
 	for i, n := range []string{"c1", "c2"} {
 		a.waitState(t, n, agent.Running)
-		time.Sleep(300 * time.Millisecond) // its private writes done
+		waitDiverged(t, func() vmm.Stats {
+			var s vmm.Stats
+			runJSON(t, &s, "--agent", a.sock, "stats", "--json", "--vm", n)
+			return s
+		})
 		out, err := godwit("--agent", a.sock, "migrate", "--json", "--vm", n, "--to", "agent:"+listen).Output()
 		var rep migration.Report
 		if jerr := json.Unmarshal(out, &rep); jerr != nil || err != nil || rep.Result != migration.ResultOK {

@@ -61,6 +61,9 @@ type pvDevice struct {
 	diverge     []atomic.Bool
 	divergeArgs [2]uint32
 	divergeRead []int
+	// diverging counts the vCPUs asked for CmdDiverge that have not heartbeaten since they
+	// read its arguments (the heartbeat after it says the rewrite is done).
+	diverging atomic.Int32
 
 	mu          sync.Mutex
 	startedAt   time.Time // when the vCPUs started (or, after a migration, resumed here)
@@ -190,6 +193,10 @@ func (p *pvDevice) heartbeat(v *vcpu) guest.Command {
 	}
 	p.lastHB = now
 	p.lastHBWall = now.UnixNano()
+	if p.divergeRead[v.id] >= 2 {
+		p.divergeRead[v.id] = 0
+		p.diverging.Add(-1)
+	}
 	p.heartbeats++
 	p.perVCPU[v.id]++
 	p.rate.add(now, 1)

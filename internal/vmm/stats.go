@@ -25,6 +25,8 @@ type Stats struct {
 	ResidentBytes uint64 `json:"resident_bytes"`
 	// CloneOf is the template the VM's memory is cloned from (its id), if it is a clone.
 	CloneOf string `json:"clone_of,omitempty"`
+	// Diverging: the guest is still rewriting the share of its pages 'run --diverge' asked for.
+	Diverging bool `json:"diverging,omitempty"`
 	// MemoryFile is the memory file on shared memory that guest memory is in ('run
 	// --memory-file'); empty for memory of the VM's own. Localized says how it moved out of
 	// one into its own memory, once it did; Localizing is true while it moves.
@@ -89,6 +91,7 @@ func (m *Machine) Stats() Stats {
 	if c := m.cfg.Clone; c != nil {
 		s.CloneOf = fmt.Sprintf("%x", c.ID)
 	}
+	s.Diverging = m.pv.diverging.Load() > 0
 	m.mu.Unlock()
 	m.life.RLock()
 	if !m.released {

@@ -74,6 +74,7 @@ func (m *Machine) Diverge(permille, salt uint32) error {
 	p.mu.Lock()
 	p.divergeArgs = [2]uint32{permille, salt}
 	p.mu.Unlock()
+	p.diverging.Add(int32(len(p.diverge)))
 	for i := range p.diverge {
 		p.diverge[i].Store(true)
 	}
