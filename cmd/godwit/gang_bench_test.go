@@ -16,13 +16,22 @@ import (
 // namespace hosts over the unshaped link: one by one (each a migration of its own, the next
 // when the last is done), one by one with --dedup, four at once, and as one gang with --dedup.
 // It reports the bytes on the wire, the time from the first migration's start to the last
-// one's end, and the largest downtime; every VM verifies at the destination.
+// one's end, and the largest downtime; every VM verifies at the destination. The image's pool
+// is 256 pages (pool-256: they repeat within each VM, so a migration's own dedup finds most)
+// or as many as the VM's pages (pool-262144: each VM holds most of them once, and what they
+// share is across VMs).
 //
 //	go test -run XXX -bench BenchmarkGang -benchtime 1x -count 3 ./cmd/godwit
 func BenchmarkGang(b *testing.B) {
 	requireKVM(b)
 	const vms = 4
-	vmArgs := []string{"--mem", "1G", "--content", "image", "--seed", "7", "--private", "0.1", "--near", "0.05", "--touch", "1"}
+	for _, pool := range []string{"256", "262144"} {
+		b.Run("pool-"+pool, func(b *testing.B) { benchGang(b, vms, pool) })
+	}
+}
+
+func benchGang(b *testing.B, vms int, pool string) {
+	vmArgs := []string{"--mem", "1G", "--content", "image", "--image-pool", pool, "--seed", "7", "--private", "0.1", "--near", "0.05", "--touch", "1"}
 	for _, c := range []struct {
 		name      string
 		gang, all bool

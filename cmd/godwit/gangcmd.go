@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -259,10 +260,11 @@ type parkedVM struct {
 	desc migration.Description
 	// mem is nil once handed over or aborted; life guards it against the streams' writes,
 	// which may still run when the engine aborts.
-	life sync.RWMutex
-	mem  *guestmem.Region
-	secs []migration.Section
-	cmd  *exec.Cmd
+	life    sync.RWMutex
+	mem     *guestmem.Region
+	writing atomic.Int32 // WritePages calls in flight
+	secs    []migration.Section
+	cmd     *exec.Cmd
 	// conn is the handover's connection, open from Prepare on: the VM process waits on it
 	// for as long as the gang takes, and ends if this process does before the handover.
 	conn net.Conn
@@ -332,10 +334,18 @@ func (p *parkedVM) Prepare(d migration.Description) error {
 	}
 }
 
-// WritePages copies through the mapping (FillAt): several streams fill one VM's memory at
-// once, which pwrite would serialise on the memfd; nothing demand-pages this memory.
+// WritePages writes with pwrite, which fills a fresh page without clearing it first (the
+// cost of fresh memory dominates here); while another stream writes to the same VM, through
+// the mapping (FillAt) instead, as pwrite serialises on the memfd.
 func (p *parkedVM) WritePages(r int, first uint64, src []byte) error {
-	return p.memory(func(m *guestmem.Region) error { return m.FillAt(src, int64(first*guestmem.PageSize)) })
+	return p.memory(func(m *guestmem.Region) error {
+		defer p.writing.Add(-1)
+		if p.writing.Add(1) > 1 {
+			return m.FillAt(src, int64(first*guestmem.PageSize))
+		}
+		_, err := m.WriteAt(src, int64(first*guestmem.PageSize))
+		return err
+	})
 }
 
 func (p *parkedVM) ZeroPages(r int, first, n uint64) error {
@@ -375,7 +385,7 @@ func (p *parkedVM) Start() error {
 		return fmt.Errorf("handing it over to its VM process: %w", err)
 	}
 	// Our view of the memory goes after the VM runs: unmapping a mapping of a GiB that
-	// FillAt populated takes a good part of a second here, and the VM does not need it.
+	// FillAt populated can take a good part of a second here, and the VM does not need it.
 	p.life.Lock()
 	mem := p.mem
 	p.mem = nil

@@ -78,6 +78,10 @@ func (w *WorkloadFlags) guestConfig(memBytes uint64, vcpus int) (guest.Config, e
 		return c, fmt.Errorf("--private %g and --near %g: more than all pages together", w.Private, w.Near)
 	}
 	c.PrivateSeed = w.PrivateSeed
+	if w.ImagePool < 1 {
+		return c, fmt.Errorf("--image-pool %d: want 1 page at least", w.ImagePool)
+	}
+	c.ImagePoolPages = uint64(w.ImagePool)
 	if w.Interval <= 0 {
 		return c, fmt.Errorf("--idle-interval %v: want a positive duration", w.Interval)
 	}
