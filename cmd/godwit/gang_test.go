@@ -6,12 +6,15 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/godwit-vm/godwit/internal/agent"
 	"github.com/godwit-vm/godwit/internal/testbed"
+	"github.com/godwit-vm/godwit/internal/vmm"
 	"github.com/godwit-vm/godwit/migration"
 )
 
@@ -168,4 +171,51 @@ func TestGangMigration(t *testing.T) {
 			v.verifyClean(t)
 		}
 	})
+}
+
+// TestAgentGang migrates a gang of two VMs from agent to agent over mutual TLS: the
+// destination agent starts their VM processes (its records from the start) and the receiver,
+// the gang goes as one migration with dedup, and each VM verifies there under that agent.
+func TestAgentGang(t *testing.T) {
+	requireKVM(t)
+	tb := newTestbed(t, gbit)
+	dir := t.TempDir()
+	if out, err := godwit("cert", "--dir", dir, "host-a="+tb.Host(0).Addr().String(), "host-b="+tb.Host(1).Addr().String()).CombinedOutput(); err != nil {
+		t.Fatalf("cert: %v %s", err, out)
+	}
+	tlsOf := func(name, peer string) []string {
+		return []string{"--tls-ca", filepath.Join(dir, "ca.crt"), "--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key"), "--tls-peer", peer}
+	}
+	listen := tb.Host(1).Addr().String() + ":7740"
+	b := startAgentIn(t, tb.Host(1), dir, "b", append([]string{"--listen", listen}, tlsOf("host-b", "host-a")...)...)
+	a := startAgentIn(t, tb.Host(0), dir, "a", tlsOf("host-a", "host-b")...)
+	mem := "256M"
+	if emulated() {
+		mem = "32M"
+	}
+	for _, n := range []string{"ga", "gb"} {
+		if out, err := godwit("--agent", a.sock, "run", "--name", n, "--mem", mem, "--content", "image", "--touch", "0.5").CombinedOutput(); err != nil {
+			t.Fatalf("run %s: %v %s", n, err, out)
+		}
+	}
+	time.Sleep(time.Second) // their memory written
+	cmd := tb.Host(0).Command(os.Args[0], "--agent", a.sock, "migrate", "--json", "--gang", "ga,gb", "--to", "agent:"+listen, "--dedup")
+	cmd.Env = append(os.Environ(), "GODWIT_AS_MAIN=1")
+	out, err := cmd.Output()
+	var rep gangReport
+	if jerr := json.Unmarshal(out, &rep); jerr != nil || err != nil || rep.Result != migration.ResultOK {
+		t.Fatalf("migrate --gang to an agent: %v %v %s\nsource agent: %s\ndestination agent: %s", err, jerr, out, a.stderr, b.stderr)
+	}
+	logReport(t, "gang from agent to agent", rep.Report)
+	for _, n := range []string{"ga", "gb"} {
+		if v := a.waitState(t, n, agent.Exited); v.Result != "migrated" {
+			t.Errorf("the source's record of %s: %+v", n, v)
+		}
+		b.waitState(t, n, agent.Running)
+		var r vmm.VerifyReport
+		runJSON(t, &r, "--agent", b.sock, "verify", "--json", "--vm", n)
+		if r.Mismatches != 0 || r.PagesChecked == 0 {
+			t.Fatalf("verify %s at the destination: %+v", n, r)
+		}
+	}
 }

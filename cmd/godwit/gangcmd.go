@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/godwit-vm/godwit/internal/agent"
 	"github.com/godwit-vm/godwit/internal/control"
 	"github.com/godwit-vm/godwit/internal/gang"
 	"github.com/godwit-vm/godwit/internal/guestmem"
@@ -38,15 +39,26 @@ func (c *MigrateCmd) runGang(g *Globals, ctx context.Context, req MigrateRequest
 	if c.Control != "" || c.VM != "" || c.Resume {
 		return errors.New("--gang names the VMs: leave out --control, --vm and --resume")
 	}
+	socks, names, err := gangMembers(g, ctx, c.Gang)
+	if err != nil {
+		return err
+	}
+	tf := c.TLSFlags
+	if peer, ok := strings.CutPrefix(req.To, "agent:"); ok {
+		// The destination agent starts the gang's VM processes and its receiver; this
+		// process migrates the gang there with this host's agent's certificates.
+		var prep agent.GangPrepared
+		if err := control.Dial(g.Agent).Call(ctx, http.MethodPost, "/v1/gang/prepare", agent.GangPrepareRequest{To: peer, Names: names}, &prep); err != nil {
+			return fmt.Errorf("--gang --to %s: %w", req.To, err)
+		}
+		req.To = prep.To
+		tf = TLSFlags{TLSCA: prep.TLSCA, TLSCert: prep.TLSCert, TLSKey: prep.TLSKey, TLSPeers: prep.TLSPeers}
+	}
 	addr, err := transport.Parse(req.To)
 	if err != nil {
 		return fmt.Errorf("--to: %w", err)
 	}
-	if addr.Security, err = c.TLSFlags.security(); err != nil {
-		return err
-	}
-	socks, names, err := gangMembers(g, ctx, c.Gang)
-	if err != nil {
+	if addr.Security, err = tf.security(); err != nil {
 		return err
 	}
 	start := time.Now()
@@ -158,6 +170,7 @@ type GangReceiveCmd struct {
 	Incoming        string        `required:"" placeholder:"tcp:HOST:PORT|routed:PATH" help:"Where the gang's source connects."`
 	Dir             string        `required:"" placeholder:"DIR" help:"Where each VM's control socket (NAME.sock) and log (NAME.log) go."`
 	IncomingTimeout time.Duration `name:"incoming-timeout" default:"0s" placeholder:"DURATION" help:"Give up if no migration has connected after this long. 0 = wait as long as it takes."`
+	Started         bool          `help:"The VM processes were started already (by an agent), each waiting on DIR/NAME.in: hand the VMs over to them instead of starting them."`
 	TLSFlags
 }
 
@@ -207,7 +220,7 @@ func (c *GangReceiveCmd) Run(g *Globals, ctx context.Context) error {
 	var mu sync.Mutex
 	var parked []*parkedVM
 	dst := &gang.Destination{New: func(name string, d migration.Description) (migration.Destination, error) {
-		p := &parkedVM{name: name, dir: c.Dir}
+		p := &parkedVM{name: name, dir: c.Dir, started: c.Started}
 		mu.Lock()
 		parked = append(parked, p)
 		mu.Unlock()
@@ -265,6 +278,7 @@ type parkedVM struct {
 	writing atomic.Int32 // WritePages calls in flight
 	secs    []migration.Section
 	cmd     *exec.Cmd
+	started bool // its VM process was started by someone else (an agent)
 	// conn is the handover's connection, open from Prepare on: the VM process waits on it
 	// for as long as the gang takes, and ends if this process does before the handover.
 	conn net.Conn
@@ -298,6 +312,16 @@ func (p *parkedVM) Prepare(d migration.Description) error {
 	if p.mem, err = guestmem.NewRegion(p.name, 0, l.Regions[0].Size); err != nil {
 		return err
 	}
+	if !p.started {
+		if err := p.spawn(); err != nil {
+			return err
+		}
+	}
+	return p.waitAndDial()
+}
+
+// spawn starts the VM's process, which waits for the handover on DIR/NAME.in.
+func (p *parkedVM) spawn() error {
 	log, err := os.OpenFile(filepath.Join(p.dir, p.name+".log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		return err
@@ -315,6 +339,11 @@ func (p *parkedVM) Prepare(d migration.Description) error {
 		return fmt.Errorf("starting its VM process: %w", err)
 	}
 	go p.cmd.Wait()
+	return nil
+}
+
+// waitAndDial waits until the VM's process waits for the handover, and connects to it.
+func (p *parkedVM) waitAndDial() error {
 	for deadline := time.Now().Add(time.Minute); ; {
 		var s vmm.Stats
 		cctx, cancel := context.WithTimeout(context.Background(), time.Second)

@@ -149,6 +149,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	srv.Handle(http.MethodGet, "/v1/vms", func(ctx context.Context, _ []byte) (any, error) { return a.list(ctx), nil })
 	srv.Handle(http.MethodPost, "/v1/vms", a.start)
+	srv.Handle(http.MethodPost, "/v1/gang/prepare", a.prepareGang)
 	srv.HandleUnder("/v1/vms/", http.HandlerFunc(a.perVM))
 	srv.HandleUnder("/v1/events", http.HandlerFunc(a.obs.events))
 	srv.HandleUnder("/v1/templates/", http.HandlerFunc(a.apiPush))

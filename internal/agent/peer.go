@@ -108,6 +108,7 @@ const IncomingTimeout = time.Minute
 func (a *Agent) servePeers(ln net.Listener) *http.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/incoming", a.incoming)
+	mux.HandleFunc("POST /v1/incoming-gang", a.incomingGang)
 	mux.HandleFunc("GET /v1/templates/{id}", a.peerTemplate)
 	mux.HandleFunc("PUT /v1/templates/{id}", a.peerTemplate)
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
