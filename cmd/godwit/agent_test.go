@@ -461,6 +461,23 @@ func TestAgentToAgent(t *testing.T) {
 	}
 }
 
+// agentPair makes certificates for the two namespace hosts and starts an agent in each over
+// mutual TLS: b in host 1 listens on port for a in host 0. Each takes its extra flags too.
+func agentPair(t *testing.T, tb *testbed.Testbed, port int, aArgs, bArgs []string) (a, b *agentProc, listen string) {
+	t.Helper()
+	dir := t.TempDir()
+	if out, err := godwit("cert", "--dir", dir, "host-a="+tb.Host(0).Addr().String(), "host-b="+tb.Host(1).Addr().String()).CombinedOutput(); err != nil {
+		t.Fatalf("godwit cert: %v %s", err, out)
+	}
+	tlsOf := func(name, peer string) []string {
+		return []string{"--tls-ca", filepath.Join(dir, "ca.crt"), "--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key"), "--tls-peer", peer}
+	}
+	listen = fmt.Sprintf("%s:%d", tb.Host(1).Addr(), port)
+	b = startAgentIn(t, tb.Host(1), dir, "b", append(append([]string{"--listen", listen}, tlsOf("host-b", "host-a")...), bArgs...)...)
+	a = startAgentIn(t, tb.Host(0), dir, "a", append(tlsOf("host-a", "host-b"), aArgs...)...)
+	return a, b, listen
+}
+
 // TestAgentLoad runs 16 migrations at once between two agents over mutual TLS on a 1 Gbit/s
 // link, pre-copy, post-copy and hybrid mixed, each verified by its guest at the destination;
 // each migration's share of the link (its bytes over its time) is logged with Jain's fairness
@@ -470,16 +487,7 @@ func TestAgentToAgent(t *testing.T) {
 func TestAgentLoad(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, gbit)
-	dir := t.TempDir()
-	if out, err := godwit("cert", "--dir", dir, "host-a="+tb.Host(0).Addr().String(), "host-b="+tb.Host(1).Addr().String()).CombinedOutput(); err != nil {
-		t.Fatalf("godwit cert: %v %s", err, out)
-	}
-	tlsOf := func(name, peer string) []string {
-		return []string{"--tls-ca", filepath.Join(dir, "ca.crt"), "--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key"), "--tls-peer", peer}
-	}
-	listen := tb.Host(1).Addr().String() + ":7700"
-	b := startAgentIn(t, tb.Host(1), dir, "b", append([]string{"--listen", listen}, tlsOf("host-b", "host-a")...)...)
-	a := startAgentIn(t, tb.Host(0), dir, "a", tlsOf("host-a", "host-b")...)
+	a, b, listen := agentPair(t, tb, 7700, nil, nil)
 
 	const n = 16
 	modes := []string{migration.ModePrecopy, migration.ModePostcopy, migration.ModeHybrid}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -179,16 +178,7 @@ func TestGangMigration(t *testing.T) {
 func TestAgentGang(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, gbit)
-	dir := t.TempDir()
-	if out, err := godwit("cert", "--dir", dir, "host-a="+tb.Host(0).Addr().String(), "host-b="+tb.Host(1).Addr().String()).CombinedOutput(); err != nil {
-		t.Fatalf("cert: %v %s", err, out)
-	}
-	tlsOf := func(name, peer string) []string {
-		return []string{"--tls-ca", filepath.Join(dir, "ca.crt"), "--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key"), "--tls-peer", peer}
-	}
-	listen := tb.Host(1).Addr().String() + ":7740"
-	b := startAgentIn(t, tb.Host(1), dir, "b", append([]string{"--listen", listen}, tlsOf("host-b", "host-a")...)...)
-	a := startAgentIn(t, tb.Host(0), dir, "a", tlsOf("host-a", "host-b")...)
+	a, b, listen := agentPair(t, tb, 7740, nil, nil)
 	mem := "256M"
 	if emulated() {
 		mem = "32M"

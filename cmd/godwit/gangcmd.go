@@ -206,15 +206,9 @@ func (c *GangReceiveCmd) Run(g *Globals, ctx context.Context) error {
 	if !g.JSON {
 		fmt.Printf("godwit: waiting for a gang migration on %s\n", ln.Addr())
 	}
-	first := ctx
-	if c.IncomingTimeout > 0 {
-		var cancel context.CancelFunc
-		first, cancel = context.WithTimeout(ctx, c.IncomingTimeout)
-		defer cancel()
-	}
-	conn, err := acc.next(first)
+	conn, err := acc.first(ctx, c.IncomingTimeout)
 	if err != nil {
-		return fmt.Errorf("no gang migration connected: %w", err)
+		return err
 	}
 	fmt.Fprintf(os.Stderr, "godwit: gang migration from %s; %s\n", conn.RemoteAddr(), versionLine())
 	var mu sync.Mutex

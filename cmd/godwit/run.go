@@ -246,22 +246,8 @@ func (c *RunCmd) runIncoming(g *Globals, ctx context.Context) error {
 	if !g.JSON {
 		fmt.Printf("godwit: VM %q waiting for an incoming migration on %s; control socket %s\n", c.Name, ln.Addr(), c.controlPath())
 	}
-	first := ctx
-	if c.IncomingTimeout > 0 {
-		var cancel context.CancelFunc
-		first, cancel = context.WithTimeout(ctx, c.IncomingTimeout)
-		defer cancel()
-	}
-	conn, err := acc.next(first)
+	conn, err := acc.first(ctx, c.IncomingTimeout)
 	if err != nil {
-		switch {
-		case ctx.Err() != nil:
-			err = errors.New("interrupted while waiting for an incoming migration")
-		case first.Err() != nil:
-			err = fmt.Errorf("no migration connected within --incoming-timeout %v", c.IncomingTimeout)
-		default:
-			err = fmt.Errorf("--incoming: accept: %w", err)
-		}
 		if g.JSON {
 			printJSON(runSummary{Result: "failed", Error: err.Error()})
 			return exitError{1}
@@ -390,6 +376,27 @@ func (a *acceptor) loop() {
 			c.Close()
 		}
 	}
+}
+
+// first waits for an incoming migration's first connection, for at most timeout (0: as long as
+// it takes), and says why there was none.
+func (a *acceptor) first(ctx context.Context, timeout time.Duration) (net.Conn, error) {
+	first := ctx
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		first, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	conn, err := a.next(first)
+	switch {
+	case err == nil:
+		return conn, nil
+	case ctx.Err() != nil:
+		return nil, errors.New("interrupted while waiting for an incoming migration")
+	case first.Err() != nil:
+		return nil, fmt.Errorf("no migration connected within --incoming-timeout %v", timeout)
+	}
+	return nil, fmt.Errorf("--incoming: accept: %w", err)
 }
 
 // next returns the next connection, or an error when ctx is done or the listener failed.

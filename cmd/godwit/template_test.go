@@ -164,16 +164,8 @@ func TestAgentTemplates(t *testing.T) {
 	requireKVM(t)
 	tb := newTestbed(t, gbit)
 	dir := t.TempDir()
-	if out, err := godwit("cert", "--dir", dir, "host-a="+tb.Host(0).Addr().String(), "host-b="+tb.Host(1).Addr().String()).CombinedOutput(); err != nil {
-		t.Fatalf("cert: %v %s", err, out)
-	}
-	tlsOf := func(name, peer string) []string {
-		return []string{"--tls-ca", filepath.Join(dir, "ca.crt"), "--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key"), "--tls-peer", peer}
-	}
 	storeA, storeB := filepath.Join(dir, "store-a"), filepath.Join(dir, "store-b")
-	listen := tb.Host(1).Addr().String() + ":7720"
-	b := startAgentIn(t, tb.Host(1), dir, "b", append([]string{"--listen", listen, "--templates", storeB}, tlsOf("host-b", "host-a")...)...)
-	a := startAgentIn(t, tb.Host(0), dir, "a", append([]string{"--templates", storeA}, tlsOf("host-a", "host-b")...)...)
+	a, b, listen := agentPair(t, tb, 7720, []string{"--templates", storeA}, []string{"--templates", storeB})
 	mem := "256M"
 	if emulated() {
 		mem = "64M"
